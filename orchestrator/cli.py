@@ -1,0 +1,277 @@
+"""`orch`: thin commands over config -> plan -> render -> backend -> supervisor.
+
+Heavy modules (torch, fsspec) are imported inside the commands that need them, so
+`orch --help` stays instant. Every user error is one line on stderr and a non-zero exit
+status (2 for bad input); never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from typing import Any, Sequence
+
+from . import __version__
+from .errors import OrchError
+
+DEFAULT_CONFIG = "cluster.yaml"
+
+
+def _config_args(p: argparse.ArgumentParser, positional: bool = True) -> None:
+    if positional:
+        p.add_argument("config", nargs="?", default=DEFAULT_CONFIG, metavar="CONFIG", help="cluster.yaml to use (default: ./cluster.yaml)")
+    p.add_argument("--backend", choices=("local", "slurm"), help="override the config's top-level `backend`")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE", help="override one field, e.g. --set resources.nodes=2 (repeatable)")
+
+
+def _run_ref_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", metavar="RUN", help="a run id (looked up under storage.root of --config) or a run directory (path or fsspec URL)")
+    p.add_argument("--config", default=DEFAULT_CONFIG, help="cluster.yaml whose storage.root holds the runs (default: ./cluster.yaml)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="orch",
+        description="Run PyTorch training on N nodes x M ranks: locally (gloo on CPU) or on Slurm; supervised, checkpointed, resumable.",
+    )
+    parser.add_argument("--version", action="version", version=f"orch {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("render", help="print the launch spec without starting anything", description="Print each rank's node, argv and env (secrets redacted). Nothing is started; the output is stable across runs.")
+    _config_args(p)
+    p.add_argument("--run-id", help="render with this run id instead of a placeholder")
+
+    p = sub.add_parser("run", help="run the job in the foreground on this machine, supervised", description="Start nodes x ranks processes on this machine, stream their logs, restart failed attempts from the newest checkpoint, and print a summary. Ctrl-C stops every rank.")
+    _config_args(p)
+    p.add_argument("--run-id", help="use this run id (default: <name>-<UTC time>-<random>)")
+    p.add_argument("--ranks", help="show only these ranks' output on the console, e.g. 0 or 0,3 (all ranks are always logged to files)")
+    p.add_argument("--quiet", action="store_true", help="show no rank output on the console, only the orchestrator's lines")
+    p.add_argument("--json", action="store_true", help="print the final summary as JSON on stdout")
+
+    p = sub.add_parser("status", help="show a run's state, attempts, newest checkpoint and root cause")
+    _run_ref_args(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = sub.add_parser("logs", help="print a run's rank logs")
+    _run_ref_args(p)
+    p.add_argument("--rank", type=int, action="append", help="only this rank (repeatable; default: all)")
+    p.add_argument("--attempt", type=int, help="this attempt (default: the latest)")
+
+    p = sub.add_parser("ls", help="list runs under storage.root")
+    p.add_argument("--config", default=DEFAULT_CONFIG, help="cluster.yaml whose storage.root holds the runs (default: ./cluster.yaml)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = sub.add_parser("checkpoints", help="list a run's committed checkpoints")
+    _run_ref_args(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--verify", action="store_true", help="read every file and check its checksum")
+    return parser
+
+
+# ---------------------------------------------------------------------------- commands
+
+def _load(args: argparse.Namespace) -> Any:
+    from .config import load_config
+
+    return load_config(args.config, args.overrides, backend=args.backend)
+
+
+def _storage_root(config_path: str) -> str:
+    """storage.root from a config file, without requiring its entrypoint to exist here."""
+    from .config import load_config
+
+    if not os.path.exists(config_path):
+        return os.path.abspath("runs")
+    return load_config(config_path, check_files=False).storage_root
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    from .plan import build_local_plan
+    from .render import render_local
+    from .rundir import join_url
+
+    config = _load(args)
+    if config.backend == "slurm":
+        raise OrchError("render: the slurm backend is not built yet (issue 4); use --backend local")
+    run_id = args.run_id or "<run-id>"
+    port = config.distributed.master_port if isinstance(config.distributed.master_port, int) else "<auto>"
+    plan = build_local_plan(config, run_id=run_id, run_dir=join_url(config.storage_root, run_id), attempt=0, master_port=port, python=config.job.python or sys.executable)
+    sys.stdout.write(render_local(plan))
+    return 0
+
+
+def _parse_ranks(text: str | None, world: int) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        ranks = tuple(sorted({int(x) for x in text.split(",") if x.strip()}))
+    except ValueError:
+        raise OrchError(f"--ranks: expected comma-separated rank numbers, got {text!r}") from None
+    bad = [r for r in ranks if not 0 <= r < world]
+    if bad:
+        raise OrchError(f"--ranks: rank {bad[0]} is outside the world of {world} ranks")
+    return ranks
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .config import config_to_dict
+    from .runid import is_valid_run_id, new_run_id
+    from .rundir import RunDir, join_url
+    from .supervisor import Supervisor
+
+    config = _load(args)
+    if config.backend != "local":
+        raise OrchError("run: runs the local backend; for Slurm use `orch submit` (not built yet, issue 4) or pass --backend local")
+    missing = [n for n in config.job.pass_env if n not in os.environ]
+    if missing:
+        raise OrchError(f"job.pass_env: {missing[0]} is not set in this environment")
+    show = () if args.quiet else _parse_ranks(args.ranks, config.resources.world_size)
+    run_id = args.run_id or new_run_id(config.job_name)
+    if not is_valid_run_id(run_id):
+        raise OrchError(f"--run-id: {run_id!r} may use letters, digits and _.+- only")
+    run = RunDir(join_url(config.storage_root, run_id))
+    try:
+        run.create({"run_id": run_id, "created": time.time(), "config_file": os.path.abspath(args.config), "config": config_to_dict(config)})
+    except FileExistsError:
+        raise OrchError(f"--run-id: run {run_id} already exists at {run.url}") from None
+    supervisor = Supervisor(config=config, run=run, console=sys.stderr, show_ranks=show)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, _frame: supervisor.request_stop(signum))
+    result = supervisor.run_all()
+    ckpt = f"; newest checkpoint step {result.newest_checkpoint}" if result.newest_checkpoint is not None else ""
+    if result.status == "succeeded":
+        line = f"run {result.run_id} succeeded in {result.wall_s:.1f}s after {result.attempts} attempt(s){ckpt}"
+    elif result.status == "stopped":
+        line = f"run {result.run_id} stopped after {result.wall_s:.1f}s{ckpt}"
+    else:
+        cause = result.root_cause.describe if result.root_cause else "unknown cause"
+        line = f"run {result.run_id} failed after {result.attempts} attempt(s): {cause}{ckpt}"
+    print(f"[orch] {line}\n[orch] run dir {result.run_dir}", file=sys.stderr)
+    if args.json:
+        print(json.dumps({
+            "run_id": result.run_id,
+            "run_dir": result.run_dir,
+            "status": result.status,
+            "attempts": result.attempts,
+            "wall_s": round(result.wall_s, 3),
+            "newest_checkpoint": result.newest_checkpoint,
+            "root_cause": result.root_cause.to_json() if result.root_cause else None,
+        }))
+    return result.exit_code
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from .rundir import resolve_run
+    from .status import format_status, run_status
+
+    st = run_status(resolve_run(args.run, _storage_root(args.config)))
+    print(json.dumps(st.to_json(), indent=1) if args.json else format_status(st))
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    from .rundir import resolve_run
+
+    run = resolve_run(args.run, _storage_root(args.config))
+    files = run.log_files()
+    if not files:
+        raise OrchError(f"run {run.run_id} has no logs yet")
+    attempt = args.attempt if args.attempt is not None else max(a for a, _ in files)
+    chosen = sorted((rank, url) for (a, rank), url in files.items() if a == attempt and (not args.rank or rank in args.rank))
+    if not chosen:
+        raise OrchError(f"no logs for attempt {attempt}" + (f" rank(s) {args.rank}" if args.rank else ""))
+    for rank, url in chosen:
+        data = open(url, "rb").read() if run.is_local else _read_remote(url, run)
+        for line in data.decode("utf-8", "replace").splitlines():
+            print(f"[rank {rank}] {line}")
+    return 0
+
+
+def _read_remote(path: str, run: Any) -> bytes:
+    import fsspec
+
+    fs, _ = fsspec.core.url_to_fs(run.url)
+    return fs.cat_file(path)
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    from .rundir import list_runs
+    from .status import summarize
+
+    root = _storage_root(args.config)
+    rows = []
+    for run in list_runs(root):
+        fields = summarize(run.events())
+        rows.append({"run_id": run.run_id, "state": fields["state"], "attempts": fields["attempts"], "started": fields["started"], "run_dir": run.url})
+    rows.sort(key=lambda r: r["started"] or 0)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    if not rows:
+        print(f"no runs under {root}")
+        return 0
+    print(f"{'RUN':48} {'STATE':10} {'ATTEMPTS':8} STARTED")
+    for r in rows:
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["started"])) if r["started"] else "-"
+        print(f"{r['run_id']:48} {r['state']:10} {r['attempts']:<8} {started}")
+    return 0
+
+
+def cmd_checkpoints(args: argparse.Namespace) -> int:
+    from .ckpt_store import CheckpointStore, CorruptCheckpoint
+    from .rundir import resolve_run
+
+    run = resolve_run(args.run, _storage_root(args.config))
+    store = CheckpointStore(run.child("ckpt"))
+    rows = []
+    for step in store.committed_steps():
+        try:
+            info = store.verify(step) if args.verify else store.info(step)
+            rows.append({"step": step, "created": info.created, "size": info.size, "model_digest": info.model_digest, "verified": True if args.verify else None, "url": info.url})
+        except CorruptCheckpoint as exc:
+            rows.append({"step": step, "created": None, "size": None, "model_digest": None, "verified": False, "error": str(exc)})
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    if not rows:
+        print(f"no committed checkpoints in {store.url}")
+        return 0
+    print(f"{'STEP':>10} {'CREATED':19} {'SIZE':>12} {'VERIFIED':8} MODEL DIGEST")
+    for r in rows:
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["created"])) if r["created"] else "-"
+        verified = {True: "yes", False: "CORRUPT", None: "-"}[r["verified"]]
+        size = f"{r['size']:,}" if r["size"] is not None else "-"
+        print(f"{r['step']:>10} {created:19} {size:>12} {verified:8} {(r['model_digest'] or r.get('error', ''))[:64]}")
+    return 0
+
+
+COMMANDS = {
+    "render": cmd_render,
+    "run": cmd_run,
+    "status": cmd_status,
+    "logs": cmd_logs,
+    "ls": cmd_ls,
+    "checkpoints": cmd_checkpoints,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except OrchError as exc:
+        print(str(exc) if exc.exit_code == 2 and ":" in str(exc) else f"orch {args.command}: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"orch {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,424 @@
+"""cluster.yaml -> frozen dataclasses.
+
+Every field carries its documentation and its constraints in `field(metadata=...)`; one
+generic walker validates a YAML mapping against the dataclass tree, so every error names its
+dotted YAML path and says what is wrong in one line (`ConfigError`). Loading reads the file and
+checks that the entrypoint exists; it starts nothing.
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import dataclasses
+import difflib
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Mapping
+
+import yaml
+
+from .errors import ConfigError
+
+# C0 controls, DEL and C1 controls: any of them in a value that reaches a shell, an #SBATCH line
+# or a log line could start a new line or a new command.
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_MEMORY = re.compile(r"^[0-9]+[KMGT]?$")
+_TIME = re.compile(r"^(?:(?:(\d+)-)?(\d+):)?(\d+):(\d+)$|^(\d+)$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}$")
+_MODULE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+
+
+def _f(default: Any, doc: str, **checks: Any) -> Any:
+    """A dataclass field whose metadata holds its docs and its constraints."""
+    meta = {"doc": doc, **checks}
+    if isinstance(default, (list, dict)):
+        raise TypeError("use tuples / mapping proxies for frozen defaults")
+    if isinstance(default, types.MappingProxyType):
+        return field(default_factory=lambda: types.MappingProxyType({}), metadata=meta)
+    if isinstance(default, type) and dataclasses.is_dataclass(default):
+        return field(default_factory=default, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobSpec:
+    script: str | None = _f(None, "Python script to run on every rank (path relative to cluster.yaml).")
+    module: str | None = _f(None, "Python module to run with `python -m` instead of a script.", pattern=_MODULE)
+    args: tuple[str, ...] = _f((), "Arguments passed to the entrypoint.")
+    env: Mapping[str, str] = _f(types.MappingProxyType({}), "Extra environment variables for every rank.")
+    pass_env: tuple[str, ...] = _f(
+        (),
+        "Names of variables copied from the launching environment at start; their values are never "
+        "written to run.yaml, scripts or logs (use this for secrets).",
+        item_pattern=ENV_NAME,
+    )
+    python: str | None = _f(None, "Interpreter for the ranks (default: the one running orch).")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ResourcesSpec:
+    nodes: int = _f(1, "Number of nodes (simulated nodes on the local backend).", min=1, max=65536)
+    ranks_per_node: int = _f(1, "Ranks (processes) per node.", min=1, max=1024)
+    cpus_per_rank: int = _f(1, "CPU cores per rank; also sets OMP_NUM_THREADS.", min=1, max=1024)
+    gpus_per_node: int = _f(0, "GPUs per node (0 on CPU-only clusters).", min=0, max=64)
+    memory: str | None = _f(None, "Memory per node, Slurm syntax (e.g. 16G, 512M).", pattern=_MEMORY)
+    time_limit: str | None = _f(
+        None, "Wall-clock limit: MINUTES, HH:MM:SS or D-HH:MM:SS.", pattern=_TIME
+    )
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.ranks_per_node
+
+    @property
+    def time_limit_minutes(self) -> int | None:
+        if self.time_limit is None:
+            return None
+        m = _TIME.match(self.time_limit)
+        assert m, "validated at load"
+        if m.group(5) is not None:
+            return int(m.group(5))
+        days, hours, minutes, seconds = (int(g or 0) for g in m.group(1, 2, 3, 4))
+        if m.group(2) is None:  # MM:SS
+            hours, minutes, seconds = 0, int(m.group(3)), int(m.group(4))
+        total = ((days * 24 + hours) * 60 + minutes) * 60 + seconds
+        return max(1, -(-total // 60))
+
+
+@dataclass(frozen=True, kw_only=True)
+class DistributedSpec:
+    backend: Literal["auto", "gloo", "nccl"] = _f("auto", "Process-group backend: auto picks nccl with GPUs, gloo otherwise.")
+    master_port: int | Literal["auto"] = _f(
+        "auto", "Rendezvous port: auto picks one no other run uses, or a fixed port.", min=1024, max=65535
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class StorageSpec:
+    root: str = _f("./runs", "Where run directories live: a path (relative to cluster.yaml) or any fsspec URL.")
+    checkpoint_interval: int = _f(50, "Save a checkpoint every N training steps.", min=1)
+    keep: int = _f(2, "Keep the newest K committed checkpoints.", min=2, max=1000)
+    async_save: bool = _f(False, "Write checkpoints in the background; training blocks only while tensors are copied.")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RestartSpec:
+    max_restarts: int = _f(3, "Attempts started after a failure before the run is declared failed.", min=0, max=1000)
+    backoff_s: float = _f(1.0, "Wait before the first restart; doubles each time.", min=0.0, max=3600.0)
+    backoff_max_s: float = _f(60.0, "Upper bound of the restart wait.", min=0.0, max=86400.0)
+    stop_grace_s: float = _f(10.0, "After SIGTERM, how long ranks get before SIGKILL.", min=0.0, max=3600.0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SlurmSpec:
+    partition: str | None = _f(None, "Slurm partition (-p).", pattern=_NAME)
+    account: str | None = _f(None, "Slurm account (-A).", pattern=_NAME)
+    qos: str | None = _f(None, "Slurm QOS.", pattern=_NAME)
+    signal_lead_s: int = _f(120, "Seconds before the time limit or preemption that ranks get SIGUSR2.", min=1, max=65535)
+    max_requeues: int = _f(10, "How many times a preempted or timed-out job is requeued.", min=0, max=10000)
+    setup: tuple[str, ...] = _f((), "Shell lines run in the batch script before the launch (module load ...).")
+    extra_flags: tuple[str, ...] = _f((), "Extra sbatch flags, each as `--flag=value`.", item_pattern=re.compile(r"^--[a-z][a-z0-9-]*(=.*)?$"))
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClusterConfig:
+    backend: Literal["local", "slurm"] = _f("local", "Where to run: local (this machine) or slurm.")
+    name: str | None = _f(None, "Job name (default: the entrypoint's name).", pattern=_NAME)
+    job: JobSpec = _f(JobSpec, "What to run on every rank.")
+    resources: ResourcesSpec = _f(ResourcesSpec, "How many nodes and ranks, and what each gets.")
+    distributed: DistributedSpec = _f(DistributedSpec, "torch.distributed settings.")
+    storage: StorageSpec = _f(StorageSpec, "Run directory and checkpoint settings.")
+    restart: RestartSpec = _f(RestartSpec, "What the supervisor does when a rank fails.")
+    slurm: SlurmSpec = _f(SlurmSpec, "Settings used only by the slurm backend.")
+    # Where the file was loaded from: relative paths in it resolve against this directory.
+    base_dir: str = field(default=".", metadata={"doc": "internal", "internal": True})
+
+    @property
+    def job_name(self) -> str:
+        if self.name:
+            return self.name
+        stem = self.job.module.rsplit(".", 1)[-1] if self.job.module else os.path.splitext(os.path.basename(self.job.script or "job"))[0]
+        return re.sub(r"[^A-Za-z0-9_.+-]", "-", stem) or "job"
+
+    @property
+    def script_path(self) -> str | None:
+        if self.job.script is None:
+            return None
+        return os.path.normpath(os.path.join(self.base_dir, self.job.script))
+
+    @property
+    def storage_root(self) -> str:
+        """storage.root with a relative local path resolved against cluster.yaml's directory."""
+        root = self.storage.root
+        if "://" in root or os.path.isabs(root):
+            return root.rstrip("/") or "/"
+        return os.path.normpath(os.path.join(self.base_dir, root))
+
+
+# ---------------------------------------------------------------------------- the walker
+
+def _doc_of(cls: type, name: str) -> str:
+    return {f.name: f for f in dataclasses.fields(cls)}[name].metadata.get("doc", "")
+
+
+def _check_string(value: str, path: str, source: str, meta: Mapping[str, Any], pattern_key: str = "pattern") -> str:
+    if _CONTROL_CHARS.search(value):
+        raise ConfigError(source, path, "contains a control character (newline, tab, escape...); not allowed")
+    pattern = meta.get(pattern_key)
+    if pattern is not None and not pattern.match(value):
+        raise ConfigError(source, path, f"{value!r} is not valid ({meta.get('doc', '').rstrip('.')})")
+    return value
+
+
+def _type_name(tp: Any) -> str:
+    if tp is type(None):
+        return "null"
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is tuple:
+        return "a list of strings"
+    if typing.get_origin(tp) in (Mapping, dict, collections.abc.Mapping) or tp is Mapping:
+        return "a mapping of strings"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _convert(tp: Any, value: Any, path: str, source: str, meta: Mapping[str, Any]) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        last: ConfigError | None = None
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _convert(option, value, path, source, meta)
+            except ConfigError as exc:
+                last = exc
+                # A value of the right type but out of range says more than "wrong type".
+                if not exc.problem.startswith("expected"):
+                    raise
+        raise ConfigError(source, path, f"expected {_type_name(tp)}, got {_describe(value)}") from last
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value in choices and isinstance(value, str):
+            return value
+        raise ConfigError(source, path, f"expected one of {', '.join(map(repr, choices))}, got {_describe(value)}")
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, path, source)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return _check_range(value, path, source, meta)
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if value != value or value in (float("inf"), float("-inf")):
+                raise ConfigError(source, path, "must be a finite number")
+            return _check_range(float(value), path, source, meta)
+    elif tp is str:
+        if isinstance(value, str):
+            return _check_string(value, path, source, meta)
+    elif origin is tuple:
+        if isinstance(value, (list, tuple)):
+            out = []
+            for i, item in enumerate(value):
+                if not isinstance(item, (str, int, float)) or isinstance(item, bool):
+                    raise ConfigError(source, f"{path}[{i}]", f"expected a string, got {_describe(item)}")
+                out.append(_check_string(str(item), f"{path}[{i}]", source, meta, "item_pattern"))
+            return tuple(out)
+    elif origin in (Mapping, dict, collections.abc.Mapping) or tp is Mapping:
+        if isinstance(value, Mapping):
+            out_map: dict[str, str] = {}
+            for k, v in value.items():
+                if not isinstance(k, str) or not ENV_NAME.match(k):
+                    raise ConfigError(source, f"{path}.{k}", "is not a valid environment variable name")
+                if not isinstance(v, (str, int, float)) or isinstance(v, bool):
+                    raise ConfigError(source, f"{path}.{k}", f"expected a string, got {_describe(v)}")
+                out_map[k] = _check_string(str(v), f"{path}.{k}", source, {})
+            return types.MappingProxyType(dict(sorted(out_map.items())))
+    else:  # pragma: no cover - a field type the walker does not know is a programming error
+        raise TypeError(f"unsupported field type {tp!r} at {path}")
+    raise ConfigError(source, path, f"expected {_type_name(tp)}, got {_describe(value)}")
+
+
+def _check_range(value: int | float, path: str, source: str, meta: Mapping[str, Any]) -> int | float:
+    lo, hi = meta.get("min"), meta.get("max")
+    if lo is not None and value < lo:
+        raise ConfigError(source, path, f"must be >= {lo}, got {value}")
+    if hi is not None and value > hi:
+        raise ConfigError(source, path, f"must be <= {hi}, got {value}")
+    return value
+
+
+def _describe(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"boolean {str(value).lower()}"
+    if isinstance(value, Mapping):
+        return "a mapping"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 40 else text[:37] + '...'}"
+
+
+def _build(cls: type, data: Any, path: str, source: str) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(source, path, f"expected a mapping, got {_describe(data)}")
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        key_path = f"{path}.{key}" if path else str(key)
+        if not isinstance(key, str) or key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.6)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(sorted(fields))}"
+            raise ConfigError(source, key_path, f"unknown key{hint}")
+        kwargs[key] = _convert(hints[key], value, key_path, source, fields[key].metadata)
+    for name, f in fields.items():
+        if name not in kwargs and dataclasses.is_dataclass(hints[name]):
+            kwargs[name] = _build(hints[name], {}, f"{path}.{name}" if path else name, source)
+    return cls(**kwargs)
+
+
+# ---------------------------------------------------------------------------- overrides
+
+def parse_override(text: str, source: str = "--set") -> tuple[tuple[str, ...], Any]:
+    """`dotted.path=value` -> (path parts, YAML-parsed value)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(source, key or text, "expected --set dotted.path=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return tuple(key.split(".")), value
+
+
+def apply_overrides(data: Mapping[str, Any], overrides: typing.Iterable[str]) -> dict[str, Any]:
+    """A copy of the raw mapping with each `dotted.path=value` written into it."""
+    result: dict[str, Any] = _deep_copy(data)
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = result
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError("--set", ".".join(parts[: i + 1]), "is not a mapping")
+            node = child
+        node[parts[-1]] = value
+    return result
+
+
+def _deep_copy(data: Any) -> Any:
+    if isinstance(data, Mapping):
+        return {k: _deep_copy(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_deep_copy(v) for v in data]
+    return data
+
+
+# ---------------------------------------------------------------------------- loading
+
+def parse_config(data: Any, *, source: str = "cluster.yaml", base_dir: str = ".", check_files: bool = True) -> ClusterConfig:
+    """Validate a raw mapping (as YAML gives it) into a ClusterConfig."""
+    config = _build(ClusterConfig, data, "", source)
+    config = dataclasses.replace(config, base_dir=os.path.abspath(base_dir))
+    job = config.job
+    if (job.script is None) == (job.module is None):
+        raise ConfigError(source, "job", "set exactly one of job.script or job.module")
+    if check_files and job.script is not None:
+        path = config.script_path
+        assert path is not None
+        if not os.path.isfile(path):
+            raise ConfigError(source, "job.script", f"file not found: {path}")
+    for name in job.pass_env:
+        if name in job.env:
+            raise ConfigError(source, "job.pass_env", f"{name} is also set in job.env; set it in one place")
+    from .plan import CONTRACT_VARS  # the env contract is defined once, in plan.py
+
+    for name in job.env:
+        if name in CONTRACT_VARS:
+            raise ConfigError(source, f"job.env.{name}", "is set by the orchestrator (env contract); remove it")
+    if config.distributed.backend == "nccl" and config.resources.gpus_per_node == 0 and config.backend == "slurm":
+        raise ConfigError(source, "distributed.backend", "nccl needs resources.gpus_per_node >= 1")
+    return config
+
+
+def load_config(
+    path: str,
+    overrides: typing.Iterable[str] = (),
+    *,
+    backend: str | None = None,
+    check_files: bool = True,
+) -> ClusterConfig:
+    """Read cluster.yaml, apply `--set` overrides and `--backend`, validate."""
+    source = path
+    try:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+    except FileNotFoundError:
+        raise ConfigError(source, "<file>", "not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(source, "<file>", f"cannot read: {exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "<file>"
+        problem = str(getattr(exc, "problem", None) or "malformed YAML").replace("\n", " ")
+        raise ConfigError(source, where, f"malformed YAML: {problem}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(source, "<top>", f"expected a mapping, got {_describe(data)}")
+    data = apply_overrides(data, overrides)
+    if backend is not None:
+        data["backend"] = backend
+    return parse_config(data, source=source, base_dir=os.path.dirname(os.path.abspath(path)), check_files=check_files)
+
+
+def config_to_dict(config: ClusterConfig) -> dict[str, Any]:
+    """Plain data for run.yaml (no internal fields)."""
+
+    def plain(obj: Any) -> Any:
+        if dataclasses.is_dataclass(obj):
+            return {f.name: plain(getattr(obj, f.name)) for f in dataclasses.fields(obj) if not f.metadata.get("internal")}
+        if isinstance(obj, tuple):
+            return [plain(v) for v in obj]
+        if isinstance(obj, Mapping):
+            return {k: plain(v) for k, v in obj.items()}
+        return obj
+
+    return plain(config)
+
+
+def field_docs(cls: type = ClusterConfig, prefix: str = "") -> list[tuple[str, str, Any]]:
+    """(dotted path, doc, default) for every field: the reference in docs/ is generated from this."""
+    out: list[tuple[str, str, Any]] = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("internal"):
+            continue
+        path = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(hints[f.name]):
+            out.append((path, f.metadata.get("doc", ""), None))
+            out.extend(field_docs(hints[f.name], path + "."))
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else {}
+            out.append((path, f.metadata.get("doc", ""), default))
+    return out

@@ -1,0 +1,162 @@
+"""How rank processes are started and stopped (the launcher Protocol) and the fresh-interpreter
+launcher.
+
+Every attempt gets its own process group. Its leader is a tiny reaper (`sh`) that reads a pipe
+whose only writer is the supervisor: when the supervisor dies in any way, even SIGKILL, the
+pipe reaches EOF and the reaper SIGKILLs the whole group, which also takes DataLoader workers and
+other grandchildren that a parent-death signal would miss. Each rank also gets
+PR_SET_PDEATHSIG(SIGKILL) as a second line. The leader lives as long as the attempt, so ranks can
+always join its group.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from typing import Mapping, Protocol, Sequence
+
+from .plan import RankSpec
+
+_PR_SET_PDEATHSIG = 1
+try:
+    _libc = ctypes.CDLL(None, use_errno=True)
+except OSError:  # pragma: no cover - non-glibc platforms
+    _libc = None
+
+# The reaper ignores SIGTERM (so a graceful stop of the group leaves it in place to finish the
+# job with SIGKILL), waits for EOF on stdin, then kills its own process group.
+_REAPER_SCRIPT = 'trap "" TERM INT HUP; while read -r _; do :; done; kill -KILL 0'
+
+
+@dataclass
+class RankProcess:
+    spec: RankSpec
+    popen: subprocess.Popen
+    log_path: str
+    started: float
+    ended: float | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def poll(self) -> int | None:
+        code = self.popen.poll()
+        if code is not None and self.ended is None:
+            self.ended = time.time()
+        return code
+
+
+@dataclass
+class AttemptGroup:
+    """The processes of one attempt: a reaper leading the group, and the ranks in it."""
+
+    pgid: int
+    reaper: subprocess.Popen
+    reaper_pipe: int
+    ranks: list[RankProcess] = field(default_factory=list)
+
+    def alive(self) -> list[RankProcess]:
+        return [r for r in self.ranks if r.poll() is None]
+
+    def signal_all(self, sig: int) -> None:
+        try:
+            os.killpg(self.pgid, sig)
+        except ProcessLookupError:
+            pass
+
+    def stop(self, grace_s: float) -> None:
+        """SIGTERM the group, wait up to grace_s for the ranks, then SIGKILL everything."""
+        if self.alive():
+            self.signal_all(signal.SIGTERM)
+            deadline = time.monotonic() + grace_s
+            while self.alive() and time.monotonic() < deadline:
+                time.sleep(0.02)
+        self.close()
+
+    def close(self) -> None:
+        """Kill whatever is left of the group and reap the reaper."""
+        if self.reaper_pipe >= 0:
+            os.close(self.reaper_pipe)  # EOF: the reaper kills the group, itself included
+            self.reaper_pipe = -1
+        try:
+            self.reaper.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.signal_all(signal.SIGKILL)
+            self.reaper.wait()
+        self.signal_all(signal.SIGKILL)  # in case the reaper could not
+        for r in self.ranks:
+            try:
+                r.popen.wait(timeout=5)
+            except subprocess.TimeoutExpired:  # pragma: no cover - unkillable (D state)
+                pass
+            r.poll()
+
+
+class Launcher(Protocol):
+    """Starts the ranks of one attempt."""
+
+    name: str
+
+    def start_attempt(self, specs: Sequence[RankSpec], log_paths: Sequence[str], extra_env: Sequence[Mapping[str, str]]) -> AttemptGroup: ...
+
+
+def _set_parent_death_signal(parent_pid: int) -> None:
+    if _libc is not None:
+        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent_pid:  # the supervisor died before prctl took effect
+        os._exit(137)
+
+
+def start_reaper() -> tuple[subprocess.Popen, int]:
+    read_end, write_end = os.pipe()
+    try:
+        reaper = subprocess.Popen(
+            ["/bin/sh", "-c", _REAPER_SCRIPT],
+            stdin=read_end,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            process_group=0,
+            close_fds=True,
+        )
+    finally:
+        os.close(read_end)
+    os.set_inheritable(write_end, False)
+    return reaper, write_end
+
+
+class SubprocessLauncher:
+    """A fresh interpreter per rank (what torchrun does): always safe, ~1.5 s of imports each."""
+
+    name = "subprocess"
+
+    def start_attempt(self, specs: Sequence[RankSpec], log_paths: Sequence[str], extra_env: Sequence[Mapping[str, str]]) -> AttemptGroup:
+        reaper, pipe = start_reaper()
+        group = AttemptGroup(pgid=reaper.pid, reaper=reaper, reaper_pipe=pipe)
+        parent = os.getpid()
+        try:
+            for spec, log_path, extra in zip(specs, log_paths, extra_env):
+                env = {**os.environ, **spec.env, **extra}
+                fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+                try:
+                    popen = subprocess.Popen(
+                        list(spec.argv),
+                        env=env,
+                        stdin=subprocess.DEVNULL,
+                        stdout=fd,
+                        stderr=fd,
+                        process_group=group.pgid,
+                        preexec_fn=lambda: _set_parent_death_signal(parent),
+                        close_fds=True,
+                    )
+                finally:
+                    os.close(fd)
+                group.ranks.append(RankProcess(spec=spec, popen=popen, log_path=log_path, started=time.time()))
+        except BaseException:
+            group.close()
+            raise
+        return group

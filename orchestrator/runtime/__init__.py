@@ -1,0 +1,23 @@
+"""What training scripts import: process-group start-up, a resumable sampler, checkpoints,
+metrics. Everything works under `orch run`, under Slurm, under torchrun, or as a plain
+one-process `python train.py`."""
+
+from .checkpoint import Checkpointer, CheckpointError, Progress, state_digest
+from .dist import DistContext, init, shutdown
+from .errorfile import install_excepthook, write_error_file
+from .metrics import Metrics
+from .sampler import ResumableDistributedSampler
+
+__all__ = [
+    "Checkpointer",
+    "CheckpointError",
+    "DistContext",
+    "Metrics",
+    "Progress",
+    "ResumableDistributedSampler",
+    "init",
+    "install_excepthook",
+    "shutdown",
+    "state_digest",
+    "write_error_file",
+]

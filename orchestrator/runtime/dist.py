@@ -1,0 +1,88 @@
+"""Process-group start-up from the env contract (what torchrun or `orch` set)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from .errorfile import install_excepthook
+
+
+@dataclass(frozen=True, kw_only=True)
+class DistContext:
+    rank: int
+    local_rank: int
+    world_size: int
+    local_world_size: int
+    node_rank: int
+    nnodes: int
+    backend: str
+    device: torch.device
+    run_id: str
+    run_dir: str | None
+    attempt: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    return default if value in (None, "") else int(value)
+
+
+def choose_backend(requested: str | None = None) -> str:
+    """auto: nccl when this process can see a GPU, gloo otherwise."""
+    requested = (requested or os.environ.get("ORCH_DIST_BACKEND") or "auto").lower()
+    if requested != "auto":
+        return requested
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def init(backend: str | None = None, timeout_s: float = 600.0) -> DistContext:
+    """Join the process group described by the env contract and pick this rank's device.
+
+    Without the contract (a plain `python train.py`) it starts a one-rank group, so the same
+    script runs anywhere.
+    """
+    install_excepthook()
+    backend = choose_backend(backend)
+    rank = _env_int("RANK", 0)
+    world = _env_int("WORLD_SIZE", 1)
+    local_rank = _env_int("LOCAL_RANK", 0)
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        timeout = timedelta(seconds=timeout_s)
+        if "MASTER_ADDR" in os.environ and "WORLD_SIZE" in os.environ:
+            dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world, timeout=timeout)
+        else:
+            store = dist.FileStore(tempfile.mktemp(prefix="orch-store-"), 1)
+            dist.init_process_group(backend, store=store, rank=0, world_size=1, timeout=timeout)
+    return DistContext(
+        rank=rank,
+        local_rank=local_rank,
+        world_size=world,
+        local_world_size=_env_int("LOCAL_WORLD_SIZE", world),
+        node_rank=_env_int("NODE_RANK", _env_int("GROUP_RANK", 0)),
+        nnodes=_env_int("NNODES", 1),
+        backend=backend,
+        device=device,
+        run_id=os.environ.get("ORCH_RUN_ID", "standalone"),
+        run_dir=os.environ.get("ORCH_RUN_DIR"),
+        attempt=_env_int("ORCH_ATTEMPT", _env_int("TORCHELASTIC_RESTART_COUNT", 0)),
+    )
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,41 @@
+"""TensorBoard scalars from rank 0 into the run directory's tb/ (other ranks write nothing)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any
+
+from .dist import DistContext
+
+
+class Metrics:
+    def __init__(self, ctx: DistContext, logdir: str | None = None) -> None:
+        self._writer: Any = None
+        if not ctx.is_main:
+            return
+        if logdir is None:
+            run_dir = ctx.run_dir or ""
+            if run_dir and "://" not in run_dir:
+                logdir = os.path.join(run_dir, "tb")
+            else:
+                # TensorBoard writes through local files; remote run dirs get a local copy.
+                logdir = os.path.join(tempfile.gettempdir(), f"orch-{os.getuid()}", ctx.run_id, "tb")
+        from torch.utils.tensorboard import SummaryWriter  # lazy: pulls in tensorboard
+
+        self._writer = SummaryWriter(log_dir=logdir, filename_suffix=f".attempt{ctx.attempt}")
+
+    def scalars(self, step: int, **values: float) -> None:
+        if self._writer is None:
+            return
+        for name, value in values.items():
+            self._writer.add_scalar(name, value, step)
+
+    def flush(self) -> None:
+        if self._writer is not None:
+            self._writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
