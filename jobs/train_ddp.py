@@ -68,7 +68,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip")
     p.add_argument("--dataset-size", type=int, default=4096)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log-every", type=int, default=25)
+    p.add_argument("--log-every", type=int, default=100)
     p.add_argument("--amp", choices=("auto", "on", "off"), default="auto", help="mixed precision (auto: on with CUDA)")
     p.add_argument("--step-sleep", type=float, default=0.0, help="seconds to sleep per step (tests use it to slow a run down)")
     return p.parse_args()
@@ -81,7 +81,9 @@ def main() -> None:
 
     data = SyntheticImages(args.dataset_size)
     sampler = runtime.ResumableDistributedSampler(len(data), rank=ctx.rank, world_size=ctx.world_size, seed=args.seed)
-    loader = DataLoader(data, batch_size=args.batch_size, sampler=sampler, drop_last=True)
+    # A private generator: otherwise every new DataLoader iterator draws its base seed from the
+    # global torch RNG, and a run resumed mid-epoch would draw once more than an uninterrupted one.
+    loader = DataLoader(data, batch_size=args.batch_size, sampler=sampler, drop_last=True, generator=torch.Generator().manual_seed(args.seed))
 
     model = SmallConvNet().to(ctx.device)
     ddp = DDP(model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None)

@@ -1,0 +1,64 @@
+"""Pure parts of supervision: root cause choice, backoff, status folding."""
+
+import json
+import signal
+
+from orchestrator.status import summarize
+from orchestrator.supervisor import RankFailure, Supervisor, backoff_delay, is_peer_loss, read_error_file
+from orchestrator.config import parse_config
+
+
+def failure(rank, t, etype=None, msg="", code=1):
+    return RankFailure(rank=rank, node_rank=0, exitcode=code, time=t, error_type=etype, message=msg)
+
+
+class _Seen:
+    def __init__(self, rank):
+        self.spec = type("S", (), {"rank": rank})()
+
+
+def test_sigkilled_rank_beats_peers_that_lost_it():
+    killed = failure(2, 10.05, code=-signal.SIGKILL)
+    peers = [failure(0, 10.01, "RuntimeError", "Connection closed by peer [127.0.0.1]:1234"), failure(1, 10.02, "DistNetworkError", "Broken pipe")]
+    assert Supervisor._root_cause([*peers, killed], _Seen(2)) is killed
+
+
+def test_earliest_real_error_wins_over_first_seen_exit():
+    early = failure(3, 5.0, "ValueError", "bad shape")
+    later = failure(1, 6.0, "KeyError", "x")
+    assert Supervisor._root_cause([later, early], _Seen(1)) is early
+
+
+def test_only_peer_losses_still_give_a_cause():
+    only = [failure(0, 2.0, "RuntimeError", "Connection reset by peer"), failure(1, 1.0, "RuntimeError", "timed out")]
+    assert Supervisor._root_cause(only, None).rank == 1
+    assert is_peer_loss("Gloo connectFullMesh failed") and not is_peer_loss("ValueError: bad")
+
+
+def test_backoff_doubles_up_to_the_cap():
+    cfg = parse_config({"job": {"module": "x"}, "restart": {"backoff_s": 1.5, "backoff_max_s": 5}}, check_files=False)
+    assert [backoff_delay(cfg, n) for n in (1, 2, 3, 4)] == [1.5, 3.0, 5, 5]
+
+
+def test_error_file_formats(tmp_path):
+    ours = tmp_path / "a.json"
+    ours.write_text(json.dumps({"type": "ValueError", "message": "m", "time": 3.0}))
+    assert read_error_file(str(ours))["type"] == "ValueError"
+    elastic = tmp_path / "b.json"
+    elastic.write_text(json.dumps({"message": {"message": "OSError: disk full", "extraInfo": {"timestamp": "7"}}}))
+    assert read_error_file(str(elastic)) == {"type": "OSError", "message": "disk full", "time": 7.0}
+    assert read_error_file(str(tmp_path / "missing.json")) is None
+
+
+def test_summarize_follows_the_ledger():
+    events = [
+        {"time": 0.0, "event": "run_started", "backend": "local"},
+        {"time": 1.0, "event": "attempt_started", "attempt": 0},
+        {"time": 5.0, "event": "attempt_ended", "attempt": 0, "status": "failed", "root_cause": {"rank": 1}},
+        {"time": 6.0, "event": "attempt_started", "attempt": 1},
+    ]
+    live = summarize(events, supervisor_alive=True, now=10.0)
+    assert live["state"] == "running" and live["current_attempt"] == 1 and live["attempts"] == 2 and live["wall_s"] == 10.0
+    assert summarize(events, supervisor_alive=False, now=10.0)["state"] == "lost"
+    done = summarize([*events, {"time": 9.0, "event": "run_finished", "status": "succeeded"}])
+    assert done["state"] == "succeeded" and done["root_cause"] is None and done["wall_s"] == 9.0
