@@ -22,14 +22,18 @@ import yaml
 
 from .errors import ConfigError
 
-# C0 controls, DEL and C1 controls: any of them in a value that reaches a shell, an #SBATCH line
-# or a log line could start a new line or a new command.
-_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_MEMORY = re.compile(r"^[0-9]+[KMGT]?$")
-_TIME = re.compile(r"^(?:(?:(\d+)-)?(\d+):)?(\d+):(\d+)$|^(\d+)$")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}$")
-_MODULE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+# C0 controls, DEL, C1 controls and the Unicode line/paragraph separators: any of them in a
+# value that reaches a shell, an #SBATCH line or a log line could start a new line or a new
+# command. Lone surrogates are not text at all (they cannot be encoded into argv or environ).
+_CONTROL_CHARS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+# Patterns end in \Z, not $: `$` also matches before a trailing newline ("RANK\n").
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
+_MEMORY = re.compile(r"^[0-9]+[KMGT]?\Z")
+_TIME = re.compile(r"^(?:(?:(\d+)-)?(\d+):)?(\d+):(\d+)\Z|^(\d+)\Z")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}\Z")
+_MODULE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*\Z")
+# A YAML integer this long is refused as a string value: str() of one past ~4300 digits raises.
+_MAX_INT_BITS = 4000
 
 
 def _f(default: Any, doc: str, **checks: Any) -> Any:
@@ -121,7 +125,7 @@ class SlurmSpec:
     signal_lead_s: int = _f(120, "Seconds before the time limit or preemption that ranks get SIGUSR2.", min=1, max=65535)
     max_requeues: int = _f(10, "How many times a preempted or timed-out job is requeued.", min=0, max=10000)
     setup: tuple[str, ...] = _f((), "Shell lines run in the batch script before the launch (module load ...).")
-    extra_flags: tuple[str, ...] = _f((), "Extra sbatch flags, each as `--flag=value`.", item_pattern=re.compile(r"^--[a-z][a-z0-9-]*(=.*)?$"))
+    extra_flags: tuple[str, ...] = _f((), "Extra sbatch flags, each as `--flag=value`.", item_pattern=re.compile(r"^--[a-z][a-z0-9-]*(=.*)?\Z"))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -161,16 +165,49 @@ class ClusterConfig:
 
 # ---------------------------------------------------------------------------- the walker
 
+def _oneline(text: str) -> str:
+    """`text` with every non-printable character (newline, escape, NUL, U+2028...) escaped."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+
+
+def _error(source: str, path: str, problem: str) -> ConfigError:
+    """A ConfigError whose message is one line whatever the user wrote into the key or file name."""
+    return ConfigError(_oneline(source), _oneline(path), _oneline(problem))
+
+
+def _number_text(value: int | float) -> str:
+    """str(value), also for integers too long for str() (which raises ValueError past ~4300 digits)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 128:
+        return f"{'-' if value < 0 else ''}<an integer of {value.bit_length()} bits>"
+    return str(value)
+
+
+def _key_text(key: Any) -> str:
+    """A mapping key as it appears in a dotted path (YAML keys may be any hashable scalar)."""
+    if isinstance(key, int) and not isinstance(key, bool):
+        return _number_text(key)
+    return str(key)
+
+
+def _scalar_text(value: Any, path: str, source: str) -> str:
+    """A list item or env value given as a YAML number, as the string the process will see."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > _MAX_INT_BITS:
+        raise _error(source, path, "integer too long; quote it if it is meant as text")
+    return str(value)
+
+
 def _doc_of(cls: type, name: str) -> str:
     return {f.name: f for f in dataclasses.fields(cls)}[name].metadata.get("doc", "")
 
 
 def _check_string(value: str, path: str, source: str, meta: Mapping[str, Any], pattern_key: str = "pattern") -> str:
     if _CONTROL_CHARS.search(value):
-        raise ConfigError(source, path, "contains a control character (newline, tab, escape...); not allowed")
+        raise _error(source, path, "contains a control character (newline, tab, escape...); not allowed")
     pattern = meta.get(pattern_key)
     if pattern is not None and not pattern.match(value):
-        raise ConfigError(source, path, f"{value!r} is not valid ({meta.get('doc', '').rstrip('.')})")
+        raise _error(source, path, f"{value!r} is not valid ({meta.get('doc', '').rstrip('.')})")
     return value
 
 
@@ -205,12 +242,12 @@ def _convert(tp: Any, value: Any, path: str, source: str, meta: Mapping[str, Any
                 # A value of the right type but out of range says more than "wrong type".
                 if not exc.problem.startswith("expected"):
                     raise
-        raise ConfigError(source, path, f"expected {_type_name(tp)}, got {_describe(value)}") from last
+        raise _error(source, path, f"expected {_type_name(tp)}, got {_describe(value)}") from last
     if origin is Literal:
         choices = typing.get_args(tp)
         if value in choices and isinstance(value, str):
             return value
-        raise ConfigError(source, path, f"expected one of {', '.join(map(repr, choices))}, got {_describe(value)}")
+        raise _error(source, path, f"expected one of {', '.join(map(repr, choices))}, got {_describe(value)}")
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, path, source)
     if tp is bool:
@@ -222,8 +259,13 @@ def _convert(tp: Any, value: Any, path: str, source: str, meta: Mapping[str, Any
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             if value != value or value in (float("inf"), float("-inf")):
-                raise ConfigError(source, path, "must be a finite number")
-            return _check_range(float(value), path, source, meta)
+                raise _error(source, path, "must be a finite number")
+            # Range first: float() of a huge YAML integer raises OverflowError.
+            _check_range(value, path, source, meta)
+            try:
+                return float(value)
+            except OverflowError:
+                raise _error(source, path, "must be a finite number") from None
     elif tp is str:
         if isinstance(value, str):
             return _check_string(value, path, source, meta)
@@ -232,30 +274,32 @@ def _convert(tp: Any, value: Any, path: str, source: str, meta: Mapping[str, Any
             out = []
             for i, item in enumerate(value):
                 if not isinstance(item, (str, int, float)) or isinstance(item, bool):
-                    raise ConfigError(source, f"{path}[{i}]", f"expected a string, got {_describe(item)}")
-                out.append(_check_string(str(item), f"{path}[{i}]", source, meta, "item_pattern"))
+                    raise _error(source, f"{path}[{i}]", f"expected a string, got {_describe(item)}")
+                item_path = f"{path}[{i}]"
+                out.append(_check_string(_scalar_text(item, item_path, source), item_path, source, meta, "item_pattern"))
             return tuple(out)
     elif origin in (Mapping, dict, collections.abc.Mapping) or tp is Mapping:
         if isinstance(value, Mapping):
             out_map: dict[str, str] = {}
             for k, v in value.items():
+                key_path = f"{path}.{_key_text(k)}"
                 if not isinstance(k, str) or not ENV_NAME.match(k):
-                    raise ConfigError(source, f"{path}.{k}", "is not a valid environment variable name")
+                    raise _error(source, key_path, "is not a valid environment variable name")
                 if not isinstance(v, (str, int, float)) or isinstance(v, bool):
-                    raise ConfigError(source, f"{path}.{k}", f"expected a string, got {_describe(v)}")
-                out_map[k] = _check_string(str(v), f"{path}.{k}", source, {})
+                    raise _error(source, key_path, f"expected a string, got {_describe(v)}")
+                out_map[k] = _check_string(_scalar_text(v, key_path, source), key_path, source, {})
             return types.MappingProxyType(dict(sorted(out_map.items())))
     else:  # pragma: no cover - a field type the walker does not know is a programming error
         raise TypeError(f"unsupported field type {tp!r} at {path}")
-    raise ConfigError(source, path, f"expected {_type_name(tp)}, got {_describe(value)}")
+    raise _error(source, path, f"expected {_type_name(tp)}, got {_describe(value)}")
 
 
 def _check_range(value: int | float, path: str, source: str, meta: Mapping[str, Any]) -> int | float:
     lo, hi = meta.get("min"), meta.get("max")
     if lo is not None and value < lo:
-        raise ConfigError(source, path, f"must be >= {lo}, got {value}")
+        raise _error(source, path, f"must be >= {lo}, got {_number_text(value)}")
     if hi is not None and value > hi:
-        raise ConfigError(source, path, f"must be <= {hi}, got {value}")
+        raise _error(source, path, f"must be <= {hi}, got {_number_text(value)}")
     return value
 
 
@@ -268,7 +312,7 @@ def _describe(value: Any) -> str:
         return "a mapping"
     if isinstance(value, (list, tuple)):
         return "a list"
-    text = repr(value)
+    text = _number_text(value) if isinstance(value, int) else repr(value)
     return f"{type(value).__name__} {text if len(text) <= 40 else text[:37] + '...'}"
 
 
@@ -276,16 +320,16 @@ def _build(cls: type, data: Any, path: str, source: str) -> Any:
     if data is None:
         data = {}
     if not isinstance(data, Mapping):
-        raise ConfigError(source, path, f"expected a mapping, got {_describe(data)}")
+        raise _error(source, path, f"expected a mapping, got {_describe(data)}")
     fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
     hints = typing.get_type_hints(cls)
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
-        key_path = f"{path}.{key}" if path else str(key)
+        key_path = f"{path}.{_key_text(key)}" if path else _key_text(key)
         if not isinstance(key, str) or key not in fields:
             close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.6)
             hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(sorted(fields))}"
-            raise ConfigError(source, key_path, f"unknown key{hint}")
+            raise _error(source, key_path, f"unknown key{hint}")
         kwargs[key] = _convert(hints[key], value, key_path, source, fields[key].metadata)
     for name, f in fields.items():
         if name not in kwargs and dataclasses.is_dataclass(hints[name]):
@@ -299,10 +343,10 @@ def parse_override(text: str, source: str = "--set") -> tuple[tuple[str, ...], A
     """`dotted.path=value` -> (path parts, YAML-parsed value)."""
     key, sep, raw = text.partition("=")
     if not sep or not key or any(not part for part in key.split(".")):
-        raise ConfigError(source, key or text, "expected --set dotted.path=value")
+        raise _error(source, key or text, "expected --set dotted.path=value")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+        value = _yaml_load(raw) if raw.strip() else ""
+    except Exception:  # noqa: BLE001 - not YAML (a bad date, a huge integer...): the text itself
         value = raw
     return tuple(key.split(".")), value
 
@@ -316,20 +360,94 @@ def apply_overrides(data: Mapping[str, Any], overrides: typing.Iterable[str]) ->
         for i, part in enumerate(parts[:-1]):
             child = node.get(part)
             if child is None:
-                child = node[part] = {}
+                child = {}
             if not isinstance(child, dict):
-                raise ConfigError("--set", ".".join(parts[: i + 1]), "is not a mapping")
+                raise _error("--set", ".".join(parts[: i + 1]), "is not a mapping")
+            # Copy on write: a YAML alias of this mapping elsewhere keeps its own value.
+            child = node[part] = dict(child)
             node = child
         node[parts[-1]] = value
     return result
 
 
 def _deep_copy(data: Any) -> Any:
-    if isinstance(data, Mapping):
-        return {k: _deep_copy(v) for k, v in data.items()}
-    if isinstance(data, list):
-        return [_deep_copy(v) for v in data]
-    return data
+    """Copies mappings and lists, without recursion (YAML nests as deep as the parser allows);
+    shared (YAML alias) and self-referencing nodes stay shared instead of being expanded."""
+    if not isinstance(data, (Mapping, list)):
+        return data
+    memo: dict[int, Any] = {}
+
+    def shell(node: Any) -> tuple[Any, bool]:
+        if id(node) in memo:
+            return memo[id(node)], False
+        memo[id(node)] = new = [] if isinstance(node, list) else {}
+        return new, True
+
+    root, _ = shell(data)
+    stack = [(data, root)]
+    while stack:
+        src, dst = stack.pop()
+        for key, value in enumerate(src) if isinstance(src, list) else src.items():
+            if isinstance(value, (Mapping, list)):
+                copied, fresh = shell(value)
+                if fresh:
+                    stack.append((value, copied))
+                value = copied
+            if isinstance(dst, list):
+                dst.append(value)
+            else:
+                dst[key] = value
+    return root
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (YAML would keep the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:  # unhashable: the base class reports it
+                continue
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", node.start_mark, f"duplicate key {key!r}", key_node.start_mark
+                )
+        return super().construct_mapping(node, deep=deep)
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep=deep)
+        except (yaml.YAMLError, RecursionError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - e.g. 2020-13-01, !!int foo, a 5000-digit integer
+            raise yaml.constructor.ConstructorError(None, None, str(exc) or type(exc).__name__, node.start_mark) from None
+
+
+def _yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+def _yaml_error(exc: BaseException, text: str) -> tuple[str, str]:
+    """(where, problem) for an exception raised while parsing YAML text."""
+    if isinstance(exc, yaml.MarkedYAMLError):
+        mark = exc.problem_mark or exc.context_mark
+        problem = exc.problem or exc.context or "malformed YAML"
+    elif isinstance(exc, yaml.reader.ReaderError):  # a character YAML does not allow; no mark
+        line = text.count("\n", 0, exc.position) + 1
+        column = exc.position - (text.rfind("\n", 0, exc.position) + 1) + 1
+        return f"line {line}, column {column}", f"unacceptable character #x{exc.character:04x}: {exc.reason}"
+    elif isinstance(exc, RecursionError):
+        return "<file>", "nested too deeply"
+    else:  # a value the YAML constructors could not build (a date like 2020-13-01, a huge integer...)
+        mark, problem = None, str(exc) or type(exc).__name__
+    where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "<file>"
+    return where, problem
 
 
 # ---------------------------------------------------------------------------- loading
@@ -340,23 +458,43 @@ def parse_config(data: Any, *, source: str = "cluster.yaml", base_dir: str = "."
     config = dataclasses.replace(config, base_dir=os.path.abspath(base_dir))
     job = config.job
     if (job.script is None) == (job.module is None):
-        raise ConfigError(source, "job", "set exactly one of job.script or job.module")
+        raise _error(source, "job", "set exactly one of job.script or job.module")
     if check_files and job.script is not None:
         path = config.script_path
         assert path is not None
         if not os.path.isfile(path):
-            raise ConfigError(source, "job.script", f"file not found: {path}")
+            raise _error(source, "job.script", f"file not found: {path}")
     for name in job.pass_env:
         if name in job.env:
-            raise ConfigError(source, "job.pass_env", f"{name} is also set in job.env; set it in one place")
-    from .plan import CONTRACT_VARS  # the env contract is defined once, in plan.py
+            raise _error(source, "job.pass_env", f"{name} is also set in job.env; set it in one place")
+    from .plan import CONTRACT_VARS, RUNTIME_VARS  # the env contract is defined once, in plan.py
 
+    # The orchestrator sets these for every rank and would silently override the user's value.
     for name in job.env:
         if name in CONTRACT_VARS:
-            raise ConfigError(source, f"job.env.{name}", "is set by the orchestrator (env contract); remove it")
+            raise _error(source, f"job.env.{name}", "is set by the orchestrator (env contract); remove it")
+        if name in RUNTIME_VARS:
+            raise _error(source, f"job.env.{name}", f"is set by the orchestrator{_runtime_hint(name)}; remove it")
+    for i, name in enumerate(job.pass_env):
+        if name in CONTRACT_VARS or name in RUNTIME_VARS:
+            raise _error(source, f"job.pass_env[{i}]", f"{name} is set by the orchestrator{_runtime_hint(name)}; remove it")
     if config.distributed.backend == "nccl" and config.resources.gpus_per_node == 0 and config.backend == "slurm":
-        raise ConfigError(source, "distributed.backend", "nccl needs resources.gpus_per_node >= 1")
+        raise _error(source, "distributed.backend", "nccl needs resources.gpus_per_node >= 1")
     return config
+
+
+_RUNTIME_SOURCES = {
+    "OMP_NUM_THREADS": "resources.cpus_per_rank",
+    "ORCH_CKPT_INTERVAL": "storage.checkpoint_interval",
+    "ORCH_CKPT_KEEP": "storage.keep",
+    "ORCH_CKPT_ASYNC": "storage.async_save",
+    "ORCH_DIST_BACKEND": "distributed.backend",
+}
+
+
+def _runtime_hint(name: str) -> str:
+    field_path = _RUNTIME_SOURCES.get(name)
+    return f" from {field_path}" if field_path else ""
 
 
 def load_config(
@@ -372,20 +510,18 @@ def load_config(
         with open(path, encoding="utf-8") as fh:
             text = fh.read()
     except FileNotFoundError:
-        raise ConfigError(source, "<file>", "not found") from None
+        raise _error(source, "<file>", "not found") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(source, "<file>", f"cannot read: {exc}") from None
+        raise _error(source, "<file>", f"cannot read: {exc}") from None
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "<file>"
-        problem = str(getattr(exc, "problem", None) or "malformed YAML").replace("\n", " ")
-        raise ConfigError(source, where, f"malformed YAML: {problem}") from None
+        data = _yaml_load(text)
+    except Exception as exc:  # noqa: BLE001 - whatever the YAML library raises, the file is at fault
+        where, problem = _yaml_error(exc, text)
+        raise _error(source, where, f"malformed YAML: {problem}") from None
     if data is None:
         data = {}
     if not isinstance(data, Mapping):
-        raise ConfigError(source, "<top>", f"expected a mapping, got {_describe(data)}")
+        raise _error(source, "<top>", f"expected a mapping, got {_describe(data)}")
     data = apply_overrides(data, overrides)
     if backend is not None:
         data["backend"] = backend

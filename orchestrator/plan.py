@@ -44,7 +44,13 @@ RUNTIME_VARS: tuple[str, ...] = (
     "PYTHONUNBUFFERED",
 )
 
-_SECRET_NAME = re.compile(r"(SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|API_?KEY|ACCESS_?KEY|PRIVATE)", re.IGNORECASE)
+# Anywhere in the name (WANDB_API_KEY, HF_TOKEN...), or as a whole `_`-separated word (OPENAI_KEY,
+# DB_PASS, BASIC_AUTH): hiding a harmless value costs little, printing a secret cannot be undone.
+_SECRET_NAME = re.compile(
+    r"(SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|API_?KEY|ACCESS_?KEY|PRIVATE)"
+    r"|(?<![A-Z0-9])(KEY|PASS|PWD|AUTH)(?![A-Z0-9])",
+    re.IGNORECASE,
+)
 REDACTED = "<redacted>"
 
 
