@@ -1,36 +1,69 @@
 """Checkpoint layout on storage and its commit protocol, without torch.
 
-    ckpt/step-00000100.tmp-<token>/   files being written by incarnation <token>
-    ckpt/step-00000100/               committed: files + manifest.json + COMMITTED
+Filesystems that rename atomically (local and shared filesystems):
 
-A checkpoint exists only when it is committed (renamed into place on filesystems that rename
-atomically; a create-only COMMITTED object written last elsewhere) and its manifest verifies
-(every file present with the listed size and sha256). The controller (`orch status`,
-`orch checkpoints`) reads checkpoints through this module, so it never imports torch.
+    ckpt/step-00000100.tmp-<token>/   being written by incarnation <token>
+    ckpt/step-00000100/               committed by rename: files + manifest.json + COMMITTED
+
+Object stores (s3://, memory://, ...), which cannot rename a prefix:
+
+    ckpt/step-00000100.tmp-<token>/   files + manifest.json, never moved
+    ckpt/step-00000100/COMMITTED      created last and create-only; names the data prefix
+
+A checkpoint exists only when committed and its manifest verifies (every file present with the
+listed size and sha256). At most one commit per step: rename refuses an existing directory and
+the marker is create-only. Incarnations (attempts, requeued Slurm jobs) register under
+`ckpt/incarnations/`; a writer that sees a newer one registered is stale and may not commit
+(fencing). The controller reads checkpoints through this module, so it never imports torch.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import re
+import secrets
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Iterable
 
+from .faults import fault_point
+
 MANIFEST = "manifest.json"
 COMMITTED = "COMMITTED"
+INCARNATIONS = "incarnations"
 _STEP_DIR = re.compile(r"^step-(\d{8,})$")
-_TMP_DIR = re.compile(r"^step-(\d{8,})\.tmp-([A-Za-z0-9_.-]+)$")
+_TMP_DIR = re.compile(r"^step-(\d{8,})\.(tmp|stale)-i(\d+)-([0-9a-f]+)$")
+_HASH_OVERLAP_MIN = 1 << 20
 
 
 class CorruptCheckpoint(Exception):
     pass
 
 
+class StaleIncarnation(Exception):
+    """A newer incarnation of this run exists; this one must not commit."""
+
+
+class AlreadyCommitted(Exception):
+    pass
+
+
 def step_dir_name(step: int) -> str:
     return f"step-{step:08d}"
+
+
+def make_token(incarnation: int) -> str:
+    return f"i{incarnation:06d}-{secrets.token_hex(4)}"
+
+
+def token_incarnation(token: str) -> int:
+    m = re.match(r"^i(\d+)-", token)
+    return int(m.group(1)) if m else -1
 
 
 @dataclass(frozen=True)
@@ -58,9 +91,70 @@ class CheckpointInfo:
     def created(self) -> float | None:
         return self.manifest.get("created")
 
+    @property
+    def incarnation(self) -> int:
+        return token_incarnation(self.manifest.get("token", ""))
+
 
 def sha256_bytes(data: bytes | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+class HashingWriter:
+    """A write-only file that computes size and sha256 as data passes through.
+
+    Hashing a large buffer runs on a helper thread while the same buffer is written (both
+    release the GIL), so the checksum costs little extra time on big tensors.
+    """
+
+    _pool: ThreadPoolExecutor | None = None
+    _pool_lock = threading.Lock()
+
+    def __init__(self, raw: Any, name: str, fd: int | None = None) -> None:
+        self._raw = raw
+        self._fd = fd
+        self.name = name
+        self._hash = hashlib.sha256()
+        self.size = 0
+
+    @classmethod
+    def _hasher(cls) -> ThreadPoolExecutor:
+        with cls._pool_lock:
+            if cls._pool is None:
+                cls._pool = ThreadPoolExecutor(1, thread_name_prefix="orch-hash")
+            return cls._pool
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        n = len(view)
+        if n >= _HASH_OVERLAP_MIN:
+            pending = self._hasher().submit(self._hash.update, view)
+            self._write_all(view)
+            pending.result()
+        else:
+            self._hash.update(view)
+            self._write_all(view)
+        self.size += n
+        return n
+
+    def _write_all(self, view: memoryview) -> None:
+        fault_point("ckpt.write")
+        if self._fd is not None:
+            while view:
+                written = os.write(self._fd, view)
+                view = view[written:]
+        else:
+            self._raw.write(view)
+
+    def flush(self) -> None:
+        if self._fd is None:
+            self._raw.flush()
+
+    def writable(self) -> bool:
+        return True
+
+    def entry(self) -> FileEntry:
+        return FileEntry(name=self.name, size=self.size, sha256=self._hash.hexdigest())
 
 
 class CheckpointStore:
@@ -68,75 +162,133 @@ class CheckpointStore:
 
     def __init__(self, url: str) -> None:
         import fsspec  # lazy
+        from fsspec.implementations.local import LocalFileSystem
 
         self.url = url.rstrip("/")
         self.fs, self.path = fsspec.core.url_to_fs(self.url)
-        from fsspec.implementations.local import LocalFileSystem
-
-        self.local = isinstance(self.fs, LocalFileSystem)
+        self.renames = isinstance(self.fs, LocalFileSystem)
 
     # ------------------------------------------------------------------ writing
 
     def tmp_dir(self, step: int, token: str) -> str:
         path = f"{self.path}/{step_dir_name(step)}.tmp-{token}"
-        if self.local:
+        if self.renames:
             os.makedirs(path, mode=0o700, exist_ok=True)
+            fault_point("ckpt.tmp_created")
         return path
 
-    def write_file(self, directory: str, name: str, data: bytes | memoryview) -> FileEntry:
-        """Write one file durably (fsync on local filesystems) and describe it for the manifest."""
+    def write_stream(self, directory: str, name: str, produce: Any) -> FileEntry:
+        """Create `name` in `directory`, let `produce(fileobj)` fill it, make it durable."""
         target = f"{directory}/{name}"
-        if self.local:
+        if self.renames:
             fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
-                view = memoryview(data)
-                while view:
-                    written = os.write(fd, view)
-                    view = view[written:]
+                writer = HashingWriter(None, name, fd=fd)
+                produce(writer)
+                fault_point("ckpt.before_fsync")
                 os.fsync(fd)
             finally:
                 os.close(fd)
         else:
-            self.fs.pipe_file(target, bytes(data))
-        return FileEntry(name=name, size=len(data), sha256=sha256_bytes(data))
+            with self.fs.open(target, "wb") as raw:
+                writer = HashingWriter(raw, name)
+                produce(writer)
+        fault_point("ckpt.file_written")
+        return writer.entry()
 
-    def commit(self, tmp: str, step: int, entries: Iterable[FileEntry], meta: dict[str, Any]) -> str:
-        """Write the manifest and make the checkpoint visible in one atomic step."""
+    def write_file(self, directory: str, name: str, data: bytes | memoryview) -> FileEntry:
+        return self.write_stream(directory, name, lambda fh: fh.write(data))
+
+    def commit(self, tmp: str, step: int, token: str, entries: Iterable[FileEntry], meta: dict[str, Any]) -> str:
+        """Write the manifest, check the fence, and make the checkpoint visible atomically."""
         manifest = {
             "format": 1,
             "step": step,
             "created": time.time(),
+            "token": token,
             **meta,
             "files": {e.name: {"size": e.size, "sha256": e.sha256} for e in sorted(entries, key=lambda e: e.name)},
         }
         body = json.dumps(manifest, indent=1, sort_keys=True).encode()
+        self.write_file(tmp, MANIFEST, body)
+        fault_point("ckpt.manifest_written")
+        self.check_fence(token_incarnation(token))
         final = f"{self.path}/{step_dir_name(step)}"
-        if self.local:
-            self.write_file(tmp, MANIFEST, body)
+        if self.renames:
             self.write_file(tmp, COMMITTED, b"")
             _fsync_dir(tmp)
-            if os.path.exists(final):
-                raise FileExistsError(f"checkpoint {step_dir_name(step)} already committed")
-            os.rename(tmp, final)  # the commit point
+            fault_point("ckpt.before_commit")
+            self._rename_into_place(tmp, final, step, token)
+            fault_point("ckpt.after_commit")
             _fsync_dir(self.path)
         else:
-            # Object stores cannot rename a prefix atomically: copy into place, then the
-            # create-only COMMITTED marker is the commit point.
-            for name in [*manifest["files"], MANIFEST]:
-                if name == MANIFEST:
-                    self.fs.pipe_file(f"{final}/{MANIFEST}", body)
-                else:
-                    self.fs.copy(f"{tmp}/{name}", f"{final}/{name}")
-            self._create_only(f"{final}/{COMMITTED}")
-            self.fs.rm(tmp, recursive=True)
+            marker = json.dumps({"dir": tmp.rsplit("/", 1)[-1], "token": token}).encode()
+            fault_point("ckpt.before_commit")
+            try:
+                self.fs.pipe_file(f"{final}/{COMMITTED}", marker, mode="create")
+            except FileExistsError:
+                self._displace_marker(final, step, token, marker)
+            fault_point("ckpt.after_commit")
         return final
 
-    def _create_only(self, path: str) -> None:
-        if self.fs.exists(path):
-            raise FileExistsError(f"{path} already committed")
-        self.fs.pipe_file(path, b"")
+    def _rename_into_place(self, tmp: str, final: str, step: int, token: str) -> None:
+        try:
+            os.rename(tmp, final)
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+        # The step is already committed. Only an older incarnation's commit may be displaced:
+        # it slipped in before our registration made it stale.
+        existing = self._existing_incarnation(step)
+        if existing >= token_incarnation(token):
+            raise AlreadyCommitted(f"{step_dir_name(step)} is already committed by incarnation {existing}")
+        os.rename(final, f"{self.path}/{step_dir_name(step)}.stale-{make_token(existing)}")
+        os.rename(tmp, final)
+
+    def _displace_marker(self, final: str, step: int, token: str, marker: bytes) -> None:
+        existing = self._existing_incarnation(step)
+        if existing >= token_incarnation(token):
+            raise AlreadyCommitted(f"{step_dir_name(step)} is already committed by incarnation {existing}")
+        self.fs.pipe_file(f"{final}/{COMMITTED}", marker)
+
+    def _existing_incarnation(self, step: int) -> int:
+        try:
+            return token_incarnation(self.read_manifest(step).get("token", ""))
+        except CorruptCheckpoint:
+            return -1
+
+    # ------------------------------------------------------------------ fencing
+
+    def register_incarnation(self, incarnation: int) -> None:
+        """Announce that `incarnation` is alive; older ones become stale from now on."""
+        path = f"{self.path}/{INCARNATIONS}/{incarnation:010d}"
+        if self.renames:
+            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        try:
+            self.fs.pipe_file(path, str(time.time()).encode(), mode="create")
+        except FileExistsError:
+            pass
+
+    def newest_incarnation(self) -> int:
+        try:
+            names = [p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(f"{self.path}/{INCARNATIONS}", detail=False)]
+        except FileNotFoundError:
+            return -1
+        return max((int(n) for n in names if n.isdigit()), default=-1)
+
+    def check_fence(self, incarnation: int) -> None:
+        newest = self.newest_incarnation()
+        if newest > incarnation:
+            raise StaleIncarnation(f"incarnation {incarnation} is stale: incarnation {newest} of this run has started; not committing")
 
     # ------------------------------------------------------------------ reading
+
+    def _names(self) -> list[str]:
+        try:
+            return [p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.path, detail=False)]
+        except FileNotFoundError:
+            return []
 
     def committed_steps(self) -> list[int]:
         """Steps with a commit marker, newest first (not yet verified)."""
@@ -147,21 +299,32 @@ class CheckpointStore:
                 steps.append(int(m.group(1)))
         return sorted(steps, reverse=True)
 
-    def _names(self) -> list[str]:
+    def data_dir(self, step: int) -> str:
+        """Where a committed checkpoint's files are."""
+        final = f"{self.path}/{step_dir_name(step)}"
+        if self.renames:
+            return final
         try:
-            return [p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.path, detail=False)]
-        except FileNotFoundError:
-            return []
+            marker = json.loads(self.fs.cat_file(f"{final}/{COMMITTED}"))
+            name = marker["dir"]
+        except (FileNotFoundError, ValueError, KeyError, TypeError):
+            raise CorruptCheckpoint(f"{step_dir_name(step)}: commit marker unreadable") from None
+        if not re.match(r"^step-\d{8,}\.tmp-[A-Za-z0-9-]+$", str(name)):
+            raise CorruptCheckpoint(f"{step_dir_name(step)}: commit marker names {name!r}")
+        return f"{self.path}/{name}"
 
     def read_manifest(self, step: int) -> dict[str, Any]:
         try:
-            return json.loads(self.fs.cat_file(f"{self.path}/{step_dir_name(step)}/{MANIFEST}"))
-        except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+            manifest = json.loads(self.fs.cat_file(f"{self.data_dir(step)}/{MANIFEST}"))
+        except (FileNotFoundError, ValueError, UnicodeDecodeError) as exc:
             raise CorruptCheckpoint(f"{step_dir_name(step)}: manifest unreadable ({exc.__class__.__name__})") from None
+        if not isinstance(manifest, dict) or manifest.get("step") != step or not isinstance(manifest.get("files"), dict):
+            raise CorruptCheckpoint(f"{step_dir_name(step)}: manifest does not describe this step")
+        return manifest
 
     def read_file(self, step: int, name: str, expect: dict[str, Any] | None = None) -> bytes:
         """Read one file; with `expect` (its manifest entry) check size and checksum."""
-        path = f"{self.path}/{step_dir_name(step)}/{name}"
+        path = f"{self.data_dir(step)}/{name}"
         try:
             data = self.fs.cat_file(path)
         except FileNotFoundError:
@@ -176,7 +339,7 @@ class CheckpointStore:
     def verify(self, step: int) -> CheckpointInfo:
         """Check every file of a committed checkpoint against its manifest."""
         manifest = self.read_manifest(step)
-        for name, entry in manifest.get("files", {}).items():
+        for name, entry in manifest["files"].items():
             self.read_file(step, name, entry)
         return CheckpointInfo(step=step, url=f"{self.url}/{step_dir_name(step)}", manifest=manifest)
 
@@ -186,17 +349,57 @@ class CheckpointStore:
 
     # ------------------------------------------------------------------ retention
 
-    def prune(self, keep: int, protect: Iterable[str] = ()) -> list[str]:
-        """Delete committed checkpoints beyond the newest `keep`; never touch `protect`."""
+    def prune(self, keep: int, incarnation: int, protect: Iterable[int] = ()) -> list[str]:
+        """Keep the newest `keep` committed checkpoints; delete older ones and leftovers of
+        incarnations older than `incarnation`. Never touches `protect` or live writers' files."""
         protected = set(protect)
         removed = []
-        for step in self.committed_steps()[keep:]:
-            name = step_dir_name(step)
-            if name in protected:
+        steps = self.committed_steps()
+        live_dirs = set()
+        if not self.renames:
+            for step in steps:
+                try:
+                    live_dirs.add(self.data_dir(step).rsplit("/", 1)[-1])
+                except CorruptCheckpoint:
+                    pass
+        for step in steps[keep:]:
+            if step in protected:
                 continue
-            self.fs.rm(f"{self.path}/{name}", recursive=True)
+            name = step_dir_name(step)
+            # Un-commit first, atomically, so a crash halfway through a delete never leaves a
+            # committed checkpoint with files missing.
+            if self.renames:
+                doomed = f"{self.path}/{name}.stale-{make_token(incarnation)}"
+                os.rename(f"{self.path}/{name}", doomed)
+                self.fs.rm(doomed, recursive=True)
+            else:
+                data = self._data_name_or_none(step)
+                self.fs.rm(f"{self.path}/{name}/{COMMITTED}")
+                self._rm_quietly(f"{self.path}/{name}")  # object stores: gone with its last key
+                if data:
+                    self._rm_quietly(f"{self.path}/{data}")
+                    live_dirs.discard(data)
             removed.append(name)
+        for name in self._names():
+            m = _TMP_DIR.match(name)
+            if not m or name in live_dirs:
+                continue
+            if m.group(2) == "stale" or int(m.group(3)) < incarnation:
+                self.fs.rm(f"{self.path}/{name}", recursive=True)
+                removed.append(name)
         return removed
+
+    def _rm_quietly(self, path: str) -> None:
+        try:
+            self.fs.rm(path, recursive=True)
+        except FileNotFoundError:
+            pass
+
+    def _data_name_or_none(self, step: int) -> str | None:
+        try:
+            return self.data_dir(step).rsplit("/", 1)[-1]
+        except CorruptCheckpoint:
+            return None
 
 
 def _fsync_dir(path: str) -> None:

@@ -242,7 +242,7 @@ class Supervisor:
             logs = self.run.logs_dir(attempt)
             log_paths = [os.path.join(logs, f"rank-{s.rank}.log") for s in plan.ranks]
             error_files = [os.path.join(logs, f"rank-{s.rank}.error.json") for s in plan.ranks]
-            extra = [{"ORCH_ERROR_FILE": e, "TORCHELASTIC_ERROR_FILE": e} for e in error_files]
+            extra = [{"ORCH_ERROR_FILE": e, "TORCHELASTIC_ERROR_FILE": e, "ORCH_INCARNATION": str(attempt)} for e in error_files]
             for s, path in zip(plan.ranks, log_paths):
                 self._stream.follow(s.rank, path)
             group = self.launcher.start_attempt(plan.ranks, log_paths, extra)

@@ -1,41 +1,49 @@
-"""Collective checkpoints of training state to the run directory, and resume from them.
+"""Collective checkpoints of training state to the run directory, and exact resume from them.
 
     ckpt = Checkpointer(ctx, model=model, optimizer=opt, scheduler=sched, scaler=scaler, sampler=sampler)
     progress = ckpt.restore()            # None on a fresh start
     ...
     if ckpt.should_save(step):
         ckpt.save(step, epoch=epoch)     # every rank calls it at the same step
-    ckpt.close()
+    ckpt.close()                         # waits for a background save
 
 Rank 0 writes `state.pt` (model, optimizer, scheduler, scaler, progress, user extras); every
-rank writes `rank-RRRRR.pt` (its RNG states and sampler position). The layout and the atomic
-commit are in `orchestrator.ckpt_store`; loading uses `torch.load(weights_only=True)`.
+rank writes `rank-RRRRR.pt` (its RNG states and sampler position). Layout, atomic commit and
+fencing are in `orchestrator.ckpt_store`. All checkpoint collectives run on a process group of
+their own, so a background (async) save never interleaves with the training's collectives.
+Loading uses `torch.load(weights_only=True)`.
 """
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import io
 import os
 import random
-import secrets
 import sys
+import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..ckpt_store import CheckpointStore, CorruptCheckpoint, FileEntry, step_dir_name
+from ..ckpt_store import AlreadyCommitted, CheckpointStore, CorruptCheckpoint, FileEntry, StaleIncarnation, make_token, step_dir_name
 from .dist import DistContext
 
 STATE_FILE = "state.pt"
 
 
 class CheckpointError(RuntimeError):
-    pass
+    """A checkpoint could not be saved or loaded; the message is one line."""
+
+
+class StaleIncarnationError(CheckpointError):
+    """A newer incarnation of this run exists: this process must stop."""
 
 
 def rank_file(rank: int) -> str:
@@ -50,11 +58,11 @@ class Progress:
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The module under DDP/FSDP-style wrappers, so keys do not depend on the wrapper."""
+    """The module under DDP-style wrappers, so keys do not depend on the wrapper."""
     return getattr(model, "module", model)
 
 
-def state_digest(state: dict[str, torch.Tensor]) -> str:
+def state_digest(state: dict[str, Any]) -> str:
     """sha256 over (name, dtype, shape, bytes) of every tensor, in name order."""
     h = hashlib.sha256()
     for name in sorted(state):
@@ -65,7 +73,8 @@ def state_digest(state: dict[str, torch.Tensor]) -> str:
         h.update(name.encode())
         h.update(str(t.dtype).encode())
         h.update(str(tuple(t.shape)).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
     return h.hexdigest()
 
 
@@ -92,23 +101,42 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _to_bytes(obj: Any) -> bytes:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return buf.getvalue()
-
-
 def _from_bytes(data: bytes, what: str) -> Any:
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises UnpicklingError and friends
-        raise CheckpointError(
-            f"{what}: refused to load (weights_only=True allows tensors and plain containers only): {str(exc).splitlines()[0]}"
-        ) from None
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{what}: refused to load: it holds more than tensors and plain containers (weights_only=True): {first}") from None
 
 
 def _warn(text: str) -> None:
     print(f"[orch.checkpoint] {text}", file=sys.stderr, flush=True)
+
+
+class _Snapshot:
+    """Copies of state tensors in reusable CPU buffers (an async save's only blocking work).
+
+    Copying into buffers that already exist costs about a tenth of allocating fresh ones
+    (page faults; see NOTES.md), so buffers are kept between saves.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def take(self, obj: Any, key: str = "") -> Any:
+        if isinstance(obj, torch.Tensor):
+            src = obj.detach()
+            buf = self._buffers.get(key)
+            if buf is None or buf.shape != src.shape or buf.dtype != src.dtype or buf.stride() != src.stride():
+                buf = torch.empty_strided(src.shape, src.stride(), dtype=src.dtype, device="cpu", pin_memory=src.is_cuda)
+                self._buffers[key] = buf
+            buf.copy_(src, non_blocking=src.is_cuda)
+            return buf
+        if isinstance(obj, dict):
+            return {k: self.take(v, f"{key}/{k}") for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return type(obj)(self.take(v, f"{key}/{i}") for i, v in enumerate(obj))
+        return obj
 
 
 class Checkpointer:
@@ -124,6 +152,8 @@ class Checkpointer:
         url: str | None = None,
         interval: int | None = None,
         keep: int | None = None,
+        async_save: bool | None = None,
+        incarnation: int | None = None,
     ) -> None:
         self.ctx = ctx
         self.model = model
@@ -137,8 +167,31 @@ class Checkpointer:
         self.store = CheckpointStore(base)
         self.interval = interval or int(os.environ.get("ORCH_CKPT_INTERVAL", "50"))
         self.keep = max(2, keep or int(os.environ.get("ORCH_CKPT_KEEP", "2")))
+        self.async_save = async_save if async_save is not None else os.environ.get("ORCH_CKPT_ASYNC") == "1"
+        self.incarnation = incarnation if incarnation is not None else int(os.environ.get("ORCH_INCARNATION", ctx.attempt))
+        # A group of our own (collective call on every rank): background saves talk on it
+        # while training talks on the default group.
+        self._group = dist.new_group(backend="gloo") if dist.is_initialized() else None
+        self._snapshot = _Snapshot()
+        self._pending: Future | None = None
         self.last_saved_step: int | None = None
-        self.last_save_s: float | None = None
+        self.last_save_s: float | None = None  # write + commit time of the last save
+        self.last_block_s: float | None = None  # how long the last save blocked training
+        if ctx.is_main:
+            self.store.register_incarnation(self.incarnation)
+        atexit.register(self._wait_quietly)
+
+    # ------------------------------------------------------------------ collectives
+
+    def _broadcast(self, value: Any) -> Any:
+        box = [value]
+        dist.broadcast_object_list(box, src=0, group=self._group)
+        return box[0]
+
+    def _all_gather(self, value: Any) -> list[Any]:
+        out: list[Any] = [None] * self.ctx.world_size
+        dist.all_gather_object(out, value, group=self._group)
+        return out
 
     # ------------------------------------------------------------------ save
 
@@ -160,56 +213,93 @@ class Checkpointer:
     def _rank_state(self) -> dict[str, Any]:
         state: dict[str, Any] = {"rng": rng_state(), "world_size": self.ctx.world_size}
         if self.sampler is not None:
-            state["sampler"] = self.sampler.state_dict()
+            state["sampler"] = dict(self.sampler.state_dict())
         return state
 
     def save(self, step: int, *, epoch: int = 0, extra: dict[str, Any] | None = None) -> None:
-        """Collective: every rank calls it with the same step. Returns once committed."""
+        """Collective: every rank calls it with the same step.
+
+        Synchronous saves return once the checkpoint is committed. Async saves return once the
+        state is copied; the write and commit run in the background, and the next save (or
+        close) waits for them and raises their error, if any.
+        """
+        blocked_from = time.monotonic()
+        self.wait()
+        token = make_token(self.incarnation)
+        agreed_step, token = self._broadcast((step, token))
+        if agreed_step != step:
+            raise CheckpointError(f"rank {self.ctx.rank} saves step {step} but rank 0 saves step {agreed_step}")
+        app = self._app_state(step, epoch, extra) if self.ctx.is_main else None
+        mine = self._rank_state()
+        if self.async_save:
+            app = self._snapshot.take(app) if app is not None else None
+            mine = self._snapshot.take(mine, "rank")
+            if torch.cuda.is_available() and torch.cuda.is_initialized():
+                torch.cuda.synchronize()  # the non_blocking device->host copies are done
+            future: Future = Future()
+            thread = threading.Thread(target=self._run_into, args=(future, self._write_and_commit, step, epoch, token, app, mine), name="orch-ckpt-save", daemon=True)
+            thread.start()
+            self._pending = future
+            self.last_block_s = time.monotonic() - blocked_from
+            self.last_saved_step = step
+            return
+        self._write_and_commit(step, epoch, token, app, mine)
+        self.last_block_s = time.monotonic() - blocked_from
+        self.last_saved_step = step
+
+    @staticmethod
+    def _run_into(future: Future, fn: Callable[..., Any], *args: Any) -> None:
+        try:
+            future.set_result(fn(*args))
+        except BaseException as exc:  # noqa: BLE001 - delivered to the training thread
+            future.set_exception(exc)
+
+    def _write_and_commit(self, step: int, epoch: int, token: str, app: dict[str, Any] | None, mine: dict[str, Any]) -> None:
         started = time.monotonic()
-        token = f"a{self.ctx.attempt}-{secrets.token_hex(4)}"
-        agreed: list[Any] = [(step, token)]
-        dist.broadcast_object_list(agreed, src=0)
-        if agreed[0][0] != step:
-            raise CheckpointError(f"rank {self.ctx.rank} saves step {step} but rank 0 saves step {agreed[0][0]}")
-        token = agreed[0][1]
-        outcome: tuple[list[FileEntry], str | None]
         tmp = ""
+        entries: list[FileEntry] = []
+        error: str | None = None
+        digest = None
         try:
             tmp = self.store.tmp_dir(step, token)
-            entries = [self.store.write_file(tmp, rank_file(self.ctx.rank), _to_bytes(self._rank_state()))]
-            digest = None
-            if self.ctx.is_main:
-                app = self._app_state(step, epoch, extra)
+            entries.append(self.store.write_stream(tmp, rank_file(self.ctx.rank), lambda fh: torch.save(mine, fh)))
+            if app is not None:
                 digest = state_digest(app["model"])
-                entries.append(self.store.write_file(tmp, STATE_FILE, _to_bytes(app)))
-            outcome = (entries, None)
+                entries.append(self.store.write_stream(tmp, STATE_FILE, lambda fh: torch.save(app, fh)))
         except OSError as exc:
-            outcome = ([], f"rank {self.ctx.rank}: {exc.strerror or exc}")
-        gathered: list[Any] = [None] * self.ctx.world_size
-        dist.all_gather_object(gathered, outcome)
+            error = f"rank {self.ctx.rank}: {exc.strerror or exc}"
+        gathered = self._all_gather((entries, error))
         errors = [err for _, err in gathered if err]
-        result: list[Any] = [None]
+        result: tuple[str, str] | None = None
         if self.ctx.is_main:
             if errors:
-                result[0] = f"checkpoint {step_dir_name(step)} not saved: {errors[0]}"
-                self._discard(tmp)
+                result = ("error", f"checkpoint {step_dir_name(step)} not saved: {errors[0]}")
             else:
                 try:
-                    all_entries = [e for ents, _ in gathered for e in ents]
                     self.store.commit(
                         tmp,
                         step,
-                        all_entries,
-                        {"epoch": epoch, "world_size": self.ctx.world_size, "model_digest": digest, "incarnation": token},
+                        token,
+                        [e for ents, _ in gathered for e in ents],
+                        {"epoch": epoch, "world_size": self.ctx.world_size, "model_digest": digest, "incarnation": self.incarnation},
                     )
-                    self.store.prune(self.keep, protect=[step_dir_name(step)])
+                except StaleIncarnation as exc:
+                    result = ("stale", str(exc))
+                except AlreadyCommitted as exc:
+                    result = ("stale", f"checkpoint {step_dir_name(step)} not committed: {exc}")
                 except OSError as exc:
-                    result[0] = f"checkpoint {step_dir_name(step)} not committed: {exc.strerror or exc}"
-                    self._discard(tmp)
-        dist.broadcast_object_list(result, src=0)
-        if result[0]:
-            raise CheckpointError(result[0])
-        self.last_saved_step = step
+                    result = ("error", f"checkpoint {step_dir_name(step)} not committed: {exc.strerror or exc}")
+            if result is not None:
+                self._discard(tmp)
+            else:
+                try:
+                    self.store.prune(self.keep, self.incarnation, protect=[step])
+                except OSError as exc:  # retention is housekeeping: never fail a committed save
+                    _warn(f"could not delete old checkpoints: {exc}")
+        result = self._broadcast(result)
+        if result is not None:
+            kind, message = result
+            raise (StaleIncarnationError if kind == "stale" else CheckpointError)(message)
         self.last_save_s = time.monotonic() - started
 
     def _discard(self, tmp: str) -> None:
@@ -220,11 +310,27 @@ class Checkpointer:
         except (OSError, FileNotFoundError):
             pass
 
+    def wait(self) -> None:
+        """Wait for a background save; raise its error."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def _wait_quietly(self) -> None:
+        try:
+            self.wait()
+        except Exception as exc:  # noqa: BLE001 - at exit, report and move on
+            _warn(str(exc))
+
+    def close(self) -> None:
+        """Wait for a background save to commit; raise its error."""
+        self.wait()
+
     # ------------------------------------------------------------------ restore
 
     def _pick_step(self) -> int | None:
         """Rank 0 picks the newest checkpoint that verifies; every rank gets its choice."""
-        choice: list[Any] = [None]
+        choice = None
         if self.ctx.is_main:
             for step in self.store.committed_steps():
                 try:
@@ -232,27 +338,31 @@ class Checkpointer:
                 except CorruptCheckpoint as exc:
                     _warn(f"skipping corrupt checkpoint: {exc}")
                     continue
-                choice[0] = step
+                choice = step
                 break
-        dist.broadcast_object_list(choice, src=0)
-        return choice[0]
+        return self._broadcast(choice)
 
     def restore(self) -> Progress | None:
-        """Load the newest committed checkpoint into the registered objects (collective)."""
+        """Load the newest committed checkpoint that verifies into the registered objects."""
+        self.wait()
         step = self._pick_step()
         if step is None:
             return None
         manifest = self.store.read_manifest(step)
         files = manifest["files"]
-        app = _from_bytes(self.store.read_file(step, STATE_FILE, files[STATE_FILE]), f"{step_dir_name(step)}/{STATE_FILE}")
+        where = step_dir_name(step)
+        try:
+            app = _from_bytes(self.store.read_file(step, STATE_FILE, files[STATE_FILE]), f"{where}/{STATE_FILE}")
+            same_world = int(manifest.get("world_size", -1)) == self.ctx.world_size
+            own = rank_file(self.ctx.rank) if same_world else rank_file(0)
+            rank_state = _from_bytes(self.store.read_file(step, own, files[own]), f"{where}/{own}")
+        except (CorruptCheckpoint, KeyError) as exc:
+            raise CheckpointError(f"{where} changed while loading: {exc}") from None
         unwrap(self.model).load_state_dict(app["model"])
         for name in ("optimizer", "scheduler", "scaler"):
             obj = getattr(self, name)
             if obj is not None and name in app:
                 obj.load_state_dict(app[name])
-        same_world = int(manifest.get("world_size", -1)) == self.ctx.world_size
-        own = rank_file(self.ctx.rank) if same_world else rank_file(0)
-        rank_state = _from_bytes(self.store.read_file(step, own, files[own]), f"{step_dir_name(step)}/{own}")
         if same_world:
             set_rng_state(rank_state["rng"])
         if self.sampler is not None and "sampler" in rank_state:
@@ -261,6 +371,3 @@ class Checkpointer:
         progress = app["progress"]
         self.last_saved_step = int(progress["step"])
         return Progress(step=int(progress["step"]), epoch=int(progress["epoch"]), extra=dict(app.get("extra", {})))
-
-    def close(self) -> None:
-        """Wait for pending work (a no-op for synchronous saves)."""

@@ -1,0 +1,39 @@
+"""Named failure points for fault-injection tests (a failpoint, as in databases).
+
+`ORCH_FAULT=<point>[@N][:<action>]` makes the N-th (default 1st) pass through `<point>` in this
+process crash (`exit`, the default: os._exit(86), like a kill at that instant) or raise
+(`enospc`, `eio`). Unset, a point costs one dict lookup.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+
+_counts: dict[str, int] = {}
+CRASH_EXIT_CODE = 86
+
+
+def _parse(spec: str) -> tuple[str, int, str]:
+    point, _, action = spec.partition(":")
+    point, _, nth = point.partition("@")
+    return point, int(nth or 1), action or "exit"
+
+
+def fault_point(name: str) -> None:
+    spec = os.environ.get("ORCH_FAULT")
+    if not spec:
+        return
+    point, nth, action = _parse(spec)
+    if point != name:
+        return
+    _counts[name] = _counts.get(name, 0) + 1
+    if _counts[name] != nth:
+        return
+    if action == "exit":
+        os._exit(CRASH_EXIT_CODE)
+    if action == "enospc":
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    if action == "eio":
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+    raise ValueError(f"ORCH_FAULT: unknown action {action!r}")
