@@ -116,6 +116,8 @@ class HashingWriter:
         self.name = name
         self._hash = hashlib.sha256()
         self.size = 0
+        # The first I/O error: serializers (torch.save) may wrap or mask it on their way out.
+        self.error: OSError | None = None
 
     @classmethod
     def _hasher(cls) -> ThreadPoolExecutor:
@@ -125,6 +127,15 @@ class HashingWriter:
             return cls._pool
 
     def write(self, data: Any) -> int:
+        if self.error is not None:
+            raise self.error
+        try:
+            return self._write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def _write(self, data: Any) -> int:
         view = memoryview(data).cast("B")
         n = len(view)
         if n >= _HASH_OVERLAP_MIN:
@@ -184,7 +195,7 @@ class CheckpointStore:
             fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
                 writer = HashingWriter(None, name, fd=fd)
-                produce(writer)
+                _produce(writer, produce)
                 fault_point("ckpt.before_fsync")
                 os.fsync(fd)
             finally:
@@ -192,7 +203,7 @@ class CheckpointStore:
         else:
             with self.fs.open(target, "wb") as raw:
                 writer = HashingWriter(raw, name)
-                produce(writer)
+                _produce(writer, produce)
         fault_point("ckpt.file_written")
         return writer.entry()
 
@@ -400,6 +411,15 @@ class CheckpointStore:
             return self.data_dir(step).rsplit("/", 1)[-1]
         except CorruptCheckpoint:
             return None
+
+
+def _produce(writer: HashingWriter, produce: Any) -> None:
+    try:
+        produce(writer)
+    except Exception:
+        if writer.error is not None:
+            raise writer.error from None
+        raise
 
 
 def _fsync_dir(path: str) -> None:

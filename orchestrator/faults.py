@@ -1,14 +1,15 @@
 """Named failure points for fault-injection tests (a failpoint, as in databases).
 
 `ORCH_FAULT=<point>[@N][:<action>]` makes the N-th (default 1st) pass through `<point>` in this
-process crash (`exit`, the default: os._exit(86), like a kill at that instant) or raise
-(`enospc`, `eio`). Unset, a point costs one dict lookup.
+process crash (`exit`, the default: os._exit(86), like a kill at that instant), raise
+(`enospc`, `eio`) or stall (`sleep=SECONDS`, a slow disk). Unset, a point costs one dict lookup.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import time
 
 _counts: dict[str, int] = {}
 CRASH_EXIT_CODE = 86
@@ -36,4 +37,7 @@ def fault_point(name: str) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     if action == "eio":
         raise OSError(errno.EIO, os.strerror(errno.EIO))
+    if action.startswith("sleep="):
+        time.sleep(float(action.split("=", 1)[1]))
+        return
     raise ValueError(f"ORCH_FAULT: unknown action {action!r}")

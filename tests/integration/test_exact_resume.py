@@ -1,0 +1,78 @@
+"""Exact resume under real faults: ranks SIGKILLed at seeded random steps, runs on S3."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from ..conftest import JOBS, S3_BUCKET, orch_cmd, read_events, run_orch, wait_for, write_config
+
+pytestmark = pytest.mark.integration
+
+STEPS = 90
+ARGS = ["--steps", str(STEPS), "--log-every", "1", "--step-sleep", "0.04", "--dataset-size", "1024"]
+
+
+def final_digest(run_ref: str, config: Path) -> tuple[int, str]:
+    status = run_orch("status", run_ref, "--config", str(config), "--json")
+    assert status.returncode == 0, status.stderr
+    st = json.loads(status.stdout)
+    return st["newest_checkpoint"], st["newest_checkpoint_digest"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> tuple[int, str]:
+    tmp = tmp_path_factory.mktemp("reference")
+    cfg = write_config(tmp, JOBS / "train_ddp.py", args=ARGS, storage={"checkpoint_interval": 10})
+    proc = run_orch("run", str(cfg), "--run-id", "ref", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    return final_digest("ref", cfg)
+
+
+def _attempt_log(run_dir: Path, attempt: int) -> str:
+    path = run_dir / "logs" / f"attempt-{attempt}" / "rank-0.log"
+    return path.read_text() if path.exists() else ""
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_three_random_kills_end_in_the_uninterrupted_weights(tmp_path, reference, seed):
+    rng = random.Random(seed)
+    kill_steps = sorted(rng.sample(range(5, STEPS - 5), 3))
+    cfg = write_config(tmp_path, JOBS / "train_ddp.py", args=ARGS, storage={"checkpoint_interval": 10}, restart={"max_restarts": 3, "backoff_s": 0.1})
+    run_dir = tmp_path / "runs" / "faulty"
+    proc = subprocess.Popen(orch_cmd("run", str(cfg), "--run-id", "faulty", "--quiet"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for attempt, step in enumerate(kill_steps):
+            # Kill once this attempt has trained past `step` (a resumed attempt starts at its checkpoint).
+            wait_for(lambda: any(line.startswith(f"step {s}/") for s in range(step, STEPS + 1) for line in _attempt_log(run_dir, attempt).splitlines()), 120, f"attempt {attempt} at step {step}")
+            pids = [e["pids"] for e in read_events(run_dir) if e["event"] == "attempt_started" and e["attempt"] == attempt][0]
+            os.kill(rng.choice(pids), signal.SIGKILL)
+            wait_for(lambda: any(e["event"] == "attempt_started" and e["attempt"] == attempt + 1 for e in read_events(run_dir)), 60, f"attempt {attempt + 1}")
+        _, err = proc.communicate(timeout=240)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    ended = [e["status"] for e in read_events(run_dir) if e["event"] == "attempt_ended"]
+    assert ended == ["failed", "failed", "failed", "succeeded"]
+    assert final_digest(str(run_dir), cfg) == reference
+
+
+def test_run_with_its_run_directory_on_s3(tmp_path, s3_server, reference):
+    root = f"s3://{S3_BUCKET}/runs-{os.getpid()}"
+    cfg = write_config(tmp_path, JOBS / "train_ddp.py", args=ARGS, storage={"root": root, "checkpoint_interval": 30})
+    proc = run_orch("run", str(cfg), "--run-id", "ons3", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert final_digest("ons3", cfg) == reference  # same job, same weights, other storage
+    logs = run_orch("logs", "ons3", "--config", str(cfg), "--rank", "0")
+    assert logs.returncode == 0 and f"[rank 0] done: {STEPS} steps" in logs.stdout
+    listing = run_orch("checkpoints", f"{root}/ons3", "--verify", "--json")
+    rows = json.loads(listing.stdout)
+    assert [r["step"] for r in rows] == [90, 60] and all(r["verified"] for r in rows)
+    ls = run_orch("ls", "--config", str(cfg), "--json")
+    assert [r["run_id"] for r in json.loads(ls.stdout)] == ["ons3"]

@@ -1,0 +1,228 @@
+"""The runtime Checkpointer with a real (one-rank, then multi-rank gloo) process group, on
+every storage backend: exact state round trips, refusal of pickled objects, injected I/O errors,
+corruption fallback, fencing, async saves."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from orchestrator import runtime
+from orchestrator.ckpt_store import CheckpointStore, make_token
+from orchestrator.runtime.checkpoint import CheckpointError, StaleIncarnationError
+
+from .conftest import S3_BUCKET
+
+
+@pytest.fixture(scope="module")
+def ctx():
+    context = runtime.init(backend="gloo")
+    yield context
+
+
+def _url(kind, tmp_path):
+    return {"local": str(tmp_path / "ckpt"), "memory": f"memory://ck-{uuid.uuid4().hex}", "s3": f"s3://{S3_BUCKET}/ck-{uuid.uuid4().hex}"}[kind]
+
+
+@pytest.fixture(params=["local", "memory", "s3"])
+def url(request, tmp_path):
+    if request.param == "s3":
+        request.getfixturevalue("s3_server")
+    return _url(request.param, tmp_path)
+
+
+def make_parts(seed=0):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    sampler = runtime.ResumableDistributedSampler(64, rank=0, world_size=1, seed=3)
+    return model, opt, sched, sampler
+
+
+def train(model, opt, sched, sampler, steps):
+    for _ in range(steps):
+        x = torch.randn(4, 8)
+        loss = model(x).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        sampler.advance(4)
+
+
+def test_round_trip_restores_everything_exactly(ctx, url):
+    model, opt, sched, sampler = make_parts()
+    ckpt = runtime.Checkpointer(ctx, model=model, optimizer=opt, scheduler=sched, sampler=sampler, url=url, interval=5)
+    train(model, opt, sched, sampler, 5)
+    ckpt.save(5, epoch=0, extra={"note": "hello", "best": 1.5})
+    train(model, opt, sched, sampler, 3)
+    expected = runtime.state_digest(model.state_dict())
+    # A fresh process's view: new objects, restore, replay the same 3 steps.
+    model2, opt2, sched2, sampler2 = make_parts(seed=99)
+    ckpt2 = runtime.Checkpointer(ctx, model=model2, optimizer=opt2, scheduler=sched2, sampler=sampler2, url=url, interval=5)
+    progress = ckpt2.restore()
+    assert progress == runtime.Progress(step=5, epoch=0, extra={"note": "hello", "best": 1.5})
+    assert sampler2.consumed == 20 and sched2.last_epoch == 5
+    train(model2, opt2, sched2, sampler2, 3)  # uses the restored torch RNG
+    assert runtime.state_digest(model2.state_dict()) == expected
+
+
+def test_pickled_objects_are_refused(ctx, tmp_path):
+    url = str(tmp_path / "ckpt")
+    store = CheckpointStore(url)
+    token = make_token(0)
+    tmp = store.tmp_dir(1, token)
+
+    evil = {"model": {}, "progress": {"step": 1, "epoch": 0}, "payload": pickle.loads(pickle.dumps(Path("/etc/passwd")))}
+    entries = [store.write_stream(tmp, "state.pt", lambda fh: torch.save(evil, fh)),
+               store.write_stream(tmp, "rank-00000.pt", lambda fh: torch.save({"rng": {}}, fh))]
+    store.commit(tmp, 1, token, entries, {"world_size": 1})
+    model, opt, sched, sampler = make_parts()
+    ckpt = runtime.Checkpointer(ctx, model=model, url=url)
+    with pytest.raises(CheckpointError, match=r"step-00000001/state.pt: refused to load.*weights_only=True") as err:
+        ckpt.restore()
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("fault", ["ckpt.write@2:enospc", "ckpt.write@1:eio", "ckpt.before_fsync@2:enospc"])
+def test_io_errors_during_save_leave_the_previous_checkpoint(ctx, tmp_path, monkeypatch, fault):
+    url = str(tmp_path / "ckpt")
+    model, opt, sched, sampler = make_parts()
+    ckpt = runtime.Checkpointer(ctx, model=model, optimizer=opt, sampler=sampler, url=url)
+    ckpt.save(10)
+    monkeypatch.setenv("ORCH_FAULT", fault)
+    from orchestrator import faults
+
+    faults._counts.clear()
+    with pytest.raises(CheckpointError) as err:
+        ckpt.save(20)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("checkpoint step-00000020 not saved: rank 0:")
+    assert ("No space left on device" in message) or ("Input/output error" in message)
+    store = CheckpointStore(url)
+    assert store.committed_steps() == [10]
+    store.verify(10)
+    assert [n for n in os.listdir(url) if n.startswith("step-")] == ["step-00000010"], "leftovers of the failed save"
+
+
+def test_corrupt_newest_falls_back_to_previous(ctx, url, capfd):
+    model, opt, sched, sampler = make_parts()
+    ckpt = runtime.Checkpointer(ctx, model=model, optimizer=opt, url=url, keep=3)
+    ckpt.save(10)
+    good = runtime.state_digest(model.state_dict())
+    train(model, opt, sched, sampler, 2)
+    ckpt.save(20)
+    store = CheckpointStore(url)
+    path = f"{store.data_dir(20)}/state.pt"
+    data = bytearray(store.fs.cat_file(path))
+    data[len(data) // 2] ^= 0x01  # one flipped bit
+    store.fs.pipe_file(path, bytes(data))
+    fresh, *_ = make_parts(seed=5)
+    progress = runtime.Checkpointer(ctx, model=fresh, url=url).restore()
+    assert progress.step == 10
+    assert runtime.state_digest(fresh.state_dict()) == good
+    assert "skipping corrupt checkpoint: step-00000020/state.pt: checksum mismatch" in capfd.readouterr().err
+
+
+def test_stale_incarnation_cannot_commit(ctx, url):
+    model, *_ = make_parts()
+    old = runtime.Checkpointer(ctx, model=model, url=url, incarnation=0)
+    old.save(10)
+    new = runtime.Checkpointer(ctx, model=model, url=url, incarnation=1)
+    with pytest.raises(StaleIncarnationError, match="incarnation 0 is stale"):
+        old.save(20)
+    new.save(20)
+    store = CheckpointStore(url)
+    assert store.committed_steps() == [20, 10]
+    assert store.info(20).incarnation == 1
+
+
+def test_async_save_returns_before_the_commit(ctx, url, monkeypatch):
+    from orchestrator import faults
+
+    model, opt, *_ = make_parts()
+    ckpt = runtime.Checkpointer(ctx, model=model, optimizer=opt, url=url, async_save=True)
+    monkeypatch.setenv("ORCH_FAULT", "ckpt.manifest_written:sleep=1.5")
+    faults._counts.clear()
+    ckpt.save(10)
+    store = CheckpointStore(url)
+    assert store.committed_steps() == [], "save() waited for the commit"
+    before = runtime.state_digest(model.state_dict())
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)  # training goes on; the snapshot must not see it
+    ckpt.close()
+    assert store.committed_steps() == [10]
+    assert store.info(10).model_digest == before
+
+
+def test_crash_during_background_save_keeps_previous(tmp_path):
+    script = f"""
+import os, torch
+from orchestrator import runtime
+ctx = runtime.init(backend="gloo")
+model = torch.nn.Linear(4, 4)
+ckpt = runtime.Checkpointer(ctx, model=model, url={str(tmp_path / 'ckpt')!r}, async_save=True)
+ckpt.save(1)
+ckpt.wait()
+os.environ["ORCH_FAULT"] = "ckpt.before_commit:exit"
+ckpt.save(2)
+ckpt.close()
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 86, proc.stderr
+    store = CheckpointStore(str(tmp_path / "ckpt"))
+    assert store.committed_steps() == [1]
+    store.verify(1)
+
+
+# ---------------------------------------------------------------------------- other world size
+
+def _sampler_rank(rank, world, url, port, steps, out):
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    ctx = runtime.init(backend="gloo")
+    model = torch.nn.Linear(2, 2)
+    sampler = runtime.ResumableDistributedSampler(96, rank=rank, world_size=world, seed=11)
+    ckpt = runtime.Checkpointer(ctx, model=model, sampler=sampler, url=url)
+    progress = ckpt.restore()
+    sampler.set_epoch(progress.epoch if progress else 0)
+    seen = []
+    batch = 4
+    it = iter(sampler)
+    for step in range(steps or 10**9):
+        chunk = [next(it, None) for _ in range(batch)]
+        if None in chunk:
+            break
+        seen.extend(chunk)
+        sampler.advance(batch)
+    if steps:
+        ckpt.save((progress.step if progress else 0) + steps)
+    with open(os.path.join(out, f"seen-{world}-{rank}.txt"), "w") as fh:
+        fh.write(" ".join(map(str, seen)))
+    runtime.shutdown()
+
+
+def _spawn(world, url, steps, out):
+    from orchestrator.ports import lease_port
+
+    with lease_port() as lease:
+        mp.start_processes(_sampler_rank, args=(world, url, lease.port, steps, out), nprocs=world, start_method="spawn", join=True)
+
+
+def test_resume_on_another_world_size_sees_every_sample_once(tmp_path):
+    url = str(tmp_path / "ckpt")
+    _spawn(4, url, 3, str(tmp_path))  # 4 ranks x 3 steps x 4 samples = 48 of 96
+    _spawn(2, url, 0, str(tmp_path))  # 2 ranks finish the epoch
+    seen = []
+    for path in tmp_path.glob("seen-*.txt"):
+        seen += [int(x) for x in path.read_text().split()]
+    assert sorted(seen) == list(range(96))
