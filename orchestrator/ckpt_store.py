@@ -28,7 +28,7 @@ import secrets
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 from .faults import fault_point
@@ -39,6 +39,7 @@ INCARNATIONS = "incarnations"
 _STEP_DIR = re.compile(r"^step-(\d{8,})$")
 _TMP_DIR = re.compile(r"^step-(\d{8,})\.(tmp|stale)-i(\d+)-([0-9a-f]+)$")
 _HASH_OVERLAP_MIN = 1 << 20
+_READ_CHUNK = 32 << 20
 
 
 class CorruptCheckpoint(Exception):
@@ -78,6 +79,7 @@ class CheckpointInfo:
     step: int
     url: str
     manifest: dict[str, Any]
+    data: dict[str, bytearray] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def size(self) -> int:
@@ -282,6 +284,7 @@ class CheckpointStore:
             pass
 
     def newest_incarnation(self) -> int:
+        self.fs.invalidate_cache()
         try:
             names = [p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(f"{self.path}/{INCARNATIONS}", detail=False)]
         except FileNotFoundError:
@@ -296,6 +299,9 @@ class CheckpointStore:
     # ------------------------------------------------------------------ reading
 
     def _names(self) -> list[str]:
+        # Object-store filesystems cache listings per process; a stale listing would hide new
+        # commits and, worse, a newer incarnation's registration (fencing).
+        self.fs.invalidate_cache()
         try:
             return [p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.path, detail=False)]
         except FileNotFoundError:
@@ -333,26 +339,68 @@ class CheckpointStore:
             raise CorruptCheckpoint(f"{step_dir_name(step)}: manifest does not describe this step")
         return manifest
 
-    def read_file(self, step: int, name: str, expect: dict[str, Any] | None = None) -> bytes:
-        """Read one file; with `expect` (its manifest entry) check size and checksum."""
-        path = f"{self.data_dir(step)}/{name}"
-        try:
-            data = self.fs.cat_file(path)
-        except FileNotFoundError:
-            raise CorruptCheckpoint(f"{step_dir_name(step)}/{name}: missing") from None
-        if expect is not None:
-            if len(data) != int(expect["size"]):
-                raise CorruptCheckpoint(f"{step_dir_name(step)}/{name}: size {len(data)} != {expect['size']} (truncated?)")
-            if sha256_bytes(data) != expect["sha256"]:
-                raise CorruptCheckpoint(f"{step_dir_name(step)}/{name}: checksum mismatch")
-        return data
+    def local_path(self, step: int, name: str) -> str | None:
+        """The OS path of a committed file on a local filesystem (None on object stores)."""
+        return f"{self.data_dir(step)}/{name}" if self.renames else None
 
-    def verify(self, step: int) -> CheckpointInfo:
-        """Check every file of a committed checkpoint against its manifest."""
+    def read_file(self, step: int, name: str, expect: dict[str, Any] | None = None, *, keep: bool = True) -> bytearray | None:
+        """Read one file; with `expect` (its manifest entry) check size and checksum.
+
+        Reads in chunks and hashes each chunk on a helper thread while the next one is read,
+        so verification costs about one pass over the data. With keep=False only the check is
+        done, through one small reused buffer (no page faults on a file-sized allocation).
+        """
+        path = f"{self.data_dir(step)}/{name}"
+        where = f"{step_dir_name(step)}/{name}"
+        try:
+            fh = self.fs.open(path, "rb")
+        except FileNotFoundError:
+            raise CorruptCheckpoint(f"{where}: missing") from None
+        with fh:
+            if expect is None:
+                return bytearray(fh.read())
+            size = int(expect["size"])
+            buffers = [bytearray(size)] if keep else [bytearray(min(size, _READ_CHUNK)) for _ in range(2)]
+            digest = hashlib.sha256()
+            pending = None
+            pos = 0
+            chunk_no = 0
+            while pos < size:
+                if keep:
+                    target = memoryview(buffers[0])[pos : pos + _READ_CHUNK]
+                else:
+                    target = memoryview(buffers[chunk_no % 2])[: min(_READ_CHUNK, size - pos)]
+                n = fh.readinto(target)
+                if not n:
+                    break
+                if pending is not None:
+                    pending.result()  # also frees the other buffer for the next read
+                pending = HashingWriter._hasher().submit(digest.update, target[:n])
+                pos += n
+                chunk_no += 1
+            longer = bool(fh.read(1))
+            if pending is not None:
+                pending.result()
+        if pos != size or longer:
+            raise CorruptCheckpoint(f"{where}: size {'>' if longer else pos} != {size} (truncated or overwritten)")
+        if digest.hexdigest() != expect["sha256"]:
+            raise CorruptCheckpoint(f"{where}: checksum mismatch")
+        return buffers[0] if keep else None
+
+    def verify(self, step: int, keep: Iterable[str] = ()) -> CheckpointInfo:
+        """Check every file of a committed checkpoint against its manifest.
+
+        The verified bytes of the files named in `keep` are returned in `info.data`, so a loader
+        does not read them twice.
+        """
         manifest = self.read_manifest(step)
+        wanted = set(keep)
+        data = {}
         for name, entry in manifest["files"].items():
-            self.read_file(step, name, entry)
-        return CheckpointInfo(step=step, url=f"{self.url}/{step_dir_name(step)}", manifest=manifest)
+            content = self.read_file(step, name, entry, keep=name in wanted)
+            if content is not None:
+                data[name] = content
+        return CheckpointInfo(step=step, url=f"{self.url}/{step_dir_name(step)}", manifest=manifest, data=data)
 
     def info(self, step: int) -> CheckpointInfo:
         """Manifest only, no checksum pass (cheap, for listings)."""

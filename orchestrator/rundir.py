@@ -125,6 +125,7 @@ class RunDir:
                 return
         else:
             fs, path = _url_to_fs(self.url)
+            fs.invalidate_cache()  # a cached listing would hide new events
             try:
                 names = sorted(fs.ls(f"{path}/events", detail=False))
             except FileNotFoundError:

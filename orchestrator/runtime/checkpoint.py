@@ -101,9 +101,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _from_bytes(data: bytes, what: str) -> Any:
+def _load(loader: Callable[[], Any], what: str) -> Any:
     try:
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        return loader()
     except Exception as exc:  # noqa: BLE001 - torch raises UnpicklingError and friends
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{what}: refused to load: it holds more than tensors and plain containers (weights_only=True): {first}") from None
@@ -174,6 +174,7 @@ class Checkpointer:
         self._group = dist.new_group(backend="gloo") if dist.is_initialized() else None
         self._snapshot = _Snapshot()
         self._pending: Future | None = None
+        self._verified_step: int | None = None
         self.last_saved_step: int | None = None
         self.last_save_s: float | None = None  # write + commit time of the last save
         self.last_block_s: float | None = None  # how long the last save blocked training
@@ -264,8 +265,15 @@ class Checkpointer:
             tmp = self.store.tmp_dir(step, token)
             entries.append(self.store.write_stream(tmp, rank_file(self.ctx.rank), lambda fh: torch.save(mine, fh)))
             if app is not None:
-                digest = state_digest(app["model"])
-                entries.append(self.store.write_stream(tmp, STATE_FILE, lambda fh: torch.save(app, fh)))
+                # The model digest is a second pass over the weights: run it beside the write.
+                digest_future: Future = Future()
+                hasher = threading.Thread(target=self._run_into, args=(digest_future, state_digest, app["model"]), daemon=True)
+                hasher.start()
+                try:
+                    entries.append(self.store.write_stream(tmp, STATE_FILE, lambda fh: torch.save(app, fh)))
+                finally:
+                    hasher.join()
+                digest = digest_future.result()
         except OSError as exc:
             error = f"rank {self.ctx.rank}: {exc.strerror or exc}"
         gathered = self._all_gather((entries, error))
@@ -328,34 +336,56 @@ class Checkpointer:
 
     # ------------------------------------------------------------------ restore
 
-    def _pick_step(self) -> int | None:
-        """Rank 0 picks the newest checkpoint that verifies; every rank gets its choice."""
+    def _pick_step(self) -> tuple[int | None, dict[str, bytearray]]:
+        """Rank 0 picks the newest checkpoint that verifies; every rank gets its choice.
+
+        Rank 0 keeps the verified bytes of the files it loads itself.
+        """
         choice = None
+        cached: dict[str, bytearray] = {}
+        verified_here = None
         if self.ctx.is_main:
             for step in self.store.committed_steps():
                 try:
-                    self.store.verify(step)
+                    # Local files are loaded with mmap after this check; object-store bytes
+                    # are kept so they are fetched once.
+                    keep = () if self.store.renames else (STATE_FILE, rank_file(0))
+                    cached = self.store.verify(step, keep=keep).data
+                    verified_here = step
                 except CorruptCheckpoint as exc:
                     _warn(f"skipping corrupt checkpoint: {exc}")
                     continue
                 choice = step
                 break
-        return self._broadcast(choice)
+        self._verified_step = verified_here
+        return self._broadcast(choice), cached
 
     def restore(self) -> Progress | None:
         """Load the newest committed checkpoint that verifies into the registered objects."""
         self.wait()
-        step = self._pick_step()
+        step, cached = self._pick_step()
         if step is None:
             return None
         manifest = self.store.read_manifest(step)
         files = manifest["files"]
         where = step_dir_name(step)
+
+        def load(name: str) -> Any:
+            path = self.store.local_path(step, name)
+            if path is not None:
+                # Verified by streaming (rank 0 already did, in _pick_step), then mapped:
+                # no file-sized allocation, load_state_dict copies straight from the page cache.
+                if self._verified_step != step:
+                    self.store.read_file(step, name, files[name], keep=False)
+                return _load(lambda: torch.load(path, map_location="cpu", weights_only=True, mmap=True), f"{where}/{name}")
+            data = cached.pop(name, None) or self.store.read_file(step, name, files[name])
+            return _load(lambda: torch.load(io.BytesIO(data), map_location="cpu", weights_only=True), f"{where}/{name}")
+
         try:
-            app = _from_bytes(self.store.read_file(step, STATE_FILE, files[STATE_FILE]), f"{where}/{STATE_FILE}")
             same_world = int(manifest.get("world_size", -1)) == self.ctx.world_size
             own = rank_file(self.ctx.rank) if same_world else rank_file(0)
-            rank_state = _from_bytes(self.store.read_file(step, own, files[own]), f"{where}/{own}")
+            rank_state = load(own)
+            app = load(STATE_FILE)
         except (CorruptCheckpoint, KeyError) as exc:
             raise CheckpointError(f"{where} changed while loading: {exc}") from None
         unwrap(self.model).load_state_dict(app["model"])

@@ -25,6 +25,7 @@ def main() -> None:
     if mode == "once":
         save(store, step, incarnation, size)
         return
+    store.committed_steps()  # connect first, so the kill window covers saves, not start-up
     print("looping", flush=True)
     while True:
         save(store, step, incarnation, size)
