@@ -8,7 +8,8 @@ Copy this file to start your own job. It runs unchanged on CPU (gloo) and on GPU
 
 What it shows: init from the env contract, a resumable distributed sampler, AdamW with gradient
 clipping and a cosine LR schedule, AMP with a GradScaler on GPUs, collective checkpoints every
-N steps (storage.checkpoint_interval) with exact resume, TensorBoard scalars from rank 0.
+N steps (storage.checkpoint_interval) with exact resume, a coordinated checkpoint and exit on
+preemption signals (SIGUSR2, SIGTERM), TensorBoard scalars from rank 0.
 """
 
 from __future__ import annotations
@@ -133,8 +134,9 @@ def main() -> None:
                 if ctx.is_main:
                     print(f"step {step}/{args.steps} epoch {epoch} loss {loss.item():.4f} lr {lr:.2e} {rate:,.0f} samples/s", flush=True)
                 window_start, window_samples = time.perf_counter(), 0
-            if ckpt.should_save(step):
-                ckpt.save(step, epoch=epoch)
+            # Saves every storage.checkpoint_interval steps; on a preemption signal (any rank)
+            # every rank saves this step and exits 75, and the run resumes from here.
+            ckpt.step_end(step, epoch=epoch)
             if step >= args.steps:
                 break
         else:

@@ -52,6 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="show no rank output on the console, only the orchestrator's lines")
     p.add_argument("--json", action="store_true", help="print the final summary as JSON on stdout")
 
+    p = sub.add_parser("submit", help="submit the job to Slurm from a login node", description="Create the run directory, submit the supervisor with submitit (sbatch), print the run id and the Slurm job id. The supervisor runs each attempt as one srun step, resumes from the newest checkpoint, and requeues on preemption.")
+    _config_args(p)
+    p.add_argument("--run-id", help="use this run id (default: <name>-<UTC time>-<random>)")
+    p.add_argument("--json", action="store_true", help="print {run_id, job_id, run_dir} as JSON")
+
+    p = sub.add_parser("cancel", help="cancel a run (scancel for Slurm runs; SIGTERM to a local supervisor)")
+    _run_ref_args(p)
+
     p = sub.add_parser("status", help="show a run's state, attempts, newest checkpoint and root cause")
     _run_ref_args(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -60,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     _run_ref_args(p)
     p.add_argument("--rank", type=int, action="append", help="only this rank (repeatable; default: all)")
     p.add_argument("--attempt", type=int, help="this attempt (default: the latest)")
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing new lines until the run finishes (local filesystems)")
 
     p = sub.add_parser("ls", help="list runs under storage.root")
     p.add_argument("--config", default=DEFAULT_CONFIG, help="cluster.yaml whose storage.root holds the runs (default: ./cluster.yaml)")
@@ -95,9 +104,13 @@ def cmd_render(args: argparse.Namespace) -> int:
     from .rundir import join_url
 
     config = _load(args)
-    if config.backend == "slurm":
-        raise OrchError("render: the slurm backend is not built yet (issue 4); use --backend local")
     run_id = args.run_id or "<run-id>"
+    if config.backend == "slurm":
+        from .backends.slurm import render_slurm
+
+        run_dir = join_url(config.storage_root, run_id)
+        sys.stdout.write(render_slurm(config, run_id=run_id, run_dir=run_dir, folder=f"{run_dir}/slurm", python=config.job.python or sys.executable))
+        return 0
     port = config.distributed.master_port if isinstance(config.distributed.master_port, int) else "<auto>"
     plan = build_local_plan(config, run_id=run_id, run_dir=join_url(config.storage_root, run_id), attempt=0, master_port=port, python=config.job.python or sys.executable)
     sys.stdout.write(render_local(plan))
@@ -117,10 +130,72 @@ def _parse_ranks(text: str | None, world: int) -> tuple[int, ...] | None:
     return ranks
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+def _create_run(args: argparse.Namespace, config: Any) -> Any:
+    """A new run directory with run.yaml frozen in it."""
     from .config import config_to_dict
     from .runid import is_valid_run_id, new_run_id
     from .rundir import RunDir, join_url
+
+    run_id = args.run_id or new_run_id(config.job_name)
+    if not is_valid_run_id(run_id):
+        raise OrchError(f"--run-id: {run_id!r} may use letters, digits and _.+- only")
+    run = RunDir(join_url(config.storage_root, run_id))
+    frozen = {"run_id": run_id, "created": time.time(), "backend": config.backend, "config_file": os.path.abspath(args.config), "base_dir": config.base_dir, "config": config_to_dict(config)}
+    try:
+        run.create(frozen)
+    except FileExistsError:
+        raise OrchError(f"--run-id: run {run_id} already exists at {run.url}") from None
+    return run
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from .backends import slurm
+
+    config = _load(args)
+    if config.backend != "slurm":
+        raise OrchError("submit: needs the slurm backend (set `backend: slurm` or pass --backend slurm); `orch run` runs locally")
+    missing = [n for n in config.job.pass_env if n not in os.environ]
+    if missing:
+        raise OrchError(f"job.pass_env: {missing[0]} is not set in this environment")
+    folder_check = slurm.submitit_folder(config.storage_root)  # fails early on object-store roots
+    del folder_check
+    run = _create_run(args, config)
+    python = config.job.python or sys.executable
+    job_id = slurm.submit(config, run_url=run.url, folder=slurm.submitit_folder(run.url), python=python)
+    run.append_event("submitted", backend="slurm", job_id=job_id, nodes=config.resources.nodes, ranks_per_node=config.resources.ranks_per_node)
+    if args.json:
+        print(json.dumps({"run_id": run.run_id, "job_id": job_id, "run_dir": run.url}))
+    else:
+        print(f"submitted run {run.run_id} as Slurm job {job_id}\nrun dir {run.url}\nfollow with: orch status {run.run_id}; orch logs {run.run_id} -f")
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    from .backends import slurm
+    from .rundir import resolve_run
+
+    run = resolve_run(args.run, _storage_root(args.config))
+    events = run.events()
+    jobs = [e["job_id"] for e in events if e.get("event") == "submitted" and e.get("job_id")]
+    if jobs:
+        slurm.cancel(jobs[-1])
+        run.append_event("cancel_requested", job_id=jobs[-1])
+        print(f"cancelled Slurm job {jobs[-1]} of run {run.run_id}")
+        return 0
+    starts = [e for e in events if e.get("event") == "run_started"]
+    if starts and not any(e.get("event") == "run_finished" for e in events):
+        from .rundir import this_host
+
+        if starts[-1].get("host") != this_host():
+            raise OrchError(f"run {run.run_id} is supervised on {starts[-1].get('host')}; cancel it there")
+        os.kill(int(starts[-1]["pid"]), signal.SIGTERM)
+        run.append_event("cancel_requested", pid=starts[-1]["pid"])
+        print(f"asked the supervisor of run {run.run_id} (pid {starts[-1]['pid']}) to stop")
+        return 0
+    raise OrchError(f"run {run.run_id} is not running")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
     from .supervisor import Supervisor
 
     config = _load(args)
@@ -130,14 +205,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if missing:
         raise OrchError(f"job.pass_env: {missing[0]} is not set in this environment")
     show = () if args.quiet else _parse_ranks(args.ranks, config.resources.world_size)
-    run_id = args.run_id or new_run_id(config.job_name)
-    if not is_valid_run_id(run_id):
-        raise OrchError(f"--run-id: {run_id!r} may use letters, digits and _.+- only")
-    run = RunDir(join_url(config.storage_root, run_id))
-    try:
-        run.create({"run_id": run_id, "created": time.time(), "config_file": os.path.abspath(args.config), "config": config_to_dict(config)})
-    except FileExistsError:
-        raise OrchError(f"--run-id: run {run_id} already exists at {run.url}") from None
+    run = _create_run(args, config)
     supervisor = Supervisor(config=config, run=run, console=sys.stderr, show_ranks=show)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, _frame: supervisor.request_stop(signum))
@@ -177,6 +245,8 @@ def cmd_logs(args: argparse.Namespace) -> int:
     from .rundir import resolve_run
 
     run = resolve_run(args.run, _storage_root(args.config))
+    if args.follow:
+        return _follow_logs(run, args.rank)
     files = run.log_files()
     if not files:
         raise OrchError(f"run {run.run_id} has no logs yet")
@@ -188,6 +258,41 @@ def cmd_logs(args: argparse.Namespace) -> int:
         data = open(url, "rb").read() if run.is_local else _read_remote(url, run)
         for line in data.decode("utf-8", "replace").splitlines():
             print(f"[rank {rank}] {line}")
+    return 0
+
+
+def _follow_logs(run: Any, ranks: list[int] | None) -> int:
+    """Print the latest attempt's rank logs as they grow; move on to new attempts; stop when
+    the run has finished."""
+    from .logstream import LogStreamer
+
+    if not run.is_local:
+        raise OrchError("logs -f: follows run directories on a filesystem; without -f it reads any storage")
+    streamer = LogStreamer(sys.stdout, ranks, interval_s=0.2)
+    streamer.start()
+    attempt = None
+    try:
+        while True:
+            files = run.log_files()
+            latest = max((a for a, _ in files), default=None)
+            if latest is not None and latest != attempt:
+                if attempt is not None:
+                    streamer.flush()
+                attempt = latest
+                for (a, rank), path in sorted(files.items()):
+                    if a == attempt:
+                        streamer.follow(rank, path)
+            elif latest is not None:
+                for (a, rank), path in files.items():
+                    if a == attempt:
+                        streamer.follow_if_new(rank, path)
+            if any(e.get("event") == "run_finished" for e in run.events()):
+                break
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        streamer.stop()
     return 0
 
 
@@ -252,6 +357,8 @@ def cmd_checkpoints(args: argparse.Namespace) -> int:
 COMMANDS = {
     "render": cmd_render,
     "run": cmd_run,
+    "submit": cmd_submit,
+    "cancel": cmd_cancel,
     "status": cmd_status,
     "logs": cmd_logs,
     "ls": cmd_ls,

@@ -71,7 +71,7 @@ class ResourcesSpec:
     gpus_per_node: int = _f(0, "GPUs per node (0 on CPU-only clusters).", min=0, max=64)
     memory: str | None = _f(None, "Memory per node, Slurm syntax (e.g. 16G, 512M).", pattern=_MEMORY)
     time_limit: str | None = _f(
-        None, "Wall-clock limit: MINUTES, HH:MM:SS or D-HH:MM:SS.", pattern=_TIME
+        None, "Wall-clock limit: MINUTES, HH:MM:SS or D-HH:MM:SS.", pattern=_TIME, coerce_int=True
     )
 
     @property
@@ -267,6 +267,8 @@ def _convert(tp: Any, value: Any, path: str, source: str, meta: Mapping[str, Any
             except OverflowError:
                 raise _error(source, path, "must be a finite number") from None
     elif tp is str:
+        if meta.get("coerce_int") and isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 10**9:
+            value = str(value)  # `time_limit: 90` means 90 minutes, as in sbatch
         if isinstance(value, str):
             return _check_string(value, path, source, meta)
     elif origin is tuple:

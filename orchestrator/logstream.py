@@ -34,6 +34,13 @@ class LogStreamer:
         with self._lock:
             self._files[rank] = (path, 0, b"")
 
+    def follow_if_new(self, rank: int, path: str) -> None:
+        """Follow `path` unless this rank's current file is already it."""
+        with self._lock:
+            current = self._files.get(rank)
+        if current is None or current[0] != path:
+            self.follow(rank, path)
+
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="orch-logstream", daemon=True)
         self._thread.start()

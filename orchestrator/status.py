@@ -25,6 +25,9 @@ class RunStatus:
     newest_checkpoint: int | None
     newest_checkpoint_digest: str | None
     backend: str | None
+    job_id: str | None = None
+    slurm_state: str | None = None
+    warnings: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -48,14 +51,26 @@ def summarize(events: list[dict[str, Any]], *, supervisor_alive: bool | None = N
     started = finished = None
     root = None
     backend = None
+    job_id = None
+    warnings: list[str] = []
     for ev in events:
         kind = ev.get("event")
-        if kind == "run_started":
+        if kind == "submitted":
+            state, started, backend, job_id = "pending", ev.get("time"), ev.get("backend"), ev.get("job_id")
+        elif kind == "job_started":
+            state = "running"
+            backend = ev.get("backend", backend)
+        elif kind in ("preempted", "requeued") and backend == "slurm":
+            state = "preempted-requeued"
+        elif kind == "warning":
+            warnings.append(str(ev.get("message")))
+        elif kind == "run_started":
             state, started, backend = "running", ev.get("time"), ev.get("backend")
         elif kind == "attempt_started":
             attempts = max(attempts, int(ev.get("attempt", 0)) + 1)
             current = int(ev.get("attempt", 0))
-            state = "running"
+            if state != "pending":
+                state = "running"
         elif kind == "attempt_ended":
             if ev.get("root_cause"):
                 root = ev["root_cause"]
@@ -76,7 +91,27 @@ def summarize(events: list[dict[str, Any]], *, supervisor_alive: bool | None = N
         "wall_s": round(end - started, 3) if started is not None else None,
         "root_cause": root,
         "backend": backend,
+        "job_id": job_id,
+        "warnings": tuple(dict.fromkeys(warnings)),
     }
+
+
+def merge_scheduler_state(fields: dict[str, Any], mapped: str | None, raw: str | None) -> dict[str, Any]:
+    """Events are the truth for what the supervisor saw; the scheduler for what it could not
+    write (still queued, requeued, or killed before it could record its end). Pure."""
+    fields = dict(fields)
+    if fields["state"] in ("succeeded", "failed", "stopped") or mapped is None:
+        return fields
+    if mapped in ("pending", "preempted-requeued"):
+        fields["state"] = mapped
+    elif mapped == "running":
+        fields["state"] = "running"
+    elif mapped == "succeeded":
+        fields["state"] = "succeeded"
+    else:
+        fields["state"] = "failed"
+        fields["root_cause"] = fields.get("root_cause") or {"rank": None, "message": f"Slurm job ended {raw} before the supervisor recorded an outcome"}
+    return fields
 
 
 def run_status(run: RunDir) -> RunStatus:
@@ -86,18 +121,27 @@ def run_status(run: RunDir) -> RunStatus:
     if starts and starts[-1].get("host") == this_host() and starts[-1].get("pid"):
         alive = _pid_alive(int(starts[-1]["pid"]))
     fields = summarize(events, supervisor_alive=alive)
+    raw = None
+    if fields.get("job_id"):
+        from .backends.slurm import map_state, scheduler_state
+
+        raw = scheduler_state(str(fields["job_id"]))
+        fields = merge_scheduler_state(fields, map_state(raw), raw)
     newest = newest_committed(run.child("ckpt"))
     return RunStatus(
         run_id=run.run_id,
         run_dir=run.url,
         newest_checkpoint=newest.step if newest else None,
         newest_checkpoint_digest=newest.model_digest if newest else None,
+        slurm_state=raw,
         **fields,
     )
 
 
 def format_status(st: RunStatus) -> str:
     lines = [f"run        {st.run_id}", f"state      {st.state}"]
+    if st.job_id:
+        lines.append(f"slurm job  {st.job_id} ({st.slurm_state or 'unknown to the scheduler'})")
     if st.current_attempt is not None:
         lines.append(f"attempt    {st.current_attempt} (of {st.attempts} started)")
     else:
@@ -112,5 +156,7 @@ def format_status(st: RunStatus) -> str:
     if st.root_cause and st.state != "succeeded":
         rc = st.root_cause
         lines.append(f"root cause rank {rc.get('rank')} (node {rc.get('node_rank')}): exit {rc.get('exitcode')} {rc.get('message') or ''}".rstrip())
+    for warning in st.warnings:
+        lines.append(f"warning    {warning}")
     lines.append(f"run dir    {st.run_dir}")
     return "\n".join(lines)

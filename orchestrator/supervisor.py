@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from .config import ClusterConfig
+from .exitcodes import PREEMPTED_EXIT_CODE
 from .launcher import AttemptGroup, Launcher, RankProcess, SubprocessLauncher
 from .logstream import LogStreamer, tail_lines
 from .plan import build_local_plan
@@ -178,6 +179,12 @@ class Supervisor:
         try:
             while True:
                 outcome = self._run_attempt(attempt)
+                if outcome.status == "preempted" and not self._stop_requested.is_set():
+                    # Checkpointed on request: resume at once; not a failure, not counted.
+                    self.run.append_event("requeued", attempt=attempt + 1, reason="preempted")
+                    self._say(f"attempt {attempt} checkpointed and stopped (preemption); resuming")
+                    attempt += 1
+                    continue
                 if outcome.status != "failed" or self._stop_requested.is_set():
                     break
                 if restarts >= cfg.restart.max_restarts:
@@ -273,6 +280,8 @@ class Supervisor:
         root = self._root_cause(failures, failure_seen)
         if stopped:
             status = "stopped"
+        elif failure_seen is not None and root is not None and root.exitcode == PREEMPTED_EXIT_CODE:
+            status = "preempted"
         elif failure_seen is not None:
             status = "failed"
         else:

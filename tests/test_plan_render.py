@@ -246,7 +246,7 @@ def test_cli_render_placeholders_and_fixed_values(capsys: pytest.CaptureFixture[
     assert {r["env"]["ORCH_RUN_ID"] for n in doc["nodes"] for r in n["ranks"]} == {"exp-1"}
 
 
-def test_cli_render_slurm_is_refused_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["render", str(DEFAULT), "--backend", "slurm"]) == 1
+def test_cli_render_slurm_prints_the_batch_script(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["render", str(DEFAULT), "--backend", "slurm"]) == 0
     out, err = capsys.readouterr()
-    assert out == "" and len(err.splitlines()) == 1 and "slurm backend is not built yet" in err
+    assert err == "" and "#SBATCH --requeue" in out and "#SBATCH --signal=USR2@120" in out

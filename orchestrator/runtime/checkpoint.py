@@ -21,6 +21,7 @@ import hashlib
 import io
 import os
 import random
+import signal
 import sys
 import threading
 import time
@@ -33,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from ..ckpt_store import AlreadyCommitted, CheckpointStore, CorruptCheckpoint, FileEntry, StaleIncarnation, make_token, step_dir_name
+from . import preemption
 from .dist import DistContext
 
 STATE_FILE = "state.pt"
@@ -172,14 +174,20 @@ class Checkpointer:
         # A group of our own (collective call on every rank): background saves talk on it
         # while training talks on the default group.
         self._group = dist.new_group(backend="gloo") if dist.is_initialized() else None
+        # The per-step stop vote runs on a third group: a background save may be using
+        # self._group at the same moment, from another thread.
+        self._vote_group = dist.new_group(backend="gloo") if dist.is_initialized() else None
         self._snapshot = _Snapshot()
         self._pending: Future | None = None
         self._verified_step: int | None = None
         self.last_saved_step: int | None = None
         self.last_save_s: float | None = None  # write + commit time of the last save
         self.last_block_s: float | None = None  # how long the last save blocked training
+        self._stop_flag = torch.zeros(1)
+        self._stop_vote: Any = None  # the all-reduce of the stop flag, in flight
         if ctx.is_main:
             self.store.register_incarnation(self.incarnation)
+        preemption.install()
         atexit.register(self._wait_quietly)
 
     # ------------------------------------------------------------------ collectives
@@ -195,6 +203,31 @@ class Checkpointer:
         return out
 
     # ------------------------------------------------------------------ save
+
+    def step_end(self, step: int, *, epoch: int = 0, extra: dict[str, Any] | None = None) -> None:
+        """Call once per step on every rank: saves every `interval` steps, and turns a stop
+        signal (on any rank) into a checkpoint of this step and exit code 75 on every rank.
+
+        The vote on the stop flag is an all-reduce started at one step's end and read at the
+        next, so its latency hides behind a step's compute; every rank reads the same result,
+        so every rank stops at the same step.
+        """
+        stop = False
+        if self._stop_vote is not None:
+            self._stop_vote.wait()
+            stop = bool(self._stop_flag.item())
+        self._stop_flag.fill_(1.0 if preemption.requested() is not None else 0.0)
+        if self._vote_group is not None:
+            self._stop_vote = dist.all_reduce(self._stop_flag, op=dist.ReduceOp.MAX, group=self._vote_group, async_op=True)
+        else:
+            stop = stop or preemption.requested() is not None
+        if stop:
+            if self.last_saved_step != step:
+                self.save(step, epoch=epoch, extra=extra)
+            self.close()
+            preemption.exit_preempted(step)
+        if self.should_save(step):
+            self.save(step, epoch=epoch, extra=extra)
 
     def should_save(self, step: int) -> bool:
         return step > 0 and step % self.interval == 0 and step != self.last_saved_step
@@ -226,6 +259,7 @@ class Checkpointer:
         """
         blocked_from = time.monotonic()
         self.wait()
+        self._finish_vote()
         token = make_token(self.incarnation)
         agreed_step, token = self._broadcast((step, token))
         if agreed_step != step:
@@ -289,7 +323,14 @@ class Checkpointer:
                         step,
                         token,
                         [e for ents, _ in gathered for e in ents],
-                        {"epoch": epoch, "world_size": self.ctx.world_size, "model_digest": digest, "incarnation": self.incarnation},
+                        {
+                            "epoch": epoch,
+                            "world_size": self.ctx.world_size,
+                            "model_digest": digest,
+                            "incarnation": self.incarnation,
+                            # what a preemption warning must leave time for (lead-time check)
+                            "write_s": round(time.monotonic() - started, 3),
+                        },
                     )
                 except StaleIncarnation as exc:
                     result = ("stale", str(exc))
@@ -318,6 +359,14 @@ class Checkpointer:
         except (OSError, FileNotFoundError):
             pass
 
+    def _finish_vote(self) -> None:
+        """Complete an in-flight stop vote before other collectives use the group."""
+        if self._stop_vote is not None:
+            self._stop_vote.wait()
+            self._stop_vote = None
+            if self._stop_flag.item():
+                preemption.request(preemption.requested() or signal.SIGUSR2)
+
     def wait(self) -> None:
         """Wait for a background save; raise its error."""
         pending, self._pending = self._pending, None
@@ -332,6 +381,7 @@ class Checkpointer:
 
     def close(self) -> None:
         """Wait for a background save to commit; raise its error."""
+        self._finish_vote()
         self.wait()
 
     # ------------------------------------------------------------------ restore

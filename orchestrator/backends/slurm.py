@@ -1,0 +1,233 @@
+"""The slurm backend: what we submit (rendered, pure), and the scheduler calls (submit, state,
+cancel).
+
+submitit is the Slurm client: it writes the batch script, submits it, and carries the
+supervisor function to the allocation. With `use_srun=False` the batch step runs one
+supervisor process on the first node; the supervisor runs each attempt as one `srun` step with
+one task per rank (`templates/slurm_task.sh` maps SLURM_* onto the env contract). Every value
+from cluster.yaml was validated by config.py (no control characters; names and flags match
+strict patterns) before it gets here, and submitit quotes each #SBATCH value.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+from pathlib import Path
+from typing import Any, Mapping
+
+from ..config import ClusterConfig
+from ..errors import OrchError
+from ..plan import REDACTED, contract_env, redact, runtime_env
+
+TEMPLATES = Path(__file__).resolve().parent.parent.parent / "templates"
+TASK_SCRIPT = TEMPLATES / "slurm_task.sh"
+
+
+def submitit_parameters(config: ClusterConfig) -> dict[str, Any]:
+    """SlurmExecutor parameters: the allocation and the batch step, nothing per attempt."""
+    res, slurm = config.resources, config.slurm
+    params: dict[str, Any] = {
+        "job_name": config.job_name,
+        "nodes": res.nodes,
+        "ntasks_per_node": res.ranks_per_node,
+        "cpus_per_task": res.cpus_per_rank,
+        # USR2 without `B:` goes to the step's tasks (the ranks), not to the batch shell.
+        "signal_delay_s": slurm.signal_lead_s,
+        "use_srun": False,
+        "stderr_to_stdout": True,
+        "wckey": None,  # no --wckey line (submitit would add "submitit")
+        "additional_parameters": {"requeue": True},
+    }
+    if res.time_limit_minutes is not None:
+        params["time"] = res.time_limit_minutes
+    if res.gpus_per_node:
+        params["gres"] = f"gpu:{res.gpus_per_node}"
+    if res.memory:
+        params["mem"] = res.memory
+    for key in ("partition", "account", "qos"):
+        value = getattr(slurm, key)
+        if value:
+            params[key] = value
+    for flag in slurm.extra_flags:
+        name, _, value = flag[2:].partition("=")
+        params["additional_parameters"][name.replace("-", "_")] = value if value else True
+    if slurm.setup:
+        params["setup"] = list(slurm.setup)
+    return params
+
+
+def submitit_command(python: str, folder: str) -> str:
+    """The batch step's command, as submitit's SlurmExecutor writes it."""
+    return " ".join([shlex.quote(python), "-u -m submitit.core._submit", shlex.quote(folder)])
+
+
+def batch_script(config: ClusterConfig, folder: str, python: str) -> str:
+    """The complete batch script that `orch submit` hands to sbatch, byte for byte."""
+    from submitit.slurm.slurm import _make_sbatch_string  # the function submitit submits with
+
+    params = submitit_parameters(config)
+    return _make_sbatch_string(command=submitit_command(python, folder), folder=folder, **params)
+
+
+def step_argv(config: ClusterConfig, *, log_dir: str, attempt: int, python: str) -> list[str]:
+    """The srun command of one attempt: one task per rank, every rank's output in its own file."""
+    res = config.resources
+    argv = [
+        "srun",
+        f"--job-name={config.job_name}-attempt{attempt}",
+        f"--nodes={res.nodes}",
+        f"--ntasks={res.world_size}",
+        f"--ntasks-per-node={res.ranks_per_node}",
+        f"--cpus-per-task={res.cpus_per_rank}",
+        "--kill-on-bad-exit=1",
+        f"--output={log_dir}/rank-%t.log",
+        f"--error={log_dir}/rank-%t.log",
+        "--open-mode=append",
+        "--export=ALL",
+    ]
+    if res.gpus_per_node:
+        argv.append(f"--gres=gpu:{res.gpus_per_node}")
+    job = config.job
+    entry = ["-m", job.module] if job.module else [config.script_path or ""]
+    return [*argv, "/bin/bash", str(TASK_SCRIPT), job.python or python, *entry, *job.args]
+
+
+def step_env(
+    config: ClusterConfig,
+    *,
+    run_id: str,
+    run_dir: str,
+    attempt: int,
+    master_addr: str,
+    master_port: int | str,
+    log_dir: str,
+) -> dict[str, str]:
+    """What the supervisor adds to srun's environment: the contract's shared part, the
+    runtime settings and job.env. The per-rank part comes from templates/slurm_task.sh."""
+    res = config.resources
+    shared = contract_env(
+        rank=0,
+        local_rank=0,
+        node_rank=0,
+        nnodes=res.nodes,
+        ranks_per_node=res.ranks_per_node,
+        master_addr=master_addr,
+        master_port=master_port,
+        attempt=attempt,
+        run_id=run_id,
+        run_dir=run_dir,
+    )
+    for per_rank in ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK"):
+        del shared[per_rank]
+    return {
+        **config.job.env,
+        **runtime_env(config),
+        **shared,
+        "ORCH_INCARNATION": str(attempt),
+        "ORCH_LOG_DIR": log_dir,
+    }
+
+
+def render_slurm(config: ClusterConfig, *, run_id: str, run_dir: str, folder: str, python: str) -> str:
+    """`orch render --backend slurm`: the batch script, then each attempt's step, as submitted."""
+    log_dir = f"{run_dir}/logs/attempt-<N>"
+    env = step_env(config, run_id=run_id, run_dir=run_dir, attempt="<N>", master_addr="<first host of SLURM_JOB_NODELIST>", master_port="<leased on that host>", log_dir=log_dir)  # type: ignore[arg-type]
+    env["ORCH_INCARNATION"] = "<N>"
+    env["TORCHELASTIC_RESTART_COUNT"] = env["ORCH_ATTEMPT"] = "<N>"
+    lines = [
+        "# orch render --backend slurm; nothing was submitted",
+        f"# ---- batch script (sbatch), as submitit writes it into {folder}",
+        batch_script(config, folder, python).rstrip("\n"),
+        "",
+        "# ---- each attempt N: one srun step run by the supervisor in the batch step",
+        "# step environment (secrets redacted):",
+    ]
+    for key, value in sorted(redact(env, config.job.pass_env).items()):
+        lines.append(f"#   {key}={value}")
+    for name in config.job.pass_env:
+        lines.append(f"#   {name}={REDACTED} (pass_env: taken from the environment at submission)")
+    lines.append(shlex.join(step_argv(config, log_dir=log_dir, attempt=0, python=python)).replace("attempt0", "attempt<N>"))
+    lines.append("")
+    lines.append("# ---- per rank (templates/slurm_task.sh): RANK=SLURM_PROCID LOCAL_RANK=SLURM_LOCALID NODE_RANK=GROUP_RANK=SLURM_NODEID")
+    res = config.resources
+    for node in range(res.nodes):
+        ranks = ", ".join(str(node * res.ranks_per_node + r) for r in range(res.ranks_per_node))
+        lines.append(f"#   node {node}: ranks {ranks}")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------- scheduler calls
+
+def _run(argv: list[str], timeout: float = 30) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    except FileNotFoundError:
+        raise OrchError(f"{argv[0]} not found: is this a Slurm login node (is SLURM_CONF set)?") from None
+
+
+def submit(config: ClusterConfig, *, run_url: str, folder: str, python: str, env: Mapping[str, str] | None = None) -> str:
+    """Submit the supervisor of `run_url` with submitit; returns the Slurm job id."""
+    import submitit
+
+    from ..slurm_supervisor import supervise
+
+    executor = submitit.SlurmExecutor(folder=folder, python=python, max_num_timeout=config.slurm.max_requeues)
+    executor.update_parameters(**submitit_parameters(config))
+    try:
+        job = executor.submit(supervise, run_url)
+    except subprocess.CalledProcessError as exc:
+        detail = (exc.stderr or b"").decode("utf-8", "replace").strip().splitlines() if isinstance(exc.stderr, bytes) else str(exc.stderr or "").strip().splitlines()
+        raise OrchError(f"sbatch refused the job: {detail[-1] if detail else exc}") from None
+    return str(job.job_id)
+
+
+_STATE_MAP = {
+    "PENDING": "pending",
+    "CONFIGURING": "pending",
+    "REQUEUED": "preempted-requeued",
+    "REQUEUE_HOLD": "preempted-requeued",
+    "REQUEUE_FED": "preempted-requeued",
+    "PREEMPTED": "preempted-requeued",
+    "RUNNING": "running",
+    "COMPLETING": "running",
+    "SUSPENDED": "running",
+    "RESIZING": "running",
+    "COMPLETED": "succeeded",
+}
+
+
+def scheduler_state(job_id: str) -> str | None:
+    """The job's Slurm state (sacct when accounting works, else squeue -t all, else scontrol)."""
+    proc = _run(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State"])
+    if proc.returncode == 0 and proc.stdout.strip():
+        return proc.stdout.strip().splitlines()[-1].split()[0]
+    proc = _run(["squeue", "-h", "-t", "all", "-j", job_id, "-o", "%T"])
+    if proc.returncode == 0 and proc.stdout.strip():
+        return proc.stdout.strip().splitlines()[0]
+    proc = _run(["scontrol", "show", "job", job_id])
+    if proc.returncode == 0:
+        for token in proc.stdout.split():
+            if token.startswith("JobState="):
+                return token.split("=", 1)[1]
+    return None
+
+
+def map_state(slurm_state: str | None) -> str | None:
+    if slurm_state is None:
+        return None
+    return _STATE_MAP.get(slurm_state, "failed")
+
+
+def cancel(job_id: str) -> None:
+    proc = _run(["scancel", job_id])
+    if proc.returncode != 0:
+        raise OrchError(f"scancel {job_id}: {proc.stderr.strip() or 'failed'}")
+
+
+def submitit_folder(run_dir: str) -> str:
+    """Where submitit keeps its pickles and the batch log: a shared filesystem path."""
+    if "://" not in run_dir or run_dir.startswith("file://"):
+        return os.path.join(run_dir.removeprefix("file://"), "slurm")
+    raise OrchError("storage.root: the slurm backend needs a shared filesystem path (submitit's files live there)")

@@ -1,0 +1,166 @@
+"""The supervisor inside a Slurm allocation (the batch step, first node).
+
+submitit calls `supervise(run_url)` in the batch step; a requeued job calls it again. Each
+attempt is one `srun` step with one task per rank. Outcomes:
+
+- every rank exits 0                 -> succeeded
+- the step exits 75 (preempted)      -> ranks checkpointed on a signal: `scontrol requeue`
+                                        (bounded by slurm.max_requeues); the next incarnation
+                                        resumes from that checkpoint
+- anything else                      -> failed attempt: a new srun step from the newest
+                                        checkpoint while restarts remain, unless the error is
+                                        not retryable (a user error) or attempts make no
+                                        progress (no new checkpoint: a crash loop)
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from typing import Any
+
+from .backends.slurm import step_argv, step_env
+from .ckpt_store import CheckpointStore, newest_committed
+from .config import ClusterConfig, parse_config
+from .exitcodes import PREEMPTED_EXIT_CODE
+from .hostlist import expand_hostlist
+from .ports import lease_port
+from .rundir import RunDir
+from .supervisor import is_peer_loss, read_error_file
+
+# Errors that fail the same way every time: restarting cannot help.
+NON_RETRYABLE = {"SyntaxError", "ImportError", "ModuleNotFoundError", "NameError", "AttributeError", "TypeError", "FileNotFoundError", "KeyError", "IndentationError"}
+CRASH_LOOP_ATTEMPTS = 3
+
+
+def load_run_config(run: RunDir) -> ClusterConfig:
+    data = run.read_run_config()
+    return parse_config(data["config"], source="run.yaml", base_dir=data.get("base_dir", "."), check_files=False)
+
+
+def _log(text: str) -> None:
+    print(f"[orch.slurm] {time.strftime('%H:%M:%S')} {text}", flush=True)
+
+
+def root_cause(log_dir: str, step_code: int) -> dict[str, Any]:
+    """The earliest real error among the ranks' error files, else the step's exit code."""
+    errors = []
+    for path in glob.glob(os.path.join(log_dir, "rank-*.error.json")):
+        err = read_error_file(path)
+        if err:
+            rank = int(os.path.basename(path).split("-")[1].split(".")[0])
+            errors.append({"rank": rank, "error_type": err.get("type"), "message": f"{err.get('type')}: {err.get('message')}"[:500], "time": err.get("time", 0), "exitcode": step_code})
+    primary = [e for e in errors if not is_peer_loss(e["message"])] or errors
+    if primary:
+        return min(primary, key=lambda e: e["time"])
+    how = f"killed by {signal.Signals(-step_code).name}" if step_code < 0 else f"exit code {step_code}"
+    return {"rank": None, "error_type": None, "message": f"srun step {how}", "time": time.time(), "exitcode": step_code}
+
+
+def _newest_step(run: RunDir) -> int | None:
+    info = newest_committed(run.child("ckpt"))
+    return info.step if info else None
+
+
+def _checkpoint_seconds(run: RunDir) -> float | None:
+    info = newest_committed(run.child("ckpt"))
+    return float(info.manifest["write_s"]) if info and "write_s" in info.manifest else None
+
+
+def supervise(run_url: str) -> None:
+    run = RunDir(run_url)
+    config = load_run_config(run)
+    job_id = os.environ.get("SLURM_JOB_ID", "?")
+    restart_count = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+    nodes = expand_hostlist(os.environ.get("SLURM_JOB_NODELIST", socket.gethostname()))
+    attempt = sum(1 for e in run.events() if e.get("event") == "attempt_started")
+    run.append_event("job_started", job_id=job_id, restart_count=restart_count, host=socket.gethostname(), pid=os.getpid(), nodes=nodes, backend="slurm")
+    _log(f"job {job_id} (requeue {restart_count}) on {','.join(nodes)}; next attempt {attempt}")
+    restarts = 0
+    attempts_without_progress = 0
+    started = time.time()
+    while True:
+        before = _newest_step(run)
+        code, cause = _run_attempt(run, config, attempt, nodes[0], job_id)
+        after = _newest_step(run)
+        _check_lead_time(run, config)
+        if code == 0:
+            run.append_event("run_finished", status="succeeded", attempts=attempt + 1, wall_s=round(time.time() - started, 3), newest_checkpoint=after, job_id=job_id, exit_code=0)
+            _log("succeeded")
+            return
+        if code == PREEMPTED_EXIT_CODE:
+            _requeue(run, config, job_id, restart_count, after)
+            return
+        attempts_without_progress = 0 if after != before else attempts_without_progress + 1
+        verdict = None
+        if cause.get("error_type") in NON_RETRYABLE:
+            verdict = f"{cause['error_type']} is not retryable (it fails the same way every time)"
+        elif attempts_without_progress >= CRASH_LOOP_ATTEMPTS:
+            verdict = f"crash loop: {attempts_without_progress} attempts in a row without a new checkpoint"
+        elif restarts >= config.restart.max_restarts:
+            verdict = f"no restarts left ({config.restart.max_restarts} allowed)"
+        if verdict:
+            run.append_event("run_finished", status="failed", attempts=attempt + 1, wall_s=round(time.time() - started, 3), newest_checkpoint=after, root_cause=cause, reason=verdict, job_id=job_id, exit_code=1)
+            _log(f"failed: {verdict}; root cause: {cause['message']}")
+            raise RuntimeError(f"run failed: {verdict}; root cause rank {cause['rank']}: {cause['message']}")
+        restarts += 1
+        delay = min(config.restart.backoff_max_s, config.restart.backoff_s * 2 ** (restarts - 1))
+        run.append_event("restart_scheduled", attempt=attempt + 1, backoff_s=delay, restarts_used=restarts)
+        _log(f"attempt {attempt} failed ({cause['message']}); restart {restarts}/{config.restart.max_restarts} in {delay:.1f}s")
+        time.sleep(delay)
+        attempt += 1
+
+
+def _run_attempt(run: RunDir, config: ClusterConfig, attempt: int, master_addr: str, job_id: str) -> tuple[int, dict[str, Any]]:
+    log_dir = run.logs_dir(attempt)
+    with lease_port() as lease:  # on the first node, where rank 0 binds it
+        env = {**os.environ, **step_env(config, run_id=run.run_id, run_dir=run.url, attempt=attempt, master_addr=master_addr, master_port=lease.port, log_dir=log_dir)}
+        # srun must not inherit the batch step's own task layout.
+        for key in ("SLURM_NTASKS", "SLURM_NPROCS", "SLURM_TASKS_PER_NODE", "SLURM_NTASKS_PER_NODE", "SLURM_CPUS_PER_TASK"):
+            env.pop(key, None)
+        argv = step_argv(config, log_dir=log_dir, attempt=attempt, python=sys.executable)
+        run.append_event("attempt_started", attempt=attempt, job_id=job_id, master_addr=master_addr, master_port=lease.port, newest_checkpoint=_newest_step(run))
+        t0 = time.time()
+        proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL)
+        code = _wait(proc)
+    cause = {} if code in (0, PREEMPTED_EXIT_CODE) else root_cause(log_dir, code)
+    status = "succeeded" if code == 0 else ("preempted" if code == PREEMPTED_EXIT_CODE else "failed")
+    run.append_event("attempt_ended", attempt=attempt, status=status, exit_code=code, duration_s=round(time.time() - t0, 3), root_cause=cause or None)
+    return code, cause
+
+
+def _wait(proc: subprocess.Popen) -> int:
+    while True:
+        try:
+            return proc.wait()
+        except KeyboardInterrupt:  # pragma: no cover - not delivered in batch steps
+            proc.send_signal(signal.SIGINT)
+
+
+def _requeue(run: RunDir, config: ClusterConfig, job_id: str, restart_count: int, step: int | None) -> None:
+    run.append_event("preempted", job_id=job_id, checkpoint=step)
+    if restart_count >= config.slurm.max_requeues:
+        run.append_event("run_finished", status="failed", reason=f"preempted with no requeues left ({config.slurm.max_requeues})", newest_checkpoint=step, job_id=job_id, exit_code=1)
+        raise RuntimeError("preempted with no requeues left")
+    proc = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
+    # Slurm's own preemption requeues the job itself; then our request is refused: fine.
+    run.append_event("requeued", job_id=job_id, checkpoint=step, by="orch" if proc.returncode == 0 else "slurm", detail=proc.stderr.strip()[:200])
+    _log(f"checkpointed at step {step}; requeued ({proc.stderr.strip() or 'ok'})")
+    time.sleep(600)  # Slurm ends this incarnation now; the requeued job resumes the run
+
+
+def _check_lead_time(run: RunDir, config: ClusterConfig) -> None:
+    seconds = _checkpoint_seconds(run)
+    if seconds is not None and seconds > config.slurm.signal_lead_s:
+        message = f"slurm.signal_lead_s={config.slurm.signal_lead_s} is shorter than the last checkpoint's write time ({seconds:.1f}s): a preemption warning may come too late to save"
+        if not any(e.get("event") == "warning" and e.get("message") == message for e in run.events()):
+            run.append_event("warning", message=message)
+            _log(f"WARNING: {message}")
+
+
+__all__ = ["supervise", "CheckpointStore"]

@@ -1,0 +1,15 @@
+#!/bin/bash
+# Step launcher: `srun` runs this once per rank. It maps Slurm's task variables onto the env
+# contract (orchestrator/plan.py: CONTRACT_VARS), then execs the job, so Slurm's signals
+# (--signal warnings, preemption, requeue) reach the job process itself.
+# The values shared by every rank (MASTER_ADDR, MASTER_PORT, WORLD_SIZE, NNODES,
+# LOCAL_WORLD_SIZE, TORCHELASTIC_RESTART_COUNT, ORCH_*) come from the supervisor through
+# srun's environment. Nothing from cluster.yaml is substituted into this file.
+set -eu
+export RANK="$SLURM_PROCID"
+export LOCAL_RANK="$SLURM_LOCALID"
+export NODE_RANK="$SLURM_NODEID"
+export GROUP_RANK="$SLURM_NODEID"
+export ORCH_ERROR_FILE="$ORCH_LOG_DIR/rank-$SLURM_PROCID.error.json"
+export TORCHELASTIC_ERROR_FILE="$ORCH_ERROR_FILE"
+exec "$@"
