@@ -21,7 +21,6 @@ import time
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset
 
 from orchestrator import runtime
@@ -87,7 +86,8 @@ def main() -> None:
     loader = DataLoader(data, batch_size=args.batch_size, sampler=sampler, drop_last=True, generator=torch.Generator().manual_seed(args.seed))
 
     model = SmallConvNet().to(ctx.device)
-    ddp = DDP(model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None)
+    # Fixed gradient buckets: bitwise-exact resume on any number of ranks (see wrap_ddp).
+    ddp = runtime.wrap_ddp(model, ctx)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, args.steps))
     use_amp = args.amp == "on" or (args.amp == "auto" and ctx.device.type == "cuda")

@@ -124,7 +124,11 @@ class SlurmSpec:
     qos: str | None = _f(None, "Slurm QOS.", pattern=_NAME)
     signal_lead_s: int = _f(120, "Seconds before the time limit or preemption that ranks get SIGUSR2.", min=1, max=65535)
     max_requeues: int = _f(10, "How many times a preempted or timed-out job is requeued.", min=0, max=10000)
-    setup: tuple[str, ...] = _f((), "Shell lines run in the batch script before the launch (module load ...).")
+    setup: tuple[str, ...] = _f(
+        (),
+        "Shell lines run in the batch script before the launch (module load ...); not #SBATCH lines (use extra_flags).",
+        item_pattern=re.compile(r"^(?!\s*#\s*SBATCH)", re.IGNORECASE),
+    )
     extra_flags: tuple[str, ...] = _f((), "Extra sbatch flags, each as `--flag=value`.", item_pattern=re.compile(r"^--[a-z][a-z0-9-]*(=.*)?\Z"))
 
 

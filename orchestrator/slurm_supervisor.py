@@ -27,7 +27,7 @@ from typing import Any
 from .backends.slurm import step_argv, step_env
 from .ckpt_store import CheckpointStore, newest_committed
 from .config import ClusterConfig, parse_config
-from .exitcodes import PREEMPTED_EXIT_CODE
+from .exitcodes import PREEMPTED_EXIT_CODE, PREEMPTED_TYPE
 from .hostlist import expand_hostlist
 from .ports import lease_port
 from .rundir import RunDir
@@ -55,7 +55,11 @@ def root_cause(log_dir: str, step_code: int) -> dict[str, Any]:
         if err:
             rank = int(os.path.basename(path).split("-")[1].split(".")[0])
             errors.append({"rank": rank, "error_type": err.get("type"), "message": f"{err.get('type')}: {err.get('message')}"[:500], "time": err.get("time", 0), "exitcode": step_code})
-    primary = [e for e in errors if not is_peer_loss(e["message"])] or errors
+    preempted = [e for e in errors if e["error_type"] == PREEMPTED_TYPE]
+    real = [e for e in errors if e["error_type"] != PREEMPTED_TYPE]
+    if preempted and not [e for e in real if not is_peer_loss(e["message"])]:
+        return min(preempted, key=lambda e: e["time"])  # a stop on request, not a crash
+    primary = [e for e in real if not is_peer_loss(e["message"])] or real
     if primary:
         return min(primary, key=lambda e: e["time"])
     how = f"killed by {signal.Signals(-step_code).name}" if step_code < 0 else f"exit code {step_code}"
@@ -68,8 +72,9 @@ def _newest_step(run: RunDir) -> int | None:
 
 
 def _checkpoint_seconds(run: RunDir) -> float | None:
-    info = newest_committed(run.child("ckpt"))
-    return float(info.manifest["write_s"]) if info and "write_s" in info.manifest else None
+    """The longest checkpoint write this run has recorded."""
+    times = [float(e["write_s"]) for e in run.events() if e.get("event") == "checkpoint_committed" and "write_s" in e]
+    return max(times) if times else None
 
 
 def supervise(run_url: str) -> None:
@@ -128,7 +133,9 @@ def _run_attempt(run: RunDir, config: ClusterConfig, attempt: int, master_addr: 
         t0 = time.time()
         proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL)
         code = _wait(proc)
-    cause = {} if code in (0, PREEMPTED_EXIT_CODE) else root_cause(log_dir, code)
+    cause = {} if code == 0 else root_cause(log_dir, code)
+    if code != 0 and (code == PREEMPTED_EXIT_CODE or cause.get("error_type") == PREEMPTED_TYPE):
+        code, cause = PREEMPTED_EXIT_CODE, {}
     status = "succeeded" if code == 0 else ("preempted" if code == PREEMPTED_EXIT_CODE else "failed")
     run.append_event("attempt_ended", attempt=attempt, status=status, exit_code=code, duration_s=round(time.time() - t0, 3), root_cause=cause or None)
     return code, cause
@@ -159,7 +166,7 @@ def _check_lead_time(run: RunDir, config: ClusterConfig) -> None:
     if seconds is not None and seconds > config.slurm.signal_lead_s:
         message = f"slurm.signal_lead_s={config.slurm.signal_lead_s} is shorter than the last checkpoint's write time ({seconds:.1f}s): a preemption warning may come too late to save"
         if not any(e.get("event") == "warning" and e.get("message") == message for e in run.events()):
-            run.append_event("warning", message=message)
+            run.append_event("warning", message=message, checkpoint_s=seconds, signal_lead_s=config.slurm.signal_lead_s)
             _log(f"WARNING: {message}")
 
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from .config import ClusterConfig
-from .exitcodes import PREEMPTED_EXIT_CODE
+from .exitcodes import PREEMPTED_EXIT_CODE, PREEMPTED_TYPE
 from .launcher import AttemptGroup, Launcher, RankProcess, SubprocessLauncher
 from .logstream import LogStreamer, tail_lines
 from .plan import build_local_plan
@@ -280,7 +280,7 @@ class Supervisor:
         root = self._root_cause(failures, failure_seen)
         if stopped:
             status = "stopped"
-        elif failure_seen is not None and root is not None and root.exitcode == PREEMPTED_EXIT_CODE:
+        elif failure_seen is not None and root is not None and (root.exitcode == PREEMPTED_EXIT_CODE or root.error_type == PREEMPTED_TYPE):
             status = "preempted"
         elif failure_seen is not None:
             status = "failed"

@@ -6,6 +6,9 @@
 # LOCAL_WORLD_SIZE, TORCHELASTIC_RESTART_COUNT, ORCH_*) come from the supervisor through
 # srun's environment. Nothing from cluster.yaml is substituted into this file.
 set -eu
+# A --signal warning that lands while the job is still importing must not kill it: ignored
+# here, the disposition survives exec until orchestrator.runtime installs its handler.
+trap '' USR2
 export RANK="$SLURM_PROCID"
 export LOCAL_RANK="$SLURM_LOCALID"
 export NODE_RANK="$SLURM_NODEID"

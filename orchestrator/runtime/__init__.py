@@ -3,7 +3,7 @@ metrics. Everything works under `orch run`, under Slurm, under torchrun, or as a
 one-process `python train.py`."""
 
 from .checkpoint import Checkpointer, CheckpointError, Progress, state_digest
-from .dist import DistContext, init, shutdown
+from .dist import DistContext, init, shutdown, wrap_ddp
 from .errorfile import install_excepthook, write_error_file
 from .metrics import Metrics
 from .sampler import ResumableDistributedSampler
@@ -20,4 +20,5 @@ __all__ = [
     "shutdown",
     "state_digest",
     "write_error_file",
+    "wrap_ddp",
 ]

@@ -341,6 +341,7 @@ class Checkpointer:
             if result is not None:
                 self._discard(tmp)
             else:
+                self._record_commit(step, digest, time.monotonic() - started)
                 try:
                     self.store.prune(self.keep, self.incarnation, protect=[step])
                 except OSError as exc:  # retention is housekeeping: never fail a committed save
@@ -350,6 +351,18 @@ class Checkpointer:
             kind, message = result
             raise (StaleIncarnationError if kind == "stale" else CheckpointError)(message)
         self.last_save_s = time.monotonic() - started
+
+    def _record_commit(self, step: int, digest: str | None, write_s: float) -> None:
+        """Ledger entry in the run directory: supervisors check the signal lead time against
+        write_s, and `orch status` shows the newest step."""
+        if not self.ctx.run_dir:
+            return
+        from ..rundir import RunDir
+
+        try:
+            RunDir(self.ctx.run_dir).append_event("checkpoint_committed", step=step, attempt=self.ctx.attempt, write_s=round(write_s, 3), model_digest=digest)
+        except OSError as exc:  # the checkpoint is committed; a ledger hiccup must not fail it
+            _warn(f"could not record the checkpoint in events: {exc}")
 
     def _discard(self, tmp: str) -> None:
         if not tmp:

@@ -86,3 +86,22 @@ def init(backend: str | None = None, timeout_s: float = 600.0) -> DistContext:
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def wrap_ddp(model: torch.nn.Module, ctx: DistContext, **kwargs: object) -> torch.nn.Module:
+    """DistributedDataParallel with a gradient-bucket layout that never changes.
+
+    DDP regroups its gradient buckets after the first iteration of every process. A run
+    resumed from a checkpoint therefore reduces its first step with a different layout than
+    the uninterrupted run did at that step, and with more than two ranks a different layout
+    means a different floating-point summation order: the weights drift apart in the last
+    bits. With `find_unused_parameters=True` DDP keeps its initial layout, so a resumed run is
+    bitwise identical to an uninterrupted one (at the cost of one walk of the autograd graph
+    per step). Pass find_unused_parameters=False to trade that for speed.
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    kwargs.setdefault("find_unused_parameters", True)
+    if ctx.device.type == "cuda":
+        kwargs.setdefault("device_ids", [ctx.local_rank])
+    return DistributedDataParallel(model, **kwargs)  # type: ignore[arg-type]

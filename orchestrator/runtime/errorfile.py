@@ -14,16 +14,21 @@ _installed = False
 
 
 def write_error_file(exc: BaseException, path: str | None = None) -> None:
+    write_record(type(exc).__name__, str(exc)[:4000], path=path, traceback="".join(traceback.format_exception(type(exc), exc, exc.__traceback__))[-20000:])
+
+
+def write_record(kind: str, message: str, *, path: str | None = None, **extra: object) -> None:
+    """Write this rank's exit record (an error, or a preemption) atomically."""
     path = path or os.environ.get("ORCH_ERROR_FILE")
     if not path:
         return
     record = {
         "rank": int(os.environ.get("RANK", "-1")),
-        "type": type(exc).__name__,
-        "message": str(exc)[:4000],
-        "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))[-20000:],
+        "type": kind,
+        "message": message,
         "time": time.time(),
         "pid": os.getpid(),
+        **extra,
     }
     tmp = f"{path}.tmp-{os.getpid()}"
     try:

@@ -14,7 +14,8 @@ import sys
 from typing import Any
 
 
-from ..exitcodes import PREEMPTED_EXIT_CODE
+from ..exitcodes import PREEMPTED_EXIT_CODE, PREEMPTED_TYPE
+from .errorfile import write_record
 STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
 
 _requested: int | None = None
@@ -47,6 +48,12 @@ def request(signum: int = signal.SIGUSR2) -> None:
 
 
 def exit_preempted(step: int) -> None:
+    """Record why this rank stops (the error file the supervisor reads), then exit 75.
+
+    The record matters under `srun --kill-on-bad-exit`: the first rank to exit 75 makes srun
+    terminate the others, so the step's exit code alone cannot tell a preemption from a crash.
+    """
     name = signal.Signals(_requested).name if _requested else "a request"
+    write_record(PREEMPTED_TYPE, f"checkpointed step {step} after {name}", step=step)
     print(f"[orch] stopping at step {step} after {name}: checkpoint committed, exiting {PREEMPTED_EXIT_CODE} to be resumed", file=sys.stderr, flush=True)
     raise SystemExit(PREEMPTED_EXIT_CODE)

@@ -1,0 +1,66 @@
+"""A real Slurm cluster for the tests: slurmctld, slurmdbd + MariaDB (sacct works) and three
+slurmd daemons as nodes n1..n3, started by the project's own scripts/slurm/start.sh and stopped
+(and wiped) after the session. Needs root and the packages of scripts/slurm/install.sh, which
+the README's test command installs. ORCH_SKIP_SLURM=1 skips this group explicitly."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from ..conftest import REPO, run_orch
+
+SCRIPTS = REPO / "scripts" / "slurm"
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    if os.environ.get("ORCH_SKIP_SLURM") == "1":
+        pytest.skip("ORCH_SKIP_SLURM=1")
+    if os.geteuid() != 0 or not shutil.which("slurmctld"):
+        pytest.fail("the Slurm tests need root and scripts/slurm/install.sh (the README's test command runs it)")
+    state = Path("/tmp") / f"orch-slurm-test-{os.getpid()}"
+    env = {**os.environ, "SLURMLAB_NODES": "3", "SLURMLAB_CTLD_PORT": "17817", "SLURMLAB_CPUS": "8"}
+    t0 = time.monotonic()
+    proc = subprocess.run(["bash", str(SCRIPTS / "start.sh"), str(state)], env=env, capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0:
+        pytest.fail(f"scripts/slurm/start.sh failed: {proc.stderr[-2000:]}")
+    print(f"slurm test cluster up in {time.monotonic() - t0:.1f}s")
+    previous = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = str(state / "etc" / "slurm.conf")
+    try:
+        yield state
+    finally:
+        subprocess.run(["bash", str(SCRIPTS / "stop.sh"), str(state), "--wipe"], capture_output=True, timeout=180)
+        if previous is None:
+            os.environ.pop("SLURM_CONF", None)
+        else:
+            os.environ["SLURM_CONF"] = previous
+
+
+def submit(cfg: Path, run_id: str) -> str:
+    proc = run_orch("submit", str(cfg), "--run-id", run_id, "--json")
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)["job_id"]
+
+
+def status(cfg: Path, run_id: str) -> dict:
+    proc = run_orch("status", run_id, "--config", str(cfg), "--json")
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def wait_final(cfg: Path, run_id: str, timeout: float = 300) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        st = status(cfg, run_id)
+        if st["state"] in ("succeeded", "failed", "stopped"):
+            return st
+        time.sleep(1)
+    raise AssertionError(f"run {run_id} did not finish in {timeout}s: {st}")

@@ -1,0 +1,166 @@
+"""The slurm backend on a real cluster (3 slurmd nodes): multi-node DDP, the env contract,
+preemption in each of its forms with exact resume, failures inside the allocation."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from orchestrator.plan import CONTRACT_VARS
+
+from ..conftest import JOBS, TEST_JOBS, read_events, wait_for, write_config
+from .conftest import status, submit, wait_final
+
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("slurm_cluster")]
+
+TRAIN_ARGS = ["--steps", "120", "--log-every", "5", "--step-sleep", "0.08", "--dataset-size", "1024"]
+
+
+def slurm_config(tmp_path: Path, script: Path, args: list[str], **sections) -> Path:
+    base = {"backend": "slurm", "resources": {"nodes": 3, "ranks_per_node": 2, "cpus_per_rank": 1, "time_limit": "10"}, "storage": {"checkpoint_interval": 20}, "slurm": {"partition": "debug", "signal_lead_s": 30, "max_requeues": 3}}
+    for key, value in sections.items():
+        base.setdefault(key, {}).update(value)
+    return write_config(tmp_path, script, args=args, **base)
+
+
+def rank0_step(run_dir: Path) -> int:
+    steps = [0]
+    for path in (run_dir / "logs").glob("attempt-*/rank-0.log"):
+        for line in path.read_text().splitlines():
+            if line.startswith("step "):
+                steps.append(int(line.split()[1].split("/")[0]))
+    return max(steps)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> tuple[int, str]:
+    """The uninterrupted 3 x 2 run: the example job succeeds on the cluster; its final digest
+    is what every interrupted run must end with."""
+    tmp = tmp_path_factory.mktemp("slurm-ref")
+    cfg = slurm_config(tmp, JOBS / "train_ddp.py", TRAIN_ARGS)
+    submit(cfg, "ref")
+    st = wait_final(cfg, "ref")
+    assert st["state"] == "succeeded" and st["attempts"] == 1, st
+    assert st["slurm_state"] == "COMPLETED"
+    assert sorted(p.name for p in (tmp / "runs" / "ref" / "logs" / "attempt-0").glob("rank-*.log")) == [f"rank-{r}.log" for r in range(6)]
+    return st["newest_checkpoint"], st["newest_checkpoint_digest"]
+
+
+def test_multinode_ranks_see_the_same_contract_as_local(tmp_path, reference):
+    cfg = slurm_config(tmp_path, TEST_JOBS / "env_dump.py", ["--flag", "two words"])
+    submit(cfg, "env")
+    assert wait_final(cfg, "env")["state"] == "succeeded"
+    run_dir = tmp_path / "runs" / "env"
+    for rank in range(6):
+        seen = json.loads((run_dir / f"env-{rank}.json").read_text())
+        node, local = divmod(rank, 2)
+        expected = {"RANK": str(rank), "LOCAL_RANK": str(local), "WORLD_SIZE": "6", "LOCAL_WORLD_SIZE": "2", "NODE_RANK": str(node), "GROUP_RANK": str(node), "NNODES": "3",
+                    "TORCHELASTIC_RESTART_COUNT": "0", "ORCH_RUN_ID": "env", "ORCH_RUN_DIR": str(run_dir), "ORCH_ATTEMPT": "0"}
+        host_and_port = {"MASTER_ADDR", "MASTER_PORT"}
+        assert {k: seen[k] for k in CONTRACT_VARS if k not in host_and_port} == expected
+        assert seen["MASTER_ADDR"] == "n1" and int(seen["MASTER_PORT"]) > 0
+        assert seen["all_reduce"] == sum(range(1, 7)) and seen["argv"] == ["--flag", "two words"]
+
+
+def _interrupt_and_check(tmp_path, reference, run_id, interrupt, **sections) -> dict:
+    cfg = slurm_config(tmp_path, JOBS / "train_ddp.py", TRAIN_ARGS, **sections)
+    job = submit(cfg, run_id)
+    run_dir = tmp_path / "runs" / run_id
+    wait_for(lambda: rank0_step(run_dir) >= 30, 120, "training past step 30")
+    interrupt(job)
+    st = wait_final(cfg, run_id, timeout=300)
+    assert st["state"] == "succeeded", st
+    kinds = [e["event"] for e in read_events(run_dir)]
+    assert kinds.count("job_started") >= 2, kinds  # a second incarnation ran
+    assert (st["newest_checkpoint"], st["newest_checkpoint_digest"]) == reference
+    return st
+
+
+def test_signal_warning_checkpoints_requeues_and_resumes(tmp_path, reference):
+    def warn(job):
+        subprocess.run(["scancel", "--signal=USR2", job], check=True)
+
+    _interrupt_and_check(tmp_path, reference, "warned", warn)
+    events = read_events(tmp_path / "runs" / "warned")
+    preempted = [e for e in events if e["event"] == "preempted"]
+    assert preempted and preempted[0]["checkpoint"] >= 30
+    resumed = [e for e in events if e["event"] == "attempt_started"][-1]
+    assert resumed["newest_checkpoint"] == preempted[0]["checkpoint"]  # resumed from the agreed step
+
+
+def test_scontrol_requeue_from_outside_resumes(tmp_path, reference):
+    _interrupt_and_check(tmp_path, reference, "requeued", lambda job: subprocess.run(["scontrol", "requeue", job], check=True))
+
+
+def test_partition_preemption_resumes(tmp_path, reference):
+    def preempt(job):
+        urgent = subprocess.run(["sbatch", "--parsable", "-p", "urgent", "-N", "3", "--exclusive", "--wrap", "sleep 2"], check=True, capture_output=True, text=True)
+        assert urgent.stdout.strip()
+
+    _interrupt_and_check(tmp_path, reference, "preempted", preempt)
+
+
+def test_time_limit_checkpoints_and_requeues_until_done(tmp_path, reference):
+    # ~85 s of training under a 2 minute limit with the warning 60 s before it (Slurm checks
+    # limits about once a minute, so the warning lands 0-60 s earlier still): the first
+    # incarnation is always warned, checkpoints and is requeued; a later one finishes.
+    cfg = slurm_config(tmp_path, JOBS / "train_ddp.py", ["--steps", "400", "--log-every", "5", "--step-sleep", "0.2", "--dataset-size", "1024"],
+                       resources={"time_limit": "2"}, slurm={"signal_lead_s": 60, "max_requeues": 6})
+    submit(cfg, "limited")
+    st = wait_final(cfg, "limited", timeout=600)
+    events = read_events(tmp_path / "runs" / "limited")
+    assert st["state"] == "succeeded", st
+    assert sum(e["event"] == "requeued" for e in events) >= 1
+    assert st["newest_checkpoint"] == 400
+
+
+def test_requeues_are_bounded(tmp_path):
+    cfg = slurm_config(tmp_path, JOBS / "train_ddp.py", ["--steps", "400", "--log-every", "5", "--step-sleep", "0.25"], slurm={"max_requeues": 0})
+    job = submit(cfg, "bounded")
+    wait_for(lambda: rank0_step(tmp_path / "runs" / "bounded") >= 10, 120, "training")
+    subprocess.run(["scancel", "--signal=USR2", job], check=True)
+    st = wait_final(cfg, "bounded")
+    assert st["state"] == "failed"
+    finished = [e for e in read_events(tmp_path / "runs" / "bounded") if e["event"] == "run_finished"][-1]
+    assert "no requeues left" in finished["reason"]
+
+
+def test_rank_crash_restarts_a_new_step(tmp_path):
+    cfg = slurm_config(tmp_path, TEST_JOBS / "fail.py", [], job={"env": {"FAIL_ONLY_ATTEMPT": "0", "FAIL_RANK": "3"}}, restart={"max_restarts": 2, "backoff_s": 0.5})
+    submit(cfg, "crash-once")
+    st = wait_final(cfg, "crash-once")
+    assert st["state"] == "succeeded" and st["attempts"] == 2, st
+    ended = [e for e in read_events(tmp_path / "runs" / "crash-once") if e["event"] == "attempt_ended"]
+    assert ended[0]["status"] == "failed" and ended[0]["root_cause"]["rank"] == 3
+
+
+def test_crash_loop_fails_with_root_cause(tmp_path):
+    cfg = slurm_config(tmp_path, TEST_JOBS / "fail.py", [], job={"env": {"FAIL_RANK": "4", "FAIL_WITH": "loss is nan"}}, restart={"max_restarts": 10, "backoff_s": 0.2})
+    submit(cfg, "looping")
+    st = wait_final(cfg, "looping")
+    assert st["state"] == "failed" and st["attempts"] == 3, st
+    assert st["root_cause"]["rank"] == 4 and st["root_cause"]["message"] == "ValueError: loss is nan"
+    text = subprocess.run([sys.executable, "-m", "orchestrator.cli", "status", str(tmp_path / "runs" / "looping")], capture_output=True, text=True).stdout
+    assert "root cause rank 4" in text and "loss is nan" in text
+
+
+def test_non_retryable_error_fails_at_once(tmp_path):
+    cfg = slurm_config(tmp_path, TEST_JOBS / "fail.py", [], job={"env": {"FAIL_RANK": "0", "FAIL_TYPE": "NameError", "FAIL_WITH": "name 'lr' is not defined"}}, restart={"max_restarts": 5})
+    submit(cfg, "usererror")
+    st = wait_final(cfg, "usererror")
+    assert st["state"] == "failed" and st["attempts"] == 1
+    assert st["root_cause"]["message"] == "NameError: name 'lr' is not defined"
+
+
+def test_lead_time_shorter_than_checkpoint_time_is_reported(tmp_path):
+    cfg = slurm_config(tmp_path, JOBS / "train_ddp.py", ["--steps", "20", "--log-every", "5"], job={"env": {"ORCH_FAULT": "ckpt.file_written:sleep=3"}},
+                       storage={"checkpoint_interval": 10}, slurm={"signal_lead_s": 2})
+    submit(cfg, "slowsave")
+    st = wait_final(cfg, "slowsave")
+    assert st["state"] == "succeeded"
+    assert any("signal_lead_s=2 is shorter than the last checkpoint's write time" in w for w in st["warnings"]), st["warnings"]
