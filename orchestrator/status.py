@@ -100,14 +100,14 @@ def merge_scheduler_state(fields: dict[str, Any], mapped: str | None, raw: str |
     """Events are the truth for what the supervisor saw; the scheduler for what it could not
     write (still queued, requeued, or killed before it could record its end). Pure."""
     fields = dict(fields)
-    if fields["state"] in ("succeeded", "failed", "stopped") or mapped is None:
+    if fields["state"] in ("succeeded", "failed", "stopped", "cancelled") or mapped is None:
         return fields
     if mapped in ("pending", "preempted-requeued"):
         fields["state"] = mapped
     elif mapped == "running":
         fields["state"] = "running"
-    elif mapped == "succeeded":
-        fields["state"] = "succeeded"
+    elif mapped in ("succeeded", "cancelled"):
+        fields["state"] = mapped
     else:
         fields["state"] = "failed"
         fields["root_cause"] = fields.get("root_cause") or {"rank": None, "message": f"Slurm job ended {raw} before the supervisor recorded an outcome"}

@@ -1,6 +1,15 @@
 #!/usr/bin/env bash
-# Set up .venv if needed, then run the whole test suite (unit + real gloo integration tests).
+# Set up .venv if needed, install the Slurm packages for the test cluster (as root), then run
+# the whole test suite: unit tests, integration tests with real gloo ranks, an S3 API server on
+# 127.0.0.1, and a real Slurm cluster (3 slurmd nodes) that the tests start and stop.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/bootstrap.sh
+if [ "${ORCH_SKIP_SLURM:-0}" != 1 ]; then
+  if [ "$(id -u)" = 0 ]; then
+    scripts/slurm/install.sh >/dev/null
+  else
+    echo "test.sh: not root: the Slurm tests will fail (set ORCH_SKIP_SLURM=1 to skip them)" >&2
+  fi
+fi
 exec .venv/bin/python -m pytest -q "$@"

@@ -195,6 +195,7 @@ _STATE_MAP = {
     "SUSPENDED": "running",
     "RESIZING": "running",
     "COMPLETED": "succeeded",
+    "CANCELLED": "cancelled",
 }
 
 

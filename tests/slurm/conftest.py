@@ -60,7 +60,7 @@ def wait_final(cfg: Path, run_id: str, timeout: float = 300) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         st = status(cfg, run_id)
-        if st["state"] in ("succeeded", "failed", "stopped"):
+        if st["state"] in ("succeeded", "failed", "stopped", "cancelled"):
             return st
         time.sleep(1)
     raise AssertionError(f"run {run_id} did not finish in {timeout}s: {st}")

@@ -13,7 +13,7 @@ import pytest
 
 from orchestrator.plan import CONTRACT_VARS
 
-from ..conftest import JOBS, TEST_JOBS, read_events, wait_for, write_config
+from ..conftest import JOBS, TEST_JOBS, read_events, run_orch, wait_for, write_config
 from .conftest import status, submit, wait_final
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("slurm_cluster")]
@@ -112,11 +112,17 @@ def test_time_limit_checkpoints_and_requeues_until_done(tmp_path, reference):
     cfg = slurm_config(tmp_path, JOBS / "train_ddp.py", ["--steps", "400", "--log-every", "5", "--step-sleep", "0.2", "--dataset-size", "1024"],
                        resources={"time_limit": "2"}, slurm={"signal_lead_s": 60, "max_requeues": 6})
     submit(cfg, "limited")
+    # Meanwhile the same job, uninterrupted, on the local backend with the same world size.
+    (tmp_path / "local").mkdir()
+    local_cfg = write_config(tmp_path / "local", JOBS / "train_ddp.py", args=["--steps", "400", "--log-every", "100", "--dataset-size", "1024"], resources={"nodes": 3, "ranks_per_node": 2}, storage={"checkpoint_interval": 200})
+    local = run_orch("run", str(local_cfg), "--run-id", "uninterrupted", "--quiet", "--json")
+    assert local.returncode == 0, local.stderr
+    expected = json.loads(run_orch("status", "uninterrupted", "--config", str(local_cfg), "--json").stdout)
     st = wait_final(cfg, "limited", timeout=600)
     events = read_events(tmp_path / "runs" / "limited")
     assert st["state"] == "succeeded", st
     assert sum(e["event"] == "requeued" for e in events) >= 1
-    assert st["newest_checkpoint"] == 400
+    assert (st["newest_checkpoint"], st["newest_checkpoint_digest"]) == (400, expected["newest_checkpoint_digest"])
 
 
 def test_requeues_are_bounded(tmp_path):
@@ -164,3 +170,17 @@ def test_lead_time_shorter_than_checkpoint_time_is_reported(tmp_path):
     st = wait_final(cfg, "slowsave")
     assert st["state"] == "succeeded"
     assert any("signal_lead_s=2 is shorter than the last checkpoint's write time" in w for w in st["warnings"]), st["warnings"]
+
+
+def test_logs_and_cancel_from_the_login_node(tmp_path):
+    cfg = slurm_config(tmp_path, JOBS / "train_ddp.py", ["--steps", "2000", "--log-every", "5", "--step-sleep", "0.1"])
+    job = submit(cfg, "cancelme")
+    run_dir = tmp_path / "runs" / "cancelme"
+    wait_for(lambda: rank0_step(run_dir) >= 10, 120, "training")
+    st = status(cfg, "cancelme")
+    assert st["state"] == "running" and st["current_attempt"] == 0 and st["job_id"] == job
+    logs = run_orch("logs", "cancelme", "--config", str(cfg), "--rank", "0")
+    assert logs.returncode == 0 and "[rank 0] step 5/2000" in logs.stdout
+    assert run_orch("cancel", "cancelme", "--config", str(cfg)).returncode == 0
+    st = wait_final(cfg, "cancelme", timeout=120)
+    assert st["state"] == "cancelled" and st["slurm_state"] == "CANCELLED", st
