@@ -99,7 +99,7 @@ def test_scontrol_requeue_from_outside_resumes(tmp_path, reference):
 
 def test_partition_preemption_resumes(tmp_path, reference):
     def preempt(job):
-        urgent = subprocess.run(["sbatch", "--parsable", "-p", "urgent", "-N", "3", "--exclusive", "--wrap", "sleep 2"], check=True, capture_output=True, text=True)
+        urgent = subprocess.run(["sbatch", "--parsable", "-p", "urgent", "-N", "3", "--exclusive", "-o", "/dev/null", "--wrap", "sleep 2"], check=True, capture_output=True, text=True)
         assert urgent.stdout.strip()
 
     _interrupt_and_check(tmp_path, reference, "preempted", preempt)
