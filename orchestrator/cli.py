@@ -89,6 +89,17 @@ def _load(args: argparse.Namespace) -> Any:
     return load_config(args.config, args.overrides, backend=args.backend)
 
 
+def _load_for(args: argparse.Namespace, backend: str, wrong_backend: str) -> Any:
+    """The config, checked for the command's backend and for the pass_env it needs."""
+    config = _load(args)
+    if config.backend != backend:
+        raise OrchError(wrong_backend)
+    missing = [n for n in config.job.pass_env if n not in os.environ]
+    if missing:
+        raise OrchError(f"job.pass_env: {missing[0]} is not set in this environment")
+    return config
+
+
 def _storage_root(config_path: str) -> str:
     """storage.root from a config file, without requiring its entrypoint to exist here."""
     from .config import load_config
@@ -151,12 +162,7 @@ def _create_run(args: argparse.Namespace, config: Any) -> Any:
 def cmd_submit(args: argparse.Namespace) -> int:
     from .backends import slurm
 
-    config = _load(args)
-    if config.backend != "slurm":
-        raise OrchError("submit: needs the slurm backend (set `backend: slurm` or pass --backend slurm); `orch run` runs locally")
-    missing = [n for n in config.job.pass_env if n not in os.environ]
-    if missing:
-        raise OrchError(f"job.pass_env: {missing[0]} is not set in this environment")
+    config = _load_for(args, "slurm", "submit: needs the slurm backend (set `backend: slurm` or pass --backend slurm); `orch run` runs locally")
     folder_check = slurm.submitit_folder(config.storage_root)  # fails early on object-store roots
     del folder_check
     run = _create_run(args, config)
@@ -198,12 +204,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from .supervisor import Supervisor
 
-    config = _load(args)
-    if config.backend != "local":
-        raise OrchError("run: runs the local backend; for Slurm use `orch submit` (not built yet, issue 4) or pass --backend local")
-    missing = [n for n in config.job.pass_env if n not in os.environ]
-    if missing:
-        raise OrchError(f"job.pass_env: {missing[0]} is not set in this environment")
+    config = _load_for(args, "local", "run: runs the local backend; for Slurm use `orch submit`, or pass --backend local")
     show = () if args.quiet else _parse_ranks(args.ranks, config.resources.world_size)
     run = _create_run(args, config)
     supervisor = Supervisor(config=config, run=run, console=sys.stderr, show_ranks=show)

@@ -55,27 +55,23 @@ _SECRET_NAME = re.compile(
 REDACTED = "<redacted>"
 
 
-def contract_env(
+PER_RANK_VARS: tuple[str, ...] = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK")
+
+
+def shared_contract_env(
     *,
-    rank: int,
-    local_rank: int,
-    node_rank: int,
     nnodes: int,
     ranks_per_node: int,
     master_addr: str,
     master_port: int | str,
-    attempt: int,
+    attempt: int | str,
     run_id: str,
     run_dir: str,
 ) -> dict[str, str]:
-    """The env contract of one rank, as strings, in CONTRACT_VARS order."""
+    """The part of the env contract that every rank of an attempt shares."""
     values = {
-        "RANK": rank,
-        "LOCAL_RANK": local_rank,
         "WORLD_SIZE": nnodes * ranks_per_node,
         "LOCAL_WORLD_SIZE": ranks_per_node,
-        "NODE_RANK": node_rank,
-        "GROUP_RANK": node_rank,
         "NNODES": nnodes,
         "MASTER_ADDR": master_addr,
         "MASTER_PORT": master_port,
@@ -84,8 +80,21 @@ def contract_env(
         "ORCH_RUN_DIR": run_dir,
         "ORCH_ATTEMPT": attempt,
     }
-    assert tuple(values) == CONTRACT_VARS
     return {k: str(v) for k, v in values.items()}
+
+
+def contract_env(*, rank: int, local_rank: int, node_rank: int, **shared: object) -> dict[str, str]:
+    """The env contract of one rank, as strings, in CONTRACT_VARS order."""
+    values = {
+        "RANK": str(rank),
+        "LOCAL_RANK": str(local_rank),
+        "NODE_RANK": str(node_rank),
+        "GROUP_RANK": str(node_rank),
+        **shared_contract_env(**shared),  # type: ignore[arg-type]
+    }
+    ordered = {k: values[k] for k in CONTRACT_VARS}
+    assert len(ordered) == len(values)
+    return ordered
 
 
 def runtime_env(config: ClusterConfig) -> dict[str, str]:

@@ -62,3 +62,22 @@ def test_summarize_follows_the_ledger():
     assert summarize(events, supervisor_alive=False, now=10.0)["state"] == "lost"
     done = summarize([*events, {"time": 9.0, "event": "run_finished", "status": "succeeded"}])
     assert done["state"] == "succeeded" and done["root_cause"] is None and done["wall_s"] == 9.0
+
+
+def test_scheduler_state_fills_what_events_cannot_say():
+    from orchestrator.backends.slurm import map_state
+    from orchestrator.status import merge_scheduler_state
+
+    submitted = summarize([{"time": 0.0, "event": "submitted", "backend": "slurm", "job_id": "7"}], now=5.0)
+    assert submitted["state"] == "pending" and submitted["job_id"] == "7"
+    assert merge_scheduler_state(submitted, map_state("PENDING"), "PENDING")["state"] == "pending"
+    running = summarize([{"time": 0.0, "event": "submitted", "backend": "slurm", "job_id": "7"}, {"time": 1.0, "event": "job_started", "backend": "slurm"}, {"time": 2.0, "event": "attempt_started", "attempt": 0}], now=5.0)
+    assert running["state"] == "running"
+    assert merge_scheduler_state(running, map_state("REQUEUED"), "REQUEUED")["state"] == "preempted-requeued"
+    killed = merge_scheduler_state(running, map_state("NODE_FAIL"), "NODE_FAIL")
+    assert killed["state"] == "failed" and "NODE_FAIL" in killed["root_cause"]["message"]
+    assert merge_scheduler_state(running, map_state("CANCELLED"), "CANCELLED")["state"] == "cancelled"
+    done = summarize([{"time": 0.0, "event": "submitted", "backend": "slurm", "job_id": "7"}, {"time": 9.0, "event": "run_finished", "status": "succeeded"}])
+    assert merge_scheduler_state(done, map_state("RUNNING"), "RUNNING")["state"] == "succeeded"  # the ledger's end wins
+    preempted = summarize([{"time": 0.0, "event": "submitted", "backend": "slurm", "job_id": "7"}, {"time": 1.0, "event": "job_started", "backend": "slurm"}, {"time": 3.0, "event": "requeued", "job_id": "7"}], now=5.0)
+    assert preempted["state"] == "preempted-requeued"

@@ -19,7 +19,7 @@ from typing import Any, Mapping
 
 from ..config import ClusterConfig
 from ..errors import OrchError
-from ..plan import REDACTED, contract_env, redact, runtime_env
+from ..plan import REDACTED, redact, runtime_env, shared_contract_env
 
 TEMPLATES = Path(__file__).resolve().parent.parent.parent / "templates"
 TASK_SCRIPT = TEMPLATES / "slurm_task.sh"
@@ -107,10 +107,7 @@ def step_env(
     """What the supervisor adds to srun's environment: the contract's shared part, the
     runtime settings and job.env. The per-rank part comes from templates/slurm_task.sh."""
     res = config.resources
-    shared = contract_env(
-        rank=0,
-        local_rank=0,
-        node_rank=0,
+    shared = shared_contract_env(
         nnodes=res.nodes,
         ranks_per_node=res.ranks_per_node,
         master_addr=master_addr,
@@ -119,8 +116,6 @@ def step_env(
         run_id=run_id,
         run_dir=run_dir,
     )
-    for per_rank in ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK"):
-        del shared[per_rank]
     return {
         **config.job.env,
         **runtime_env(config),
