@@ -210,6 +210,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     supervisor = Supervisor(config=config, run=run, console=sys.stderr, show_ranks=show)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, _frame: supervisor.request_stop(signum))
+    # SIGUSR2: a preemption drill; ranks checkpoint and exit 75, and a new attempt resumes.
+    signal.signal(signal.SIGUSR2, lambda signum, _frame: supervisor.request_preemption(signum))
     result = supervisor.run_all()
     ckpt = f"; newest checkpoint step {result.newest_checkpoint}" if result.newest_checkpoint is not None else ""
     if result.status == "succeeded":

@@ -118,6 +118,17 @@ class RestartSpec:
 
 
 @dataclass(frozen=True, kw_only=True)
+class WatchdogSpec:
+    hang_timeout_s: float | Literal["auto"] = _f(
+        "auto", "A training rank silent this long is hung; auto: max(min_hang_s, hang_factor x its step time) after 5 steps.", min=1.0, max=86400.0
+    )
+    hang_factor: float = _f(30.0, "auto: how many typical step times of silence make a hang.", min=2.0, max=100000.0)
+    min_hang_s: float = _f(60.0, "auto: never call a rank hung sooner than this.", min=1.0, max=86400.0)
+    startup_timeout_s: float | None = _f(None, "Limit from start to the first training step (null: none).", min=1.0, max=86400.0)
+    save_timeout_s: float = _f(1800.0, "Limit for one checkpoint save.", min=1.0, max=86400.0)
+
+
+@dataclass(frozen=True, kw_only=True)
 class SlurmSpec:
     partition: str | None = _f(None, "Slurm partition (-p).", pattern=_NAME)
     account: str | None = _f(None, "Slurm account (-A).", pattern=_NAME)
@@ -141,6 +152,7 @@ class ClusterConfig:
     distributed: DistributedSpec = _f(DistributedSpec, "torch.distributed settings.")
     storage: StorageSpec = _f(StorageSpec, "Run directory and checkpoint settings.")
     restart: RestartSpec = _f(RestartSpec, "What the supervisor does when a rank fails.")
+    watchdog: WatchdogSpec = _f(WatchdogSpec, "When a silent rank counts as hung (ranks using orchestrator.runtime send heartbeats).")
     slurm: SlurmSpec = _f(SlurmSpec, "Settings used only by the slurm backend.")
     # Where the file was loaded from: relative paths in it resolve against this directory.
     base_dir: str = field(default=".", metadata={"doc": "internal", "internal": True})

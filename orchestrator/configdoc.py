@@ -23,7 +23,7 @@ def render_config_doc() -> str:
         "| field | default | meaning |",
         "| --- | --- | --- |",
     ]
-    sections = {"job", "resources", "distributed", "storage", "restart", "slurm"}
+    sections = {"job", "resources", "distributed", "storage", "restart", "watchdog", "slurm"}
     for path, doc, default in field_docs():
         doc = doc.replace("|", "\\|")
         if path in sections:

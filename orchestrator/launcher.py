@@ -29,7 +29,7 @@ except OSError:  # pragma: no cover - non-glibc platforms
 
 # The reaper ignores SIGTERM (so a graceful stop of the group leaves it in place to finish the
 # job with SIGKILL), waits for EOF on stdin, then kills its own process group.
-_REAPER_SCRIPT = 'trap "" TERM INT HUP; while read -r _; do :; done; kill -KILL 0'
+_REAPER_SCRIPT = 'trap "" TERM INT HUP USR1 USR2; while read -r _; do :; done; kill -KILL 0'
 
 
 @dataclass

@@ -21,6 +21,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from typing import Any
 
@@ -31,11 +32,9 @@ from .exitcodes import PREEMPTED_EXIT_CODE, PREEMPTED_TYPE
 from .hostlist import expand_hostlist
 from .ports import lease_port
 from .rundir import RunDir
-from .supervisor import is_peer_loss, read_error_file
+from .failures import classify, is_peer_loss
+from .supervisor import CRASH_LOOP_ATTEMPTS, read_error_file
 
-# Errors that fail the same way every time: restarting cannot help.
-NON_RETRYABLE = {"SyntaxError", "ImportError", "ModuleNotFoundError", "NameError", "AttributeError", "TypeError", "FileNotFoundError", "KeyError", "IndentationError"}
-CRASH_LOOP_ATTEMPTS = 3
 
 
 def load_run_config(run: RunDir) -> ClusterConfig:
@@ -77,7 +76,17 @@ def _checkpoint_seconds(run: RunDir) -> float | None:
     return max(times) if times else None
 
 
+_terminated = threading.Event()
+
+
+def _on_sigterm(signum: int, _frame: Any) -> None:
+    # Ranks get Slurm's SIGTERM themselves and checkpoint; the supervisor keeps waiting for
+    # its srun step and only remembers that this incarnation is ending.
+    _terminated.set()
+
+
 def supervise(run_url: str) -> None:
+    signal.signal(signal.SIGTERM, _on_sigterm)  # replaces submitit's "bypass" handler
     run = RunDir(run_url)
     config = load_run_config(run)
     job_id = os.environ.get("SLURM_JOB_ID", "?")
@@ -101,9 +110,16 @@ def supervise(run_url: str) -> None:
         if code == PREEMPTED_EXIT_CODE:
             _requeue(run, config, job_id, restart_count, after)
             return
+        if _terminated.is_set():
+            # Slurm is ending this incarnation (cancel, requeue, node failure): no new step.
+            run.append_event("incarnation_ended", job_id=job_id, attempt=attempt, newest_checkpoint=after)
+            _log("terminated by Slurm; not starting another step")
+            return
         attempts_without_progress = 0 if after != before else attempts_without_progress + 1
         verdict = None
-        if cause.get("error_type") in NON_RETRYABLE:
+        classified = classify(exitcode=cause.get("exitcode"), error_type=cause.get("error_type"), message=cause.get("message", ""))
+        cause = {**cause, "class": classified.kind, "hint": classified.hint}
+        if not classified.retryable:
             verdict = f"{cause['error_type']} is not retryable (it fails the same way every time)"
         elif attempts_without_progress >= CRASH_LOOP_ATTEMPTS:
             verdict = f"crash loop: {attempts_without_progress} attempts in a row without a new checkpoint"
@@ -158,7 +174,9 @@ def _requeue(run: RunDir, config: ClusterConfig, job_id: str, restart_count: int
     # Slurm's own preemption requeues the job itself; then our request is refused: fine.
     run.append_event("requeued", job_id=job_id, checkpoint=step, by="orch" if proc.returncode == 0 else "slurm", detail=proc.stderr.strip()[:200])
     _log(f"checkpointed at step {step}; requeued ({proc.stderr.strip() or 'ok'})")
-    time.sleep(600)  # Slurm ends this incarnation now; the requeued job resumes the run
+    # Slurm ends this incarnation now (SIGTERM, then SIGKILL after KillWait); leave at the
+    # SIGTERM instead of lingering until the SIGKILL.
+    _terminated.wait(600)
 
 
 def _check_lead_time(run: RunDir, config: ClusterConfig) -> None:

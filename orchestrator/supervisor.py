@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import sys
 import threading
@@ -25,6 +24,9 @@ from typing import Any, TextIO
 
 from .config import ClusterConfig
 from .exitcodes import PREEMPTED_EXIT_CODE, PREEMPTED_TYPE
+from .failures import classify, is_peer_loss
+from .watchdog import read_heartbeat as heartbeat_record
+from .watchdog import silent_ranks
 from .launcher import AttemptGroup, Launcher, RankProcess, SubprocessLauncher
 from .logstream import LogStreamer, tail_lines
 from .plan import build_local_plan
@@ -46,7 +48,12 @@ class RankFailure:
         how = f"killed by {signal.Signals(-self.exitcode).name}" if self.exitcode < 0 else f"exit code {self.exitcode}"
         return f"rank {self.rank} (node {self.node_rank}) {how}: {self.message}" if self.message else f"rank {self.rank} (node {self.node_rank}) {how}"
 
+    @property
+    def classified(self) -> Any:
+        return classify(exitcode=self.exitcode, error_type=self.error_type, message=self.message)
+
     def to_json(self) -> dict[str, Any]:
+        c = self.classified
         return {
             "rank": self.rank,
             "node_rank": self.node_rank,
@@ -54,6 +61,8 @@ class RankFailure:
             "time": round(self.time, 6),
             "error_type": self.error_type,
             "message": self.message,
+            "class": c.kind,
+            "hint": c.hint,
         }
 
 
@@ -124,6 +133,22 @@ def describe_failure(proc: RankProcess, error_file: str) -> RankFailure:
     )
 
 
+def _process_state(pid: int) -> str | None:
+    """The one-letter state from /proc/PID/stat (R, S, D, T, Z...)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return fh.read().rsplit(b")", 1)[1].split()[0].decode()
+    except (OSError, IndexError):
+        return None
+
+
+# Attempts in a row that fail without a new checkpoint before the supervisor stops retrying.
+CRASH_LOOP_ATTEMPTS = 3
+# How often the watchdog reads heartbeats, and how long stacks get to reach the logs.
+WATCHDOG_PERIOD_S = 0.5
+STACK_DUMP_WAIT_S = 1.0
+
+
 def backoff_delay(config: ClusterConfig, restart_number: int) -> float:
     """Seconds to wait before restart number `restart_number` (1-based)."""
     return min(config.restart.backoff_max_s, config.restart.backoff_s * (2 ** (restart_number - 1)))
@@ -151,6 +176,19 @@ class Supervisor:
 
     _group: AttemptGroup | None = field(default=None, init=False)
 
+    def request_preemption(self, signum: int = signal.SIGUSR2) -> None:
+        """What SIGUSR2 to `orch run` does: forward it to every rank (not their children), so
+        they checkpoint the same step and exit 75; a new attempt resumes from there."""
+        group = self._group
+        if group is None:
+            return
+        for proc in group.ranks:
+            if proc.poll() is None:
+                try:
+                    os.kill(proc.pid, signum)
+                except ProcessLookupError:
+                    pass
+
     def _say(self, text: str) -> None:
         self._stream.write(f"[orch] {text}\n")
 
@@ -175,6 +213,8 @@ class Supervisor:
         self._say(f"run {self.run.run_id}: {cfg.resources.nodes} node(s) x {cfg.resources.ranks_per_node} rank(s), run dir {self.run.url}")
         attempt = 0
         restarts = 0
+        without_progress = 0
+        last_checkpoint = self._newest_checkpoint()
         outcome: AttemptOutcome
         try:
             while True:
@@ -187,8 +227,13 @@ class Supervisor:
                     continue
                 if outcome.status != "failed" or self._stop_requested.is_set():
                     break
-                if restarts >= cfg.restart.max_restarts:
-                    self._say(f"no restarts left ({cfg.restart.max_restarts} allowed)")
+                newest = self._newest_checkpoint()
+                without_progress = without_progress + 1 if newest == last_checkpoint else 1
+                last_checkpoint = newest
+                verdict = self._give_up(outcome, restarts, without_progress)
+                if verdict:
+                    self._say(verdict)
+                    self.run.append_event("giving_up", reason=verdict)
                     break
                 restarts += 1
                 delay = backoff_delay(cfg, restarts)
@@ -224,6 +269,17 @@ class Supervisor:
         )
         return result
 
+    def _give_up(self, outcome: AttemptOutcome, restarts: int, without_progress: int) -> str | None:
+        """Why not to restart after this failed attempt, or None to restart."""
+        cause = outcome.root_cause
+        if cause is not None and not cause.classified.retryable:
+            return f"not restarting: {cause.error_type} fails the same way on every attempt ({cause.classified.hint})"
+        if without_progress >= CRASH_LOOP_ATTEMPTS:
+            return f"not restarting: crash loop ({without_progress} failed attempts in a row without a new checkpoint)"
+        if restarts >= self.config.restart.max_restarts:
+            return f"no restarts left ({self.config.restart.max_restarts} allowed)"
+        return None
+
     def _newest_checkpoint(self) -> int | None:
         from .ckpt_store import CheckpointStore
 
@@ -249,7 +305,11 @@ class Supervisor:
             logs = self.run.logs_dir(attempt)
             log_paths = [os.path.join(logs, f"rank-{s.rank}.log") for s in plan.ranks]
             error_files = [os.path.join(logs, f"rank-{s.rank}.error.json") for s in plan.ranks]
-            extra = [{"ORCH_ERROR_FILE": e, "TORCHELASTIC_ERROR_FILE": e, "ORCH_INCARNATION": str(attempt)} for e in error_files]
+            beats = {s.rank: os.path.join(logs, f"rank-{s.rank}.heartbeat") for s in plan.ranks}
+            extra = [
+                {"ORCH_ERROR_FILE": e, "TORCHELASTIC_ERROR_FILE": e, "ORCH_INCARNATION": str(attempt), "ORCH_HEARTBEAT_FILE": beats[s.rank]}
+                for s, e in zip(plan.ranks, error_files)
+            ]
             for s, path in zip(plan.ranks, log_paths):
                 self._stream.follow(s.rank, path)
             group = self.launcher.start_attempt(plan.ranks, log_paths, extra)
@@ -262,7 +322,7 @@ class Supervisor:
                 newest_checkpoint=self._newest_checkpoint(),
             )
             self._say(f"attempt {attempt}: started {len(group.ranks)} rank(s), MASTER_PORT={lease.port}")
-            failure_seen = self._watch(group)
+            failure_seen, hang = self._watch(group, beats)
             stopped = self._stop_requested.is_set()
             if failure_seen or stopped:
                 if stopped:
@@ -277,12 +337,12 @@ class Supervisor:
             for r, e in zip(group.ranks, error_files)
             if r.popen.returncode not in (0, None)
         ]
-        root = self._root_cause(failures, failure_seen)
+        root = hang or self._root_cause(failures, failure_seen)
         if stopped:
             status = "stopped"
         elif failure_seen is not None and root is not None and (root.exitcode == PREEMPTED_EXIT_CODE or root.error_type == PREEMPTED_TYPE):
             status = "preempted"
-        elif failure_seen is not None:
+        elif failure_seen is not None or hang is not None:
             status = "failed"
         else:
             status = "succeeded"
@@ -297,11 +357,14 @@ class Supervisor:
         )
         self.run.publish_logs(attempt)
         if status == "failed" and root is not None:
-            self._say(f"attempt {attempt} failed: {root.describe}")
+            hint = root.classified.hint
+            self._say(f"attempt {attempt} failed: {root.describe}" + (f"\n[orch]   hint: {hint}" if hint else ""))
         return AttemptOutcome(status, root, duration)
 
-    def _watch(self, group: AttemptGroup) -> RankProcess | None:
-        """Wait until every rank exits 0 (None), a rank fails (that rank), or a stop is asked."""
+    def _watch(self, group: AttemptGroup, beats: dict[int, str]) -> tuple[RankProcess | None, RankFailure | None]:
+        """Wait until every rank exits 0, a rank fails (that rank), a rank hangs (its
+        description), or a stop is asked."""
+        next_check = time.monotonic() + WATCHDOG_PERIOD_S
         while not self._stop_requested.is_set():
             running = 0
             for proc in group.ranks:
@@ -309,11 +372,46 @@ class Supervisor:
                 if code is None:
                     running += 1
                 elif code != 0:
-                    return proc
+                    return proc, None
             if running == 0:
-                return None
+                return None, None
+            if time.monotonic() >= next_check:
+                next_check = time.monotonic() + WATCHDOG_PERIOD_S
+                hang = self._check_hang(group, beats)
+                if hang is not None:
+                    return None, hang
             time.sleep(self.poll_s)
-        return None
+        return None, None
+
+    def _check_hang(self, group: AttemptGroup, beats: dict[int, str]) -> RankFailure | None:
+        silent = silent_ranks(self.config.watchdog, {r: heartbeat_record(p) for r, p in beats.items()}, time.time())
+        if not silent:
+            return None
+        # A stopped process (state T) is certainly the culprit; otherwise the longest silent
+        # one, since ranks waiting in a collective for it went quiet a moment later.
+        stopped = [x for x in silent if _process_state(next(p.pid for p in group.ranks if p.spec.rank == x.rank)) == "T"]
+        culprit = (stopped or silent)[0]
+        self.run.append_event("hang_detected", rank=culprit.rank, step=culprit.step, phase=culprit.phase, silent_s=round(culprit.silent_s, 3), limit_s=round(culprit.limit_s, 3), silent_ranks=[s.rank for s in silent])
+        self._say(f"rank {culprit.rank} silent for {culprit.silent_s:.1f}s at step {culprit.step} ({culprit.phase}; limit {culprit.limit_s:.1f}s): dumping stacks, restarting")
+        # Stacks of every rank (who waits in which collective tells the story): faulthandler
+        # on SIGUSR1; SIGCONT first wakes a stopped rank so it can dump.
+        for proc in group.ranks:
+            if proc.poll() is None:
+                for sig in (signal.SIGCONT, signal.SIGUSR1):
+                    try:
+                        os.kill(proc.pid, sig)
+                    except ProcessLookupError:
+                        pass
+        time.sleep(STACK_DUMP_WAIT_S)
+        spec = next(p.spec for p in group.ranks if p.spec.rank == culprit.rank)
+        return RankFailure(
+            rank=culprit.rank,
+            node_rank=spec.node_rank,
+            exitcode=0,
+            time=time.time(),
+            error_type="Hang",
+            message=f"no heartbeat for {culprit.silent_s:.1f}s at step {culprit.step} (limit {culprit.limit_s:.1f}s)",
+        )
 
     @staticmethod
     def _root_cause(failures: list[RankFailure], first_seen: RankProcess | None) -> RankFailure | None:
@@ -332,15 +430,3 @@ class Supervisor:
                 earlier = [f for f in primary if f.error_type is not None and f.time < seen.time]
                 return min(earlier, key=lambda f: f.time) if earlier else seen
         return min(primary, key=lambda f: f.time)
-
-
-_PEER_LOSS = re.compile(
-    r"(Connection closed by peer|Connection reset by peer|Broken pipe|connection refused|"
-    r"DistNetworkError|DistStoreError|Socket Timeout|timed out|NCCL communicator was aborted|"
-    r"Gloo connectFullMesh failed|ECONNRESET|EPIPE)",
-    re.IGNORECASE,
-)
-
-
-def is_peer_loss(message: str) -> bool:
-    return bool(_PEER_LOSS.search(message or ""))

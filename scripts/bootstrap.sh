@@ -24,7 +24,9 @@ stamp=.venv/.orch-installed
 want=$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "bootstrap: installing into .venv (torch pinned by constraints.txt)" >&2
-  .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-  .venv/bin/python -m pip install -q -c constraints.txt -e '.[dev]'
+  # (this machine's pip config points at wheel folders that may not exist: drop those warnings)
+  .venv/bin/python -m pip install -q -c constraints.txt -e '.[dev]' 2>&1 | grep -v "^WARNING: Location" || true
+  .venv/bin/python -c "import orchestrator, torch, submitit, fsspec, s3fs, moto" \
+    || { echo "bootstrap: the install failed (see above)" >&2; exit 1; }
   echo "$want" > "$stamp"
 fi

@@ -81,3 +81,36 @@ def test_scheduler_state_fills_what_events_cannot_say():
     assert merge_scheduler_state(done, map_state("RUNNING"), "RUNNING")["state"] == "succeeded"  # the ledger's end wins
     preempted = summarize([{"time": 0.0, "event": "submitted", "backend": "slurm", "job_id": "7"}, {"time": 1.0, "event": "job_started", "backend": "slurm"}, {"time": 3.0, "event": "requeued", "job_id": "7"}], now=5.0)
     assert preempted["state"] == "preempted-requeued"
+
+
+def test_watchdog_limits_by_phase_and_step_time():
+    from orchestrator.config import WatchdogSpec
+    from orchestrator.watchdog import silent_ranks
+
+    auto = WatchdogSpec(min_hang_s=10, hang_factor=20, startup_timeout_s=300, save_timeout_s=100)
+    beats = {
+        0: (50, 1000.0, "train", 0.1),   # 20 x 0.1 = 2 s < min 10 s: limit 10, silent 5: fine
+        1: (50, 980.0, "train", 1.0),    # limit 20, silent 25: hung
+        2: (3, 990.0, "train", 0.1),     # warming up: start-up limit 300
+        3: (60, 950.0, "save", 0.1),     # saving: limit 100, silent 55: fine
+        4: None,                         # no heartbeats: not judged
+    }
+    hung = silent_ranks(auto, beats, now=1005.0)
+    assert [(h.rank, h.limit_s) for h in hung] == [(1, 20.0)]
+    fixed = WatchdogSpec(hang_timeout_s=3.0)
+    assert [h.rank for h in silent_ranks(fixed, beats, now=1005.0)] == [1, 2, 0]  # longest silence first
+
+
+def test_failure_classes_and_hints():
+    from orchestrator.failures import classify
+
+    assert classify(exitcode=1, error_type="OutOfMemoryError", message="CUDA out of memory. Tried to allocate").kind == "oom"
+    assert "gradient accumulation" in classify(exitcode=1, error_type="OutOfMemoryError", message="x").hint
+    c = classify(exitcode=1, error_type="RuntimeError", message="Expected all tensors to be on the same device, but found cuda:0 and cpu")
+    assert c.kind == "device_mismatch" and not c.retryable and ".to(ctx.device)" in c.hint
+    assert classify(exitcode=1, error_type="NameError", message="x").retryable is False
+    assert classify(exitcode=1, error_type="DistBackendError", message="Connection closed by peer").kind == "communication"
+    assert classify(exitcode=-9, error_type=None, message="").kind == "signal"
+    assert classify(exitcode=75, error_type=None, message="").kind == "preempted"
+    assert classify(exitcode=0, error_type="Hang", message="no heartbeat").kind == "hang"
+    assert classify(exitcode=1, error_type="ValueError", message="bad").kind == "error"

@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 from ..ckpt_store import AlreadyCommitted, CheckpointStore, CorruptCheckpoint, FileEntry, StaleIncarnation, make_token, step_dir_name
-from . import preemption
+from . import heartbeat, preemption
 from .dist import DistContext
 
 STATE_FILE = "state.pt"
@@ -212,6 +212,7 @@ class Checkpointer:
         next, so its latency hides behind a step's compute; every rank reads the same result,
         so every rank stops at the same step.
         """
+        heartbeat.beat(step, "train")
         stop = False
         if self._stop_vote is not None:
             self._stop_vote.wait()
@@ -258,6 +259,7 @@ class Checkpointer:
         close) waits for them and raises their error, if any.
         """
         blocked_from = time.monotonic()
+        heartbeat.beat(step, "save")
         self.wait()
         self._finish_vote()
         token = make_token(self.incarnation)
@@ -277,10 +279,12 @@ class Checkpointer:
             self._pending = future
             self.last_block_s = time.monotonic() - blocked_from
             self.last_saved_step = step
+            heartbeat.beat(step, "train")
             return
         self._write_and_commit(step, epoch, token, app, mine)
         self.last_block_s = time.monotonic() - blocked_from
         self.last_saved_step = step
+        heartbeat.beat(step, "train")
 
     @staticmethod
     def _run_into(future: Future, fn: Callable[..., Any], *args: Any) -> None:
@@ -396,6 +400,7 @@ class Checkpointer:
         """Wait for a background save to commit; raise its error."""
         self._finish_vote()
         self.wait()
+        heartbeat.beat(self.last_saved_step or 0, "exit")  # shutting down: no hang limit
 
     # ------------------------------------------------------------------ restore
 

@@ -10,6 +10,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from . import heartbeat
 from .errorfile import install_excepthook
 
 
@@ -52,6 +53,7 @@ def init(backend: str | None = None, timeout_s: float = 600.0) -> DistContext:
     script runs anywhere.
     """
     install_excepthook()
+    heartbeat.install()
     backend = choose_backend(backend)
     rank = _env_int("RANK", 0)
     world = _env_int("WORLD_SIZE", 1)
@@ -84,6 +86,7 @@ def init(backend: str | None = None, timeout_s: float = 600.0) -> DistContext:
 
 
 def shutdown() -> None:
+    heartbeat.beat(0, "exit")
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -38,10 +38,23 @@ def slurm_cluster(tmp_path_factory):
         yield state
     finally:
         subprocess.run(["bash", str(SCRIPTS / "stop.sh"), str(state), "--wipe"], capture_output=True, timeout=180)
+        _kill_leftovers(str(state / "etc" / "slurm.conf"))
         if previous is None:
             os.environ.pop("SLURM_CONF", None)
         else:
             os.environ["SLURM_CONF"] = previous
+
+
+def _kill_leftovers(conf: str) -> None:
+    """Job processes of this cluster that outlived its daemons (stopped mid-KillWait)."""
+    marker = f"SLURM_CONF={conf}".encode()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as fh:
+                if marker in fh.read().split(b"\0") and int(pid) != os.getpid():
+                    os.kill(int(pid), 9)
+        except (OSError, ValueError):
+            continue
 
 
 def submit(cfg: Path, run_id: str) -> str:

@@ -1,0 +1,53 @@
+"""Heartbeats: each rank tells its supervisor, cheaply, that it is still making progress.
+
+One fixed-size record rewritten in place (one pwrite, no fsync: the supervisor reads the page
+cache on the same node): `step wall_time phase step_time_ema`. Phases: `init` until the first
+step, `train`, `save` while a checkpoint is written (a longer allowance), `exit` once the job
+shuts down (no limit). The supervisor's
+watchdog reads these files; see orchestrator/watchdog.py.
+
+SIGUSR1 dumps every thread's Python stack into the rank's log (faulthandler works from C, so
+it also reaches a rank stuck inside a collective).
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import os
+import signal
+import sys
+import time
+
+from ..watchdog import RECORD_BYTES
+_fd: int | None = None
+_last_step: int | None = None
+_last_time: float | None = None
+_ema: float = 0.0
+
+
+def install() -> None:
+    global _fd
+    if _fd is None:
+        path = os.environ.get("ORCH_HEARTBEAT_FILE")
+        if path:
+            _fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True, chain=False)
+    except (AttributeError, ValueError, RuntimeError):  # pragma: no cover - not the main thread
+        pass
+    beat(0, "init")
+
+
+def beat(step: int, phase: str = "train") -> None:
+    """Record progress: called at every step end (by Checkpointer.step_end) and around saves."""
+    global _last_step, _last_time, _ema
+    now = time.time()
+    if phase == "train" and _last_time is not None and _last_step is not None and step > _last_step:
+        per_step = (now - _last_time) / (step - _last_step)
+        _ema = per_step if _ema == 0.0 else 0.9 * _ema + 0.1 * per_step
+    if phase == "train":
+        _last_step, _last_time = step, now
+    if _fd is None:
+        return
+    record = f"{step} {now:.3f} {phase} {_ema:.6f}".encode().ljust(RECORD_BYTES)
+    os.pwrite(_fd, record, 0)

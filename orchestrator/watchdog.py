@@ -1,0 +1,64 @@
+"""The hang watchdog's decision, pure: which ranks have been silent too long.
+
+Ranks that use orchestrator.runtime write heartbeats (runtime/heartbeat.py): step, wall time,
+phase and their typical step time. A rank is hung when its silence exceeds the limit of its
+phase: start-up (until the first step), a checkpoint save, or training, where the limit is
+fixed or derived from the rank's own step time after a warm-up.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+from .config import WatchdogSpec
+
+WARMUP_STEPS = 5
+RECORD_BYTES = 96  # one heartbeat record: "step wall_time phase step_time_ema", space padded
+
+
+def read_heartbeat(path: str) -> tuple[int, float, str, float] | None:
+    """(step, time, phase, step-time EMA) of a heartbeat file, or None before the first beat."""
+    try:
+        with open(path, "rb") as fh:
+            fields = fh.read(RECORD_BYTES).decode("ascii", "replace").split()
+        return int(fields[0]), float(fields[1]), fields[2], float(fields[3])
+    except (FileNotFoundError, ValueError, IndexError):
+        return None
+
+
+@dataclass(frozen=True)
+class Silence:
+    rank: int
+    step: int
+    phase: str
+    silent_s: float
+    limit_s: float
+
+
+def limit_for(spec: WatchdogSpec, step: int, phase: str, ema_s: float) -> float | None:
+    if phase == "exit":
+        return None  # finished training; the supervisor waits for the exit code
+    if phase == "init":
+        return spec.startup_timeout_s
+    if phase == "save":
+        return spec.save_timeout_s
+    if isinstance(spec.hang_timeout_s, (int, float)):
+        return float(spec.hang_timeout_s)
+    if step < WARMUP_STEPS or ema_s <= 0:
+        return spec.startup_timeout_s  # still warming up: no step time to judge by yet
+    return max(spec.min_hang_s, spec.hang_factor * ema_s)
+
+
+def silent_ranks(spec: WatchdogSpec, heartbeats: Mapping[int, tuple[int, float, str, float] | None], now: float) -> list[Silence]:
+    """Ranks past their limit, the longest-silent first (that one is the likely culprit:
+    the others are usually blocked in a collective waiting for it)."""
+    out = []
+    for rank, record in heartbeats.items():
+        if record is None:
+            continue  # no heartbeats (a script without the runtime): nothing to judge
+        step, when, phase, ema = record
+        limit = limit_for(spec, step, phase, ema)
+        if limit is not None and now - when > limit:
+            out.append(Silence(rank=rank, step=step, phase=phase, silent_s=now - when, limit_s=limit))
+    return sorted(out, key=lambda s: (-s.silent_s, s.step, s.rank))
