@@ -28,6 +28,7 @@ class RunStatus:
     job_id: str | None = None
     slurm_state: str | None = None
     warnings: tuple[str, ...] = ()
+    goodput: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -128,7 +129,10 @@ def run_status(run: RunDir) -> RunStatus:
         raw = scheduler_state(str(fields["job_id"]))
         fields = merge_scheduler_state(fields, map_state(raw), raw)
     newest = newest_committed(run.child("ckpt"))
+    from .goodput import ledger
+
     return RunStatus(
+        goodput=ledger(events, now=None if fields["state"] in ("succeeded", "failed", "stopped", "cancelled") else time.time()),
         run_id=run.run_id,
         run_dir=run.url,
         newest_checkpoint=newest.step if newest else None,
@@ -156,6 +160,10 @@ def format_status(st: RunStatus) -> str:
     if st.root_cause and st.state != "succeeded":
         rc = st.root_cause
         lines.append(f"root cause rank {rc.get('rank')} (node {rc.get('node_rank')}): exit {rc.get('exitcode')} {rc.get('message') or ''}".rstrip())
+    if st.goodput is not None:
+        from .goodput import format_goodput
+
+        lines.append(format_goodput(st.goodput))
     for warning in st.warnings:
         lines.append(f"warning    {warning}")
     lines.append(f"run dir    {st.run_dir}")

@@ -114,3 +114,30 @@ def test_failure_classes_and_hints():
     assert classify(exitcode=75, error_type=None, message="").kind == "preempted"
     assert classify(exitcode=0, error_type="Hang", message="no heartbeat").kind == "hang"
     assert classify(exitcode=1, error_type="ValueError", message="bad").kind == "error"
+
+
+def test_goodput_ledger_on_a_scripted_timeline():
+    from orchestrator.goodput import ledger
+
+    events = [
+        {"time": 0.0, "event": "submitted"},
+        {"time": 10.0, "event": "job_started"},                      # 10 s in the queue
+        {"time": 10.0, "event": "attempt_started", "attempt": 0},
+        {"time": 13.0, "event": "restored", "restore_s": 1.0},        # 2 s start-up + 1 s restore
+        {"time": 13.0, "event": "training_started"},
+        {"time": 23.0, "event": "checkpoint_committed", "block_s": 2.0},
+        {"time": 30.0, "event": "attempt_ended", "attempt": 0, "status": "failed"},  # 7 s since the commit: lost
+        {"time": 30.0, "event": "restart_scheduled"},
+        {"time": 31.0, "event": "attempt_started", "attempt": 1},      # 1 s backoff
+        {"time": 33.0, "event": "restored", "restore_s": 0.5},
+        {"time": 33.0, "event": "training_started"},
+        {"time": 40.0, "event": "checkpoint_committed", "block_s": 1.0},
+        {"time": 45.0, "event": "attempt_ended", "attempt": 1, "status": "succeeded"},
+    ]
+    g = ledger(events)
+    assert g["wall_s"] == 45.0
+    assert g["lost_s"] == {"queue": 10.0, "startup": 3.5, "restore": 1.5, "checkpoint": 3.0, "lost_work": 7.0, "backoff": 1.0, "other": 0.0}
+    # attempt 0: 17 s of training - 2 s stall - 7 s lost = 8; attempt 1: 12 - 1 = 11
+    assert [a["productive_s"] for a in g["attempts"]] == [8.0, 11.0]
+    assert g["productive_s"] == 19.0 and g["goodput"] == round(19 / 45, 4)
+    assert g["productive_s"] + sum(g["lost_s"].values()) == g["wall_s"]

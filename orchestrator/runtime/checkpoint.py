@@ -274,7 +274,8 @@ class Checkpointer:
             if torch.cuda.is_available() and torch.cuda.is_initialized():
                 torch.cuda.synchronize()  # the non_blocking device->host copies are done
             future: Future = Future()
-            thread = threading.Thread(target=self._run_into, args=(future, self._write_and_commit, step, epoch, token, app, mine), name="orch-ckpt-save", daemon=True)
+            blocked = time.monotonic() - blocked_from
+            thread = threading.Thread(target=self._run_into, args=(future, self._write_and_commit, step, epoch, token, app, mine, blocked), name="orch-ckpt-save", daemon=True)
             thread.start()
             self._pending = future
             self.last_block_s = time.monotonic() - blocked_from
@@ -293,7 +294,9 @@ class Checkpointer:
         except BaseException as exc:  # noqa: BLE001 - delivered to the training thread
             future.set_exception(exc)
 
-    def _write_and_commit(self, step: int, epoch: int, token: str, app: dict[str, Any] | None, mine: dict[str, Any]) -> None:
+    def _write_and_commit(self, step: int, epoch: int, token: str, app: dict[str, Any] | None, mine: dict[str, Any], blocked_s: float | None = None) -> None:
+        """Write, gather, commit. `blocked_s`: how long training waited (async: the snapshot;
+        None for a synchronous save, which blocks for all of this)."""
         started = time.monotonic()
         tmp = ""
         entries: list[FileEntry] = []
@@ -345,7 +348,8 @@ class Checkpointer:
             if result is not None:
                 self._discard(tmp)
             else:
-                self._record_commit(step, digest, time.monotonic() - started)
+                write_s = time.monotonic() - started
+                self._record_commit(step, digest, write_s, write_s if blocked_s is None else blocked_s)
                 try:
                     self.store.prune(self.keep, self.incarnation, protect=[step])
                 except OSError as exc:  # retention is housekeeping: never fail a committed save
@@ -356,17 +360,9 @@ class Checkpointer:
             raise (StaleIncarnationError if kind == "stale" else CheckpointError)(message)
         self.last_save_s = time.monotonic() - started
 
-    def _record_commit(self, step: int, digest: str | None, write_s: float) -> None:
-        """Ledger entry in the run directory: supervisors check the signal lead time against
-        write_s, and `orch status` shows the newest step."""
-        if not self.ctx.run_dir:
-            return
-        from ..rundir import RunDir
-
-        try:
-            RunDir(self.ctx.run_dir).append_event("checkpoint_committed", step=step, attempt=self.ctx.attempt, write_s=round(write_s, 3), model_digest=digest)
-        except OSError as exc:  # the checkpoint is committed; a ledger hiccup must not fail it
-            _warn(f"could not record the checkpoint in events: {exc}")
+    def _record_commit(self, step: int, digest: str | None, write_s: float, block_s: float) -> None:
+        """Supervisors check the signal lead time against write_s; goodput counts block_s."""
+        self._record("checkpoint_committed", step=step, write_s=round(write_s, 3), block_s=round(block_s, 3), model_digest=digest)
 
     def _discard(self, tmp: str) -> None:
         if not tmp:
@@ -430,6 +426,24 @@ class Checkpointer:
 
     def restore(self) -> Progress | None:
         """Load the newest committed checkpoint that verifies into the registered objects."""
+        started = time.monotonic()
+        progress = self._restore()
+        self._record("restored", step=progress.step if progress else None, restore_s=round(time.monotonic() - started, 3))
+        self._record("training_started", step=progress.step if progress else 0)
+        return progress
+
+    def _record(self, event: str, **fields: Any) -> None:
+        """An event in the run directory's ledger, from rank 0 (goodput, lead-time check)."""
+        if not (self.ctx.is_main and self.ctx.run_dir):
+            return
+        from ..rundir import RunDir
+
+        try:
+            RunDir(self.ctx.run_dir).append_event(event, attempt=self.ctx.attempt, **fields)
+        except OSError as exc:  # the ledger is bookkeeping: never fail training for it
+            _warn(f"could not record {event}: {exc}")
+
+    def _restore(self) -> Progress | None:
         self.wait()
         step, cached = self._pick_step()
         if step is None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from typing import Any
 
 from .dist import DistContext
@@ -24,12 +25,32 @@ class Metrics:
         from torch.utils.tensorboard import SummaryWriter  # lazy: pulls in tensorboard
 
         self._writer = SummaryWriter(log_dir=logdir, filename_suffix=f".attempt{ctx.attempt}")
+        self._ctx = ctx
+        self._health_written = False
 
     def scalars(self, step: int, **values: float) -> None:
         if self._writer is None:
             return
+        if not self._health_written:
+            self._write_run_health(step)
         for name, value in values.items():
             self._writer.add_scalar(name, value, step)
+
+    def _write_run_health(self, step: int) -> None:
+        """Restarts so far and the goodput of the run up to this attempt, once per attempt."""
+        self._health_written = True
+        self._writer.add_scalar("orch/restarts", self._ctx.attempt, step)
+        if not self._ctx.run_dir:
+            return
+        from ..goodput import ledger
+        from ..rundir import RunDir
+
+        try:
+            summary = ledger(RunDir(self._ctx.run_dir).events(), now=time.time())
+        except OSError:
+            return
+        if summary["goodput"] is not None:
+            self._writer.add_scalar("orch/goodput", summary["goodput"], step)
 
     def flush(self) -> None:
         if self._writer is not None:

@@ -132,6 +132,12 @@ def test_sigkilled_rank_restarts_from_last_checkpoint(tmp_path: Path) -> None:
     assert "rank 1 (node 0) killed by SIGKILL" in err
     # Same world size, resumed from a committed checkpoint: the same final weights, bit for bit.
     assert _final_digest(run_dir) == (ref_step, ref_digest)
+    # The goodput ledger accounts for the whole wall time and shows the failure's cost.
+    g = json.loads(run_orch("status", str(run_dir), "--json").stdout)["goodput"]
+    assert [a["status"] for a in g["attempts"]] == ["failed", "succeeded"]
+    assert g["lost_s"]["lost_work"] > 0 and g["lost_s"]["startup"] > 0 and g["lost_s"]["backoff"] > 0
+    assert abs(g["productive_s"] + sum(g["lost_s"].values()) - g["wall_s"]) < 0.01
+    assert 0 < g["goodput"] < 1
 
 
 def _run_processes(root_pid: int) -> list[psutil.Process]:

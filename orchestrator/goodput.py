@@ -1,0 +1,108 @@
+"""The goodput ledger: where a run's wall time went, from its events alone. Pure.
+
+Per attempt (from `attempt_started` to `attempt_ended`):
+- start-up: until rank 0's first training step (`training_started`), minus the restore;
+- restore: loading the checkpoint (`restored`);
+- checkpoint stall: how long saves blocked training (`checkpoint_committed.block_s`);
+- lost work: on a failure, the training since the last committed checkpoint, which the next
+  attempt does again;
+- productive: the rest.
+Between attempts: backoff waits; before the first: queue wait (Slurm: `submitted` to
+`job_started`, and again for each requeue).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+CAUSES = ("queue", "startup", "restore", "checkpoint", "lost_work", "backoff", "other")
+
+
+def ledger(events: Iterable[dict[str, Any]], now: float | None = None) -> dict[str, Any]:
+    events = sorted(events, key=lambda e: e.get("time", 0.0))
+    lost = dict.fromkeys(CAUSES, 0.0)
+    productive = 0.0
+    attempts: list[dict[str, Any]] = []
+    current: dict[str, Any] | None = None
+    waiting_since: float | None = None  # submitted or requeued, not yet running
+    backoff_since: float | None = None
+    first = last = None
+    for ev in events:
+        kind, t = ev.get("event"), float(ev.get("time", 0.0))
+        first = t if first is None else first
+        last = t
+        if kind in ("submitted", "requeued"):
+            waiting_since = t
+        elif kind == "job_started" and waiting_since is not None:
+            lost["queue"] += t - waiting_since
+            waiting_since = None
+        elif kind == "restart_scheduled":
+            backoff_since = t
+        elif kind == "attempt_started":
+            if backoff_since is not None:
+                lost["backoff"] += t - backoff_since
+                backoff_since = None
+            current = {"attempt": ev.get("attempt"), "start": t, "training_started": None, "restore_s": 0.0, "stall_s": 0.0, "last_commit": None}
+        elif current is not None and kind == "restored":
+            current["restore_s"] = float(ev.get("restore_s", 0.0))
+        elif current is not None and kind == "training_started":
+            current["training_started"] = t
+        elif current is not None and kind == "checkpoint_committed":
+            current["stall_s"] += float(ev.get("block_s", 0.0))
+            current["last_commit"] = t
+        elif current is not None and kind == "attempt_ended":
+            attempts.append(_close(current, t, ev.get("status", "failed"), lost))
+            productive += attempts[-1]["productive_s"]
+            current = None
+    if current is not None and now is not None:  # an attempt still running
+        attempts.append(_close(current, now, "running", lost))
+        productive += attempts[-1]["productive_s"]
+        last = now
+    wall = (last - first) if first is not None and last is not None else 0.0
+    accounted = productive + sum(lost.values())
+    lost["other"] += max(0.0, wall - accounted)  # gaps the events do not explain
+    return {
+        "wall_s": round(wall, 3),
+        "productive_s": round(productive, 3),
+        "goodput": round(productive / wall, 4) if wall > 0 else None,
+        "lost_s": {k: round(v, 3) for k, v in lost.items()},
+        "attempts": attempts,
+    }
+
+
+def _close(a: dict[str, Any], end: float, status: str, lost: dict[str, float]) -> dict[str, Any]:
+    wall = end - a["start"]
+    # Jobs that do not use the runtime's Checkpointer never say when training began: count
+    # their whole attempt as training.
+    trained_from = a["training_started"] if a["training_started"] is not None else a["start"]
+    startup_and_restore = max(0.0, trained_from - a["start"])
+    restore = min(a["restore_s"], startup_and_restore)
+    startup = startup_and_restore - restore
+    training = max(0.0, end - trained_from)
+    stall = min(a["stall_s"], training)
+    lost_work = 0.0
+    if status == "failed":
+        since = a["last_commit"] if a["last_commit"] is not None else trained_from
+        lost_work = max(0.0, end - max(since, trained_from))
+    productive = max(0.0, training - stall - lost_work)
+    lost["startup"] += startup
+    lost["restore"] += restore
+    lost["checkpoint"] += stall
+    lost["lost_work"] += lost_work
+    return {
+        "attempt": a["attempt"],
+        "status": status,
+        "wall_s": round(wall, 3),
+        "startup_s": round(startup, 3),
+        "restore_s": round(restore, 3),
+        "checkpoint_stall_s": round(stall, 3),
+        "lost_work_s": round(lost_work, 3),
+        "productive_s": round(productive, 3),
+    }
+
+
+def format_goodput(summary: dict[str, Any]) -> str:
+    if summary["goodput"] is None:
+        return "goodput    -"
+    lost = ", ".join(f"{k.replace('_', ' ')} {v:.1f}s" for k, v in summary["lost_s"].items() if v >= 0.05)
+    return f"goodput    {summary['goodput'] * 100:.1f}% ({summary['productive_s']:.1f}s productive of {summary['wall_s']:.1f}s" + (f"; lost: {lost})" if lost else ")")
