@@ -33,7 +33,8 @@ from .hostlist import expand_hostlist
 from .ports import lease_port
 from .rundir import RunDir
 from .failures import classify, is_peer_loss
-from .supervisor import CRASH_LOOP_ATTEMPTS, read_error_file
+from .supervisor import CRASH_LOOP_ATTEMPTS, STACK_DUMP_WAIT_S, WATCHDOG_PERIOD_S, read_error_file
+from .watchdog import read_heartbeat, silent_ranks
 
 
 
@@ -148,8 +149,8 @@ def _run_attempt(run: RunDir, config: ClusterConfig, attempt: int, master_addr: 
         run.append_event("attempt_started", attempt=attempt, job_id=job_id, master_addr=master_addr, master_port=lease.port, newest_checkpoint=_newest_step(run))
         t0 = time.time()
         proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL)
-        code = _wait(proc)
-    cause = {} if code == 0 else root_cause(log_dir, code)
+        code, hang = _wait(proc, run, config, log_dir, job_id)
+    cause = hang or ({} if code == 0 else root_cause(log_dir, code))
     if code != 0 and (code == PREEMPTED_EXIT_CODE or cause.get("error_type") == PREEMPTED_TYPE):
         code, cause = PREEMPTED_EXIT_CODE, {}
     status = "succeeded" if code == 0 else ("preempted" if code == PREEMPTED_EXIT_CODE else "failed")
@@ -157,12 +158,40 @@ def _run_attempt(run: RunDir, config: ClusterConfig, attempt: int, master_addr: 
     return code, cause
 
 
-def _wait(proc: subprocess.Popen) -> int:
+def _wait(proc: subprocess.Popen, run: RunDir, config: ClusterConfig, log_dir: str, job_id: str) -> tuple[int, dict[str, Any] | None]:
+    """Wait for the srun step, watching the ranks' heartbeats (on the shared run directory)."""
+    n = config.resources.world_size
+    beats = {rank: os.path.join(log_dir, f"rank-{rank}.heartbeat") for rank in range(n)}
     while True:
         try:
-            return proc.wait()
-        except KeyboardInterrupt:  # pragma: no cover - not delivered in batch steps
-            proc.send_signal(signal.SIGINT)
+            return proc.wait(timeout=WATCHDOG_PERIOD_S), None
+        except subprocess.TimeoutExpired:
+            pass
+        silent = silent_ranks(config.watchdog, {r: read_heartbeat(p) for r, p in beats.items()}, time.time())
+        if not silent:
+            continue
+        culprit = silent[0]
+        run.append_event("hang_detected", rank=culprit.rank, step=culprit.step, phase=culprit.phase, silent_s=round(culprit.silent_s, 3), limit_s=round(culprit.limit_s, 3), silent_ranks=[x.rank for x in silent])
+        _log(f"rank {culprit.rank} silent for {culprit.silent_s:.1f}s at step {culprit.step}: dumping stacks, restarting the step")
+        step_id = _step_id(job_id, proc)
+        for sig in ("CONT", "USR1"):  # wake a stopped rank, then faulthandler dumps its stacks
+            subprocess.run(["scancel", f"--signal={sig}", step_id], capture_output=True, timeout=30)
+        time.sleep(STACK_DUMP_WAIT_S)
+        subprocess.run(["scancel", step_id], capture_output=True, timeout=30)
+        try:
+            code = proc.wait(timeout=config.restart.stop_grace_s + 30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            code = proc.wait()
+        message = f"no heartbeat for {culprit.silent_s:.1f}s at step {culprit.step} (limit {culprit.limit_s:.1f}s)"
+        return (code if code != 0 else 1), {"rank": culprit.rank, "error_type": "Hang", "message": f"Hang: {message}", "time": time.time(), "exitcode": code}
+
+
+def _step_id(job_id: str, proc: subprocess.Popen) -> str:
+    """JOB.STEP of our srun (the newest running step of this job)."""
+    out = subprocess.run(["squeue", "-h", "-s", "-j", job_id, "-o", "%i"], capture_output=True, text=True, timeout=30).stdout.split()
+    steps = sorted((s for s in out if s.split(".")[-1].isdigit()), key=lambda s: int(s.split(".")[-1]))
+    return steps[-1] if steps else job_id
 
 
 def _requeue(run: RunDir, config: ClusterConfig, job_id: str, restart_count: int, step: int | None) -> None:

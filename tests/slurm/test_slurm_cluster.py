@@ -184,3 +184,17 @@ def test_logs_and_cancel_from_the_login_node(tmp_path):
     assert run_orch("cancel", "cancelme", "--config", str(cfg)).returncode == 0
     st = wait_final(cfg, "cancelme", timeout=120)
     assert st["state"] == "cancelled" and st["slurm_state"] == "CANCELLED", st
+
+
+def test_hung_rank_inside_the_allocation_is_dumped_and_restarted(tmp_path):
+    cfg = slurm_config(tmp_path, TEST_JOBS / "hang.py", [], job={"env": {"HANG_HOW": "stop", "HANG_RANK": "3", "HANG_STEP": "10"}},
+                       storage={"checkpoint_interval": 5}, watchdog={"hang_timeout_s": 4}, restart={"max_restarts": 2, "backoff_s": 0.2})
+    submit(cfg, "hung")
+    st = wait_final(cfg, "hung")
+    assert st["state"] == "succeeded" and st["attempts"] == 2, st
+    run_dir = tmp_path / "runs" / "hung"
+    hang = [e for e in read_events(run_dir) if e["event"] == "hang_detected"]
+    assert len(hang) == 1 and 3 in hang[0]["silent_ranks"] and hang[0]["step"] == 10
+    assert "most recent call first" in (run_dir / "logs" / "attempt-0" / "rank-3.log").read_text()
+    ended = [e for e in read_events(run_dir) if e["event"] == "attempt_ended"]
+    assert ended[0]["root_cause"]["error_type"] == "Hang"
