@@ -220,7 +220,16 @@ class Supervisor:
             while True:
                 outcome = self._run_attempt(attempt)
                 if outcome.status == "preempted" and not self._stop_requested.is_set():
-                    # Checkpointed on request: resume at once; not a failure, not counted.
+                    # Checkpointed on request: resume at once; not a failure, not counted,
+                    # unless preemptions keep coming without any progress.
+                    newest = self._newest_checkpoint()
+                    without_progress = without_progress + 1 if newest == last_checkpoint else 0
+                    last_checkpoint = newest
+                    if without_progress >= CRASH_LOOP_ATTEMPTS:
+                        self._say("not resuming: preempted repeatedly without a new checkpoint")
+                        self.run.append_event("giving_up", reason="preempted repeatedly without a new checkpoint")
+                        outcome = AttemptOutcome("failed", outcome.root_cause, outcome.duration_s)
+                        break
                     self.run.append_event("requeued", attempt=attempt + 1, reason="preempted")
                     self._say(f"attempt {attempt} checkpointed and stopped (preemption); resuming")
                     attempt += 1
