@@ -105,16 +105,17 @@ def test_partition_preemption_resumes(tmp_path, reference):
     _interrupt_and_check(tmp_path, reference, "preempted", preempt)
 
 
+@pytest.mark.timeout(600)
 def test_time_limit_checkpoints_and_requeues_until_done(tmp_path, reference):
     # ~85 s of training under a 2 minute limit with the warning 60 s before it (Slurm checks
     # limits about once a minute, so the warning lands 0-60 s earlier still): the first
     # incarnation is always warned, checkpoints and is requeued; a later one finishes.
-    cfg = slurm_config(tmp_path, JOBS / "train_ddp.py", ["--steps", "400", "--log-every", "5", "--step-sleep", "0.2", "--dataset-size", "1024"],
+    cfg = slurm_config(tmp_path, JOBS / "train_ddp.py", ["--steps", "200", "--log-every", "5", "--step-sleep", "0.4", "--dataset-size", "1024"],
                        resources={"time_limit": "2"}, slurm={"signal_lead_s": 60, "max_requeues": 6})
     submit(cfg, "limited")
     # Meanwhile the same job, uninterrupted, on the local backend with the same world size.
     (tmp_path / "local").mkdir()
-    local_cfg = write_config(tmp_path / "local", JOBS / "train_ddp.py", args=["--steps", "400", "--log-every", "100", "--dataset-size", "1024"], resources={"nodes": 3, "ranks_per_node": 2}, storage={"checkpoint_interval": 200})
+    local_cfg = write_config(tmp_path / "local", JOBS / "train_ddp.py", args=["--steps", "200", "--log-every", "100", "--dataset-size", "1024"], resources={"nodes": 3, "ranks_per_node": 2}, storage={"checkpoint_interval": 100})
     local = run_orch("run", str(local_cfg), "--run-id", "uninterrupted", "--quiet", "--json")
     assert local.returncode == 0, local.stderr
     expected = json.loads(run_orch("status", "uninterrupted", "--config", str(local_cfg), "--json").stdout)
@@ -122,7 +123,7 @@ def test_time_limit_checkpoints_and_requeues_until_done(tmp_path, reference):
     events = read_events(tmp_path / "runs" / "limited")
     assert st["state"] == "succeeded", st
     assert sum(e["event"] == "requeued" for e in events) >= 1
-    assert (st["newest_checkpoint"], st["newest_checkpoint_digest"]) == (400, expected["newest_checkpoint_digest"])
+    assert (st["newest_checkpoint"], st["newest_checkpoint_digest"]) == (200, expected["newest_checkpoint_digest"])
 
 
 def test_requeues_are_bounded(tmp_path):
