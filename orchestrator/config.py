@@ -115,6 +115,7 @@ class RestartSpec:
     backoff_s: float = _f(1.0, "Wait before the first restart; doubles each time.", min=0.0, max=3600.0)
     backoff_max_s: float = _f(60.0, "Upper bound of the restart wait.", min=0.0, max=86400.0)
     stop_grace_s: float = _f(10.0, "After SIGTERM, how long ranks get before SIGKILL.", min=0.0, max=3600.0)
+    crash_loop_attempts: int = _f(3, "Stop retrying after this many failed attempts in a row without a new checkpoint (0: never).", min=0, max=1000)
 
 
 @dataclass(frozen=True, kw_only=True)

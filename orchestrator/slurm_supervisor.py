@@ -33,7 +33,7 @@ from .hostlist import expand_hostlist
 from .ports import lease_port
 from .rundir import RunDir
 from .failures import classify, is_peer_loss
-from .supervisor import CRASH_LOOP_ATTEMPTS, STACK_DUMP_WAIT_S, WATCHDOG_PERIOD_S, read_error_file
+from .supervisor import STACK_DUMP_WAIT_S, WATCHDOG_PERIOD_S, read_error_file
 from .watchdog import read_heartbeat, silent_ranks
 
 
@@ -122,7 +122,7 @@ def supervise(run_url: str) -> None:
         cause = {**cause, "class": classified.kind, "hint": classified.hint}
         if not classified.retryable:
             verdict = f"{cause['error_type']} is not retryable (it fails the same way every time)"
-        elif attempts_without_progress >= CRASH_LOOP_ATTEMPTS:
+        elif 0 < config.restart.crash_loop_attempts <= attempts_without_progress:
             verdict = f"crash loop: {attempts_without_progress} attempts in a row without a new checkpoint"
         elif restarts >= config.restart.max_restarts:
             verdict = f"no restarts left ({config.restart.max_restarts} allowed)"

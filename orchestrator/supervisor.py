@@ -142,8 +142,6 @@ def _process_state(pid: int) -> str | None:
         return None
 
 
-# Attempts in a row that fail without a new checkpoint before the supervisor stops retrying.
-CRASH_LOOP_ATTEMPTS = 3
 # How often the watchdog reads heartbeats, and how long stacks get to reach the logs.
 WATCHDOG_PERIOD_S = 0.5
 STACK_DUMP_WAIT_S = 1.0
@@ -225,7 +223,7 @@ class Supervisor:
                     newest = self._newest_checkpoint()
                     without_progress = without_progress + 1 if newest == last_checkpoint else 0
                     last_checkpoint = newest
-                    if without_progress >= CRASH_LOOP_ATTEMPTS:
+                    if 0 < cfg.restart.crash_loop_attempts <= without_progress:
                         self._say("not resuming: preempted repeatedly without a new checkpoint")
                         self.run.append_event("giving_up", reason="preempted repeatedly without a new checkpoint")
                         outcome = AttemptOutcome("failed", outcome.root_cause, outcome.duration_s)
@@ -283,7 +281,7 @@ class Supervisor:
         cause = outcome.root_cause
         if cause is not None and not cause.classified.retryable:
             return f"not restarting: {cause.error_type} fails the same way on every attempt ({cause.classified.hint})"
-        if without_progress >= CRASH_LOOP_ATTEMPTS:
+        if 0 < self.config.restart.crash_loop_attempts <= without_progress:
             return f"not restarting: crash loop ({without_progress} failed attempts in a row without a new checkpoint)"
         if restarts >= self.config.restart.max_restarts:
             return f"no restarts left ({self.config.restart.max_restarts} allowed)"
