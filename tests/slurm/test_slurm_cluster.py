@@ -78,6 +78,8 @@ def _interrupt_and_check(tmp_path, reference, run_id, interrupt, **sections) -> 
     kinds = [e["event"] for e in read_events(run_dir)]
     assert kinds.count("job_started") >= 2, kinds  # a second incarnation ran
     assert (st["newest_checkpoint"], st["newest_checkpoint_digest"]) == reference
+    # The ledger counts the requeue's wait in the queue (Slurm restarts a requeued job after ~10 s).
+    assert st["goodput"]["lost_s"]["queue"] > 5 and 0 < st["goodput"]["goodput"] < 1
     return st
 
 
