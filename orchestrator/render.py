@@ -35,4 +35,6 @@ def render_local(plan: LaunchPlan) -> str:
         ],
     }
     header = "# orch render: local launch spec; nothing was started\n"
-    return header + yaml.safe_dump(doc, sort_keys=False, default_flow_style=False, width=1000)
+    # libyaml's emitter when PyYAML has it: ~10x faster than the pure-Python one on large plans.
+    dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+    return header + yaml.dump(doc, Dumper=dumper, sort_keys=False, default_flow_style=False, width=1000)
