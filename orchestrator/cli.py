@@ -163,8 +163,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from .backends import slurm
 
     config = _load_for(args, "slurm", "submit: needs the slurm backend (set `backend: slurm` or pass --backend slurm); `orch run` runs locally")
-    folder_check = slurm.submitit_folder(config.storage_root)  # fails early on object-store roots
-    del folder_check
+    slurm.submitit_folder(config.storage_root)  # fails before creating anything on object-store roots
     run = _create_run(args, config)
     python = config.job.python or sys.executable
     job_id = slurm.submit(config, run_url=run.url, folder=slurm.submitit_folder(run.url), python=python)

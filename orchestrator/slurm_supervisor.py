@@ -26,7 +26,7 @@ import time
 from typing import Any
 
 from .backends.slurm import step_argv, step_env
-from .ckpt_store import CheckpointStore, newest_committed
+from .ckpt_store import newest_committed
 from .config import ClusterConfig, parse_config
 from .exitcodes import PREEMPTED_EXIT_CODE, PREEMPTED_TYPE
 from .hostlist import expand_hostlist
@@ -171,7 +171,7 @@ def _wait(proc: subprocess.Popen, run: RunDir, config: ClusterConfig, log_dir: s
         if not silent:
             continue
         culprit = silent[0]
-        run.append_event("hang_detected", rank=culprit.rank, step=culprit.step, phase=culprit.phase, silent_s=round(culprit.silent_s, 3), limit_s=round(culprit.limit_s, 3), silent_ranks=[x.rank for x in silent])
+        run.append_event("hang_detected", **culprit.event(silent))
         _log(f"rank {culprit.rank} silent for {culprit.silent_s:.1f}s at step {culprit.step}: dumping stacks, restarting the step")
         step_id = _step_id(job_id, proc)
         for sig in ("CONT", "USR1"):  # wake a stopped rank, then faulthandler dumps its stacks
@@ -183,8 +183,7 @@ def _wait(proc: subprocess.Popen, run: RunDir, config: ClusterConfig, log_dir: s
         except subprocess.TimeoutExpired:
             proc.kill()
             code = proc.wait()
-        message = f"no heartbeat for {culprit.silent_s:.1f}s at step {culprit.step} (limit {culprit.limit_s:.1f}s)"
-        return (code if code != 0 else 1), {"rank": culprit.rank, "error_type": "Hang", "message": f"Hang: {message}", "time": time.time(), "exitcode": code}
+        return (code if code != 0 else 1), {"rank": culprit.rank, "error_type": "Hang", "message": f"Hang: {culprit.message}", "time": time.time(), "exitcode": code}
 
 
 def _step_id(job_id: str, proc: subprocess.Popen) -> str:
@@ -216,5 +215,3 @@ def _check_lead_time(run: RunDir, config: ClusterConfig) -> None:
             run.append_event("warning", message=message, checkpoint_s=seconds, signal_lead_s=config.slurm.signal_lead_s)
             _log(f"WARNING: {message}")
 
-
-__all__ = ["supervise", "CheckpointStore"]

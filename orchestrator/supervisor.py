@@ -398,7 +398,7 @@ class Supervisor:
         # one, since ranks waiting in a collective for it went quiet a moment later.
         stopped = [x for x in silent if _process_state(next(p.pid for p in group.ranks if p.spec.rank == x.rank)) == "T"]
         culprit = (stopped or silent)[0]
-        self.run.append_event("hang_detected", rank=culprit.rank, step=culprit.step, phase=culprit.phase, silent_s=round(culprit.silent_s, 3), limit_s=round(culprit.limit_s, 3), silent_ranks=[s.rank for s in silent])
+        self.run.append_event("hang_detected", **culprit.event(silent))
         self._say(f"rank {culprit.rank} silent for {culprit.silent_s:.1f}s at step {culprit.step} ({culprit.phase}; limit {culprit.limit_s:.1f}s): dumping stacks, restarting")
         # Stacks of every rank (who waits in which collective tells the story): faulthandler
         # on SIGUSR1; SIGCONT first wakes a stopped rank so it can dump.
@@ -417,7 +417,7 @@ class Supervisor:
             exitcode=0,
             time=time.time(),
             error_type="Hang",
-            message=f"no heartbeat for {culprit.silent_s:.1f}s at step {culprit.step} (limit {culprit.limit_s:.1f}s)",
+            message=culprit.message,
         )
 
     @staticmethod

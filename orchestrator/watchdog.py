@@ -35,6 +35,14 @@ class Silence:
     silent_s: float
     limit_s: float
 
+    @property
+    def message(self) -> str:
+        return f"no heartbeat for {self.silent_s:.1f}s at step {self.step} (limit {self.limit_s:.1f}s)"
+
+    def event(self, silent: list["Silence"]) -> dict[str, object]:
+        """The `hang_detected` event's fields, with every silent rank listed."""
+        return {"rank": self.rank, "step": self.step, "phase": self.phase, "silent_s": round(self.silent_s, 3), "limit_s": round(self.limit_s, 3), "silent_ranks": [x.rank for x in silent]}
+
 
 def limit_for(spec: WatchdogSpec, step: int, phase: str, ema_s: float) -> float | None:
     if phase == "exit":
