@@ -105,6 +105,14 @@ class Launcher(Protocol):
     def start_attempt(self, specs: Sequence[RankSpec], log_paths: Sequence[str], extra_env: Sequence[Mapping[str, str]]) -> AttemptGroup: ...
 
 
+def _prepare_rank_process(parent_pid: int) -> None:
+    """In the forked child, before exec: die with the supervisor, and hold SIGUSR2 pending
+    (a stop request sent while the rank still imports) until orchestrator.runtime's
+    preemption handler unblocks it, instead of being killed by its default action."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2})
+    _set_parent_death_signal(parent_pid)
+
+
 def _set_parent_death_signal(parent_pid: int) -> None:
     if _libc is not None:
         _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
@@ -150,7 +158,7 @@ class SubprocessLauncher:
                         stdout=fd,
                         stderr=fd,
                         process_group=group.pgid,
-                        preexec_fn=lambda: _set_parent_death_signal(parent),
+                        preexec_fn=lambda: _prepare_rank_process(parent),
                         close_fds=True,
                     )
                 finally:

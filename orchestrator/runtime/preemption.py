@@ -34,6 +34,9 @@ def install() -> None:
         return
     for sig in STOP_SIGNALS:
         signal.signal(sig, _handler)
+    # Both launchers start ranks with SIGUSR2 blocked, so a warning sent while the job was
+    # still importing is pending, not lost: unblocking delivers it to the handler now.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     _installed = True
 
 

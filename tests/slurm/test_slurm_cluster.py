@@ -108,24 +108,48 @@ def test_partition_preemption_resumes(tmp_path, reference):
 
 
 @pytest.mark.timeout(600)
-def test_time_limit_checkpoints_and_requeues_until_done(tmp_path, reference):
-    # ~85 s of training under a 2 minute limit with the warning 60 s before it (Slurm checks
-    # limits about once a minute, so the warning lands 0-60 s earlier still): the first
-    # incarnation is always warned, checkpoints and is requeued; a later one finishes.
-    cfg = slurm_config(tmp_path, JOBS / "train_ddp.py", ["--steps", "200", "--log-every", "5", "--step-sleep", "0.4", "--dataset-size", "1024"],
-                       resources={"time_limit": "2"}, slurm={"signal_lead_s": 60, "max_requeues": 6})
+def test_time_limit_checkpoints_and_requeues_until_done(tmp_path):
+    # ~100 s of training under a 2 minute limit with a 20 s lead. Slurm checks limits about
+    # once a minute and rather warns early, so the warning lands 40-100 s after the start:
+    # always before the end of training. Each incarnation is warned, checkpoints and is
+    # requeued; a later one finishes. A warning that lands while the ranks still import torch
+    # must be kept, not lost (tests/test_early_stop_signal.py): a lost one runs the job into
+    # its time limit, which Slurm ends as TIMEOUT.
+    args = ["--steps", "250", "--dataset-size", "1024"]
+    cfg = slurm_config(tmp_path, JOBS / "train_ddp.py", [*args, "--log-every", "5", "--step-sleep", "0.4"],
+                       resources={"time_limit": "2"}, slurm={"signal_lead_s": 20, "max_requeues": 6})
     submit(cfg, "limited")
     # Meanwhile the same job, uninterrupted, on the local backend with the same world size.
     (tmp_path / "local").mkdir()
-    local_cfg = write_config(tmp_path / "local", JOBS / "train_ddp.py", args=["--steps", "200", "--log-every", "100", "--dataset-size", "1024"], resources={"nodes": 3, "ranks_per_node": 2}, storage={"checkpoint_interval": 100})
+    local_cfg = write_config(tmp_path / "local", JOBS / "train_ddp.py", args=[*args, "--log-every", "100"], resources={"nodes": 3, "ranks_per_node": 2}, storage={"checkpoint_interval": 125})
     local = run_orch("run", str(local_cfg), "--run-id", "uninterrupted", "--quiet", "--json")
     assert local.returncode == 0, local.stderr
     expected = json.loads(run_orch("status", "uninterrupted", "--config", str(local_cfg), "--json").stdout)
-    st = wait_final(cfg, "limited", timeout=600)
+    st = wait_final(cfg, "limited", timeout=540)
     events = read_events(tmp_path / "runs" / "limited")
-    assert st["state"] == "succeeded", st
+    assert st["state"] == "succeeded", (st, [e for e in events if e["event"] in ("attempt_ended", "preempted", "requeued", "run_finished")])
     assert sum(e["event"] == "requeued" for e in events) >= 1
-    assert (st["newest_checkpoint"], st["newest_checkpoint_digest"]) == (200, expected["newest_checkpoint_digest"])
+    assert (st["newest_checkpoint"], st["newest_checkpoint_digest"]) == (250, expected["newest_checkpoint_digest"])
+
+
+def test_warning_while_ranks_import_is_kept(tmp_path):
+    # The warning reaches the ranks just after their tasks start (all rank logs exist, plus
+    # 0.5 s for the task script's hop), while they still import torch.
+    cfg = slurm_config(tmp_path, JOBS / "train_ddp.py", ["--steps", "30", "--log-every", "5", "--dataset-size", "256"], storage={"checkpoint_interval": 10})
+    job = submit(cfg, "early")
+    run_dir = tmp_path / "runs" / "early"
+    logs = [run_dir / "logs" / "attempt-0" / f"rank-{r}.log" for r in range(6)]
+    wait_for(lambda: all(log.exists() for log in logs), 120, "the ranks' tasks")
+    time.sleep(0.5)
+    subprocess.run(["scancel", "--signal=USR2", job], check=True)
+    st = wait_final(cfg, "early")
+    events = read_events(run_dir)
+    assert st["state"] == "succeeded", st
+    assert [e["status"] for e in events if e["event"] == "attempt_ended"] == ["preempted", "succeeded"]
+    # Delivered when the handler was installed: the flag is set at step 1's end and the
+    # ranks' vote on it read at step 2's, so they stop at step 2.
+    assert [e["checkpoint"] for e in events if e["event"] == "preempted"] == [2]
+    assert st["newest_checkpoint"] == 30
 
 
 def test_requeues_are_bounded(tmp_path):
