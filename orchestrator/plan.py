@@ -8,9 +8,9 @@ SLURM_* onto `contract_env`).
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Mapping
 
 from .config import ClusterConfig
 
@@ -84,13 +84,16 @@ def shared_contract_env(
     return {k: str(v) for k, v in values.items()}
 
 
+def own_contract_env(*, rank: int, local_rank: int, node_rank: int) -> dict[str, str]:
+    """The part of the env contract that differs from rank to rank (PER_RANK_VARS, in order)."""
+    node = str(node_rank)
+    return {"RANK": str(rank), "LOCAL_RANK": str(local_rank), "NODE_RANK": node, "GROUP_RANK": node}
+
+
 def contract_env(*, rank: int, local_rank: int, node_rank: int, **shared: object) -> dict[str, str]:
     """The env contract of one rank, as strings, in CONTRACT_VARS order."""
     values = {
-        "RANK": str(rank),
-        "LOCAL_RANK": str(local_rank),
-        "NODE_RANK": str(node_rank),
-        "GROUP_RANK": str(node_rank),
+        **own_contract_env(rank=rank, local_rank=local_rank, node_rank=node_rank),
         **shared_contract_env(**shared),  # type: ignore[arg-type]
     }
     ordered = {k: values[k] for k in CONTRACT_VARS}
@@ -110,13 +113,43 @@ def runtime_env(config: ClusterConfig) -> dict[str, str]:
     }
 
 
+def attempt_shared_env(
+    config: ClusterConfig,
+    *,
+    run_id: str,
+    run_dir: str,
+    attempt: int | str,
+    master_addr: str,
+    master_port: int | str,
+    extra_env: Mapping[str, str] | None = None,
+) -> dict[str, str]:
+    """What every rank of an attempt gets alike: job.env, the runtime settings, extra_env and the
+    contract's shared part, last so that nothing overrides it."""
+    res = config.resources
+    contract = shared_contract_env(
+        nnodes=res.nodes,
+        ranks_per_node=res.ranks_per_node,
+        master_addr=master_addr,
+        master_port=master_port,
+        attempt=attempt,
+        run_id=run_id,
+        run_dir=run_dir,
+    )
+    return {**config.job.env, **runtime_env(config), **(extra_env or {}), **contract}
+
+
 def is_secret_name(name: str) -> bool:
     return bool(_SECRET_NAME.search(name))
 
 
+def is_redacted(name: str, pass_env: tuple[str, ...] = ()) -> bool:
+    """Whether redact() hides this variable's value: it decides by the name alone."""
+    return name in pass_env or is_secret_name(name)
+
+
 def redact(env: Mapping[str, str], pass_env: tuple[str, ...] = ()) -> dict[str, str]:
     """A copy safe to print or store: secret-looking and passed-through values are hidden."""
-    return {k: (REDACTED if k in pass_env or is_secret_name(k) else v) for k, v in env.items()}
+    return {k: (REDACTED if is_redacted(k, pass_env) else v) for k, v in env.items()}
 
 
 def entrypoint_argv(config: ClusterConfig, python: str) -> tuple[str, ...]:
@@ -127,6 +160,53 @@ def entrypoint_argv(config: ClusterConfig, python: str) -> tuple[str, ...]:
     return (python, config.script_path, *job.args)
 
 
+class RankEnv(Mapping[str, str]):
+    """One rank's environment additions, read-only: the plan's shared env with the rank's own
+    variables on top.
+
+    A view rather than a merged copy, so that a plan of 8000 ranks holds the shared variables
+    once (building 8000 full dicts was most of the cost of planning). It behaves as the full
+    Mapping the launchers expect; equality is Mapping equality, whatever the split. A plain
+    class with slots, not a frozen dataclass: it is built once per rank, and a frozen
+    dataclass costs 3x as much to build; read-only properties keep it immutable all the same.
+    """
+
+    __slots__ = ("_shared", "_own")
+
+    def __init__(self, shared: Mapping[str, str], own: Mapping[str, str]) -> None:
+        # Not copied: build_local_plan hands over dicts that nothing else holds.
+        self._shared = shared
+        self._own = own
+
+    @property
+    def shared(self) -> Mapping[str, str]:
+        return self._shared
+
+    @property
+    def own(self) -> Mapping[str, str]:
+        # Wrapped when asked for rather than when built: one object less per rank in the plan.
+        return MappingProxyType(self._own)
+
+    def __getitem__(self, name: str) -> str:
+        own = self._own
+        return own[name] if name in own else self._shared[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._own or name in self._shared
+
+    def __iter__(self) -> Iterator[str]:
+        own = self._own
+        yield from (name for name in self._shared if name not in own)
+        yield from own
+
+    def __len__(self) -> int:
+        own = self._own
+        return len(own) + sum(1 for name in self._shared if name not in own)
+
+    def __repr__(self) -> str:
+        return f"RankEnv({dict(self)!r})"
+
+
 @dataclass(frozen=True, kw_only=True)
 class RankSpec:
     rank: int
@@ -135,6 +215,7 @@ class RankSpec:
     argv: tuple[str, ...]
     # The full environment the orchestrator adds for this rank, except pass_env values, which
     # the launcher copies from its own environment at spawn time so they are never stored.
+    # In plans from build_local_plan, a RankEnv over the plan's shared_env.
     env: Mapping[str, str]
 
 
@@ -148,6 +229,9 @@ class LaunchPlan:
     master_addr: str
     master_port: int | str
     pass_env: tuple[str, ...]
+    # The variables every rank gets with the same value: job.env, the runtime settings and the
+    # shared part of the contract. Each rank's env is this plus its own PER_RANK_VARS.
+    shared_env: Mapping[str, str]
     ranks: tuple[RankSpec, ...]
 
     @property
@@ -169,27 +253,17 @@ def build_local_plan(
     """Every rank of every simulated node on this machine."""
     res = config.resources
     argv = entrypoint_argv(config, config.job.python or python)
-    shared = {**config.job.env, **runtime_env(config), **(extra_env or {})}
+    merged = attempt_shared_env(
+        config, run_id=run_id, run_dir=run_dir, attempt=attempt, master_addr=master_addr, master_port=master_port, extra_env=extra_env
+    )
+    # extra_env may name a per-rank variable; each rank's own value replaces it.
+    shared = MappingProxyType({k: v for k, v in merged.items() if k not in PER_RANK_VARS})
     ranks = []
     for node in range(res.nodes):
         for local in range(res.ranks_per_node):
             rank = node * res.ranks_per_node + local
-            env = {
-                **shared,
-                **contract_env(
-                    rank=rank,
-                    local_rank=local,
-                    node_rank=node,
-                    nnodes=res.nodes,
-                    ranks_per_node=res.ranks_per_node,
-                    master_addr=master_addr,
-                    master_port=master_port,
-                    attempt=attempt,
-                    run_id=run_id,
-                    run_dir=run_dir,
-                ),
-            }
-            ranks.append(RankSpec(rank=rank, local_rank=local, node_rank=node, argv=argv, env=MappingProxyType(env)))
+            own = own_contract_env(rank=rank, local_rank=local, node_rank=node)
+            ranks.append(RankSpec(rank=rank, local_rank=local, node_rank=node, argv=argv, env=RankEnv(shared, own)))
     return LaunchPlan(
         run_id=run_id,
         run_dir=run_dir,
@@ -199,5 +273,6 @@ def build_local_plan(
         master_addr=master_addr,
         master_port=master_port,
         pass_env=config.job.pass_env,
+        shared_env=shared,
         ranks=tuple(ranks),
     )

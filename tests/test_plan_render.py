@@ -17,11 +17,14 @@ from orchestrator.cli import main
 from orchestrator.config import ClusterConfig, load_config
 from orchestrator.plan import (
     CONTRACT_VARS,
+    PER_RANK_VARS,
     REDACTED,
     RUNTIME_VARS,
     LaunchPlan,
+    RankEnv,
     build_local_plan,
     contract_env,
+    is_redacted,
     is_secret_name,
     redact,
     runtime_env,
@@ -146,6 +149,36 @@ def test_plan_is_pure_and_immutable(monkeypatch: pytest.MonkeyPatch) -> None:
         first.ranks[0].env["RANK"] = "9"  # type: ignore[index]
 
 
+def test_rank_env_is_the_shared_env_plus_the_ranks_own() -> None:
+    plan = plan_of(config_2x2("job.env={EXTRA: 'x'}"))
+    assert set(plan.shared_env).isdisjoint(PER_RANK_VARS) and plan.shared_env["EXTRA"] == "x"
+    for spec in plan.ranks:
+        env = spec.env
+        # One shared env for the whole plan, not a copy per rank.
+        assert isinstance(env, RankEnv) and env.shared is plan.shared_env
+        assert tuple(env.own) == PER_RANK_VARS and env.own["RANK"] == str(spec.rank)
+        full = {**plan.shared_env, **env.own}
+        assert dict(env) == full and env == full and len(env) == len(full) and set(env) == set(full)
+        assert dict(env.items()) == full and sorted(env.values()) == sorted(full.values())
+        assert "RANK" in env and "EXTRA" in env and "NOPE" not in env and env.get("NOPE") is None
+        # How the launcher merges it: the plan's values win over the environment's.
+        assert {**{"RANK": "77", "HOME": "/h"}, **env}["RANK"] == str(spec.rank)
+    env = plan.ranks[1].env
+    with pytest.raises(AttributeError):
+        env.own = {}  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        env.own["RANK"] = "9"  # type: ignore[index]
+    with pytest.raises(TypeError):
+        plan.shared_env["EXTRA"] = "y"  # type: ignore[index]
+
+
+def test_rank_env_own_values_win() -> None:
+    env = RankEnv({"A": "1", "B": "2"}, {"A": "3", "C": "4"})
+    assert dict(env) == {"A": "3", "B": "2", "C": "4"} and len(env) == 3 and list(env) == ["B", "A", "C"]
+    assert env == {"B": "2", "C": "4", "A": "3"} and env != {"A": "1", "B": "2", "C": "4"}
+    assert repr(env) == "RankEnv({'B': '2', 'A': '3', 'C': '4'})"
+
+
 # ---------------------------------------------------------------------------- redaction
 
 @pytest.mark.parametrize("name", ["WANDB_API_KEY", "MY_TOKEN", "HF_TOKEN", "AWS_SECRET_ACCESS_KEY", "DB_PASSWORD", "OPENAI_KEY", "DB_PASS", "BASIC_AUTH", "github_token", "GCP_CREDENTIALS"])
@@ -161,6 +194,7 @@ def test_ordinary_names(name: str) -> None:
 def test_redact() -> None:
     env = {"A": "1", "MY_TOKEN": "t", "PASSED": "p"}
     assert redact(env, ("PASSED",)) == {"A": "1", "MY_TOKEN": REDACTED, "PASSED": REDACTED}
+    assert [is_redacted(k, ("PASSED",)) for k in env] == [False, True, True]
     assert env == {"A": "1", "MY_TOKEN": "t", "PASSED": "p"}
 
 
