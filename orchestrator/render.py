@@ -2,14 +2,36 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Mapping
+
 import yaml
 
-from .plan import LaunchPlan, redact
+from .plan import REDACTED, LaunchPlan, RankEnv, is_redacted, redact
+
+# libyaml's emitter when PyYAML has it: ~10x faster than the pure-Python one.
+_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+_ONE_LINE = 1 << 30  # a line width no scalar reaches: never fold
+
+HEADER = (
+    "# orch render: local launch spec; nothing was started\n"
+    "# Each rank runs `argv` with `env` (shared by all ranks) plus the `env` on its own line, and the\n"
+    "# `pass_env` variables, copied from the environment at launch.\n"
+)
 
 
 def render_local(plan: LaunchPlan) -> str:
-    """The local launch spec: each rank's node, argv and env (secrets redacted), as YAML."""
-    doc = {
+    """The local launch spec as YAML: the argv and env that all ranks share, once, then one line
+    per rank, grouped by node, with that rank's own variables. Secrets are redacted.
+
+    Printing each rank's full env made 8000 ranks cost seconds and hid the few variables that
+    differ among hundreds of lines that do not. The head is small and goes through yaml; the
+    per-rank lines are written by hand, one flow mapping each, which keeps rendering linear and
+    cheap.
+    """
+    shared = plan.shared_env
+    argv = plan.ranks[0].argv if plan.ranks else ()
+    head = {
         "backend": "local",
         "run_id": plan.run_id,
         "run_dir": plan.run_dir,
@@ -17,24 +39,76 @@ def render_local(plan: LaunchPlan) -> str:
         "world_size": plan.world_size,
         "master": f"{plan.master_addr}:{plan.master_port}",
         "pass_env": list(plan.pass_env),
-        "nodes": [
-            {
-                "node_rank": node,
-                "ranks": [
-                    {
-                        "rank": spec.rank,
-                        "local_rank": spec.local_rank,
-                        "argv": list(spec.argv),
-                        "env": dict(sorted(redact(spec.env, plan.pass_env).items())),
-                    }
-                    for spec in plan.ranks
-                    if spec.node_rank == node
-                ],
-            }
-            for node in range(plan.nnodes)
-        ],
+        "argv": list(argv),
+        "env": dict(sorted(redact(shared, plan.pass_env).items())),
     }
-    header = "# orch render: local launch spec; nothing was started\n"
-    # libyaml's emitter when PyYAML has it: ~10x faster than the pure-Python one on large plans.
-    dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
-    return header + yaml.dump(doc, Dumper=dumper, sort_keys=False, default_flow_style=False, width=1000)
+    text = yaml.dump(head, Dumper=_DUMPER, sort_keys=False, default_flow_style=False, width=1000)
+
+    by_node: dict[int, list[str]] = {node: [] for node in range(plan.nnodes)}
+    env_of = _OwnEnvWriter(plan.pass_env)
+    for spec in plan.ranks:
+        argv_field = "" if spec.argv == argv else f"argv: [{', '.join(map(_scalar, spec.argv))}], "
+        env = env_of(_own_env(spec.env, shared))
+        by_node[spec.node_rank].append(f"  - {{rank: {spec.rank}, local_rank: {spec.local_rank}, {argv_field}env: {{{env}}}}}\n")
+
+    parts = [HEADER, text, "nodes:" if by_node else "nodes: []", "\n"]
+    for node, lines in by_node.items():
+        parts.append(f"- node_rank: {node}\n  ranks:{'' if lines else ' []'}\n")
+        parts.extend(lines)
+    return "".join(parts)
+
+
+def _own_env(env: Mapping[str, str], shared: Mapping[str, str]) -> Mapping[str, str]:
+    """What a rank gets on top of the plan's shared env."""
+    if isinstance(env, RankEnv) and env.shared is shared:
+        return env.own  # every rank of build_local_plan: the split is at hand
+    # Any other Mapping: what differs. Shown as shared + own, a rank lacking a shared variable
+    # would be rendered wrongly, so refuse it.
+    missing = sorted(shared.keys() - env.keys())
+    if missing:
+        raise ValueError(f"rank env lacks {missing[0]}, which the plan's shared env has")
+    return {name: value for name, value in env.items() if shared.get(name) != value}
+
+
+class _OwnEnvWriter:
+    """Writes a rank's own variables as the inside of a YAML flow mapping, secrets redacted.
+
+    Called once per rank with the same few names every time, so the work that depends on the
+    names alone is done once per set of names: whether redact() hides a value (is_redacted), and,
+    for the usual case of no hidden name and only decimal values (rank numbers), a %-template
+    that the values fill in one step. For 8000 ranks the whole render then takes ~20 ms, against
+    ~75 ms through the general path alone, which runs redact()'s regex on every name of every rank.
+    """
+
+    def __init__(self, pass_env: tuple[str, ...]) -> None:
+        self._pass_env = pass_env
+        self._templates: dict[tuple[str, ...], str | None] = {}
+
+    def __call__(self, env: Mapping[str, str]) -> str:
+        names, values = tuple(env), tuple(env.values())
+        if names not in self._templates:
+            hidden = any(is_redacted(name, self._pass_env) for name in names)
+            # A `%` in a name is text, not a conversion: doubled.
+            self._templates[names] = None if hidden else ", ".join(_scalar(name).replace("%", "%%") + ": '%s'" for name in names)
+        template = self._templates[names]
+        digits = "".join(values)
+        if template is not None and digits.isdecimal() and digits.isascii():
+            return template % values
+        return ", ".join(f"{_scalar(name)}: {_scalar(REDACTED if is_redacted(name, self._pass_env) else value)}" for name, value in env.items())
+
+
+def _scalar(value: str) -> str:
+    """A string as a one-line YAML flow scalar that reads back as the same string."""
+    if value.isdecimal() and value.isascii():
+        return f"'{value}'"  # the common case (rank numbers), as yaml itself quotes them
+    return _other_scalar(value)
+
+
+@functools.lru_cache(maxsize=1024)
+def _other_scalar(value: str) -> str:
+    # yaml picks plain or quoted exactly as for the head. Single-quoted strings may span lines,
+    # which would break the one-line-per-rank layout: those go double-quoted, with escapes.
+    text = yaml.dump([value], Dumper=_DUMPER, default_flow_style=True, width=_ONE_LINE)[1:-2]
+    if "\n" in text:
+        text = yaml.dump([value], Dumper=_DUMPER, default_flow_style=True, default_style='"', width=_ONE_LINE)[1:-2]
+    return text

@@ -5,6 +5,7 @@ Fast and pure: no torch; subprocesses only to check that two `orch render` runs 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 from pathlib import Path
@@ -14,7 +15,7 @@ import pytest
 import yaml
 
 from orchestrator.cli import main
-from orchestrator.config import ClusterConfig, load_config
+from orchestrator.config import ClusterConfig, load_config, parse_config
 from orchestrator.plan import (
     CONTRACT_VARS,
     PER_RANK_VARS,
@@ -22,6 +23,7 @@ from orchestrator.plan import (
     RUNTIME_VARS,
     LaunchPlan,
     RankEnv,
+    RankSpec,
     build_local_plan,
     contract_env,
     is_redacted,
@@ -212,17 +214,25 @@ def test_render_redacts_secrets_and_pass_env(monkeypatch: pytest.MonkeyPatch) ->
     assert "visible-42abc" in text  # redaction hides secrets, not everything
     doc = yaml.safe_load(text)
     assert doc["pass_env"] == ["HF_HOME_DIR", "HF_TOKEN"]
-    for node in doc["nodes"]:
-        for rank in node["ranks"]:
-            for name in SECRETS:
-                assert rank["env"][name] == REDACTED
-            assert rank["env"]["PLAIN_SETTING"] == "visible-42abc"
-            assert "HF_HOME_DIR" not in rank["env"] and "HF_TOKEN" not in rank["env"]
+    envs = rank_envs(doc)
+    assert sorted(envs) == [0, 1, 2, 3]
+    for env in envs.values():
+        for name in SECRETS:
+            assert env[name] == REDACTED
+        assert env["PLAIN_SETTING"] == "visible-42abc"
+        assert "HF_HOME_DIR" not in env and "HF_TOKEN" not in env
     # The plan itself keeps the real job.env value: the ranks need it.
     assert plan_of(config).ranks[0].env["MY_TOKEN"] == "tok-77d0e2-secret"
 
 
 # ---------------------------------------------------------------------------- rendering
+
+def rank_envs(doc: dict[str, Any]) -> dict[int, dict[str, str]]:
+    """Every rank's full env as a reader of the rendered YAML gets it: `env`, then the rank's own."""
+    envs = {r["rank"]: {**doc["env"], **r["env"]} for n in doc["nodes"] for r in n["ranks"]}
+    assert len(envs) == sum(len(n["ranks"]) for n in doc["nodes"])  # no rank listed twice
+    return envs
+
 
 def test_render_local_structure_and_stability() -> None:
     plan = plan_of(config_2x2())
@@ -230,23 +240,150 @@ def test_render_local_structure_and_stability() -> None:
     assert text == render_local(plan) == render_local(plan_of(config_2x2()))
     assert text.startswith("# orch render: local launch spec; nothing was started\n")
     doc = yaml.safe_load(text)
-    assert list(doc) == ["backend", "run_id", "run_dir", "attempt", "world_size", "master", "pass_env", "nodes"]
+    assert list(doc) == ["backend", "run_id", "run_dir", "attempt", "world_size", "master", "pass_env", "argv", "env", "nodes"]
     assert (doc["backend"], doc["run_id"], doc["run_dir"], doc["attempt"], doc["world_size"], doc["master"]) == ("local", "r-1", "/runs/r-1", 3, 4, "127.0.0.1:29512")
+    assert doc["argv"] == list(plan.ranks[0].argv)
+    assert list(doc["env"]) == sorted(doc["env"]) and doc["env"] == dict(plan.shared_env)
     assert [n["node_rank"] for n in doc["nodes"]] == [0, 1]
     assert [[(r["rank"], r["local_rank"]) for r in n["ranks"]] for n in doc["nodes"]] == [[(0, 0), (1, 1)], [(2, 0), (3, 1)]]
     for node in doc["nodes"]:
         for r in node["ranks"]:
-            assert list(r["env"]) == sorted(r["env"])
-            assert r["env"] == {k: str(v) for k, v in plan.ranks[r["rank"]].env.items()}
-            assert r["argv"] == list(plan.ranks[r["rank"]].argv)
+            assert "argv" not in r  # the same for every rank: shown once
+            assert list(r["env"]) == list(PER_RANK_VARS) and r["env"] == dict(plan.ranks[r["rank"]].env.own)
+    # One line per rank, however large the plan.
+    assert [line[:11] for line in text.splitlines() if line.startswith("  - ")] == ["  - {rank: "] * 4
+
+
+@pytest.mark.parametrize("nodes, per_node", [(1, 1), (1, 2), (2, 2), (3, 4)])
+def test_render_gives_every_rank_its_full_env_contract(nodes: int, per_node: int) -> None:
+    config = load_config(str(DEFAULT), [f"resources.nodes={nodes}", f"resources.ranks_per_node={per_node}", "job.env={EXTRA: 'x', MY_TOKEN: 't0k3n'}"])
+    plan = plan_of(config, attempt=2, master_addr="10.0.0.7")
+    envs = rank_envs(yaml.safe_load(render_local(plan)))
+    assert sorted(envs) == list(range(nodes * per_node))
+    for spec in plan.ranks:
+        contract = contract_env(
+            rank=spec.rank, local_rank=spec.local_rank, node_rank=spec.node_rank, nnodes=nodes, ranks_per_node=per_node,
+            master_addr="10.0.0.7", master_port=29512, attempt=2, run_id="r-1", run_dir="/runs/r-1",
+        )
+        assert envs[spec.rank] == {**contract, **runtime_env(config), "EXTRA": "x", "MY_TOKEN": REDACTED}
+        assert envs[spec.rank] == redact(spec.env)
+
+
+ONE_BY_TWO = """\
+# orch render: local launch spec; nothing was started
+# Each rank runs `argv` with `env` (shared by all ranks) plus the `env` on its own line, and the
+# `pass_env` variables, copied from the environment at launch.
+backend: local
+run_id: r-1
+run_dir: /runs/r-1
+attempt: 3
+world_size: 2
+master: 127.0.0.1:29512
+pass_env:
+- HF_TOKEN
+argv:
+- /opt/py/bin/python3
+- -m
+- pkg.train
+- --lr
+- '0.1'
+env:
+  LOCAL_WORLD_SIZE: '2'
+  MASTER_ADDR: 127.0.0.1
+  MASTER_PORT: '29512'
+  MODE: fast
+  NNODES: '1'
+  OMP_NUM_THREADS: '1'
+  ORCH_ATTEMPT: '3'
+  ORCH_CKPT_ASYNC: '0'
+  ORCH_CKPT_INTERVAL: '500'
+  ORCH_CKPT_KEEP: '2'
+  ORCH_DIST_BACKEND: auto
+  ORCH_RUN_DIR: /runs/r-1
+  ORCH_RUN_ID: r-1
+  PYTHONUNBUFFERED: '1'
+  TORCHELASTIC_RESTART_COUNT: '3'
+  WANDB_API_KEY: <redacted>
+  WORLD_SIZE: '2'
+nodes:
+- node_rank: 0
+  ranks:
+  - {rank: 0, local_rank: 0, env: {RANK: '0', LOCAL_RANK: '0', NODE_RANK: '0', GROUP_RANK: '0'}}
+  - {rank: 1, local_rank: 1, env: {RANK: '1', LOCAL_RANK: '1', NODE_RANK: '0', GROUP_RANK: '0'}}
+"""
+
+
+def test_render_of_a_small_plan_reads_plainly() -> None:
+    # The whole text, so that a change to the format shows here as a diff a person can judge.
+    raw = {
+        "job": {"module": "pkg.train", "args": ["--lr", "0.1"], "env": {"WANDB_API_KEY": "s3cret", "MODE": "fast"}, "pass_env": ["HF_TOKEN"]},
+        "resources": {"nodes": 1, "ranks_per_node": 2},
+        "storage": {"checkpoint_interval": 500},
+    }
+    assert render_local(plan_of(parse_config(raw, check_files=False))) == ONE_BY_TWO
 
 
 def test_render_quotes_awkward_strings() -> None:
     config = config_2x2("job.args=['yes', '0x10', 'a: b', '#c', '- d', 'é']", "job.env={X: 'null'}")
     doc = yaml.safe_load(render_local(plan_of(config)))
-    rank = doc["nodes"][0]["ranks"][0]
-    assert rank["argv"][2:] == ["yes", "0x10", "a: b", "#c", "- d", "é"]
-    assert rank["env"]["X"] == "null"
+    assert doc["argv"][2:] == ["yes", "0x10", "a: b", "#c", "- d", "é"]
+    assert doc["env"]["X"] == "null"
+
+
+AWKWARD = ["null", "yes", "0x10", "012", "a: b", "#c", "- d", "{x}", "a,b", "é", "a\nb", "a\n\nb  ", " x", "", "'q'", '"d"', "\x7f", "\u2028"]
+
+
+@pytest.mark.parametrize("view", [True, False])
+def test_render_of_ranks_that_differ_in_more_than_the_contract(view: bool) -> None:
+    # Plans from build_local_plan differ per rank only in PER_RANK_VARS; render shows any other
+    # plan correctly too: per-rank argv, per-rank variables with any value, secrets, overrides.
+    shared = {"A": "1", "MODE": "fast"}
+    own_envs = [
+        {"R": "0", "DB_PASS": "7"},
+        {"R": "1", "MODE": "slow", "PASSED": "p-value", **{f"W{i}": v for i, v in enumerate(AWKWARD)}},
+        {"R": "2", "P%s": "5"},
+    ]
+    ranks = tuple(
+        RankSpec(rank=i, local_rank=i % 2, node_rank=i // 2, argv=("py", "b: c" if i == 1 else "a"), env=RankEnv(shared, own) if view else {**shared, **own})
+        for i, own in enumerate(own_envs)
+    )
+    plan = LaunchPlan(
+        run_id="r", run_dir="/d", attempt=0, nnodes=2, ranks_per_node=2, master_addr="h", master_port=1,
+        pass_env=("PASSED",), shared_env=shared, ranks=ranks,
+    )
+    text = render_local(plan)
+    assert "p-value" not in text
+    doc = yaml.safe_load(text)
+    assert doc["argv"] == ["py", "a"]
+    node0, node1 = doc["nodes"]
+    assert "argv" not in node0["ranks"][0] and node0["ranks"][1]["argv"] == ["py", "b: c"] and "argv" not in node1["ranks"][0]
+    assert rank_envs(doc) == {
+        0: {"A": "1", "MODE": "fast", "R": "0", "DB_PASS": REDACTED},
+        1: {"A": "1", "MODE": "slow", "R": "1", "PASSED": REDACTED, **{f"W{i}": v for i, v in enumerate(AWKWARD)}},
+        2: {"A": "1", "MODE": "fast", "R": "2", "P%s": "5"},
+    }
+    assert len([line for line in text.splitlines() if line.startswith("  - ")]) == 3
+
+
+def test_render_of_a_plan_with_an_empty_node() -> None:
+    plan = plan_of(config_2x2())
+    doc = yaml.safe_load(render_local(dataclasses.replace(plan, ranks=plan.ranks[:2])))
+    assert doc["nodes"] == [{"node_rank": 0, "ranks": doc["nodes"][0]["ranks"]}, {"node_rank": 1, "ranks": []}]
+    assert sorted(rank_envs(doc)) == [0, 1]
+
+
+def test_render_is_the_same_for_a_view_and_a_plain_env() -> None:
+    plan = plan_of(config_2x2("job.env={MY_TOKEN: 't'}"))
+    plain = dataclasses.replace(plan, ranks=tuple(dataclasses.replace(s, env=dict(s.env)) for s in plan.ranks))
+    assert render_local(plain) == render_local(plan)
+
+
+def test_render_refuses_a_rank_without_a_shared_variable() -> None:
+    plan = plan_of(config_2x2())
+    env = {k: v for k, v in plan.ranks[1].env.items() if k != "NNODES"}
+    broken = dataclasses.replace(plan, ranks=(plan.ranks[0], dataclasses.replace(plan.ranks[1], env=env)))
+    with pytest.raises(ValueError, match="NNODES"):
+        render_local(broken)
 
 
 def _orch_render(cwd: Path, *args: str) -> subprocess.CompletedProcess[bytes]:
@@ -266,7 +403,7 @@ def test_orch_render_is_byte_identical_across_processes(tmp_path: Path) -> None:
     doc = yaml.safe_load(text)
     assert doc["run_id"] == "<run-id>" and doc["master"] == "127.0.0.1:<auto>"
     assert doc["run_dir"] == str(REPO / "runs" / "<run-id>")
-    assert {r["env"]["MASTER_PORT"] for n in doc["nodes"] for r in n["ranks"]} == {"<auto>"}
+    assert {env["MASTER_PORT"] for env in rank_envs(doc).values()} == {"<auto>"}
 
 
 def test_cli_render_placeholders_and_fixed_values(capsys: pytest.CaptureFixture[str]) -> None:
@@ -277,7 +414,7 @@ def test_cli_render_placeholders_and_fixed_values(capsys: pytest.CaptureFixture[
     doc = yaml.safe_load(capsys.readouterr().out)
     assert doc["run_id"] == "exp-1" and doc["master"] == "127.0.0.1:29555" and doc["world_size"] == 4
     assert "<run-id>" not in str(doc) and "<auto>" not in str(doc)
-    assert {r["env"]["ORCH_RUN_ID"] for n in doc["nodes"] for r in n["ranks"]} == {"exp-1"}
+    assert {env["ORCH_RUN_ID"] for env in rank_envs(doc).values()} == {"exp-1"}
 
 
 def test_cli_render_slurm_prints_the_batch_script(capsys: pytest.CaptureFixture[str]) -> None:
