@@ -201,12 +201,13 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from .fork_launcher import ForkServerLauncher
     from .supervisor import Supervisor
 
     config = _load_for(args, "local", "run: runs the local backend; for Slurm use `orch submit`, or pass --backend local")
     show = () if args.quiet else _parse_ranks(args.ranks, config.resources.world_size)
     run = _create_run(args, config)
-    supervisor = Supervisor(config=config, run=run, console=sys.stderr, show_ranks=show)
+    supervisor = Supervisor(config=config, run=run, console=sys.stderr, show_ranks=show, launcher=ForkServerLauncher(config))
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, _frame: supervisor.request_stop(signum))
     # SIGUSR2: a preemption drill; ranks checkpoint and exit 75, and a new attempt resumes.

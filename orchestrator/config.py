@@ -130,6 +130,15 @@ class WatchdogSpec:
 
 
 @dataclass(frozen=True, kw_only=True)
+class LaunchSpec:
+    mode: Literal["auto", "subprocess"] = _f(
+        "auto",
+        "How local ranks start: auto forks them from a server that imported torch and the job's imports once (fresh interpreters where forking is unsafe, with the reason logged); subprocess always starts fresh interpreters.",
+    )
+    preload: tuple[str, ...] = _f((), "Extra modules the fork server imports once (besides torch and the entrypoint's top-level imports).", item_pattern=_MODULE)
+
+
+@dataclass(frozen=True, kw_only=True)
 class SlurmSpec:
     partition: str | None = _f(None, "Slurm partition (-p).", pattern=_NAME)
     account: str | None = _f(None, "Slurm account (-A).", pattern=_NAME)
@@ -154,6 +163,7 @@ class ClusterConfig:
     storage: StorageSpec = _f(StorageSpec, "Run directory and checkpoint settings.")
     restart: RestartSpec = _f(RestartSpec, "What the supervisor does when a rank fails.")
     watchdog: WatchdogSpec = _f(WatchdogSpec, "When a silent rank counts as hung (ranks using orchestrator.runtime send heartbeats).")
+    launch: LaunchSpec = _f(LaunchSpec, "How the local backend starts ranks.")
     slurm: SlurmSpec = _f(SlurmSpec, "Settings used only by the slurm backend.")
     # Where the file was loaded from: relative paths in it resolve against this directory.
     base_dir: str = field(default=".", metadata={"doc": "internal", "internal": True})

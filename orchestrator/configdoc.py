@@ -23,7 +23,7 @@ def render_config_doc() -> str:
         "| field | default | meaning |",
         "| --- | --- | --- |",
     ]
-    sections = {"job", "resources", "distributed", "storage", "restart", "watchdog", "slurm"}
+    sections = {"job", "resources", "distributed", "storage", "restart", "watchdog", "launch", "slurm"}
     for path, doc, default in field_docs():
         doc = doc.replace("|", "\\|")
         if path in sections:

@@ -32,10 +32,21 @@ except OSError:  # pragma: no cover - non-glibc platforms
 _REAPER_SCRIPT = 'trap "" TERM INT HUP USR1 USR2; while read -r _; do :; done; kill -KILL 0'
 
 
+class ProcessHandle(Protocol):
+    """What the supervisor uses of a rank's process: subprocess.Popen, or a forked rank's handle."""
+
+    pid: int
+    returncode: int | None
+
+    def poll(self) -> int | None: ...
+
+    def wait(self, timeout: float | None = None) -> int: ...
+
+
 @dataclass
 class RankProcess:
     spec: RankSpec
-    popen: subprocess.Popen
+    popen: ProcessHandle
     log_path: str
     started: float
     ended: float | None = None
@@ -59,6 +70,8 @@ class AttemptGroup:
     reaper: subprocess.Popen
     reaper_pipe: int
     ranks: list[RankProcess] = field(default_factory=list)
+    launched_by: str = "subprocess"
+    notice: str | None = None  # what the launcher wants said (e.g. why it could not fork)
 
     def alive(self) -> list[RankProcess]:
         return [r for r in self.ranks if r.poll() is None]
@@ -103,6 +116,9 @@ class Launcher(Protocol):
     name: str
 
     def start_attempt(self, specs: Sequence[RankSpec], log_paths: Sequence[str], extra_env: Sequence[Mapping[str, str]]) -> AttemptGroup: ...
+
+    def close(self) -> None:
+        """Release what outlives attempts (a fork server); called once when the run ends."""
 
 
 def _prepare_rank_process(parent_pid: int) -> None:
@@ -168,3 +184,6 @@ class SubprocessLauncher:
             group.close()
             raise
         return group
+
+    def close(self) -> None:
+        pass

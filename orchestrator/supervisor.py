@@ -251,6 +251,7 @@ class Supervisor:
                     break
                 attempt += 1
         finally:
+            self.launcher.close()
             self._stream.stop()
         newest = self._newest_checkpoint()
         status = "stopped" if self._stop_requested.is_set() and outcome.status != "succeeded" else outcome.status
@@ -321,14 +322,19 @@ class Supervisor:
                 self._stream.follow(s.rank, path)
             group = self.launcher.start_attempt(plan.ranks, log_paths, extra)
             self._group = group
+            if group.notice:
+                self.run.append_event("launcher_notice", attempt=attempt, launcher=group.launched_by, message=group.notice)
+                self._say(group.notice)
             self.run.append_event(
                 "attempt_started",
                 attempt=attempt,
                 master_port=lease.port,
+                launcher=group.launched_by,
                 pids=[r.pid for r in group.ranks],
                 newest_checkpoint=self._newest_checkpoint(),
             )
-            self._say(f"attempt {attempt}: started {len(group.ranks)} rank(s), MASTER_PORT={lease.port}")
+            how = "forked" if group.launched_by == "fork" else "started"
+            self._say(f"attempt {attempt}: {how} {len(group.ranks)} rank(s), MASTER_PORT={lease.port}")
             failure_seen, hang = self._watch(group, beats)
             stopped = self._stop_requested.is_set()
             if failure_seen or stopped:

@@ -21,6 +21,9 @@ pytestmark = pytest.mark.integration
 
 TRAIN = JOBS / "train_ddp.py"
 
+# Correctness on both launch modes: forked from the fork server (auto) and fresh interpreters.
+MODES = pytest.mark.parametrize("mode", ["auto", "subprocess"])
+
 
 def _final_digest(run_dir: Path) -> tuple[int, str]:
     steps = sorted(p for p in (run_dir / "ckpt").iterdir() if p.name.startswith("step-") and ".tmp-" not in p.name)
@@ -55,8 +58,9 @@ def test_two_nodes_by_two_ranks_complete(tmp_path: Path) -> None:
     assert [e["step"] for e in events if e["event"] == "checkpoint_committed"] == [20, 40]
 
 
-def test_every_rank_sees_exactly_the_env_contract(tmp_path: Path) -> None:
-    cfg = write_config(tmp_path, TEST_JOBS / "env_dump.py", args=["--flag", "value with space"], resources={"nodes": 2, "ranks_per_node": 2})
+@MODES
+def test_every_rank_sees_exactly_the_env_contract(tmp_path: Path, mode: str) -> None:
+    cfg = write_config(tmp_path, TEST_JOBS / "env_dump.py", args=["--flag", "value with space"], resources={"nodes": 2, "ranks_per_node": 2}, launch={"mode": mode})
     proc = run_orch("run", str(cfg), "--run-id", "envrun", "--quiet")
     assert proc.returncode == 0, proc.stderr
     run_dir = tmp_path / "runs" / "envrun"
@@ -110,7 +114,8 @@ def _committed(run_dir: Path) -> list[int]:
     return sorted(int(p.name[5:]) for p in ckpt.iterdir() if p.name.startswith("step-") and ".tmp-" not in p.name)
 
 
-def test_sigkilled_rank_restarts_from_last_checkpoint(tmp_path: Path) -> None:
+@MODES
+def test_sigkilled_rank_restarts_from_last_checkpoint(tmp_path: Path, mode: str) -> None:
     args = ["--steps", "120", "--step-sleep", "0.03", "--log-every", "10"]
     # The uninterrupted reference run.
     ref_cfg = write_config(tmp_path / "ref", TRAIN, args=args) if (tmp_path / "ref").mkdir() is None else None
@@ -118,7 +123,7 @@ def test_sigkilled_rank_restarts_from_last_checkpoint(tmp_path: Path) -> None:
     assert ref.returncode == 0, ref.stderr
     ref_step, ref_digest = _final_digest(tmp_path / "ref" / "runs" / "ref")
 
-    cfg = write_config(tmp_path, TRAIN, args=args)
+    cfg = write_config(tmp_path, TRAIN, args=args, launch={"mode": mode})
     run_dir = tmp_path / "runs" / "killed"
     proc = _start_run(cfg, "killed")
     try:
@@ -151,8 +156,9 @@ def _run_processes(root_pid: int) -> list[psutil.Process]:
     return psutil.Process(root_pid).children(recursive=True)
 
 
-def test_sigkill_of_supervisor_leaves_no_rank_alive(tmp_path: Path) -> None:
-    cfg = write_config(tmp_path, TEST_JOBS / "sleeper.py")
+@MODES
+def test_sigkill_of_supervisor_leaves_no_rank_alive(tmp_path: Path, mode: str) -> None:
+    cfg = write_config(tmp_path, TEST_JOBS / "sleeper.py", launch={"mode": mode})
     run_dir = tmp_path / "runs" / "orphans"
     proc = _start_run(cfg, "orphans")
     try:
@@ -172,8 +178,9 @@ def test_sigkill_of_supervisor_leaves_no_rank_alive(tmp_path: Path) -> None:
             p.kill()
 
 
-def test_sigint_stops_every_rank(tmp_path: Path) -> None:
-    cfg = write_config(tmp_path, TEST_JOBS / "sleeper.py", restart={"stop_grace_s": 2})
+@MODES
+def test_sigint_stops_every_rank(tmp_path: Path, mode: str) -> None:
+    cfg = write_config(tmp_path, TEST_JOBS / "sleeper.py", restart={"stop_grace_s": 2}, launch={"mode": mode})
     run_dir = tmp_path / "runs" / "interrupted"
     proc = _start_run(cfg, "interrupted", "--json")
     wait_for(lambda: (run_dir / "logs" / "attempt-0" / "rank-1.log").exists() and "ready" in (run_dir / "logs" / "attempt-0" / "rank-1.log").read_text(), 60, "ranks ready")

@@ -18,10 +18,10 @@ from ..conftest import JOBS, TEST_JOBS, orch_cmd, read_events, run_orch, wait_fo
 pytestmark = pytest.mark.integration
 
 
-@pytest.mark.parametrize("how", ["stop", "sleep"])
-def test_hung_rank_is_detected_dumped_and_restarted(tmp_path: Path, how: str) -> None:
+@pytest.mark.parametrize("how,mode", [("stop", "auto"), ("sleep", "auto"), ("stop", "subprocess")])
+def test_hung_rank_is_detected_dumped_and_restarted(tmp_path: Path, how: str, mode: str) -> None:
     cfg = write_config(tmp_path, TEST_JOBS / "hang.py", job={"script": str(TEST_JOBS / "hang.py"), "env": {"HANG_HOW": how, "HANG_STEP": "10", "HANG_RANK": "1"}},
-                       storage={"checkpoint_interval": 5}, watchdog={"hang_timeout_s": 3})
+                       storage={"checkpoint_interval": 5}, watchdog={"hang_timeout_s": 3}, launch={"mode": mode})
     t0 = time.monotonic()
     proc = run_orch("run", str(cfg), "--run-id", "hung", "--quiet", "--json")
     assert proc.returncode == 0, proc.stderr

@@ -1,0 +1,329 @@
+"""The fork-server launcher: ranks are forked from a pre-warmed process (orchestrator.forkserver)
+that imported torch and the job's heavy imports once; restarts fork from it again.
+
+Falls back to fresh interpreters (SubprocessLauncher) whenever forking is not safe, and says
+why in the attempt's `notice`, which the supervisor logs:
+- `launch.mode: subprocess` (the user's opt-out);
+- `job.python` names another interpreter than the one the server would run;
+- the server found threads or a CUDA context after its imports, or could not start;
+- the server died during the run.
+A preloaded job import that starts a thread (or fails) is dropped from the preload list and
+the server restarted without it, so one unsafe library does not cost the whole speed-up.
+
+Exit statuses: the ranks are the server's children, so the server reaps them and reports
+each exit over its socket; `ForkedProcess` offers the part of `subprocess.Popen` that the
+supervisor uses (pid, returncode, poll, wait).
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import select
+import socket
+import subprocess
+import sys
+import time
+from typing import Any, Mapping, Sequence
+
+from .config import ClusterConfig
+from .launcher import AttemptGroup, RankProcess, SubprocessLauncher, _set_parent_death_signal, start_reaper
+from .plan import CONTRACT_VARS, RankSpec
+
+READY_TIMEOUT_S = 120.0  # importing torch on a loaded 2-core machine can take ~10 s
+MAX_PRELOAD_RETRIES = 3
+
+
+def job_imports(script: str | None) -> list[str]:
+    """Modules the entrypoint imports at its top level, except its own local modules: what is
+    worth importing once in the server (a local module may change between restarts)."""
+    if not script:
+        return []
+    try:
+        with open(script, "rb") as fh:
+            tree = ast.parse(fh.read(), filename=script)
+    except (OSError, SyntaxError, ValueError):
+        return []  # the rank itself reports a broken script
+    here = os.path.dirname(os.path.abspath(script))
+    names: list[str] = []
+
+    def visit(body: list[ast.stmt]) -> None:
+        for node in body:
+            if isinstance(node, ast.Import):
+                names.extend(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module and node.module != "__future__":
+                names.append(node.module)
+                # `from pkg import sub` may name a submodule; the server skips it if not.
+                names.extend(f"{node.module}.{alias.name}" for alias in node.names if alias.name != "*")
+            elif isinstance(node, (ast.If, ast.Try)):  # `try: import x except ImportError`
+                visit(node.body)
+
+    visit(tree.body)
+    local = lambda name: any(os.path.exists(os.path.join(here, name.split(".")[0] + ext)) for ext in (".py", ""))  # noqa: E731
+    return [n for n in dict.fromkeys(names) if not local(n)]
+
+
+def preload_list(config: ClusterConfig) -> list[str]:
+    return list(dict.fromkeys(["torch", *config.launch.preload, *job_imports(config.script_path)]))
+
+
+def fork_refusal(config: ClusterConfig, python: str) -> str | None:
+    """Why this config must not use the fork server, before trying it."""
+    if config.launch.mode == "subprocess":
+        return "launch.mode is subprocess"
+    # Not realpath: a virtualenv's python is a symlink to the system one, with other packages.
+    if config.job.python and os.path.abspath(config.job.python) != os.path.abspath(python):
+        return f"job.python ({config.job.python}) is not the interpreter the fork server runs"
+    if not hasattr(os, "fork") or not os.path.isdir("/proc/self/task"):
+        return "this platform has no fork or no /proc"
+    return None
+
+
+class ForkServerError(RuntimeError):
+    pass
+
+
+class ForkServer:
+    """The client side of one server process."""
+
+    def __init__(self, python: str, modules: Sequence[str], env: Mapping[str, str], log_path: str) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        parent = os.getpid()
+        with open(log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [python, "-m", "orchestrator.forkserver", str(theirs.fileno()), *modules],
+                env=dict(env),
+                pass_fds=(theirs.fileno(),),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                process_group=0,  # Ctrl-C at the terminal is the supervisor's to handle
+                preexec_fn=lambda: _set_parent_death_signal(parent),
+            )
+        theirs.close()
+        self.sock = ours
+        self.buffer = b""
+        self.alive = True
+        self.handles: dict[int, ForkedProcess] = {}
+        self.early_exits: dict[int, int] = {}
+        self.replies: dict[int, dict[str, Any]] = {}
+        self.hello: dict[str, Any] | None = None
+        self._next_id = 0
+
+    # -------------------------------------------------------------- messages
+
+    def drain(self, timeout: float = 0.0) -> None:
+        """Read and dispatch what the server has sent, waiting up to `timeout` for the first byte."""
+        if not self.alive:
+            return
+        readable, _, _ = select.select([self.sock], [], [], max(0.0, timeout))
+        while readable:
+            try:
+                data = self.sock.recv(1 << 20)
+            except OSError:
+                data = b""
+            if not data:
+                self._lost()
+                return
+            self.buffer += data
+            *lines, self.buffer = self.buffer.split(b"\n")
+            for line in lines:
+                if line:
+                    self._dispatch(json.loads(line))
+            readable, _, _ = select.select([self.sock], [], [], 0)
+
+    def _dispatch(self, message: dict[str, Any]) -> None:
+        if "exited" in message:
+            pid, code = int(message["exited"]), int(message["code"])
+            handle = self.handles.get(pid)
+            if handle is None:
+                self.early_exits[pid] = code  # exited before its spawn reply was read
+            else:
+                handle._exited(code)
+        elif "spawned" in message:
+            self.replies[int(message["spawned"])] = message
+        elif "ready" in message:
+            self.hello = message
+
+    def _lost(self) -> None:
+        """The server is gone: its ranks died with it (PDEATHSIG)."""
+        self.alive = False
+        for handle in self.handles.values():
+            if handle.returncode is None:
+                handle._exited(-9)
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:  # pragma: no cover
+            self.proc.kill()
+
+    def _send(self, message: dict[str, Any]) -> None:
+        try:
+            self.sock.sendall(json.dumps(message).encode() + b"\n")
+        except OSError as exc:
+            self._lost()
+            raise ForkServerError(f"the fork server is gone ({exc})") from None
+
+    # -------------------------------------------------------------- operations
+
+    def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while self.hello is None:
+            if not self.alive:
+                raise ForkServerError(f"the fork server exited during start-up (exit code {self.proc.returncode})")
+            if time.monotonic() > deadline:
+                self.close()
+                raise ForkServerError(f"the fork server was not ready after {timeout:.0f}s")
+            self.drain(0.5)
+        return self.hello
+
+    def spawn_all(self, requests: Sequence[dict[str, Any]]) -> list[int]:
+        """Fork one rank per request; their pids, in order. All requests go out before any
+        reply is read, so the server forks back to back."""
+        ids = []
+        for request in requests:
+            self._next_id += 1
+            ids.append(self._next_id)
+            self._send({"spawn": self._next_id, **request})
+        pids = []
+        for request_id in ids:
+            while request_id not in self.replies:
+                if not self.alive:
+                    raise ForkServerError("the fork server died while forking ranks")
+                self.drain(1.0)
+            reply = self.replies.pop(request_id)
+            if "error" in reply:
+                raise ForkServerError(reply["error"])
+            pid = int(reply["pid"])
+            handle = ForkedProcess(self, pid)
+            self.handles[pid] = handle
+            if pid in self.early_exits:
+                handle._exited(self.early_exits.pop(pid))
+            pids.append(pid)
+        return pids
+
+    def close(self) -> None:
+        try:
+            self.sock.close()  # EOF: the server returns, and its remaining ranks die with it
+        finally:
+            self.alive = False
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+class ForkedProcess:
+    """A rank forked by the server: what the supervisor needs of subprocess.Popen."""
+
+    def __init__(self, server: ForkServer, pid: int) -> None:
+        self._server = server
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def _exited(self, code: int) -> None:
+        self.returncode = code
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            self._server.drain(0.0)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.returncode is None:
+            left = 1.0 if deadline is None else deadline - time.monotonic()
+            if left <= 0:
+                raise subprocess.TimeoutExpired(f"rank pid {self.pid}", timeout or 0)
+            self._server.drain(min(left, 1.0))
+        return self.returncode
+
+
+class ForkServerLauncher:
+    """Forks ranks from a pre-warmed server; fresh interpreters where that is not safe."""
+
+    def __init__(self, config: ClusterConfig, python: str = sys.executable) -> None:
+        self.config = config
+        self.python = python
+        self.fallback = SubprocessLauncher()
+        self.server: ForkServer | None = None
+        self.refusal = fork_refusal(config, python)
+        self.preload = preload_list(config)
+        self.skipped: list[str] = []
+        self._notice_given = False
+
+    @property
+    def name(self) -> str:
+        return "fork" if self.refusal is None else "subprocess"
+
+    def start_attempt(self, specs: Sequence[RankSpec], log_paths: Sequence[str], extra_env: Sequence[Mapping[str, str]]) -> AttemptGroup:
+        notes = []
+        if self.refusal is None and (self.server is None or not self.server.alive):
+            if self.server is not None:
+                self.refusal = "the fork server died during the run"
+            else:
+                notes.extend(self._start_server(specs[0], os.path.join(os.path.dirname(log_paths[0]), os.pardir, "forkserver.log")))
+        if self.refusal is not None:
+            group = self.fallback.start_attempt(specs, log_paths, extra_env)
+            if not self._notice_given:
+                notes.append(f"starting ranks as fresh interpreters: {self.refusal}")
+                self._notice_given = True
+            group.notice = "; ".join(notes) or None
+            return group
+        assert self.server is not None
+        reaper, pipe = start_reaper()
+        group = AttemptGroup(pgid=reaper.pid, reaper=reaper, reaper_pipe=pipe, launched_by="fork")
+        try:
+            cwd = os.getcwd()
+            requests = [
+                {"argv": list(spec.argv), "env": {**os.environ, **spec.env, **extra}, "cwd": cwd, "log": log, "pgid": group.pgid}
+                for spec, log, extra in zip(specs, log_paths, extra_env)
+            ]
+            started = time.time()
+            pids = self.server.spawn_all(requests)
+            for spec, log, pid in zip(specs, log_paths, pids):
+                group.ranks.append(RankProcess(spec=spec, popen=self.server.handles[pid], log_path=log, started=started))  # type: ignore[arg-type]
+        except BaseException:
+            group.close()
+            raise
+        group.notice = "; ".join(notes) or None
+        return group
+
+    def _start_server(self, spec: RankSpec, log_path: str) -> list[str]:
+        """Start the server, dropping preloads that make it unsafe; notes on what happened."""
+        # The server's environment is what every rank shares (job.env, runtime settings):
+        # libraries read some of it at import (OMP_NUM_THREADS, PYTHONPATH, PYTHONHASHSEED).
+        env = {**os.environ, **{k: v for k, v in spec.env.items() if k not in CONTRACT_VARS}}
+        # numpy's OpenBLAS starts a thread pool at import unless told otherwise, and a process
+        # with threads must not fork. Ranks then run numpy's BLAS single-threaded (torch's own
+        # threads are set per rank); set OPENBLAS_NUM_THREADS in job.env to choose otherwise.
+        env.setdefault("OPENBLAS_NUM_THREADS", "1")
+        notes = []
+        modules = list(self.preload)
+        for _ in range(MAX_PRELOAD_RETRIES + 1):
+            try:
+                server = ForkServer(self.python, modules, env, os.path.normpath(log_path))
+                hello = server.wait_ready()
+            except (OSError, ForkServerError) as exc:
+                self.refusal = f"the fork server could not start ({exc})"
+                return notes
+            if hello.get("ready"):
+                self.server = server
+                notes.insert(0, f"fork server ready: imported {', '.join(hello['preloaded'])} once in {hello['import_s']:.1f}s")
+                return notes
+            server.close()
+            module = hello.get("module")
+            if module and module != "torch" and module in modules:
+                modules.remove(module)
+                self.skipped.append(module)
+                notes.append(f"not preloading {module}: {hello['reason']}")
+                continue
+            self.refusal = f"forking is unsafe: {hello['reason']}"
+            return notes
+        self.refusal = "too many preloaded modules were unsafe to fork"
+        return notes
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()

@@ -1,0 +1,289 @@
+"""The pre-warmed fork server ("zygote"): imports torch (and the job's heavy imports) once, then
+forks ranks on request. Started by `orchestrator.fork_launcher`; one per `orch run`, alive for
+every attempt, so restarts fork from it again.
+
+    python -m orchestrator.forkserver FD        (FD: the control socket, inherited)
+
+Why: `import torch` costs ~1.5 s of CPU per process on these machines; fresh interpreters for
+8 ranks on 2 cores take ~8 s just to import. A fork shares the imported pages copy-on-write and
+starts in milliseconds.
+
+Forking is only safe from a process with one thread and no CUDA context: a lock held by another
+thread at fork time stays locked forever in the child, and CUDA cannot be used in a forked
+child once the parent initialised it. After each preloaded module the server checks both and
+refuses (naming the module) rather than fork an unsafe image; the launcher then falls back to
+fresh interpreters and logs why.
+
+Protocol: newline-delimited JSON on a SOCK_STREAM socketpair.
+  server -> {"ready": true, "preloaded": [...], "import_s": s}  or  {"ready": false, "reason": ..., "module": ...}
+  client -> {"spawn": id, "argv": [...], "env": {...}, "cwd": ..., "log": path, "pgid": n}
+  server -> {"spawned": id, "pid": n}  or  {"spawned": id, "error": "..."}
+  server -> {"exited": pid, "code": n}   (n < 0: killed by signal -n, as subprocess reports it)
+The server exits when the socket closes (the supervisor is gone) or on its parent's death.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib
+import io
+import json
+import os
+import select
+import signal
+import socket
+import sys
+import time
+from typing import Any
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _prctl_pdeathsig() -> None:
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except OSError:  # pragma: no cover - non-glibc platforms
+        pass
+
+
+def native_thread_count() -> int:
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:  # pragma: no cover - no procfs
+        import threading
+
+        return threading.active_count()
+
+
+def fork_hazard() -> str | None:
+    """Why forking this process now would be unsafe, or None."""
+    import threading
+
+    if threading.active_count() > 1:
+        names = ", ".join(t.name for t in threading.enumerate() if t is not threading.main_thread())
+        return f"Python threads are running ({names})"
+    threads = native_thread_count()
+    if threads > 1:
+        return f"{threads - 1} native thread(s) are running"
+    torch = sys.modules.get("torch")
+    if torch is not None and getattr(torch, "cuda", None) is not None and torch.cuda.is_initialized():
+        return "CUDA is initialised (a forked child cannot use it)"
+    return None
+
+
+def preload(modules: list[str]) -> tuple[list[str], str | None, str | None]:
+    """Import each module (skipping those that fail: the rank will report that itself); stop
+    at the first that leaves the process unsafe to fork. Returns (imported, culprit, reason)."""
+    done = []
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except BaseException:  # noqa: BLE001 - e.g. `from pkg import name` where name is no module
+            continue
+        hazard = fork_hazard()
+        if hazard:
+            return done, name, f"after importing {name}: {hazard}"
+        done.append(name)
+    return done, None, None
+
+
+class _Channel:
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buffer = b""
+
+    def send(self, message: dict[str, Any]) -> None:
+        self.sock.sendall(json.dumps(message).encode() + b"\n")
+
+    def receive(self) -> list[dict[str, Any]] | None:
+        """The complete messages now readable; None at EOF."""
+        data = self.sock.recv(1 << 20)
+        if not data:
+            return None
+        self.buffer += data
+        *lines, self.buffer = self.buffer.split(b"\n")
+        return [json.loads(line) for line in lines if line]
+
+
+def serve(sock: socket.socket, modules: list[str]) -> None:
+    channel = _Channel(sock)
+    # Terminal signals are for the supervisor; the server leaves with its socket.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    t0 = time.perf_counter()
+    imported, module, reason = preload(modules)
+    if reason is None:
+        reason = fork_hazard()
+    if reason is not None:
+        channel.send({"ready": False, "reason": reason, "module": module, "preloaded": imported})
+        return
+    import_s = time.perf_counter() - t0
+    print(f"[forkserver] pid {os.getpid()}: imported {', '.join(imported)} in {import_s:.2f}s; ready", file=sys.stderr, flush=True)
+    channel.send({"ready": True, "preloaded": imported, "import_s": round(import_s, 3), "pid": os.getpid()})
+
+    # SIGCHLD wakes the loop through a pipe, so no thread is ever needed to reap.
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    children: set[int] = set()
+    while True:
+        readable, _, _ = select.select([sock, wake_r], [], [])
+        if wake_r in readable:
+            os.read(wake_r, 4096)
+        _reap(channel, children)
+        if sock in readable:
+            messages = channel.receive()
+            if messages is None:
+                return  # the supervisor is gone; ranks die with us (PDEATHSIG)
+            for message in messages:
+                if "spawn" in message:
+                    _spawn(channel, message, children, (sock.fileno(), wake_r, wake_w))
+
+
+def _reap(channel: _Channel, children: set[int]) -> None:
+    while children:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        children.discard(pid)
+        code = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+        channel.send({"exited": pid, "code": code})
+
+
+def _spawn(channel: _Channel, request: dict[str, Any], children: set[int], private_fds: tuple[int, ...]) -> None:
+    try:
+        log_fd = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    except OSError as exc:
+        channel.send({"spawned": request["spawn"], "error": f"cannot open {request['log']}: {exc}"})
+        return
+    server = os.getpid()
+    pid = os.fork()
+    if pid == 0:  # the rank
+        try:
+            _become_rank(request, log_fd, private_fds, server)
+        finally:
+            os._exit(70)  # only reached if setting up the rank itself failed
+    os.close(log_fd)
+    try:
+        os.setpgid(pid, request["pgid"])  # also here, so the group is right before we answer
+    except OSError:
+        pass  # the child already joined (or died)
+    children.add(pid)
+    channel.send({"spawned": request["spawn"], "pid": pid})
+
+
+def _become_rank(request: dict[str, Any], log_fd: int, private_fds: tuple[int, ...], server: int) -> None:
+    """In the forked child: turn the server's image into the rank a fresh interpreter would be."""
+    try:
+        os.setpgid(0, request["pgid"])  # the attempt's group, led by its reaper
+    except OSError:
+        pass
+    _prctl_pdeathsig()
+    if os.getppid() != server:
+        os._exit(137)
+    signal.set_wakeup_fd(-1)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # a fresh interpreter's handler
+    # As the launchers promise: a stop warning stays pending until the runtime's handler.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2})
+    for fd in private_fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.dup2(log_fd, 1)
+    os.dup2(log_fd, 2)
+    os.close(devnull)
+    os.close(log_fd)
+    os.chdir(request["cwd"])
+    env = request["env"]
+    os.environ.clear()
+    os.environ.update(env)
+    unbuffered = bool(env.get("PYTHONUNBUFFERED"))
+    sys.stdin = io.TextIOWrapper(io.FileIO(0, "r", closefd=False))
+    sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), line_buffering=not unbuffered, write_through=unbuffered)
+    sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), line_buffering=True, write_through=unbuffered, errors="backslashreplace")
+    _fresh_process_state(env)
+    os._exit(_run_entrypoint(request["argv"]))
+
+
+def _fresh_process_state(env: dict[str, str]) -> None:
+    """What a fresh interpreter would have but a fork copies from the server."""
+    torch = sys.modules.get("torch")
+    if torch is not None and env.get("OMP_NUM_THREADS", "").isdigit() and int(env["OMP_NUM_THREADS"]) > 0:
+        # The OpenMP runtime read OMP_NUM_THREADS when the server imported torch.
+        torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
+    numpy = sys.modules.get("numpy")
+    if numpy is not None:
+        numpy.random.seed()  # numpy's global RNG is not reseeded on fork (random's is)
+
+
+def _run_entrypoint(argv: list[str]) -> int:
+    """Run `python SCRIPT ARGS` or `python -m MODULE ARGS` in this process; the exit code."""
+    import atexit
+    import runpy
+    import threading
+    import traceback
+
+    code = 0
+    try:
+        if argv[1] == "-m":
+            sys.argv = [argv[2], *argv[3:]]
+            sys.path[0] = os.getcwd()
+            runpy.run_module(argv[2], run_name="__main__", alter_sys=True)
+        else:
+            script = os.path.abspath(argv[1])
+            sys.argv = [argv[1], *argv[2:]]
+            sys.path[0] = os.path.dirname(script)
+            runpy.run_path(script, run_name="__main__")
+    except SystemExit as exc:
+        code = _exit_status(exc.code)
+    except KeyboardInterrupt:
+        traceback.print_exc()
+        code = -signal.SIGINT
+    except BaseException:  # noqa: BLE001 - print it as the interpreter would, exit 1
+        exc_type, exc, tb = sys.exc_info()
+        sys.excepthook(exc_type, exc, tb.tb_next if tb is not None and tb.tb_next is not None else tb)
+        code = 1
+    # The interpreter's own shutdown: wait for non-daemon threads, run atexit, flush.
+    try:
+        threading._shutdown()  # type: ignore[attr-defined]
+        atexit._run_exitfuncs()
+    except BaseException:  # noqa: BLE001
+        code = code or 1
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    if code < 0:  # die by the signal, as Python does after KeyboardInterrupt
+        signal.signal(-code, signal.SIG_DFL)
+        os.kill(os.getpid(), -code)
+    return code & 0xFF
+
+
+def _exit_status(value: Any) -> int:
+    if value is None:
+        return 0
+    if isinstance(value, int):
+        return value
+    print(value, file=sys.stderr)
+    return 1
+
+
+def main() -> None:
+    fd = int(sys.argv[1])
+    modules = [m for m in sys.argv[2:] if m]
+    _prctl_pdeathsig()
+    sock = socket.socket(fileno=fd)
+    sock.setblocking(True)
+    serve(sock, modules)
+
+
+if __name__ == "__main__":
+    main()

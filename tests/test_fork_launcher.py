@@ -1,0 +1,126 @@
+"""The fork server's parts without torch: what it preloads, when it refuses, and its protocol
+with real forked processes (exit codes, signals, the server's death)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from orchestrator.config import parse_config
+from orchestrator.fork_launcher import ForkServer, ForkServerError, fork_refusal, job_imports, preload_list
+
+
+def test_job_imports_are_the_top_level_imports_except_local_modules(tmp_path: Path) -> None:
+    (tmp_path / "mylib.py").write_text("")
+    (tmp_path / "mypkg").mkdir()
+    script = tmp_path / "train.py"
+    script.write_text(textwrap.dedent("""
+        from __future__ import annotations
+        import os, json as j
+        import torch.nn.functional as F
+        from torch.utils import data
+        from . import sibling
+        import mylib
+        from mypkg.sub import thing
+        try:
+            import yaml
+        except ImportError:
+            yaml = None
+        def main():
+            import late_import  # not top level: not preloaded
+    """))
+    assert job_imports(str(script)) == ["os", "json", "torch.nn.functional", "torch.utils", "torch.utils.data", "yaml"]
+    assert job_imports(str(tmp_path / "missing.py")) == []
+    (tmp_path / "broken.py").write_text("import (")
+    assert job_imports(str(tmp_path / "broken.py")) == []
+
+
+def test_preload_list_starts_with_torch_then_config_then_job(tmp_path: Path) -> None:
+    script = tmp_path / "t.py"
+    script.write_text("import numpy\nimport torch\n")
+    config = parse_config({"job": {"script": str(script)}, "launch": {"preload": ["transformers"]}}, check_files=False)
+    assert preload_list(config) == ["torch", "transformers", "numpy"]
+
+
+def test_fork_refusals() -> None:
+    base = {"job": {"module": "pkg.train"}}
+    assert fork_refusal(parse_config(base, check_files=False), sys.executable) is None
+    assert fork_refusal(parse_config({**base, "launch": {"mode": "subprocess"}}, check_files=False), sys.executable) == "launch.mode is subprocess"
+    other = parse_config({"job": {"module": "pkg.train", "python": "/usr/bin/python3"}}, check_files=False)
+    assert "is not the interpreter the fork server runs" in fork_refusal(other, "/venv/bin/python")
+    same = parse_config({"job": {"module": "pkg.train", "python": sys.executable}}, check_files=False)
+    assert fork_refusal(same, sys.executable) is None
+
+
+def _server(tmp_path: Path, modules: list[str]) -> ForkServer:
+    server = ForkServer(sys.executable, modules, {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}, str(tmp_path / "server.log"))
+    return server
+
+
+def _request(tmp_path: Path, name: str, code: str, pgid: int) -> dict:
+    script = tmp_path / f"{name}.py"
+    script.write_text(code)
+    return {"argv": [sys.executable, str(script)], "env": {**os.environ, "PYTHONUNBUFFERED": "1"}, "cwd": str(tmp_path), "log": str(tmp_path / f"{name}.log"), "pgid": pgid}
+
+
+def test_server_forks_and_reports_exit_codes_and_signals(tmp_path: Path) -> None:
+    server = _server(tmp_path, ["json", "no_such_module_here"])
+    try:
+        hello = server.wait_ready(60)
+        assert hello["ready"] and hello["preloaded"] == ["json"]  # a failing import is skipped
+        pgid = os.getpgid(0)
+        pids = server.spawn_all([
+            _request(tmp_path, "ok", "print('hello from', __name__)", pgid),
+            _request(tmp_path, "three", "import sys; sys.exit(3)", pgid),
+            _request(tmp_path, "boom", "raise ValueError('boom')", pgid),
+            _request(tmp_path, "sleeper", "import time; time.sleep(60)", pgid),
+        ])
+        ok, three, boom, sleeper = (server.handles[p] for p in pids)
+        assert ok.wait(30) == 0 and three.wait(30) == 3 and boom.wait(30) == 1
+        assert (tmp_path / "ok.log").read_text() == "hello from __main__\n"
+        assert "ValueError: boom" in (tmp_path / "boom.log").read_text()
+        assert sleeper.poll() is None
+        with pytest.raises(subprocess.TimeoutExpired):
+            sleeper.wait(0.2)
+        os.kill(sleeper.pid, signal.SIGKILL)
+        assert sleeper.wait(30) == -signal.SIGKILL
+        assert oct((tmp_path / "ok.log").stat().st_mode & 0o777) == "0o600"
+    finally:
+        server.close()
+
+
+def test_ranks_die_with_the_server(tmp_path: Path) -> None:
+    server = _server(tmp_path, [])
+    try:
+        server.wait_ready(60)
+        pid = server.spawn_all([_request(tmp_path, "sleeper", "import time; time.sleep(60)", os.getpgid(0))])[0]
+        assert psutil.pid_exists(pid)
+        server.proc.kill()
+        deadline = time.monotonic() + 10
+        while psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+            assert time.monotonic() < deadline, "a rank outlived its fork server"
+            time.sleep(0.05)
+        assert server.handles[pid].wait(10) == -signal.SIGKILL  # what the client reports for a lost server
+        assert not server.alive
+        with pytest.raises(ForkServerError):
+            server.spawn_all([_request(tmp_path, "late", "pass", os.getpgid(0))])
+    finally:
+        server.close()
+
+
+def test_server_refuses_to_fork_after_an_import_that_starts_a_thread(tmp_path: Path) -> None:
+    (tmp_path / "threadstarter.py").write_text("import threading, time\nthreading.Thread(target=time.sleep, args=(30,), name='poller', daemon=True).start()\n")
+    server = ForkServer(sys.executable, ["json", "threadstarter"], {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}, str(tmp_path / "server.log"))
+    try:
+        hello = server.wait_ready(60)
+        assert hello == {"ready": False, "reason": "after importing threadstarter: Python threads are running (poller)", "module": "threadstarter", "preloaded": ["json"]}
+    finally:
+        server.close()
