@@ -11,7 +11,8 @@
   the time here, see ../shared/NOTES.md; the fixed baseline is the stronger one). Goal: <= 0.5x,
   and no failed or hung restart in 20 tries.
 - scale: the most ranks `orch run` starts and all-reduces within 60 s (goal 64), with memory
-  per rank (RSS, and PSS which splits pages shared with the fork server fairly).
+  per rank (RSS; PSS, which splits pages shared with the fork server fairly; USS, the rank's
+  own pages), and torchrun at 64 ranks as the baseline.
 
 Both sides run the same torchrun-style script, bench/jobs/allreduce.py, with one thread per rank.
 """
@@ -146,12 +147,15 @@ def bench_restart(root: Path, tries: int, baseline_tries: int) -> dict:
     return result
 
 
-def scale_once(root: Path, n: int) -> dict:
-    work = _fresh(root, f"scale-{n}")
+def scale_once(root: Path, n: int, who: str = "orch") -> dict:
+    work = _fresh(root, f"scale-{who}-{n}")
     out = work / "out"
-    argv = [*ORCH, "run", str(_orch_config(work, n, "auto")), "--quiet"]
+    if who == "torchrun":
+        argv = [*TORCHRUN, "--standalone", f"--nproc-per-node={n}", str(JOB)]
+    else:
+        argv = [*ORCH, "run", str(_orch_config(work, n, "auto")), "--quiet"]
     seconds, why = _timed(argv, _env(out, BENCH_MEMORY="1"), out, "allreduced-0")
-    row: dict = {"n": n, "seconds": seconds, "status": why}
+    row: dict = {"n": n, "who": who, "seconds": seconds, "status": why}
     samples = [tuple(int(x) for x in p.read_text().split()) for p in out.glob("memory-*")]
     if samples:
         row["rss_mib"] = statistics.mean(s[0] for s in samples) / 2**20
@@ -160,14 +164,15 @@ def scale_once(root: Path, n: int) -> dict:
     return row
 
 
-def bench_scale(root: Path, sizes: list[int]) -> list[dict]:
+def bench_scale(root: Path, sizes: list[int], baseline: int) -> list[dict]:
     rows = []
-    for n in sizes:
-        row = scale_once(root, n)
+    plan = [(n, "orch") for n in sizes] + ([(baseline, "torchrun")] if baseline else [])
+    for n, who in plan:
+        if who == "orch" and rows and (rows[-1]["seconds"] is None or rows[-1]["seconds"] > 60):
+            continue  # past the most this machine does in 60 s
+        row = scale_once(root, n, who)
         rows.append(row)
-        print(f"scale N={n}: {fmt(row['seconds'])} ({row['status']}), per rank RSS {row.get('rss_mib', 0):.0f} MiB PSS {row.get('pss_mib', 0):.0f} MiB USS {row.get('uss_mib', 0):.0f} MiB", file=sys.stderr)
-        if row["seconds"] is None or row["seconds"] > 60:
-            break
+        print(f"scale {who} N={n}: {fmt(row['seconds'])} ({row['status']}), per rank RSS {row.get('rss_mib', 0):.0f} MiB PSS {row.get('pss_mib', 0):.0f} MiB USS {row.get('uss_mib', 0):.0f} MiB", file=sys.stderr)
     return rows
 
 
@@ -188,11 +193,11 @@ def print_tables(results: dict) -> None:
         if r["ratio"]:
             print(f"goal: <= 0.50x and 0 failed -> {r['ratio']:.2f}x, {len(r['orch_failed'])} failed {'MET' if r['ratio'] <= 0.5 and not r['orch_failed'] else 'MISSED'}")
     if "scale" in results:
-        print("\nscale: orch run, ranks started + one all_reduce (goal: 64 within 60 s)")
-        print(f"{'ranks':>5} {'time':>8} {'RSS/rank':>9} {'PSS/rank':>9} {'USS/rank':>9}")
+        print("\nscale: ranks started + one all_reduce (goal: 64 within 60 s); memory per rank after it")
+        print(f"{'who':>8} {'ranks':>5} {'time':>8} {'RSS/rank':>9} {'PSS/rank':>9} {'USS/rank':>9}")
         for r in results["scale"]:
-            print(f"{r['n']:>5} {fmt(r['seconds']):>8} {r.get('rss_mib', 0):>7.0f}Mi {r.get('pss_mib', 0):>7.0f}Mi {r.get('uss_mib', 0):>7.0f}Mi")
-        ok = [r["n"] for r in results["scale"] if r["seconds"] is not None and r["seconds"] <= 60]
+            print(f"{r['who']:>8} {r['n']:>5} {fmt(r['seconds']):>8} {r.get('rss_mib', 0):>7.0f}Mi {r.get('pss_mib', 0):>7.0f}Mi {r.get('uss_mib', 0):>7.0f}Mi")
+        ok = [r["n"] for r in results["scale"] if r["who"] == "orch" and r["seconds"] is not None and r["seconds"] <= 60]
         print(f"most ranks within 60 s: {max(ok) if ok else 0} (goal 64) {'MET' if ok and max(ok) >= 64 else 'MISSED'}")
 
 
@@ -203,7 +208,8 @@ def main() -> None:
     parser.add_argument("--sizes", default="1,2,4,8,16", help="launch: rank counts")
     parser.add_argument("--tries", type=int, default=20, help="restart: tries of the orchestrator")
     parser.add_argument("--baseline-tries", type=int, default=5, help="restart: tries of torchrun")
-    parser.add_argument("--scale-sizes", default="16,32,64,96", help="scale: rank counts, stopping at the first over 60 s")
+    parser.add_argument("--scale-sizes", default="16,64,128,256,384", help="scale: rank counts, stopping at the first over 60 s")
+    parser.add_argument("--scale-baseline", type=int, default=64, help="scale: torchrun at this many ranks (0: skip)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     results: dict = {}
@@ -214,7 +220,7 @@ def main() -> None:
         if "restart" in args.parts:
             results["restart"] = bench_restart(root, args.tries, args.baseline_tries)
         if "scale" in args.parts:
-            results["scale"] = bench_scale(root, [int(n) for n in args.scale_sizes.split(",")])
+            results["scale"] = bench_scale(root, [int(n) for n in args.scale_sizes.split(",")], args.scale_baseline)
     print_tables(results)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
