@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from orchestrator.config import parse_config
-from orchestrator.fork_launcher import ForkServer, ForkServerError, fork_refusal, job_imports, preload_list
+from orchestrator.fork_launcher import ForkServer, ForkServerError, first_use_imports, fork_refusal, job_imports, preload_list
 
 
 def test_job_imports_are_the_top_level_imports_except_local_modules(tmp_path: Path) -> None:
@@ -48,6 +48,16 @@ def test_preload_list_starts_with_torch_then_config_then_job(tmp_path: Path) -> 
     script.write_text("import numpy\nimport torch\n")
     config = parse_config({"job": {"script": str(script)}, "launch": {"preload": ["transformers"]}}, check_files=False)
     assert preload_list(config) == ["torch", "transformers", "numpy"]
+
+
+def test_modules_torch_imports_on_first_use_are_preloaded_when_the_job_will_use_them(tmp_path: Path) -> None:
+    script = tmp_path / "t.py"
+    script.write_text("import torch\nfrom orchestrator import runtime\ndef main(model):\n    opt = torch.optim.AdamW(model.parameters())\n    m = runtime.Metrics(None)\n")
+    assert first_use_imports(str(script)) == ["torch._dynamo", "torch.utils.tensorboard"]
+    script.write_text("import torch.distributed as dist\ndist.init_process_group('gloo')\n")
+    assert first_use_imports(str(script)) == []
+    script.write_text("from torch import optim\n")
+    assert first_use_imports(str(script)) == ["torch._dynamo"]
 
 
 def test_fork_refusals() -> None:
