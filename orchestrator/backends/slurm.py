@@ -19,7 +19,7 @@ from typing import Any, Mapping
 
 from ..config import ClusterConfig
 from ..errors import OrchError
-from ..plan import REDACTED, redact, runtime_env, shared_contract_env
+from ..plan import REDACTED, attempt_shared_env, redact
 
 TEMPLATES = Path(__file__).resolve().parent.parent.parent / "templates"
 TASK_SCRIPT = TEMPLATES / "slurm_task.sh"
@@ -104,25 +104,10 @@ def step_env(
     master_port: int | str,
     log_dir: str,
 ) -> dict[str, str]:
-    """What the supervisor adds to srun's environment: the contract's shared part, the
-    runtime settings and job.env. The per-rank part comes from templates/slurm_task.sh."""
-    res = config.resources
-    shared = shared_contract_env(
-        nnodes=res.nodes,
-        ranks_per_node=res.ranks_per_node,
-        master_addr=master_addr,
-        master_port=master_port,
-        attempt=attempt,
-        run_id=run_id,
-        run_dir=run_dir,
-    )
-    return {
-        **config.job.env,
-        **runtime_env(config),
-        **shared,
-        "ORCH_INCARNATION": str(attempt),
-        "ORCH_LOG_DIR": log_dir,
-    }
+    """What the supervisor adds to srun's environment: job.env, the runtime settings and the
+    contract's shared part. The per-rank part comes from templates/slurm_task.sh."""
+    extra = {"ORCH_INCARNATION": str(attempt), "ORCH_LOG_DIR": log_dir}
+    return attempt_shared_env(config, run_id=run_id, run_dir=run_dir, attempt=attempt, master_addr=master_addr, master_port=master_port, extra_env=extra)
 
 
 def render_slurm(config: ClusterConfig, *, run_id: str, run_dir: str, folder: str, python: str) -> str:
