@@ -145,10 +145,10 @@ class Checkpointer:
     # Ranks agree on a stop signal by an all-reduce (the "stop vote") on steps that every rank
     # knows in advance: a vote started at one vote step is read at the next, which comes about
     # `vote_period_s` later (at least 1 and at most `max_vote_every` steps, by the longest step
-    # time that any rank measured since the previous vote). One vote costs ~0.3 ms of CPU on gloo (mostly as
-    # it starts: its thread takes the core), 3-4% of a 10 ms step if every step voted
-    # (bench/step_overhead.py); a signal stops every rank within two vote intervals (~0.4 s
-    # plus a step), at the same step. vote_period_s = 0 votes on every step.
+    # time that any rank measured since the previous vote). One vote costs ~0.3 ms of CPU on
+    # gloo (mostly as it starts: its thread takes the core), +3-6% of jobs/train_ddp.py's 12 ms
+    # CPU step if every step voted (bench/step_overhead.py); a signal stops every rank within
+    # two vote intervals (~0.4 s plus a step), at the same step. vote_period_s = 0: every step.
     vote_period_s: float = 0.2
     max_vote_every: int = 20
 
