@@ -203,7 +203,8 @@ def print_tables(results: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("parts", nargs="*", choices=["launch", "restart", "scale"], help="which parts (default: all)")
+    # No `choices=`: argparse 3.11 checks an empty list against them and refuses it.
+    parser.add_argument("parts", nargs="*", metavar="{launch,restart,scale}", help="which parts (default: all)")
     parser.add_argument("--repeats", type=int, default=3, help="launch: runs per side and size (median)")
     parser.add_argument("--sizes", default="1,2,4,8,16", help="launch: rank counts")
     parser.add_argument("--tries", type=int, default=20, help="restart: tries of the orchestrator")
@@ -213,6 +214,9 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     args.parts = args.parts or ["launch", "restart", "scale"]
+    unknown = sorted(set(args.parts) - {"launch", "restart", "scale"})
+    if unknown:
+        parser.error(f"unknown part(s): {', '.join(unknown)} (choose from launch, restart, scale)")
     results: dict = {}
     with tempfile.TemporaryDirectory(prefix="orch-launch-bench-") as tmp:
         root = Path(tmp)
