@@ -226,3 +226,49 @@ def test_resume_on_another_world_size_sees_every_sample_once(tmp_path):
     for path in tmp_path.glob("seen-*.txt"):
         seen += [int(x) for x in path.read_text().split()]
     assert sorted(seen) == list(range(96))
+
+
+# ---------------------------------------------------------------------------- the stop vote
+
+def _vote_rank(rank, world, url, port, out):
+    import json
+    import time
+
+    from orchestrator.runtime import preemption
+
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    ctx = runtime.init(backend="gloo")
+    ckpt = runtime.Checkpointer(ctx, model=torch.nn.Linear(2, 2), url=url, interval=10**6)
+    ckpt.vote_period_s = 0.1
+    step_s = 0.02 if rank == 2 else 0.002  # rank 2's steps are the slow ones
+    stopped = None
+    for step in range(1, 1000):
+        time.sleep(step_s)
+        if rank == 1 and step == 60:
+            preemption.request()  # only rank 1 is asked to stop
+        try:
+            ckpt.step_end(step)
+        except SystemExit as exc:
+            assert exc.code == 75
+            stopped = step
+            break
+    with open(os.path.join(out, f"vote-{rank}.json"), "w") as fh:
+        json.dump({"stopped": stopped, "vote_every": ckpt._vote_every, "saved": ckpt.last_saved_step}, fh)
+
+
+def test_the_stop_vote_runs_every_period_and_stops_every_rank_at_the_same_step(tmp_path):
+    import json
+
+    from orchestrator.ports import lease_port
+
+    with lease_port() as lease:
+        mp.start_processes(_vote_rank, args=(3, str(tmp_path / "ckpt"), lease.port, str(tmp_path)), nprocs=3, start_method="spawn", join=True)
+    results = [json.loads((tmp_path / f"vote-{r}.json").read_text()) for r in range(3)]
+    # Every rank adopted the one interval the slowest rank proposed: 0.1 s / (0.02 s + its
+    # overheads) = 4 or 5 steps, fewer on a loaded machine (the fast ranks alone: every 20).
+    every = {r["vote_every"] for r in results}
+    assert len(every) == 1 and every <= {2, 3, 4, 5}, results
+    # The stop reached every rank at one step, within two vote intervals of the request.
+    stopped = {r["stopped"] for r in results}
+    assert len(stopped) == 1 and 60 < stopped.pop() <= 60 + 2 * every.pop() + 1, results
+    assert {r["saved"] for r in results} == {results[0]["stopped"]}
