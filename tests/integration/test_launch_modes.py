@@ -66,7 +66,8 @@ def test_every_exit_status_reaches_the_supervisor(tmp_path: Path, mode: str, how
     ended = [e for e in read_events(tmp_path / "runs" / "exits") if e["event"] == "attempt_ended"][0]
     assert cause["rank"] == 1
     if how == "code":
-        assert cause["exitcode"] == 3 and ended["exit_codes"] == {"0": 0, "1": 3}
+        # rank 0 exits 0 on its own, or -15 when rank 1's failure made the supervisor stop it first
+        assert cause["exitcode"] == 3 and ended["exit_codes"]["1"] == 3 and ended["exit_codes"]["0"] in (0, -15)
     else:
         assert cause["exitcode"] == 1 and cause["message"] == "RuntimeError: raised on purpose"
         log = (tmp_path / "runs" / "exits" / "logs" / "attempt-0" / "rank-1.log").read_text()
