@@ -35,17 +35,24 @@ READY_TIMEOUT_S = 120.0  # importing torch on a loaded 2-core machine can take ~
 MAX_PRELOAD_RETRIES = 3
 
 
+def _parse(script: str | None) -> ast.Module | None:
+    """The entrypoint's syntax tree, or None (no script, or a broken one: the rank reports it)."""
+    if not script:
+        return None
+    try:
+        with open(script, "rb") as fh:
+            return ast.parse(fh.read(), filename=script)
+    except (OSError, SyntaxError, ValueError):
+        return None
+
+
 def job_imports(script: str | None) -> list[str]:
     """Modules the entrypoint imports at its top level, except its own local modules: what is
     worth importing once in the server (a local module may change between restarts)."""
-    if not script:
+    tree = _parse(script)
+    if tree is None:
         return []
-    try:
-        with open(script, "rb") as fh:
-            tree = ast.parse(fh.read(), filename=script)
-    except (OSError, SyntaxError, ValueError):
-        return []  # the rank itself reports a broken script
-    here = os.path.dirname(os.path.abspath(script))
+    here = os.path.dirname(os.path.abspath(script))  # type: ignore[arg-type]
     names: list[str] = []
 
     def visit(body: list[ast.stmt]) -> None:
@@ -76,12 +83,8 @@ FIRST_USE_IMPORTS = {
 
 def first_use_imports(script: str | None) -> list[str]:
     """The FIRST_USE_IMPORTS the entrypoint will trigger, judged by the names it mentions."""
-    if not script:
-        return []
-    try:
-        with open(script, "rb") as fh:
-            tree = ast.parse(fh.read(), filename=script)
-    except (OSError, SyntaxError, ValueError):
+    tree = _parse(script)
+    if tree is None:
         return []
     names: set[str] = set()
     for node in ast.walk(tree):
