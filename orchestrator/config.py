@@ -133,7 +133,7 @@ class WatchdogSpec:
 class LaunchSpec:
     mode: Literal["auto", "subprocess"] = _f(
         "auto",
-        "How local ranks start: auto forks them from a server that imported torch and the job's imports once (fresh interpreters where forking is unsafe, with the reason logged); subprocess always starts fresh interpreters.",
+        "How ranks start: auto forks them from a server that imported torch and the job's imports once, one server per machine (local) or per node (slurm: one node agent per node); fresh interpreters where forking is unsafe, with the reason logged. subprocess always starts fresh interpreters (slurm: one srun task per rank).",
     )
     preload: tuple[str, ...] = _f((), "Extra modules the fork server imports once (besides torch and the entrypoint's top-level imports).", item_pattern=_MODULE)
 
@@ -163,7 +163,7 @@ class ClusterConfig:
     storage: StorageSpec = _f(StorageSpec, "Run directory and checkpoint settings.")
     restart: RestartSpec = _f(RestartSpec, "What the supervisor does when a rank fails.")
     watchdog: WatchdogSpec = _f(WatchdogSpec, "When a silent rank counts as hung (ranks using orchestrator.runtime send heartbeats).")
-    launch: LaunchSpec = _f(LaunchSpec, "How the local backend starts ranks.")
+    launch: LaunchSpec = _f(LaunchSpec, "How ranks start: forked from a pre-warmed server, or fresh interpreters.")
     slurm: SlurmSpec = _f(SlurmSpec, "Settings used only by the slurm backend.")
     # Where the file was loaded from: relative paths in it resolve against this directory.
     base_dir: str = field(default=".", metadata={"doc": "internal", "internal": True})

@@ -280,8 +280,9 @@ class ForkedProcess:
 class ForkServerLauncher:
     """Forks ranks from a pre-warmed server; fresh interpreters where that is not safe."""
 
-    def __init__(self, config: ClusterConfig, python: str = sys.executable) -> None:
+    def __init__(self, config: ClusterConfig, python: str = sys.executable, server_log: str | None = None) -> None:
         self.config = config
+        self.server_log = server_log  # default: RUN_DIR/logs/forkserver.log
         self.python = python
         self.fallback = SubprocessLauncher()
         self.server: ForkServer | None = None
@@ -300,7 +301,8 @@ class ForkServerLauncher:
             if self.server is not None:
                 self.refusal = "the fork server died during the run"
             else:
-                notes.extend(self._start_server(specs[0], os.path.join(os.path.dirname(log_paths[0]), os.pardir, "forkserver.log")))
+                log = self.server_log or os.path.join(os.path.dirname(log_paths[0]), os.pardir, "forkserver.log")
+                notes.extend(self._start_server(specs[0], log))
         if self.refusal is not None:
             group = self.fallback.start_attempt(specs, log_paths, extra_env)
             if not self._notice_given:

@@ -1,7 +1,8 @@
 """The supervisor inside a Slurm allocation (the batch step, first node).
 
 submitit calls `supervise(run_url)` in the batch step; a requeued job calls it again. Each
-attempt is one `srun` step with one task per rank. Outcomes:
+attempt is one `srun` step: one node agent per node, which forks that node's ranks
+(orchestrator/node_agent.py), or with `launch.mode: subprocess` one task per rank. Outcomes:
 
 - every rank exits 0                 -> succeeded
 - the step exits 75 (preempted)      -> ranks checkpointed on a signal: `scontrol requeue`

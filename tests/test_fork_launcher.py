@@ -126,6 +126,30 @@ def test_ranks_die_with_the_server(tmp_path: Path) -> None:
         server.close()
 
 
+def test_server_outlives_the_signals_meant_for_its_ranks(tmp_path: Path) -> None:
+    # Under Slurm (proctrack linuxproc or cgroup) a step's signals reach every process of the
+    # step, the fork server too: it must survive them, and the ranks still act on them.
+    server = _server(tmp_path, [])
+    try:
+        server.wait_ready(60)
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP, signal.SIGINT):
+            server.proc.send_signal(sig)
+        time.sleep(0.3)
+        assert server.proc.poll() is None
+        state = "import signal, time; print(signal.SIGUSR2 in signal.pthread_sigmask(signal.SIG_BLOCK, []), signal.SIGTERM in signal.pthread_sigmask(signal.SIG_BLOCK, []), flush=True); time.sleep(60)"
+        pid = server.spawn_all([_request(tmp_path, "rank", state, os.getpgid(0))])[0]
+        deadline = time.monotonic() + 30
+        while not (tmp_path / "rank.log").exists() or not (tmp_path / "rank.log").read_text():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert (tmp_path / "rank.log").read_text() == "True False\n"  # USR2 held for the runtime; TERM not
+        os.kill(pid, signal.SIGTERM)
+        assert server.handles[pid].wait(30) == -signal.SIGTERM
+        assert server.proc.poll() is None
+    finally:
+        server.close()
+
+
 def test_server_refuses_to_fork_after_an_import_that_starts_a_thread(tmp_path: Path) -> None:
     (tmp_path / "threadstarter.py").write_text("import threading, time\nthreading.Thread(target=time.sleep, args=(30,), name='poller', daemon=True).start()\n")
     server = ForkServer(sys.executable, ["json", "threadstarter"], {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}, str(tmp_path / "server.log"))

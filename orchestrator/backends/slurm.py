@@ -3,8 +3,10 @@ cancel).
 
 submitit is the Slurm client: it writes the batch script, submits it, and carries the
 supervisor function to the allocation. With `use_srun=False` the batch step runs one
-supervisor process on the first node; the supervisor runs each attempt as one `srun` step with
-one task per rank (`templates/slurm_task.sh` maps SLURM_* onto the env contract). Every value
+supervisor process on the first node; the supervisor runs each attempt as one `srun` step: one
+node agent per node (`templates/slurm_node.sh` starts orchestrator/node_agent.py, which forks
+the node's ranks), or with `launch.mode: subprocess` one task per rank
+(`templates/slurm_task.sh` maps SLURM_* onto the env contract). Every value
 from cluster.yaml was validated by config.py (no control characters; names and flags match
 strict patterns) before it gets here, and submitit quotes each #SBATCH value.
 """
@@ -23,6 +25,7 @@ from ..plan import REDACTED, attempt_shared_env, redact
 
 TEMPLATES = Path(__file__).resolve().parent.parent.parent / "templates"
 TASK_SCRIPT = TEMPLATES / "slurm_task.sh"
+NODE_SCRIPT = TEMPLATES / "slurm_node.sh"
 
 
 def submitit_parameters(config: ClusterConfig) -> dict[str, Any]:
@@ -71,27 +74,44 @@ def batch_script(config: ClusterConfig, folder: str, python: str) -> str:
     return _make_sbatch_string(command=submitit_command(python, folder), folder=folder, **params)
 
 
+def uses_node_agent(config: ClusterConfig) -> bool:
+    """One agent per node forks that node's ranks (launch.mode auto), or one srun task per rank
+    runs as a fresh interpreter (launch.mode subprocess)."""
+    return config.launch.mode != "subprocess"
+
+
 def step_argv(config: ClusterConfig, *, log_dir: str, attempt: int, python: str) -> list[str]:
-    """The srun command of one attempt: one task per rank, every rank's output in its own file."""
+    """The srun command of one attempt. With the node agent: one task per node, which starts
+    the node's ranks (orchestrator/node_agent.py); else one task per rank. Either way every
+    rank's output goes to its own file, rank-R.log."""
     res = config.resources
-    argv = [
-        "srun",
-        f"--job-name={config.job_name}-attempt{attempt}",
-        f"--nodes={res.nodes}",
-        f"--ntasks={res.world_size}",
-        f"--ntasks-per-node={res.ranks_per_node}",
-        f"--cpus-per-task={res.cpus_per_rank}",
-        "--kill-on-bad-exit=1",
-        f"--output={log_dir}/rank-%t.log",
-        f"--error={log_dir}/rank-%t.log",
-        "--open-mode=append",
-        "--export=ALL",
-    ]
+    argv = ["srun", f"--job-name={config.job_name}-attempt{attempt}", f"--nodes={res.nodes}"]
+    if uses_node_agent(config):
+        argv += [
+            f"--ntasks={res.nodes}",
+            "--ntasks-per-node=1",
+            f"--cpus-per-task={res.ranks_per_node * res.cpus_per_rank}",
+            "--distribution=block",
+            f"--output={log_dir}/node-%n.log",
+            f"--error={log_dir}/node-%n.log",
+        ]
+    else:
+        argv += [
+            f"--ntasks={res.world_size}",
+            f"--ntasks-per-node={res.ranks_per_node}",
+            f"--cpus-per-task={res.cpus_per_rank}",
+            f"--output={log_dir}/rank-%t.log",
+            f"--error={log_dir}/rank-%t.log",
+        ]
+    argv += ["--kill-on-bad-exit=1", "--open-mode=append", "--export=ALL"]
     if res.gpus_per_node:
         argv.append(f"--gres=gpu:{res.gpus_per_node}")
     job = config.job
     entry = ["-m", job.module] if job.module else [config.script_path or ""]
-    return [*argv, "/bin/bash", str(TASK_SCRIPT), job.python or python, *entry, *job.args]
+    job_argv = [job.python or python, *entry, *job.args]
+    if uses_node_agent(config):
+        return [*argv, "/bin/bash", str(NODE_SCRIPT), python, "--", *job_argv]
+    return [*argv, "/bin/bash", str(TASK_SCRIPT), *job_argv]
 
 
 def step_env(
@@ -105,7 +125,7 @@ def step_env(
     log_dir: str,
 ) -> dict[str, str]:
     """What the supervisor adds to srun's environment: job.env, the runtime settings and the
-    contract's shared part. The per-rank part comes from templates/slurm_task.sh."""
+    contract's shared part. The per-rank part comes from the node agent or templates/slurm_task.sh."""
     extra = {"ORCH_INCARNATION": str(attempt), "ORCH_LOG_DIR": log_dir}
     return attempt_shared_env(config, run_id=run_id, run_dir=run_dir, attempt=attempt, master_addr=master_addr, master_port=master_port, extra_env=extra)
 
@@ -130,7 +150,11 @@ def render_slurm(config: ClusterConfig, *, run_id: str, run_dir: str, folder: st
         lines.append(f"#   {name}={REDACTED} (pass_env: taken from the environment at submission)")
     lines.append(shlex.join(step_argv(config, log_dir=log_dir, attempt=0, python=python)).replace("attempt0", "attempt<N>"))
     lines.append("")
-    lines.append("# ---- per rank (templates/slurm_task.sh): RANK=SLURM_PROCID LOCAL_RANK=SLURM_LOCALID NODE_RANK=GROUP_RANK=SLURM_NODEID")
+    if uses_node_agent(config):
+        lines.append("# ---- per node, the agent (orchestrator/node_agent.py) forks its ranks from one fork server:")
+        lines.append("#      RANK=SLURM_NODEID*LOCAL_WORLD_SIZE+LOCAL_RANK NODE_RANK=GROUP_RANK=SLURM_NODEID, SLURM_PROCID=RANK, SLURM_LOCALID=LOCAL_RANK")
+    else:
+        lines.append("# ---- per rank (templates/slurm_task.sh): RANK=SLURM_PROCID LOCAL_RANK=SLURM_LOCALID NODE_RANK=GROUP_RANK=SLURM_NODEID")
     res = config.resources
     for node in range(res.nodes):
         ranks = ", ".join(str(node * res.ranks_per_node + r) for r in range(res.ranks_per_node))

@@ -22,6 +22,7 @@ out["all_reduce"] = t.item()
 out["dist_rank"] = dist.get_rank()
 out["dist_world"] = dist.get_world_size()
 out["argv"] = sys.argv[1:]
+out["slurm"] = {k: v for k, v in os.environ.items() if k.startswith("SLURM")}
 with open(os.path.join(os.environ["ORCH_RUN_DIR"], f"env-{out['RANK']}.json"), "w") as fh:
     json.dump(out, fh)
 dist.destroy_process_group()

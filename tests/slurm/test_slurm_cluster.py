@@ -65,6 +65,33 @@ def test_multinode_ranks_see_the_same_contract_as_local(tmp_path, reference):
         assert {k: seen[k] for k in CONTRACT_VARS if k not in host_and_port} == expected
         assert seen["MASTER_ADDR"] == "n1" and int(seen["MASTER_PORT"]) > 0
         assert seen["all_reduce"] == sum(range(1, 7)) and seen["argv"] == ["--flag", "two words"]
+        assert (seen["slurm"]["SLURM_PROCID"], seen["slurm"]["SLURM_LOCALID"], seen["slurm"]["SLURM_NODEID"]) == (str(rank), str(local), str(node))
+    # Each node's agent forked its two ranks from one fork server.
+    for node in range(3):
+        text = (run_dir / "logs" / "attempt-0" / f"node-{node}.log").read_text()
+        assert f"forked ranks {2 * node}-{2 * node + 1}" in text and "fork server ready" in text, text
+
+
+# What differs between two steps of any kind: the job, the step's ports, the task's pid (under
+# the node agent, the agent's: the process Slurm started).
+PER_STEP_VARS = {"SLURM_JOB_ID", "SLURM_JOBID", "SLURM_STEP_LAUNCHER_PORT", "SLURM_SRUN_COMM_PORT", "SLURM_TASK_PID"}
+
+
+def test_forked_ranks_see_what_one_task_per_rank_sees(tmp_path):
+    """The node agent's ranks get the same SLURM_* variables (and contract) as ranks started
+    as one srun task each (launch.mode subprocess)."""
+    seen = {}
+    for mode in ("auto", "subprocess"):
+        (tmp_path / mode).mkdir()
+        cfg = slurm_config(tmp_path / mode, TEST_JOBS / "env_dump.py", [], launch={"mode": mode})
+        submit(cfg, mode)
+        assert wait_final(cfg, mode)["state"] == "succeeded"
+        seen[mode] = [json.loads((tmp_path / mode / "runs" / mode / f"env-{rank}.json").read_text()) for rank in range(6)]
+    assert not list((tmp_path / "subprocess" / "runs" / "subprocess" / "logs" / "attempt-0").glob("node-*.log"))
+    for forked, task in zip(seen["auto"], seen["subprocess"]):
+        drop = lambda env: {k: v for k, v in env.items() if k not in PER_STEP_VARS}  # noqa: E731
+        assert drop(forked["slurm"]) == drop(task["slurm"])
+        assert {k: forked[k] for k in CONTRACT_VARS if k not in ("MASTER_PORT", "ORCH_RUN_ID", "ORCH_RUN_DIR")} == {k: task[k] for k in CONTRACT_VARS if k not in ("MASTER_PORT", "ORCH_RUN_ID", "ORCH_RUN_DIR")}
 
 
 def _interrupt_and_check(tmp_path, reference, run_id, interrupt, **sections) -> dict:
@@ -132,14 +159,17 @@ def test_time_limit_checkpoints_and_requeues_until_done(tmp_path):
     assert (st["newest_checkpoint"], st["newest_checkpoint_digest"]) == (250, expected["newest_checkpoint_digest"])
 
 
-def test_warning_while_ranks_import_is_kept(tmp_path):
-    # The warning reaches the ranks just after their tasks start (all rank logs exist, plus
-    # 0.5 s for the task script's hop), while they still import torch.
-    cfg = slurm_config(tmp_path, JOBS / "train_ddp.py", ["--steps", "30", "--log-every", "5", "--dataset-size", "256"], storage={"checkpoint_interval": 10})
+@pytest.mark.parametrize("mode", ["auto", "subprocess"])
+def test_warning_while_ranks_import_is_kept(tmp_path, mode):
+    # The warning lands just after the step's tasks start (all their logs exist, plus 0.5 s for
+    # the scripts' hop), while torch is still being imported: by the node agents' fork servers
+    # (auto), or by each rank (subprocess).
+    cfg = slurm_config(tmp_path, JOBS / "train_ddp.py", ["--steps", "30", "--log-every", "5", "--dataset-size", "256"], storage={"checkpoint_interval": 10}, launch={"mode": mode})
     job = submit(cfg, "early")
     run_dir = tmp_path / "runs" / "early"
-    logs = [run_dir / "logs" / "attempt-0" / f"rank-{r}.log" for r in range(6)]
-    wait_for(lambda: all(log.exists() for log in logs), 120, "the ranks' tasks")
+    task_logs = [f"node-{n}.log" for n in range(3)] if mode == "auto" else [f"rank-{r}.log" for r in range(6)]
+    logs = [run_dir / "logs" / "attempt-0" / name for name in task_logs]
+    wait_for(lambda: all(log.exists() for log in logs), 120, "the step's tasks")
     time.sleep(0.5)
     subprocess.run(["scancel", "--signal=USR2", job], check=True)
     st = wait_final(cfg, "early")

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from orchestrator.backends.slurm import TASK_SCRIPT, batch_script, render_slurm, step_argv
+from orchestrator.backends.slurm import TASK_SCRIPT, TEMPLATES, batch_script, render_slurm, step_argv
 from orchestrator.config import parse_config
 from orchestrator.errors import ConfigError
 
@@ -35,7 +35,7 @@ def golden_config():
 
 def test_render_matches_golden_file():
     text = render_slurm(golden_config(), run_id="golden-run", run_dir="/shared/runs/golden-run", folder="/shared/runs/golden-run/slurm", python="/opt/venv/bin/python")
-    text = text.replace(str(TASK_SCRIPT), "<checkout>/templates/slurm_task.sh")  # the one path that depends on the clone
+    text = text.replace(str(TEMPLATES), "<checkout>/templates")  # the one path that depends on the clone
     if os.environ.get("ORCH_UPDATE_GOLDEN") == "1":
         GOLDEN.write_text(text)
     assert text == GOLDEN.read_text(), "rendering changed; if intended: ORCH_UPDATE_GOLDEN=1 pytest tests/slurm/test_slurm_render.py"
@@ -63,12 +63,12 @@ def _set(data, field, value):
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(template=HOSTILE, field=FIELDS)
-def test_hostile_values_are_rejected_or_inert(tmp_path_factory, template, field):
+@given(template=HOSTILE, field=FIELDS, mode=st.sampled_from(["auto", "subprocess"]))
+def test_hostile_values_are_rejected_or_inert(tmp_path_factory, template, field, mode):
     work = tmp_path_factory.mktemp("inject")
     marker = work / "INJECTED"
     value = template.format(m=marker)
-    data = {"backend": "slurm", "job": {"module": "pkg.train", "args": []}, "resources": {"nodes": 2, "ranks_per_node": 2}, "storage": {"root": str(work / "runs")}, "slurm": {}}
+    data = {"backend": "slurm", "job": {"module": "pkg.train", "args": []}, "resources": {"nodes": 2, "ranks_per_node": 2}, "storage": {"root": str(work / "runs")}, "slurm": {}, "launch": {"mode": mode}}
     _set(data, field, value)
     try:
         config = parse_config(data, check_files=False, base_dir=str(work))
@@ -82,16 +82,24 @@ def test_hostile_values_are_rejected_or_inert(tmp_path_factory, template, field)
     for tool in ("srun", "python-stub"):
         (bin_dir / tool).write_text(f'#!/bin/bash\nprintf "%s\\n" "$@" > "{work}/{tool}.argv"\n')
         (bin_dir / tool).chmod(0o755)
+    # srun's stand-in also runs its task command (the first argument after its options), so
+    # the node or task script runs on the values too, down to the job's python.
+    with open(bin_dir / "srun", "a") as fh:
+        fh.write('while [[ "$1" == --* ]]; do shift; done\nexec "$@"\n')
     script = work / "batch.sh"
     script.write_text(batch_script(config, str(work / "slurm"), str(bin_dir / "python-stub")))
     step = shlex.join(step_argv(config, log_dir=str(work / "logs"), attempt=0, python=str(bin_dir / "python-stub")))
-    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(work)}
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(work), "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "ORCH_LOG_DIR": str(work)}
     subprocess.run(["bash", str(script)], env=env, capture_output=True, timeout=30, cwd=work)
     subprocess.run(["bash", "-c", step], env=env, capture_output=True, timeout=30, cwd=work)
     assert not marker.exists(), f"{field}={value!r} ran a command"
     # And the values arrive intact, as one argument each.
+    argv = step_argv(config, log_dir=str(work / "logs"), attempt=0, python=str(bin_dir / "python-stub"))
     recorded = (work / "srun.argv").read_text().split("\n")[:-1]
-    assert recorded == step_argv(config, log_dir=str(work / "logs"), attempt=0, python=str(bin_dir / "python-stub"))[1:]
+    assert recorded == argv[1:]
+    # The job's command line reaches the job's python (here the python stub) unchanged.
+    job_python = (work / "python-stub.argv").read_text().split("\n")[:-1]
+    assert job_python[-len(config.job.args) - 2:] == ["-m", "pkg.train", *config.job.args]
 
 
 def test_setup_lines_cannot_smuggle_sbatch_directives():

@@ -1,0 +1,167 @@
+"""The node agent: under Slurm, `srun` starts one agent per node, and the agent starts that
+node's ranks, forked from a fork server that imported torch and the job's imports once
+(orchestrator.fork_launcher), so a node with 8 ranks pays one `import torch`, not 8.
+
+    srun --ntasks-per-node=1 ... templates/slurm_node.sh PYTHON -- JOB_PYTHON ENTRY ARGS...
+
+What a rank sees is what a task of a one-task-per-rank step would see:
+- the env contract: RANK = node * LOCAL_WORLD_SIZE + local rank, LOCAL_RANK, NODE_RANK and
+  GROUP_RANK (the shared part comes from the supervisor through srun's environment);
+- Slurm's per-task variables rewritten to describe the rank as a task of such a step
+  (SLURM_PROCID, SLURM_LOCALID, SLURM_NTASKS, ...), for libraries that read those instead;
+- its own log, error file and heartbeat under ORCH_LOG_DIR, as before;
+- SIGUSR2 blocked until the runtime's handler is installed (both launchers do that).
+
+Signals: Slurm signals the step's tasks (the agents) and, with proctrack/linuxproc or cgroup,
+every process under them. The agent forwards each stop or debug signal to its ranks' process
+group, so ranks get it under any proctrack plugin (with proctrack/pgid only the agents would);
+a rank may then see a signal twice, which the runtime's flag-setting handlers absorb. The agent
+itself never dies of those signals: it waits for its ranks to checkpoint and leave.
+
+Exit status: 0 when every rank exited 0; 75 (preempted) when the failures were all stops on
+request; otherwise the first failing rank's status (128+N for a signal N), after stopping the
+node's other ranks. srun's --kill-on-bad-exit then ends the other nodes' agents.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from typing import Mapping, Sequence
+
+from .config import ClusterConfig
+from .exitcodes import PREEMPTED_EXIT_CODE
+from .launcher import AttemptGroup, RankProcess
+from .plan import RankSpec, own_contract_env
+
+# Slurm's signals that the ranks act on: stop (USR2, TERM, INT), stack dumps (USR1), wake-up.
+FORWARDED_SIGNALS = (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGCONT)
+POLL_S = 0.05
+
+
+def tasks_per_node(ranks_per_node: int, nodes: int) -> str:
+    """Slurm's compressed form, as in SLURM_TASKS_PER_NODE: `2(x3)`, or `2` on one node."""
+    return f"{ranks_per_node}(x{nodes})" if nodes > 1 else str(ranks_per_node)
+
+
+def rank_env(*, node_rank: int, local_rank: int, ranks_per_node: int, nodes: int, cpus_per_rank: int, log_dir: str) -> dict[str, str]:
+    """What one rank gets on top of the agent's environment: its part of the contract, its
+    files, and Slurm's task variables as a one-task-per-rank step would set them."""
+    rank = node_rank * ranks_per_node + local_rank
+    world = ranks_per_node * nodes
+    error_file = os.path.join(log_dir, f"rank-{rank}.error.json")
+    per_node = tasks_per_node(ranks_per_node, nodes)
+    first = node_rank * ranks_per_node
+    return {
+        **own_contract_env(rank=rank, local_rank=local_rank, node_rank=node_rank),
+        "ORCH_ERROR_FILE": error_file,
+        "TORCHELASTIC_ERROR_FILE": error_file,
+        "ORCH_HEARTBEAT_FILE": os.path.join(log_dir, f"rank-{rank}.heartbeat"),
+        "SLURM_PROCID": str(rank),
+        "SLURM_LOCALID": str(local_rank),
+        "SLURM_NODEID": str(node_rank),
+        "SLURM_NTASKS": str(world),
+        "SLURM_NPROCS": str(world),
+        "SLURM_STEP_NUM_TASKS": str(world),
+        "SLURM_NTASKS_PER_NODE": str(ranks_per_node),
+        "SLURM_TASKS_PER_NODE": per_node,
+        "SLURM_STEP_TASKS_PER_NODE": per_node,
+        "SLURM_CPUS_PER_TASK": str(cpus_per_rank),
+        "SLURM_GTIDS": ",".join(str(first + i) for i in range(ranks_per_node)),
+        "SLURM_DISTRIBUTION": "block",
+    }
+
+
+def exit_status(ranks: Sequence[RankProcess]) -> int:
+    """The node's verdict from its ranks' exit codes, in the order they exited."""
+    failed = sorted((r for r in ranks if r.popen.returncode not in (0, None)), key=lambda r: float("inf") if r.ended is None else r.ended)
+    if not failed:
+        return 0
+    real = [r for r in failed if r.popen.returncode != PREEMPTED_EXIT_CODE]
+    if not real:
+        return PREEMPTED_EXIT_CODE
+    code = int(real[0].popen.returncode)  # type: ignore[arg-type]
+    return 128 - code if code < 0 else code
+
+
+class NodeAgent:
+    def __init__(self, config: ClusterConfig, job_argv: Sequence[str], env: Mapping[str, str]) -> None:
+        self.config = config
+        self.job_argv = tuple(job_argv)
+        self.node_rank = int(env["SLURM_NODEID"])
+        self.nodes = int(env["NNODES"])
+        self.ranks_per_node = int(env["LOCAL_WORLD_SIZE"])
+        self.log_dir = env["ORCH_LOG_DIR"]
+        self.group: AttemptGroup | None = None
+        self.stop_signal: int | None = None
+
+    def _say(self, text: str) -> None:
+        print(f"[orch.node {self.node_rank}] {time.strftime('%H:%M:%S')} {text}", flush=True)
+
+    def _forward(self, signum: int, _frame: object) -> None:
+        if signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2):
+            self.stop_signal = self.stop_signal or signum
+        if self.group is not None:
+            self.group.signal_all(signum)
+
+    def run(self) -> int:
+        from .fork_launcher import ForkServerLauncher
+
+        for sig in FORWARDED_SIGNALS:
+            signal.signal(sig, self._forward)
+        # templates/slurm_node.sh held these blocked: what arrived meanwhile is delivered now.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED_SIGNALS)
+        launcher = ForkServerLauncher(self.config, python=sys.executable, server_log=os.path.join(self.log_dir, f"node-{self.node_rank}.log"))
+        res = self.config.resources
+        specs, logs, extra = [], [], []
+        for local in range(self.ranks_per_node):
+            rank = self.node_rank * self.ranks_per_node + local
+            specs.append(RankSpec(rank=rank, local_rank=local, node_rank=self.node_rank, argv=self.job_argv, env={}))
+            logs.append(os.path.join(self.log_dir, f"rank-{rank}.log"))
+            extra.append(rank_env(node_rank=self.node_rank, local_rank=local, ranks_per_node=self.ranks_per_node, nodes=self.nodes, cpus_per_rank=res.cpus_per_rank, log_dir=self.log_dir))
+        t0 = time.perf_counter()
+        try:
+            self.group = launcher.start_attempt(specs, logs, extra)
+            if self.group.notice:
+                self._say(self.group.notice)
+            how = "forked" if self.group.launched_by == "fork" else "started"
+            self._say(f"{how} ranks {specs[0].rank}-{specs[-1].rank} in {time.perf_counter() - t0:.2f}s (pids {' '.join(str(r.pid) for r in self.group.ranks)})")
+            if self.stop_signal is not None:  # a stop request arrived while the ranks started
+                self.group.signal_all(self.stop_signal)
+            code = self._wait(self.group)
+        finally:
+            if self.group is not None:
+                self.group.close()
+            launcher.close()
+        self._say(f"exit {code} (rank exit codes {[r.popen.returncode for r in self.group.ranks] if self.group else []})")
+        return code
+
+    def _wait(self, group: AttemptGroup) -> int:
+        """Until every rank exits; after the first failure (not a stop on request), stop the rest."""
+        while group.alive():
+            codes = [r.popen.returncode for r in group.ranks]
+            if any(c not in (0, None, PREEMPTED_EXIT_CODE) for c in codes):
+                group.stop(self.config.restart.stop_grace_s)
+                break
+            time.sleep(POLL_S)
+        return exit_status(group.ranks)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["--"]:
+        args = args[1:]
+    if len(args) < 2:
+        print("usage: python -m orchestrator.node_agent -- PYTHON ENTRY [ARGS...]", file=sys.stderr)
+        return 2
+    from .rundir import RunDir
+    from .slurm_supervisor import load_run_config
+
+    config = load_run_config(RunDir(os.environ["ORCH_RUN_DIR"]))
+    return NodeAgent(config, args, os.environ).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""The node agent (orchestrator/node_agent.py) run as srun runs it, one per simulated node, on
+this machine without Slurm: templates/slurm_node.sh with the step's environment. The real
+cluster tests (tests/slurm) run it under srun; these check its parts fast and in detail."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from orchestrator.backends.slurm import NODE_SCRIPT, step_env
+from orchestrator.config import config_to_dict, load_config
+from orchestrator.exitcodes import PREEMPTED_EXIT_CODE
+from orchestrator.node_agent import exit_status, rank_env
+from orchestrator.rundir import RunDir
+
+from .conftest import JOBS, REPO, TEST_JOBS, read_events, wait_for, write_config
+
+
+def test_rank_env_describes_the_rank_as_its_own_slurm_task() -> None:
+    env = rank_env(node_rank=1, local_rank=1, ranks_per_node=2, nodes=3, cpus_per_rank=4, log_dir="/logs")
+    assert {k: env[k] for k in ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK")} == {"RANK": "3", "LOCAL_RANK": "1", "NODE_RANK": "1", "GROUP_RANK": "1"}
+    assert (env["SLURM_PROCID"], env["SLURM_LOCALID"], env["SLURM_NODEID"], env["SLURM_GTIDS"]) == ("3", "1", "1", "2,3")
+    assert (env["SLURM_NTASKS"], env["SLURM_NPROCS"], env["SLURM_STEP_NUM_TASKS"], env["SLURM_NTASKS_PER_NODE"]) == ("6", "6", "6", "2")
+    assert (env["SLURM_TASKS_PER_NODE"], env["SLURM_STEP_TASKS_PER_NODE"], env["SLURM_CPUS_PER_TASK"]) == ("2(x3)", "2(x3)", "4")
+    assert env["ORCH_ERROR_FILE"] == env["TORCHELASTIC_ERROR_FILE"] == "/logs/rank-3.error.json"
+    assert env["ORCH_HEARTBEAT_FILE"] == "/logs/rank-3.heartbeat"
+    assert rank_env(node_rank=0, local_rank=0, ranks_per_node=8, nodes=1, cpus_per_rank=1, log_dir="/l")["SLURM_TASKS_PER_NODE"] == "8"
+
+
+def _ranks(*codes_in_exit_order: int | None) -> list[SimpleNamespace]:
+    # Listed by local rank; `ended` puts them in the order given.
+    return [SimpleNamespace(popen=SimpleNamespace(returncode=c), ended=None if c is None else float(i)) for i, c in enumerate(codes_in_exit_order)]
+
+
+@pytest.mark.parametrize(
+    ("codes", "expected"),
+    [
+        ((0, 0), 0),
+        ((PREEMPTED_EXIT_CODE, PREEMPTED_EXIT_CODE), PREEMPTED_EXIT_CODE),
+        ((0, PREEMPTED_EXIT_CODE), PREEMPTED_EXIT_CODE),
+        ((PREEMPTED_EXIT_CODE, 1), 1),  # a real failure outranks a stop on request
+        ((-9, -15), 137),  # the first to fail, as 128+N for a signal
+        ((3, -15), 3),
+    ],
+)
+def test_exit_status_is_the_first_real_failure(codes, expected) -> None:
+    assert exit_status(_ranks(*codes)) == expected  # type: ignore[arg-type]
+
+
+def test_exit_status_follows_exit_order_not_rank_order() -> None:
+    ranks = _ranks(-15, 2)
+    ranks[0].ended, ranks[1].ended = 5.0, 1.0  # rank 1 failed first; rank 0 was stopped after
+    assert exit_status(ranks) == 2  # type: ignore[arg-type]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+_started: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def _kill_agents_left_running():
+    yield
+    while _started:
+        agent = _started.pop()
+        if agent.poll() is None:
+            agent.kill()  # its fork server and ranks die with it (PDEATHSIG)
+            agent.wait()
+
+
+def start_agents(tmp_path: Path, script: Path, args: list[str], *, nodes: int, env: dict[str, str] | None = None, **sections) -> tuple[Path, list[subprocess.Popen]]:
+    """One agent per simulated node, with the environment the supervisor gives srun."""
+    cfg = load_config(str(write_config(tmp_path, script, args=args, backend="slurm", resources={"nodes": nodes, "ranks_per_node": 2, "cpus_per_rank": 1}, job={"env": env or {}}, **sections)))
+    run = RunDir(str(tmp_path / "runs" / "agent"))
+    run.create({"run_id": "agent", "base_dir": cfg.base_dir, "config": config_to_dict(cfg)})
+    log_dir = run.logs_dir(0)
+    shared = step_env(cfg, run_id="agent", run_dir=run.url, attempt=0, master_addr="127.0.0.1", master_port=_free_port(), log_dir=log_dir)
+    agents = []
+    for node in range(nodes):
+        with open(os.path.join(log_dir, f"node-{node}.log"), "ab") as log:
+            agents.append(subprocess.Popen(
+                ["/bin/bash", str(NODE_SCRIPT), sys.executable, "--", sys.executable, str(script), *args],
+                env={**os.environ, **shared, "SLURM_NODEID": str(node), "PYTHONPATH": str(REPO)},
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+            ))
+            _started.append(agents[-1])
+    return Path(run.local_path), agents
+
+
+def _wait_all(agents: list[subprocess.Popen], timeout: float = 120) -> list[int]:
+    return [a.wait(timeout=timeout) for a in agents]
+
+
+def test_agents_fork_their_nodes_ranks_with_the_env_contract(tmp_path: Path) -> None:
+    run_dir, agents = start_agents(tmp_path, TEST_JOBS / "env_dump.py", ["two words"], nodes=2)
+    assert _wait_all(agents) == [0, 0]
+    for rank in range(4):
+        seen = json.loads((run_dir / f"env-{rank}.json").read_text())
+        node, local = divmod(rank, 2)
+        assert (seen["RANK"], seen["LOCAL_RANK"], seen["NODE_RANK"], seen["WORLD_SIZE"], seen["LOCAL_WORLD_SIZE"]) == (str(rank), str(local), str(node), "4", "2")
+        assert (seen["slurm"]["SLURM_PROCID"], seen["slurm"]["SLURM_LOCALID"], seen["slurm"]["SLURM_NODEID"]) == (str(rank), str(local), str(node))
+        assert seen["all_reduce"] == 10 and seen["argv"] == ["two words"]
+    for node in range(2):
+        text = (run_dir / "logs" / "attempt-0" / f"node-{node}.log").read_text()
+        assert "fork server ready" in text and f"forked ranks {2 * node}-{2 * node + 1}" in text and "exit 0" in text, text
+
+
+def test_first_failure_decides_the_exit_status_and_stops_the_rest(tmp_path: Path) -> None:
+    run_dir, agents = start_agents(tmp_path, TEST_JOBS / "fail.py", [], nodes=1, env={"FAIL_RANK": "1", "FAIL_WITH": "boom"})
+    t0 = time.monotonic()
+    assert _wait_all(agents) == [1]
+    assert time.monotonic() - t0 < 60  # rank 0 waited in a barrier (then sleep 60): it was stopped
+    error = json.loads((run_dir / "logs" / "attempt-0" / "rank-1.error.json").read_text())
+    assert "boom" in error["message"]
+    assert "exit 1 (rank exit codes" in (run_dir / "logs" / "attempt-0" / "node-0.log").read_text()
+
+
+def _train(tmp_path: Path, steps: int = 2000) -> tuple[Path, list[subprocess.Popen]]:
+    args = ["--steps", str(steps), "--log-every", "1", "--step-sleep", "0.05", "--dataset-size", "256"]
+    return start_agents(tmp_path, JOBS / "train_ddp.py", args, nodes=1, storage={"checkpoint_interval": 1000})
+
+
+def test_stop_signal_to_the_agent_reaches_its_ranks(tmp_path: Path) -> None:
+    run_dir, (agent,) = _train(tmp_path)
+    log = run_dir / "logs" / "attempt-0" / "rank-0.log"
+    wait_for(lambda: log.exists() and "step 3/" in log.read_text(), 120, "training")
+    agent.send_signal(signal.SIGUSR2)  # only the agent: what proctrack/pgid delivers
+    assert agent.wait(timeout=60) == PREEMPTED_EXIT_CODE
+    saved = [e for e in read_events(run_dir) if e["event"] == "checkpoint_committed"]
+    assert saved and saved[-1]["step"] >= 3
+
+
+def test_stop_signal_before_the_ranks_exist_is_kept(tmp_path: Path) -> None:
+    # Sent while the agent is still starting (and its fork server importing torch): held
+    # until the agent's handler exists, then passed on once the ranks are forked, where it
+    # waits (blocked) for the runtime's handler. Ranks stop at step 2, as on Slurm.
+    run_dir, (agent,) = _train(tmp_path, steps=30)
+    time.sleep(0.05)
+    agent.send_signal(signal.SIGUSR2)
+    assert agent.wait(timeout=120) == PREEMPTED_EXIT_CODE
+    saved = [e["step"] for e in read_events(run_dir) if e["event"] == "checkpoint_committed"]
+    assert saved == [2]
+
+
+def test_ranks_die_with_their_agent(tmp_path: Path) -> None:
+    run_dir, (agent,) = _train(tmp_path)
+    node_log = run_dir / "logs" / "attempt-0" / "node-0.log"
+    line = wait_for(lambda: next((l for l in node_log.read_text().splitlines() if "forked ranks" in l), None), 120, "the ranks")
+    pids = [int(p) for p in line.split("(pids ")[1].rstrip(")").split()]
+    agent.kill()
+    agent.wait()
+    wait_for(lambda: not any(os.path.exists(f"/proc/{p}") and "Z" not in open(f"/proc/{p}/stat").read().split(")")[1][:3] for p in pids), 10, "the ranks to die")
