@@ -64,7 +64,26 @@ def root_cause(log_dir: str, step_code: int) -> dict[str, Any]:
     if primary:
         return min(primary, key=lambda e: e["time"])
     how = f"killed by {signal.Signals(-step_code).name}" if step_code < 0 else f"exit code {step_code}"
-    return {"rank": None, "error_type": None, "message": f"srun step {how}", "time": time.time(), "exitcode": step_code}
+    message = f"srun step {how}"
+    agent_error = _node_agent_error(log_dir)
+    if agent_error:
+        message += f"; {agent_error}"
+    return {"rank": None, "error_type": None, "message": message[:500], "time": time.time(), "exitcode": step_code}
+
+
+def _node_agent_error(log_dir: str) -> str | None:
+    """The last line of the first node agent log that ends in a traceback: where an agent that
+    failed before its ranks existed says why."""
+    for path in sorted(glob.glob(os.path.join(log_dir, "node-*.log"))):
+        try:
+            with open(path, "rb") as fh:
+                fh.seek(max(0, os.path.getsize(path) - 8192))
+                lines = [line.strip() for line in fh.read().decode("utf-8", "replace").splitlines() if line.strip()]
+        except OSError:
+            continue
+        if any(line.startswith("Traceback") for line in lines) and lines:
+            return f"{os.path.basename(path)}: {lines[-1]}"
+    return None
 
 
 def _newest_step(run: RunDir) -> int | None:

@@ -163,3 +163,41 @@ def test_ranks_die_with_their_agent(tmp_path: Path) -> None:
     agent.kill()
     agent.wait()
     wait_for(lambda: not any(os.path.exists(f"/proc/{p}") and "Z" not in open(f"/proc/{p}/stat").read().split(")")[1][:3] for p in pids), 10, "the ranks to die")
+
+
+def test_root_cause_names_an_agent_that_failed_before_its_ranks(tmp_path: Path) -> None:
+    from orchestrator.slurm_supervisor import root_cause
+
+    (tmp_path / "node-0.log").write_text("[orch.node 0] starting\n")
+    (tmp_path / "node-1.log").write_text("Traceback (most recent call last):\n  File \"x\", line 1\nPermissionError: [Errno 13] run.yaml\n")
+    cause = root_cause(str(tmp_path), 1)
+    assert cause["rank"] is None and cause["message"] == "srun step exit code 1; node-1.log: PermissionError: [Errno 13] run.yaml"
+    (tmp_path / "node-1.log").write_text("[orch.node 1] exit 143\n")
+    assert root_cause(str(tmp_path), 143)["message"] == "srun step exit code 143"
+
+
+def test_agent_falls_back_to_fresh_interpreters_and_says_why(tmp_path: Path) -> None:
+    # job.python is another interpreter (the system's): the fork server, which runs the
+    # orchestrator's, must not serve it. No torch here; the job only records what it saw.
+    script = tmp_path / "seen.py"
+    script.write_text(
+        "import json, os, sys\n"
+        "names = ('RANK', 'LOCAL_RANK', 'NODE_RANK', 'WORLD_SIZE', 'SLURM_PROCID', 'SLURM_LOCALID')\n"
+        "open(os.path.join(os.environ['ORCH_RUN_DIR'], 'seen-' + os.environ['RANK']), 'w').write(json.dumps([sys.executable] + [os.environ[n] for n in names]))\n"
+    )
+    config = write_config(tmp_path, script, backend="slurm", job={"python": "/usr/bin/python3"}, resources={"nodes": 2, "ranks_per_node": 2, "cpus_per_rank": 1})
+    cfg = load_config(str(config))
+    run = RunDir(str(tmp_path / "runs" / "fallback"))
+    run.create({"run_id": "fallback", "base_dir": cfg.base_dir, "config": config_to_dict(cfg)})
+    log_dir = run.logs_dir(0)
+    shared = step_env(cfg, run_id="fallback", run_dir=run.url, attempt=0, master_addr="127.0.0.1", master_port=_free_port(), log_dir=log_dir)
+    proc = subprocess.run(
+        ["/bin/bash", str(NODE_SCRIPT), sys.executable, "--", "/usr/bin/python3", str(script)],
+        env={**os.environ, **shared, "SLURM_NODEID": "1", "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "starting ranks as fresh interpreters: job.python (/usr/bin/python3) is not the interpreter the fork server runs" in proc.stdout
+    assert "started ranks 2-3" in proc.stdout
+    for rank, local in ((2, 0), (3, 1)):
+        seen = json.loads((Path(run.local_path) / f"seen-{rank}").read_text())
+        assert seen == ["/usr/bin/python3", str(rank), str(local), "1", "4", str(rank), str(local)]
