@@ -26,7 +26,7 @@ import threading
 import time
 from typing import Any
 
-from .backends.slurm import step_argv, step_env
+from .backends.slurm import step_argv, step_env, uses_node_agent
 from .ckpt_store import newest_committed
 from .config import ClusterConfig, parse_config
 from .exitcodes import PREEMPTED_EXIT_CODE, PREEMPTED_TYPE
@@ -166,7 +166,8 @@ def _run_attempt(run: RunDir, config: ClusterConfig, attempt: int, master_addr: 
         for key in ("SLURM_NTASKS", "SLURM_NPROCS", "SLURM_TASKS_PER_NODE", "SLURM_NTASKS_PER_NODE", "SLURM_CPUS_PER_TASK"):
             env.pop(key, None)
         argv = step_argv(config, log_dir=log_dir, attempt=attempt, python=sys.executable)
-        run.append_event("attempt_started", attempt=attempt, job_id=job_id, master_addr=master_addr, master_port=lease.port, newest_checkpoint=_newest_step(run))
+        launcher = "node-agent" if uses_node_agent(config) else "task-per-rank"
+        run.append_event("attempt_started", attempt=attempt, job_id=job_id, master_addr=master_addr, master_port=lease.port, launcher=launcher, newest_checkpoint=_newest_step(run))
         t0 = time.time()
         proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL)
         code, hang = _wait(proc, run, config, log_dir, job_id)

@@ -88,6 +88,8 @@ def test_forked_ranks_see_what_one_task_per_rank_sees(tmp_path):
         assert wait_final(cfg, mode)["state"] == "succeeded"
         seen[mode] = [json.loads((tmp_path / mode / "runs" / mode / f"env-{rank}.json").read_text()) for rank in range(6)]
     assert not list((tmp_path / "subprocess" / "runs" / "subprocess" / "logs" / "attempt-0").glob("node-*.log"))
+    for mode, launcher in (("auto", "node-agent"), ("subprocess", "task-per-rank")):
+        assert [e["launcher"] for e in read_events(tmp_path / mode / "runs" / mode) if e["event"] == "attempt_started"] == [launcher]
     for forked, task in zip(seen["auto"], seen["subprocess"]):
         drop = lambda env: {k: v for k, v in env.items() if k not in PER_STEP_VARS}  # noqa: E731
         assert drop(forked["slurm"]) == drop(task["slurm"])
