@@ -21,6 +21,7 @@ import ast
 import json
 import os
 import select
+import signal
 import socket
 import subprocess
 import sys
@@ -28,6 +29,7 @@ import time
 from typing import Any, Mapping, Sequence
 
 from .config import ClusterConfig
+from .forkserver import SERVER_BLOCKED_SIGNALS  # at import: no imports after fork (import lock)
 from .launcher import AttemptGroup, RankProcess, SubprocessLauncher, _set_parent_death_signal, start_reaper
 from .plan import CONTRACT_VARS, RankSpec
 
@@ -117,6 +119,13 @@ def fork_refusal(config: ClusterConfig, python: str) -> str | None:
     return None
 
 
+def _prepare_server_process(parent_pid: int) -> None:
+    """Before exec: die with the launcher, and hold the signals meant for ranks blocked from the
+    first instruction on (forkserver.serve() blocks them too, but only once it runs)."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, SERVER_BLOCKED_SIGNALS)
+    _set_parent_death_signal(parent_pid)
+
+
 class ForkServerError(RuntimeError):
     pass
 
@@ -136,14 +145,14 @@ class ForkServer:
                 stdout=log,
                 stderr=log,
                 process_group=0,  # Ctrl-C at the terminal is the supervisor's to handle
-                preexec_fn=lambda: _set_parent_death_signal(parent),
+                preexec_fn=lambda: _prepare_server_process(parent),
             )
         theirs.close()
         self.sock = ours
         self.buffer = b""
         self.alive = True
         self.handles: dict[int, ForkedProcess] = {}
-        self.early_exits: dict[int, int] = {}
+        self.early_exits: dict[int, tuple[int, float | None]] = {}
         self.replies: dict[int, dict[str, Any]] = {}
         self.hello: dict[str, Any] | None = None
         self._next_id = 0
@@ -172,12 +181,12 @@ class ForkServer:
 
     def _dispatch(self, message: dict[str, Any]) -> None:
         if "exited" in message:
-            pid, code = int(message["exited"]), int(message["code"])
+            pid, code, at = int(message["exited"]), int(message["code"]), message.get("at")
             handle = self.handles.get(pid)
             if handle is None:
-                self.early_exits[pid] = code  # exited before its spawn reply was read
+                self.early_exits[pid] = (code, at)  # exited before its spawn reply was read
             else:
-                handle._exited(code)
+                handle._exited(code, at)
         elif "spawned" in message:
             self.replies[int(message["spawned"])] = message
         elif "ready" in message:
@@ -235,7 +244,7 @@ class ForkServer:
             handle = ForkedProcess(self, pid)
             self.handles[pid] = handle
             if pid in self.early_exits:
-                handle._exited(self.early_exits.pop(pid))
+                handle._exited(*self.early_exits.pop(pid))
             pids.append(pid)
         return pids
 
@@ -258,9 +267,11 @@ class ForkedProcess:
         self._server = server
         self.pid = pid
         self.returncode: int | None = None
+        self.exit_time: float | None = None
 
-    def _exited(self, code: int) -> None:
+    def _exited(self, code: int, at: float | None = None) -> None:
         self.returncode = code
+        self.exit_time = at  # when the server reaped it: orders exits that one read delivers
 
     def poll(self) -> int | None:
         if self.returncode is None:

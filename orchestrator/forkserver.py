@@ -159,7 +159,7 @@ def _reap(channel: _Channel, children: set[int]) -> None:
             return
         children.discard(pid)
         code = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
-        channel.send({"exited": pid, "code": code})
+        channel.send({"exited": pid, "code": code, "at": time.time()})  # when reaped, not when read
 
 
 def _spawn(channel: _Channel, request: dict[str, Any], children: set[int], private_fds: tuple[int, ...]) -> None:
@@ -291,13 +291,22 @@ def main() -> None:
     _prctl_pdeathsig()
     sock = socket.socket(fileno=fd)
     sock.setblocking(True)
-    serve(sock, modules)
+    code = 0
+    try:
+        serve(sock, modules)
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the client is gone: the same end as EOF
+    except BaseException:  # noqa: BLE001 - say why in the log, then leave as fast as below
+        import traceback
+
+        traceback.print_exc()
+        code = 1
     # Leave without the interpreter's finalization: with torch (and torch._dynamo) imported it
     # takes ~1.7 s of CPU here, and a restart under Slurm waits for this process to end.
     # Nothing is left to clean up: the ranks die with us (PDEATHSIG), the socket is closed.
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(code)
 
 
 if __name__ == "__main__":

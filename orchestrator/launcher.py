@@ -58,7 +58,7 @@ class RankProcess:
     def poll(self) -> int | None:
         code = self.popen.poll()
         if code is not None and self.ended is None:
-            self.ended = time.time()
+            self.ended = getattr(self.popen, "exit_time", None) or time.time()
         return code
 
 
@@ -136,6 +136,14 @@ def _set_parent_death_signal(parent_pid: int) -> None:
         os._exit(137)
 
 
+def _ignore_stop_signals() -> None:
+    """The reaper's `trap` takes effect only once sh has parsed its script; ignored before exec
+    (which exec keeps), a signal for the whole step (Slurm's, under proctrack linuxproc or
+    cgroup) cannot kill it in that window."""
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def start_reaper() -> tuple[subprocess.Popen, int]:
     read_end, write_end = os.pipe()
     try:
@@ -146,6 +154,7 @@ def start_reaper() -> tuple[subprocess.Popen, int]:
             stderr=subprocess.DEVNULL,
             process_group=0,
             close_fds=True,
+            preexec_fn=_ignore_stop_signals,
         )
     finally:
         os.close(read_end)

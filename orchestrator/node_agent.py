@@ -39,6 +39,10 @@ from .plan import RankSpec, own_contract_env
 # Slurm's signals that the ranks act on: stop (USR2, TERM, INT), stack dumps (USR1), wake-up.
 FORWARDED_SIGNALS = (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGCONT)
 POLL_S = 0.05
+# After a real failure no checkpoint can complete without the failed peer: the other ranks get
+# this long after SIGTERM to write their error records and flush, then SIGKILL, so that the
+# step ends (and the restart begins) without waiting out restart.stop_grace_s.
+FAILURE_STOP_GRACE_S = 2.0
 
 
 def tasks_per_node(ranks_per_node: int, nodes: int) -> str:
@@ -76,7 +80,9 @@ def rank_env(*, node_rank: int, local_rank: int, ranks_per_node: int, nodes: int
 
 def exit_status(ranks: Sequence[RankProcess]) -> int:
     """The node's verdict from its ranks' exit codes, in the order they exited."""
-    failed = sorted((r for r in ranks if r.popen.returncode not in (0, None)), key=lambda r: float("inf") if r.ended is None else r.ended)
+    if any(r.popen.returncode is None for r in ranks):
+        return 128 + signal.SIGKILL  # a rank that outlived SIGKILL (D state): never a success
+    failed = sorted((r for r in ranks if r.popen.returncode != 0), key=lambda r: float("inf") if r.ended is None else r.ended)
     if not failed:
         return 0
     real = [r for r in failed if r.popen.returncode != PREEMPTED_EXIT_CODE]
@@ -95,16 +101,18 @@ class NodeAgent:
         self.ranks_per_node = int(env["LOCAL_WORLD_SIZE"])
         self.log_dir = env["ORCH_LOG_DIR"]
         self.group: AttemptGroup | None = None
-        self.stop_signal: int | None = None
+        self.early_signals: list[int] = []  # arrived before the ranks existed, in order
 
     def _say(self, text: str) -> None:
         print(f"[orch.node {self.node_rank}] {time.strftime('%H:%M:%S')} {text}", flush=True)
 
     def _forward(self, signum: int, _frame: object) -> None:
-        if signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2):
-            self.stop_signal = self.stop_signal or signum
-        if self.group is not None:
-            self.group.signal_all(signum)
+        group = self.group
+        if group is None:
+            if signum not in self.early_signals:
+                self.early_signals.append(signum)
+        else:
+            group.signal_all(signum)
 
     def run(self) -> int:
         from .fork_launcher import ForkServerLauncher
@@ -128,14 +136,16 @@ class NodeAgent:
                 self._say(self.group.notice)
             how = "forked" if self.group.launched_by == "fork" else "started"
             self._say(f"{how} ranks {specs[0].rank}-{specs[-1].rank} in {time.perf_counter() - t0:.2f}s (pids {' '.join(str(r.pid) for r in self.group.ranks)})")
-            if self.stop_signal is not None:  # a stop request arrived while the ranks started
-                self.group.signal_all(self.stop_signal)
+            for signum in self.early_signals:  # what arrived while the ranks were being started
+                self.group.signal_all(signum)
             code = self._wait(self.group)
         finally:
-            if self.group is not None:
-                self.group.close()
+            # No forwarding to a group that is being torn down (its id may be reused after).
+            group, self.group = self.group, None
+            if group is not None:
+                group.close()
             launcher.close()
-        self._say(f"exit {code} (rank exit codes {[r.popen.returncode for r in self.group.ranks] if self.group else []})")
+        self._say(f"exit {code} (rank exit codes {[r.popen.returncode for r in group.ranks] if group else []})")
         return code
 
     def _wait(self, group: AttemptGroup) -> int:
@@ -143,7 +153,7 @@ class NodeAgent:
         while group.alive():
             codes = [r.popen.returncode for r in group.ranks]
             if any(c not in (0, None, PREEMPTED_EXIT_CODE) for c in codes):
-                group.stop(self.config.restart.stop_grace_s)
+                group.stop(min(self.config.restart.stop_grace_s, FAILURE_STOP_GRACE_S))
                 break
             time.sleep(POLL_S)
         return exit_status(group.ranks)

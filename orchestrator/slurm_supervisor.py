@@ -72,17 +72,22 @@ def root_cause(log_dir: str, step_code: int) -> dict[str, Any]:
 
 
 def _node_agent_error(log_dir: str) -> str | None:
-    """The last line of the first node agent log that ends in a traceback: where an agent that
-    failed before its ranks existed says why."""
+    """The exception of the last traceback in the first node agent log that has one: where an
+    agent that failed before its ranks existed says why."""
     for path in sorted(glob.glob(os.path.join(log_dir, "node-*.log"))):
         try:
             with open(path, "rb") as fh:
                 fh.seek(max(0, os.path.getsize(path) - 8192))
-                lines = [line.strip() for line in fh.read().decode("utf-8", "replace").splitlines() if line.strip()]
+                lines = fh.read().decode("utf-8", "replace").splitlines()
         except OSError:
             continue
-        if any(line.startswith("Traceback") for line in lines) and lines:
-            return f"{os.path.basename(path)}: {lines[-1]}"
+        starts = [i for i, line in enumerate(lines) if line.startswith("Traceback")]
+        if not starts:
+            continue
+        # The exception line is the first one after the traceback's header that is not indented.
+        for line in lines[starts[-1] + 1:]:
+            if line.strip() and not line[0].isspace():
+                return f"{os.path.basename(path)}: {line.strip()}"
     return None
 
 

@@ -95,6 +95,7 @@ def test_server_forks_and_reports_exit_codes_and_signals(tmp_path: Path) -> None
         ])
         ok, three, boom, sleeper = (server.handles[p] for p in pids)
         assert ok.wait(30) == 0 and three.wait(30) == 3 and boom.wait(30) == 1
+        assert ok.exit_time is not None and ok.exit_time <= time.time()  # when the server reaped it
         assert (tmp_path / "ok.log").read_text() == "hello from __main__\n"
         assert "ValueError: boom" in (tmp_path / "boom.log").read_text()
         assert sleeper.poll() is None

@@ -19,7 +19,7 @@ import pytest
 from orchestrator.backends.slurm import NODE_SCRIPT, step_env
 from orchestrator.config import config_to_dict, load_config
 from orchestrator.exitcodes import PREEMPTED_EXIT_CODE
-from orchestrator.node_agent import exit_status, rank_env
+from orchestrator.node_agent import FAILURE_STOP_GRACE_S, exit_status, rank_env
 from orchestrator.rundir import RunDir
 
 from .conftest import JOBS, REPO, TEST_JOBS, read_events, wait_for, write_config
@@ -50,6 +50,7 @@ def _ranks(*codes_in_exit_order: int | None) -> list[SimpleNamespace]:
         ((PREEMPTED_EXIT_CODE, 1), 1),  # a real failure outranks a stop on request
         ((-9, -15), 137),  # the first to fail, as 128+N for a signal
         ((3, -15), 3),
+        ((0, None), 137),  # a rank that outlived SIGKILL is never a success
     ],
 )
 def test_exit_status_is_the_first_real_failure(codes, expected) -> None:
@@ -126,6 +127,26 @@ def test_first_failure_decides_the_exit_status_and_stops_the_rest(tmp_path: Path
     error = json.loads((run_dir / "logs" / "attempt-0" / "rank-1.error.json").read_text())
     assert "boom" in error["message"]
     assert "exit 1 (rank exit codes" in (run_dir / "logs" / "attempt-0" / "node-0.log").read_text()
+
+
+def test_after_a_real_failure_the_rest_are_killed_without_waiting_out_the_grace(tmp_path: Path) -> None:
+    # Rank 0 ignores SIGTERM, as a rank stuck in a collective with its dead peer effectively
+    # does; restart.stop_grace_s is 60 s. The agent still ends ~FAILURE_STOP_GRACE_S after
+    # rank 1's failure: no checkpoint can complete without the peer.
+    script = tmp_path / "stuck.py"
+    script.write_text(
+        "import os, signal, sys, time\n"
+        "if os.environ['LOCAL_RANK'] == '1':\n    time.sleep(1); sys.exit(3)\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        "time.sleep(120)\n"
+    )
+    run_dir, (agent,) = start_agents(tmp_path, script, [], nodes=1, restart={"stop_grace_s": 60})
+    node_log = run_dir / "logs" / "attempt-0" / "node-0.log"
+    wait_for(lambda: "ranks 0-1" in node_log.read_text(), 120, "the ranks")
+    started = time.monotonic()
+    assert agent.wait(timeout=60) == 3
+    assert time.monotonic() - started < 1 + FAILURE_STOP_GRACE_S + 5
+    assert "rank exit codes [-9, 3]" in node_log.read_text()
 
 
 def _train(tmp_path: Path, steps: int = 2000) -> tuple[Path, list[subprocess.Popen]]:
