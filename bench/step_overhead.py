@@ -339,48 +339,55 @@ def main() -> None:
         else:
             shutil.rmtree(base, ignore_errors=True)
 
-    med = {v: statistics.median(per_seg[v]) for v in variants}
-    # each segment against the bare segment of its round (run next to it): drift cancels
-    paired = {v: statistics.median(a / b for a, b in zip(per_seg[v], per_seg["bare"])) for v in variants} if "bare" in med else {}
+    med, paired = _against_bare(per_seg)
     print()
     print("| side | step time | segments min..max | median single step | in runtime calls, mean (median) | vs bare | overhead | overhead, paired by round |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for v in variants:
-        ratio, over, pair = "-", "-", "-"
-        if "bare" in med:
-            ratio, over, pair = f"{med[v] / med['bare']:.3f}", f"{(med[v] / med['bare'] - 1) * 100:+.1f}%", f"{(paired[v] - 1) * 100:+.1f}%"
         print(f"| {v} | {med[v] * 1e3:.3f} ms | {min(per_seg[v]) * 1e3:.2f}..{max(per_seg[v]) * 1e3:.2f} ms | {statistics.median(per_step[v]) * 1e3:.3f} ms | "
-              f"{statistics.mean(hooks[v]) * 1e6:.0f} ({statistics.median(hooks[v]) * 1e6:.0f}) us | {ratio} | {over} | {pair} |")
+              f"{statistics.mean(hooks[v]) * 1e6:.0f} ({statistics.median(hooks[v]) * 1e6:.0f}) us | {_vs_bare_cells(v, med, paired)} |")
     print("step time: median over segments of wall time / steps; in runtime calls: rank 0's time per step inside sampler.advance, "
           "Metrics.scalars and Checkpointer.step_end (the mean counts the rare votes and logs, and the preemptions that land there); paired: median over rounds of segment / bare segment of the same round")
     # CPU time: what the runtime adds to a rank's work, whatever else the machine runs. Waiting
     # in a collective blocks (no CPU), so CPU time is far less sensitive to the scheduling noise
     # that limits the wall-time figures on a shared 2-core machine.
-    cpu_med = {v: statistics.median(per_cpu[v]) for v in variants}
-    cpu_paired = {v: statistics.median(a / b for a, b in zip(per_cpu[v], per_cpu["bare"])) for v in variants} if "bare" in cpu_med else {}
+    cpu_med, cpu_paired = _against_bare(per_cpu)
     print()
     print("| side | CPU per step (rank 0) | segments min..max | vs bare | overhead | overhead, paired by round |")
     print("| --- | --- | --- | --- | --- | --- |")
     for v in variants:
-        ratio, over, pair = "-", "-", "-"
-        if "bare" in cpu_med:
-            ratio, over, pair = f"{cpu_med[v] / cpu_med['bare']:.3f}", f"{(cpu_med[v] / cpu_med['bare'] - 1) * 100:+.1f}%", f"{(cpu_paired[v] - 1) * 100:+.1f}%"
-        print(f"| {v} | {cpu_med[v] * 1e3:.3f} ms | {min(per_cpu[v]) * 1e3:.2f}..{max(per_cpu[v]) * 1e3:.2f} ms | {ratio} | {over} | {pair} |")
+        print(f"| {v} | {cpu_med[v] * 1e3:.3f} ms | {min(per_cpu[v]) * 1e3:.2f}..{max(per_cpu[v]) * 1e3:.2f} ms | {_vs_bare_cells(v, cpu_med, cpu_paired)} |")
     print("CPU per step: median over segments of rank 0's process CPU time (all its threads) / steps")
-    if "bare" in cpu_med and "runtime" in cpu_med:
-        ratio = cpu_med["runtime"] / cpu_med["bare"]
-        print(f"\nCPU: runtime/bare = {ratio:.3f} ({(ratio - 1) * 100:+.1f}%; paired {(cpu_paired['runtime'] - 1) * 100:+.1f}%): {'meets' if ratio <= 1.02 else 'misses'} the goal of <= 2%", end="")
-        if "bare/2" in cpu_med:
-            print(f"; A/A bare/2 vs bare {(cpu_med['bare/2'] / cpu_med['bare'] - 1) * 100:+.1f}% (paired {(cpu_paired['bare/2'] - 1) * 100:+.1f}%)", end="")
-        print()
-    if "bare" in med and "runtime" in med:
-        ratio = med["runtime"] / med["bare"]
-        verdict = "meets" if ratio <= 1.02 else "misses"
-        print(f"\nruntime/bare = {ratio:.3f} ({(ratio - 1) * 100:+.1f}%; paired {(paired['runtime'] - 1) * 100:+.1f}%): {verdict} the goal of <= 2%", end="")
-        if "bare/2" in med:
-            print(f"; the A/A check bare/2 vs bare reads {(med['bare/2'] / med['bare'] - 1) * 100:+.1f}% (paired {(paired['bare/2'] - 1) * 100:+.1f}%), "
-                  "the resolution of this run", end="")
-        print(f" ({time.monotonic() - started:.0f} s)")
+    print()
+    for label, m, pair in (("CPU: ", cpu_med, cpu_paired), ("wall: ", med, paired)):
+        if "bare" in m and "runtime" in m:
+            print(label + _verdict(m, pair))
+    print(f"({time.monotonic() - started:.0f} s)")
+
+
+def _against_bare(samples: dict[str, list[float]]) -> tuple[dict[str, float], dict[str, float]]:
+    """Each side's median, and the median over rounds of its segment / the bare segment of the
+    same round (run next to it, so the machine's drift cancels)."""
+    med = {v: statistics.median(values) for v, values in samples.items()}
+    paired = {v: statistics.median(a / b for a, b in zip(values, samples["bare"])) for v, values in samples.items()} if "bare" in samples else {}
+    return med, paired
+
+
+def _vs_bare_cells(side: str, med: dict[str, float], paired: dict[str, float]) -> str:
+    if "bare" not in med:
+        return "- | - | -"
+    ratio = med[side] / med["bare"]
+    return f"{ratio:.3f} | {(ratio - 1) * 100:+.1f}% | {(paired[side] - 1) * 100:+.1f}%"
+
+
+def _verdict(med: dict[str, float], paired: dict[str, float]) -> str:
+    ratio = med["runtime"] / med["bare"]
+    text = f"runtime/bare = {ratio:.3f} ({(ratio - 1) * 100:+.1f}%; paired {(paired['runtime'] - 1) * 100:+.1f}%): {'meets' if ratio <= 1.02 else 'misses'} the goal of <= 2%"
+    if "bare/2" in med:
+        text += (f"; the A/A check bare/2 vs bare reads {(med['bare/2'] / med['bare'] - 1) * 100:+.1f}% (paired {(paired['bare/2'] - 1) * 100:+.1f}%), "
+                 "the resolution of this run")
+    return text
+
 
 if __name__ == "__main__":
     main()

@@ -105,19 +105,17 @@ class _Channel:
         return [json.loads(line) for line in lines if line]
 
 
-# Blocked in the server, which must outlive every signal meant for its ranks; a forked rank
-# starts with default dispositions (never changed in the server) and unblocks all but SIGUSR2.
+# Blocked in the server (by its launcher, before exec: fork_launcher._prepare_server_process),
+# which must outlive every signal meant for its ranks: under Slurm every process of a step may
+# get the step's signals (proctrack linuxproc or cgroup). A forked rank starts with default
+# dispositions (never changed in the server) and unblocks all but SIGUSR2.
 SERVER_BLOCKED_SIGNALS = {signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP}
 
 
 def serve(sock: socket.socket, modules: list[str]) -> None:
     channel = _Channel(sock)
-    # Terminal signals are for the supervisor; the server leaves with its socket. Under Slurm
-    # every process of a step may get the step's signals (proctrack linuxproc or cgroup): they
-    # are for the ranks, so the server holds them blocked (pending, never acted on) and each
-    # rank unblocks them as a fresh interpreter would have them.
+    # Terminal signals are for the supervisor; the server leaves with its socket.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_BLOCK, SERVER_BLOCKED_SIGNALS)
     t0 = time.perf_counter()
     imported, module, reason = preload(modules)
     if reason is None:

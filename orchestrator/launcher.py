@@ -27,9 +27,10 @@ try:
 except OSError:  # pragma: no cover - non-glibc platforms
     _libc = None
 
-# The reaper ignores SIGTERM (so a graceful stop of the group leaves it in place to finish the
-# job with SIGKILL), waits for EOF on stdin, then kills its own process group.
-_REAPER_SCRIPT = 'trap "" TERM INT HUP USR1 USR2; while read -r _; do :; done; kill -KILL 0'
+# The reaper waits for EOF on stdin, then kills its own process group. It starts with SIGTERM
+# and the other stop signals ignored (_ignore_stop_signals), so a graceful stop of the group
+# leaves it in place to finish the job with SIGKILL.
+_REAPER_SCRIPT = "while read -r _; do :; done; kill -KILL 0"
 
 
 class ProcessHandle(Protocol):
@@ -137,9 +138,8 @@ def _set_parent_death_signal(parent_pid: int) -> None:
 
 
 def _ignore_stop_signals() -> None:
-    """The reaper's `trap` takes effect only once sh has parsed its script; ignored before exec
-    (which exec keeps), a signal for the whole step (Slurm's, under proctrack linuxproc or
-    cgroup) cannot kill it in that window."""
+    """In the reaper, before exec (which keeps ignored signals): a graceful stop, or a signal for
+    the whole Slurm step (proctrack linuxproc or cgroup), cannot kill it, even while sh starts."""
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(sig, signal.SIG_IGN)
 

@@ -33,8 +33,11 @@ from typing import Mapping, Sequence
 
 from .config import ClusterConfig
 from .exitcodes import PREEMPTED_EXIT_CODE
+from .fork_launcher import ForkServerLauncher
 from .launcher import AttemptGroup, RankProcess
-from .plan import RankSpec, own_contract_env
+from .plan import RankSpec, own_contract_env, rank_files_env
+from .rundir import RunDir
+from .slurm_supervisor import load_run_config
 
 # Slurm's signals that the ranks act on: stop (USR2, TERM, INT), stack dumps (USR1), wake-up.
 FORWARDED_SIGNALS = (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGCONT)
@@ -55,14 +58,11 @@ def rank_env(*, node_rank: int, local_rank: int, ranks_per_node: int, nodes: int
     files, and Slurm's task variables as a one-task-per-rank step would set them."""
     rank = node_rank * ranks_per_node + local_rank
     world = ranks_per_node * nodes
-    error_file = os.path.join(log_dir, f"rank-{rank}.error.json")
     per_node = tasks_per_node(ranks_per_node, nodes)
     first = node_rank * ranks_per_node
     return {
         **own_contract_env(rank=rank, local_rank=local_rank, node_rank=node_rank),
-        "ORCH_ERROR_FILE": error_file,
-        "TORCHELASTIC_ERROR_FILE": error_file,
-        "ORCH_HEARTBEAT_FILE": os.path.join(log_dir, f"rank-{rank}.heartbeat"),
+        **rank_files_env(log_dir, rank),
         "SLURM_PROCID": str(rank),
         "SLURM_LOCALID": str(local_rank),
         "SLURM_NODEID": str(node_rank),
@@ -115,8 +115,6 @@ class NodeAgent:
             group.signal_all(signum)
 
     def run(self) -> int:
-        from .fork_launcher import ForkServerLauncher
-
         for sig in FORWARDED_SIGNALS:
             signal.signal(sig, self._forward)
         # templates/slurm_node.sh held these blocked: what arrived meanwhile is delivered now.
@@ -166,9 +164,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if len(args) < 2:
         print("usage: python -m orchestrator.node_agent -- PYTHON ENTRY [ARGS...]", file=sys.stderr)
         return 2
-    from .rundir import RunDir
-    from .slurm_supervisor import load_run_config
-
     config = load_run_config(RunDir(os.environ["ORCH_RUN_DIR"]))
     return NodeAgent(config, args, os.environ).run()
 

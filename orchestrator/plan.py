@@ -7,6 +7,7 @@ SLURM_* onto `contract_env`).
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -150,6 +151,18 @@ def is_redacted(name: str, pass_env: tuple[str, ...] = ()) -> bool:
 def redact(env: Mapping[str, str], pass_env: tuple[str, ...] = ()) -> dict[str, str]:
     """A copy safe to print or store: secret-looking and passed-through values are hidden."""
     return {k: (REDACTED if is_redacted(k, pass_env) else v) for k, v in env.items()}
+
+
+def rank_files(log_dir: str, rank: int) -> tuple[str, str]:
+    """A rank's error file and heartbeat file in its attempt's log directory (templates/
+    slurm_task.sh names them the same way in shell)."""
+    return os.path.join(log_dir, f"rank-{rank}.error.json"), os.path.join(log_dir, f"rank-{rank}.heartbeat")
+
+
+def rank_files_env(log_dir: str, rank: int) -> dict[str, str]:
+    """Where a rank's runtime writes its error record and heartbeats."""
+    error_file, heartbeat = rank_files(log_dir, rank)
+    return {"ORCH_ERROR_FILE": error_file, "TORCHELASTIC_ERROR_FILE": error_file, "ORCH_HEARTBEAT_FILE": heartbeat}
 
 
 def entrypoint_argv(config: ClusterConfig, python: str) -> tuple[str, ...]:

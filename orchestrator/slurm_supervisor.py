@@ -31,6 +31,7 @@ from .ckpt_store import newest_committed
 from .config import ClusterConfig, parse_config
 from .exitcodes import PREEMPTED_EXIT_CODE, PREEMPTED_TYPE
 from .hostlist import expand_hostlist
+from .plan import rank_files
 from .ports import lease_port
 from .rundir import RunDir
 from .failures import classify, is_peer_loss
@@ -187,7 +188,7 @@ def _run_attempt(run: RunDir, config: ClusterConfig, attempt: int, master_addr: 
 def _wait(proc: subprocess.Popen, run: RunDir, config: ClusterConfig, log_dir: str, job_id: str) -> tuple[int, dict[str, Any] | None]:
     """Wait for the srun step, watching the ranks' heartbeats (on the shared run directory)."""
     n = config.resources.world_size
-    beats = {rank: os.path.join(log_dir, f"rank-{rank}.heartbeat") for rank in range(n)}
+    beats = {rank: rank_files(log_dir, rank)[1] for rank in range(n)}
     while True:
         try:
             return proc.wait(timeout=WATCHDOG_PERIOD_S), None

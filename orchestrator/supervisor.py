@@ -29,7 +29,7 @@ from .watchdog import read_heartbeat as heartbeat_record
 from .watchdog import silent_ranks
 from .launcher import AttemptGroup, Launcher, RankProcess, SubprocessLauncher
 from .logstream import LogStreamer, tail_lines
-from .plan import build_local_plan
+from .plan import build_local_plan, rank_files, rank_files_env
 from .ports import lease_port
 from .rundir import RunDir, join_url, this_host
 
@@ -312,12 +312,9 @@ class Supervisor:
             )
             logs = self.run.logs_dir(attempt)
             log_paths = [os.path.join(logs, f"rank-{s.rank}.log") for s in plan.ranks]
-            error_files = [os.path.join(logs, f"rank-{s.rank}.error.json") for s in plan.ranks]
-            beats = {s.rank: os.path.join(logs, f"rank-{s.rank}.heartbeat") for s in plan.ranks}
-            extra = [
-                {"ORCH_ERROR_FILE": e, "TORCHELASTIC_ERROR_FILE": e, "ORCH_INCARNATION": str(attempt), "ORCH_HEARTBEAT_FILE": beats[s.rank]}
-                for s, e in zip(plan.ranks, error_files)
-            ]
+            error_files = [rank_files(logs, s.rank)[0] for s in plan.ranks]
+            beats = {s.rank: rank_files(logs, s.rank)[1] for s in plan.ranks}
+            extra = [{**rank_files_env(logs, s.rank), "ORCH_INCARNATION": str(attempt)} for s in plan.ranks]
             for s, path in zip(plan.ranks, log_paths):
                 self._stream.follow(s.rank, path)
             group = self.launcher.start_attempt(plan.ranks, log_paths, extra)

@@ -82,9 +82,10 @@ def _kill_agents_left_running():
             agent.wait()
 
 
-def start_agents(tmp_path: Path, script: Path, args: list[str], *, nodes: int, env: dict[str, str] | None = None, **sections) -> tuple[Path, list[subprocess.Popen]]:
+def start_agents(tmp_path: Path, script: Path, args: list[str], *, nodes: int, env: dict[str, str] | None = None, job_python: str | None = None, **sections) -> tuple[Path, list[subprocess.Popen]]:
     """One agent per simulated node, with the environment the supervisor gives srun."""
-    cfg = load_config(str(write_config(tmp_path, script, args=args, backend="slurm", resources={"nodes": nodes, "ranks_per_node": 2, "cpus_per_rank": 1}, job={"env": env or {}}, **sections)))
+    job = {"env": env or {}, **({"python": job_python} if job_python else {})}
+    cfg = load_config(str(write_config(tmp_path, script, args=args, backend="slurm", resources={"nodes": nodes, "ranks_per_node": 2, "cpus_per_rank": 1}, job=job, **sections)))
     run = RunDir(str(tmp_path / "runs" / "agent"))
     run.create({"run_id": "agent", "base_dir": cfg.base_dir, "config": config_to_dict(cfg)})
     log_dir = run.logs_dir(0)
@@ -93,7 +94,7 @@ def start_agents(tmp_path: Path, script: Path, args: list[str], *, nodes: int, e
     for node in range(nodes):
         with open(os.path.join(log_dir, f"node-{node}.log"), "ab") as log:
             agents.append(subprocess.Popen(
-                ["/bin/bash", str(NODE_SCRIPT), sys.executable, "--", sys.executable, str(script), *args],
+                ["/bin/bash", str(NODE_SCRIPT), sys.executable, "--", job_python or sys.executable, str(script), *args],
                 env={**os.environ, **shared, "SLURM_NODEID": str(node), "PYTHONPATH": str(REPO)},
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log,
             ))
@@ -206,19 +207,11 @@ def test_agent_falls_back_to_fresh_interpreters_and_says_why(tmp_path: Path) -> 
         "names = ('RANK', 'LOCAL_RANK', 'NODE_RANK', 'WORLD_SIZE', 'SLURM_PROCID', 'SLURM_LOCALID')\n"
         "open(os.path.join(os.environ['ORCH_RUN_DIR'], 'seen-' + os.environ['RANK']), 'w').write(json.dumps([sys.executable] + [os.environ[n] for n in names]))\n"
     )
-    config = write_config(tmp_path, script, backend="slurm", job={"python": "/usr/bin/python3"}, resources={"nodes": 2, "ranks_per_node": 2, "cpus_per_rank": 1})
-    cfg = load_config(str(config))
-    run = RunDir(str(tmp_path / "runs" / "fallback"))
-    run.create({"run_id": "fallback", "base_dir": cfg.base_dir, "config": config_to_dict(cfg)})
-    log_dir = run.logs_dir(0)
-    shared = step_env(cfg, run_id="fallback", run_dir=run.url, attempt=0, master_addr="127.0.0.1", master_port=_free_port(), log_dir=log_dir)
-    proc = subprocess.run(
-        ["/bin/bash", str(NODE_SCRIPT), sys.executable, "--", "/usr/bin/python3", str(script)],
-        env={**os.environ, **shared, "SLURM_NODEID": "1", "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=120,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "starting ranks as fresh interpreters: job.python (/usr/bin/python3) is not the interpreter the fork server runs" in proc.stdout
-    assert "started ranks 2-3" in proc.stdout
+    run_dir, agents = start_agents(tmp_path, script, [], nodes=2, job_python="/usr/bin/python3")
+    assert _wait_all(agents) == [0, 0]
+    node_log = (run_dir / "logs" / "attempt-0" / "node-1.log").read_text()
+    assert "starting ranks as fresh interpreters: job.python (/usr/bin/python3) is not the interpreter the fork server runs" in node_log
+    assert "started ranks 2-3" in node_log
     for rank, local in ((2, 0), (3, 1)):
-        seen = json.loads((Path(run.local_path) / f"seen-{rank}").read_text())
+        seen = json.loads((run_dir / f"seen-{rank}").read_text())
         assert seen == ["/usr/bin/python3", str(rank), str(local), "1", "4", str(rank), str(local)]

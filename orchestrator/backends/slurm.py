@@ -21,7 +21,7 @@ from typing import Any, Mapping
 
 from ..config import ClusterConfig
 from ..errors import OrchError
-from ..plan import REDACTED, attempt_shared_env, redact
+from ..plan import REDACTED, attempt_shared_env, entrypoint_argv, redact
 
 TEMPLATES = Path(__file__).resolve().parent.parent.parent / "templates"
 TASK_SCRIPT = TEMPLATES / "slurm_task.sh"
@@ -106,9 +106,7 @@ def step_argv(config: ClusterConfig, *, log_dir: str, attempt: int, python: str)
     argv += ["--kill-on-bad-exit=1", "--open-mode=append", "--export=ALL"]
     if res.gpus_per_node:
         argv.append(f"--gres=gpu:{res.gpus_per_node}")
-    job = config.job
-    entry = ["-m", job.module] if job.module else [config.script_path or ""]
-    job_argv = [job.python or python, *entry, *job.args]
+    job_argv = entrypoint_argv(config, config.job.python or python)
     if uses_node_agent(config):
         return [*argv, "/bin/bash", str(NODE_SCRIPT), python, "--", *job_argv]
     return [*argv, "/bin/bash", str(TASK_SCRIPT), *job_argv]
