@@ -18,9 +18,9 @@ import time
 
 import yaml
 
-from orchestrator.config import parse_config
-from orchestrator.plan import build_local_plan
-from orchestrator.render import render_local
+from orchestrator.spec.config import parse_config
+from orchestrator.spec.plan import build_local_plan
+from orchestrator.spec.render import render_local
 
 
 def median_time(fn, repeats: int = 5) -> float:

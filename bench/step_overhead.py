@@ -6,7 +6,7 @@ Both sides train jobs/train_ddp.py's model (SmallConvNet) on its data (Synthetic
 samples) with its defaults: batch 32 per rank, AdamW + gradient clipping + cosine LR, and its
 loop body (random flips, the GradScaler and autocast that are off on CPU, a loss print on rank 0
 every 100 steps). 2 ranks, gloo on CPU, 1 thread each (OMP_NUM_THREADS=1, set_num_threads(1)),
-each side a pair of real processes started with the env contract (orchestrator.plan.contract_env,
+each side a pair of real processes started with the env contract (orchestrator.spec.plan.contract_env,
 a leased MASTER_PORT).
 
 - bare: torch DistributedSampler, plain DistributedDataParallel with its default arguments,
@@ -220,8 +220,8 @@ class Side:
     """One variant's pair of rank processes, driven over their stdin."""
 
     def __init__(self, variant: str, total_steps: int, base: Path) -> None:
-        from orchestrator.plan import contract_env
-        from orchestrator.ports import lease_port
+        from orchestrator.spec.plan import contract_env
+        from orchestrator.launch.ports import lease_port
 
         self.variant = variant
         self.dir = base / variant.strip("+-").replace("/", "-")

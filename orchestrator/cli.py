@@ -15,8 +15,8 @@ import sys
 import time
 from typing import Any, Sequence
 
-from . import __version__
-from .errors import OrchError
+from orchestrator import __version__
+from orchestrator.errors import OrchError
 
 DEFAULT_CONFIG = "cluster.yaml"
 
@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------------- commands
 
 def _load(args: argparse.Namespace) -> Any:
-    from .config import load_config
+    from orchestrator.spec.config import load_config
 
     return load_config(args.config, args.overrides, backend=args.backend)
 
@@ -102,7 +102,7 @@ def _load_for(args: argparse.Namespace, backend: str, wrong_backend: str) -> Any
 
 def _storage_root(config_path: str) -> str:
     """storage.root from a config file, without requiring its entrypoint to exist here."""
-    from .config import load_config
+    from orchestrator.spec.config import load_config
 
     if not os.path.exists(config_path):
         return os.path.abspath("runs")
@@ -110,14 +110,14 @@ def _storage_root(config_path: str) -> str:
 
 
 def cmd_render(args: argparse.Namespace) -> int:
-    from .plan import build_local_plan
-    from .render import render_local
-    from .rundir import join_url
+    from orchestrator.spec.plan import build_local_plan
+    from orchestrator.spec.render import render_local
+    from orchestrator.storage.rundir import join_url
 
     config = _load(args)
     run_id = args.run_id or "<run-id>"
     if config.backend == "slurm":
-        from .backends.slurm import render_slurm
+        from orchestrator.backends.slurm.scheduler import render_slurm
 
         run_dir = join_url(config.storage_root, run_id)
         sys.stdout.write(render_slurm(config, run_id=run_id, run_dir=run_dir, folder=f"{run_dir}/slurm", python=config.job.python or sys.executable))
@@ -143,9 +143,9 @@ def _parse_ranks(text: str | None, world: int) -> tuple[int, ...] | None:
 
 def _create_run(args: argparse.Namespace, config: Any) -> Any:
     """A new run directory with run.yaml frozen in it."""
-    from .config import config_to_dict
-    from .runid import is_valid_run_id, new_run_id
-    from .rundir import RunDir, join_url
+    from orchestrator.spec.config import config_to_dict
+    from orchestrator.spec.runid import is_valid_run_id, new_run_id
+    from orchestrator.storage.rundir import RunDir, join_url
 
     run_id = args.run_id or new_run_id(config.job_name)
     if not is_valid_run_id(run_id):
@@ -160,7 +160,7 @@ def _create_run(args: argparse.Namespace, config: Any) -> Any:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from .backends import slurm
+    from orchestrator.backends.slurm import scheduler as slurm
 
     config = _load_for(args, "slurm", "submit: needs the slurm backend (set `backend: slurm` or pass --backend slurm); `orch run` runs locally")
     slurm.submitit_folder(config.storage_root)  # fails before creating anything on object-store roots
@@ -176,8 +176,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    from .backends import slurm
-    from .rundir import resolve_run
+    from orchestrator.backends.slurm import scheduler as slurm
+    from orchestrator.storage.rundir import resolve_run
 
     run = resolve_run(args.run, _storage_root(args.config))
     events = run.events()
@@ -189,7 +189,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
         return 0
     starts = [e for e in events if e.get("event") == "run_started"]
     if starts and not any(e.get("event") == "run_finished" for e in events):
-        from .rundir import this_host
+        from orchestrator.storage.rundir import this_host
 
         if starts[-1].get("host") != this_host():
             raise OrchError(f"run {run.run_id} is supervised on {starts[-1].get('host')}; cancel it there")
@@ -201,8 +201,8 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .fork_launcher import ForkServerLauncher
-    from .supervisor import Supervisor
+    from orchestrator.launch.fork_launcher import ForkServerLauncher
+    from orchestrator.backends.local.supervisor import Supervisor
 
     config = _load_for(args, "local", "run: runs the local backend; for Slurm use `orch submit`, or pass --backend local")
     show = () if args.quiet else _parse_ranks(args.ranks, config.resources.world_size)
@@ -236,8 +236,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from .rundir import resolve_run
-    from .status import format_status, run_status
+    from orchestrator.storage.rundir import resolve_run
+    from orchestrator.supervision.status import format_status, run_status
 
     st = run_status(resolve_run(args.run, _storage_root(args.config)))
     print(json.dumps(st.to_json(), indent=1) if args.json else format_status(st))
@@ -245,7 +245,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
-    from .rundir import resolve_run
+    from orchestrator.storage.rundir import resolve_run
 
     run = resolve_run(args.run, _storage_root(args.config))
     if args.follow:
@@ -267,7 +267,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
 def _follow_logs(run: Any, ranks: list[int] | None) -> int:
     """Print the latest attempt's rank logs as they grow; move on to new attempts; stop when
     the run has finished."""
-    from .logstream import LogStreamer
+    from orchestrator.launch.logstream import LogStreamer
 
     if not run.is_local:
         raise OrchError("logs -f: follows run directories on a filesystem; without -f it reads any storage")
@@ -307,8 +307,8 @@ def _read_remote(path: str, run: Any) -> bytes:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    from .rundir import list_runs
-    from .status import summarize
+    from orchestrator.storage.rundir import list_runs
+    from orchestrator.supervision.status import summarize
 
     root = _storage_root(args.config)
     rows = []
@@ -330,8 +330,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_checkpoints(args: argparse.Namespace) -> int:
-    from .ckpt_store import CheckpointStore, CorruptCheckpoint
-    from .rundir import resolve_run
+    from orchestrator.storage.ckpt_store import CheckpointStore, CorruptCheckpoint
+    from orchestrator.storage.rundir import resolve_run
 
     run = resolve_run(args.run, _storage_root(args.config))
     store = CheckpointStore(run.child("ckpt"))

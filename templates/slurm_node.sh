@@ -1,6 +1,6 @@
 #!/bin/bash
 # Node step launcher: with launch.mode auto, `srun` runs this once per node. It starts the node
-# agent (orchestrator/node_agent.py), which forks the node's ranks and maps Slurm's task
+# agent (orchestrator/backends/slurm/node_agent.py), which forks the node's ranks and maps Slurm's task
 # variables onto the env contract for each of them. Nothing from cluster.yaml is substituted
 # into this file; "$1" is the supervisor's Python, the rest the job's command line.
 set -eu
@@ -14,4 +14,4 @@ held = {signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM}
 signal.pthread_sigmask(signal.SIG_BLOCK, held)
 for sig in held:
     signal.signal(sig, signal.SIG_DFL)
-os.execvp(sys.argv[1], sys.argv[1:])' "$1" -m orchestrator.node_agent "${@:2}"
+os.execvp(sys.argv[1], sys.argv[1:])' "$1" -m orchestrator.backends.slurm.node_agent "${@:2}"

@@ -1,6 +1,6 @@
 #!/bin/bash
 # Step launcher: `srun` runs this once per rank. It maps Slurm's task variables onto the env
-# contract (orchestrator/plan.py: CONTRACT_VARS), then execs the job, so Slurm's signals
+# contract (orchestrator/spec/plan.py: CONTRACT_VARS), then execs the job, so Slurm's signals
 # (--signal warnings, preemption, requeue) reach the job process itself.
 # The values shared by every rank (MASTER_ADDR, MASTER_PORT, WORLD_SIZE, NNODES,
 # LOCAL_WORLD_SIZE, TORCHELASTIC_RESTART_COUNT, ORCH_*) come from the supervisor through

@@ -16,7 +16,7 @@ import torch
 import torch.multiprocessing as mp
 
 from orchestrator import runtime
-from orchestrator.ckpt_store import CheckpointStore, make_token
+from orchestrator.storage.ckpt_store import CheckpointStore, make_token
 from orchestrator.runtime.checkpoint import CheckpointError, StaleIncarnationError
 
 from .conftest import S3_BUCKET
@@ -100,7 +100,7 @@ def test_io_errors_during_save_leave_the_previous_checkpoint(ctx, tmp_path, monk
     ckpt = runtime.Checkpointer(ctx, model=model, optimizer=opt, sampler=sampler, url=url)
     ckpt.save(10)
     monkeypatch.setenv("ORCH_FAULT", fault)
-    from orchestrator import faults
+    from orchestrator.storage import faults
 
     faults._counts.clear()
     with pytest.raises(CheckpointError) as err:
@@ -147,7 +147,7 @@ def test_stale_incarnation_cannot_commit(ctx, url):
 
 
 def test_async_save_returns_before_the_commit(ctx, url, monkeypatch):
-    from orchestrator import faults
+    from orchestrator.storage import faults
 
     model, opt, *_ = make_parts()
     ckpt = runtime.Checkpointer(ctx, model=model, optimizer=opt, url=url, async_save=True)
@@ -212,7 +212,7 @@ def _sampler_rank(rank, world, url, port, steps, out):
 
 
 def _spawn(world, url, steps, out):
-    from orchestrator.ports import lease_port
+    from orchestrator.launch.ports import lease_port
 
     with lease_port() as lease:
         mp.start_processes(_sampler_rank, args=(world, url, lease.port, steps, out), nprocs=world, start_method="spawn", join=True)
@@ -259,7 +259,7 @@ def _vote_rank(rank, world, url, port, out):
 def test_the_stop_vote_runs_every_period_and_stops_every_rank_at_the_same_step(tmp_path):
     import json
 
-    from orchestrator.ports import lease_port
+    from orchestrator.launch.ports import lease_port
 
     with lease_port() as lease:
         mp.start_processes(_vote_rank, args=(3, str(tmp_path / "ckpt"), lease.port, str(tmp_path)), nprocs=3, start_method="spawn", join=True)

@@ -13,8 +13,8 @@ import uuid
 
 import pytest
 
-from orchestrator.ckpt_store import AlreadyCommitted, CheckpointStore, CorruptCheckpoint, StaleIncarnation, make_token, newest_committed
-from orchestrator.faults import CRASH_EXIT_CODE
+from orchestrator.storage.ckpt_store import AlreadyCommitted, CheckpointStore, CorruptCheckpoint, StaleIncarnation, make_token, newest_committed
+from orchestrator.storage.faults import CRASH_EXIT_CODE
 
 from .conftest import S3_BUCKET, TEST_JOBS
 
@@ -177,7 +177,7 @@ def test_fencing_sees_a_newer_incarnation_registered_by_another_process(shared_u
     store.register_incarnation(0)
     save(store, 10, incarnation=0)
     assert store.newest_incarnation() == 0  # warms any per-process listing cache
-    code = f"from orchestrator.ckpt_store import CheckpointStore; CheckpointStore({shared_url!r}).register_incarnation(1)"
+    code = f"from orchestrator.storage.ckpt_store import CheckpointStore; CheckpointStore({shared_url!r}).register_incarnation(1)"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
     with pytest.raises(StaleIncarnation):
         save(store, 20, incarnation=0)

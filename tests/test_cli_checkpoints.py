@@ -6,7 +6,7 @@ import sys
 
 import yaml
 
-from orchestrator.ckpt_store import CheckpointStore, make_token
+from orchestrator.storage.ckpt_store import CheckpointStore, make_token
 
 
 def orch(*args):

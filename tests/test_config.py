@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from orchestrator.cli import main
-from orchestrator.config import ClusterConfig, apply_overrides, load_config, parse_config
+from orchestrator.spec.config import ClusterConfig, apply_overrides, load_config, parse_config
 from orchestrator.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]

@@ -6,13 +6,13 @@ import sys
 from pathlib import Path
 
 from orchestrator.cli import COMMANDS, build_parser
-from orchestrator.configdoc import render_config_doc
+from orchestrator.spec.configdoc import render_config_doc
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def test_config_reference_is_generated_from_the_code():
-    assert (REPO / "docs" / "config.md").read_text() == render_config_doc(), "run: python -m orchestrator.configdoc > docs/config.md"
+    assert (REPO / "docs" / "config.md").read_text() == render_config_doc(), "run: python -m orchestrator.spec.configdoc > docs/config.md"
 
 
 def test_every_command_is_documented_and_has_help():

@@ -16,8 +16,8 @@ import sys
 import time
 from pathlib import Path
 
-from orchestrator.launcher import SubprocessLauncher
-from orchestrator.plan import RankSpec
+from orchestrator.launch.processes import SubprocessLauncher
+from orchestrator.spec.plan import RankSpec
 
 from .conftest import REPO
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from orchestrator.config import parse_config
-from orchestrator.fork_launcher import ForkServer, ForkServerError, first_use_imports, fork_refusal, job_imports, preload_list
+from orchestrator.spec.config import parse_config
+from orchestrator.launch.fork_launcher import ForkServer, ForkServerError, first_use_imports, fork_refusal, job_imports, preload_list
 
 
 def test_job_imports_are_the_top_level_imports_except_local_modules(tmp_path: Path) -> None:

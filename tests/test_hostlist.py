@@ -1,6 +1,6 @@
 import pytest
 
-from orchestrator.hostlist import expand_hostlist
+from orchestrator.backends.slurm.hostlist import expand_hostlist
 
 
 @pytest.mark.parametrize(

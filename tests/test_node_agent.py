@@ -1,4 +1,4 @@
-"""The node agent (orchestrator/node_agent.py) run as srun runs it, one per simulated node, on
+"""The node agent (orchestrator/backends/slurm/node_agent.py) run as srun runs it, one per simulated node, on
 this machine without Slurm: templates/slurm_node.sh with the step's environment. The real
 cluster tests (tests/slurm) run it under srun; these check its parts fast and in detail."""
 
@@ -16,11 +16,11 @@ from types import SimpleNamespace
 
 import pytest
 
-from orchestrator.backends.slurm import NODE_SCRIPT, step_env
-from orchestrator.config import config_to_dict, load_config
-from orchestrator.exitcodes import PREEMPTED_EXIT_CODE
-from orchestrator.node_agent import FAILURE_STOP_GRACE_S, exit_status, rank_env
-from orchestrator.rundir import RunDir
+from orchestrator.backends.slurm.scheduler import NODE_SCRIPT, step_env
+from orchestrator.spec.config import config_to_dict, load_config
+from orchestrator.contract import PREEMPTED_EXIT_CODE
+from orchestrator.backends.slurm.node_agent import FAILURE_STOP_GRACE_S, exit_status, rank_env
+from orchestrator.storage.rundir import RunDir
 
 from .conftest import JOBS, REPO, TEST_JOBS, read_events, wait_for, write_config
 
@@ -188,7 +188,7 @@ def test_ranks_die_with_their_agent(tmp_path: Path) -> None:
 
 
 def test_root_cause_names_an_agent_that_failed_before_its_ranks(tmp_path: Path) -> None:
-    from orchestrator.slurm_supervisor import root_cause
+    from orchestrator.backends.slurm.supervisor import root_cause
 
     (tmp_path / "node-0.log").write_text("[orch.node 0] starting\n")
     (tmp_path / "node-1.log").write_text("Traceback (most recent call last):\n  File \"x\", line 1\nPermissionError: [Errno 13] run.yaml\n")

@@ -15,8 +15,8 @@ import pytest
 import yaml
 
 from orchestrator.cli import main
-from orchestrator.config import ClusterConfig, load_config, parse_config
-from orchestrator.plan import (
+from orchestrator.spec.config import ClusterConfig, load_config, parse_config
+from orchestrator.spec.plan import (
     CONTRACT_VARS,
     PER_RANK_VARS,
     REDACTED,
@@ -31,7 +31,7 @@ from orchestrator.plan import (
     redact,
     runtime_env,
 )
-from orchestrator.render import render_local
+from orchestrator.spec.render import render_local
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT = REPO / "cluster.yaml"

@@ -2,7 +2,7 @@ import socket
 
 import pytest
 
-from orchestrator.ports import PORT_RANGE, lease_port
+from orchestrator.launch.ports import PORT_RANGE, lease_port
 
 
 @pytest.fixture(autouse=True)

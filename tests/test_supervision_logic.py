@@ -3,9 +3,9 @@
 import json
 import signal
 
-from orchestrator.status import summarize
-from orchestrator.supervisor import RankFailure, Supervisor, backoff_delay, is_peer_loss, read_error_file
-from orchestrator.config import parse_config
+from orchestrator.supervision.status import summarize
+from orchestrator.backends.local.supervisor import RankFailure, Supervisor, backoff_delay, is_peer_loss, read_error_file
+from orchestrator.spec.config import parse_config
 
 
 def failure(rank, t, etype=None, msg="", code=1):
@@ -65,8 +65,8 @@ def test_summarize_follows_the_ledger():
 
 
 def test_scheduler_state_fills_what_events_cannot_say():
-    from orchestrator.backends.slurm import map_state
-    from orchestrator.status import merge_scheduler_state
+    from orchestrator.backends.slurm.scheduler import map_state
+    from orchestrator.supervision.status import merge_scheduler_state
 
     submitted = summarize([{"time": 0.0, "event": "submitted", "backend": "slurm", "job_id": "7"}], now=5.0)
     assert submitted["state"] == "pending" and submitted["job_id"] == "7"
@@ -84,8 +84,8 @@ def test_scheduler_state_fills_what_events_cannot_say():
 
 
 def test_watchdog_limits_by_phase_and_step_time():
-    from orchestrator.config import WatchdogSpec
-    from orchestrator.watchdog import silent_ranks
+    from orchestrator.spec.config import WatchdogSpec
+    from orchestrator.supervision.watchdog import silent_ranks
 
     auto = WatchdogSpec(min_hang_s=10, hang_factor=20, startup_timeout_s=300, save_timeout_s=100)
     beats = {
@@ -102,7 +102,7 @@ def test_watchdog_limits_by_phase_and_step_time():
 
 
 def test_failure_classes_and_hints():
-    from orchestrator.failures import classify
+    from orchestrator.supervision.failures import classify
 
     assert classify(exitcode=1, error_type="OutOfMemoryError", message="CUDA out of memory. Tried to allocate").kind == "oom"
     assert "gradient accumulation" in classify(exitcode=1, error_type="OutOfMemoryError", message="x").hint
@@ -117,7 +117,7 @@ def test_failure_classes_and_hints():
 
 
 def test_goodput_ledger_on_a_scripted_timeline():
-    from orchestrator.goodput import ledger
+    from orchestrator.supervision.goodput import ledger
 
     events = [
         {"time": 0.0, "event": "submitted"},

@@ -9,7 +9,7 @@
 
 Rank 0 writes `state.pt` (model, optimizer, scheduler, scaler, progress, user extras); every
 rank writes `rank-RRRRR.pt` (its RNG states and sampler position). Layout, atomic commit and
-fencing are in `orchestrator.ckpt_store`. All checkpoint collectives run on a process group of
+fencing are in `orchestrator.storage.ckpt_store`. All checkpoint collectives run on a process group of
 their own, so a background (async) save never interleaves with the training's collectives.
 Loading uses `torch.load(weights_only=True)`.
 """
@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..ckpt_store import AlreadyCommitted, CheckpointStore, CorruptCheckpoint, FileEntry, StaleIncarnation, make_token, step_dir_name
+from orchestrator.storage.ckpt_store import AlreadyCommitted, CheckpointStore, CorruptCheckpoint, FileEntry, StaleIncarnation, make_token, step_dir_name
 from . import heartbeat, preemption
 from .dist import DistContext
 
@@ -466,7 +466,7 @@ class Checkpointer:
         """An event in the run directory's ledger, from rank 0 (goodput, lead-time check)."""
         if not (self.ctx.is_main and self.ctx.run_dir):
             return
-        from ..rundir import RunDir
+        from orchestrator.storage.rundir import RunDir
 
         try:
             RunDir(self.ctx.run_dir).append_event(event, attempt=self.ctx.attempt, **fields)

@@ -7,7 +7,7 @@ shuts down (no limit). A change of phase is written at once; while training, at 
 record per WRITE_EVERY_S (a pwrite right after a step costs ~30-50 us on a busy CPU, ~0.4% of
 a 10 ms step when every step wrote), so a record is never older than WRITE_EVERY_S plus one
 step, far below any hang limit (>= 1 s). The supervisor's watchdog reads these files; see
-orchestrator/watchdog.py.
+orchestrator/supervision/watchdog.py.
 
 SIGUSR1 dumps every thread's Python stack into the rank's log (faulthandler works from C, so
 it also reaches a rank stuck inside a collective).
@@ -21,7 +21,7 @@ import signal
 import sys
 import time
 
-from ..watchdog import RECORD_BYTES
+from orchestrator.supervision.watchdog import RECORD_BYTES
 _fd: int | None = None
 _last_step: int | None = None
 _last_time: float | None = None

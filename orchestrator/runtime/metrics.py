@@ -42,8 +42,8 @@ class Metrics:
         self._writer.add_scalar("orch/restarts", self._ctx.attempt, step)
         if not self._ctx.run_dir:
             return
-        from ..goodput import ledger
-        from ..rundir import RunDir
+        from orchestrator.supervision.goodput import ledger
+        from orchestrator.storage.rundir import RunDir
 
         try:
             summary = ledger(RunDir(self._ctx.run_dir).events(), now=time.time())

@@ -14,7 +14,7 @@ import sys
 from typing import Any
 
 
-from ..exitcodes import PREEMPTED_EXIT_CODE, PREEMPTED_TYPE
+from orchestrator.contract import PREEMPTED_EXIT_CODE, PREEMPTED_TYPE
 from .errorfile import write_record
 STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from orchestrator.plan import CONTRACT_VARS
+from orchestrator.spec.plan import CONTRACT_VARS
 
 from ..conftest import JOBS, TEST_JOBS, orch_cmd, read_events, run_orch, wait_for, write_config
 

@@ -7,7 +7,7 @@
 import os
 import sys
 
-from orchestrator.ckpt_store import CheckpointStore, make_token
+from orchestrator.storage.ckpt_store import CheckpointStore, make_token
 
 
 def save(store: CheckpointStore, step: int, incarnation: int, size: int) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.plan import CONTRACT_VARS
+from orchestrator.spec.plan import CONTRACT_VARS
 
 from ..conftest import JOBS, TEST_JOBS, read_events, run_orch, wait_for, write_config
 from .conftest import status, submit, wait_final

@@ -11,8 +11,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from orchestrator.backends.slurm import TASK_SCRIPT, TEMPLATES, batch_script, render_slurm, step_argv
-from orchestrator.config import parse_config
+from orchestrator.backends.slurm.scheduler import TASK_SCRIPT, TEMPLATES, batch_script, render_slurm, step_argv
+from orchestrator.spec.config import parse_config
 from orchestrator.errors import ConfigError
 
 GOLDEN = Path(__file__).with_name("golden_render.txt")

@@ -1,4 +1,4 @@
-"""The fork-server launcher: ranks are forked from a pre-warmed process (orchestrator.forkserver)
+"""The fork-server launcher: ranks are forked from a pre-warmed process (orchestrator.launch.forkserver)
 that imported torch and the job's heavy imports once; restarts fork from it again.
 
 Falls back to fresh interpreters (SubprocessLauncher) whenever forking is not safe, and says
@@ -28,10 +28,10 @@ import sys
 import time
 from typing import Any, Mapping, Sequence
 
-from .config import ClusterConfig
-from .forkserver import SERVER_BLOCKED_SIGNALS  # at import: no imports after fork (import lock)
-from .launcher import AttemptGroup, RankProcess, SubprocessLauncher, _set_parent_death_signal, start_reaper
-from .plan import CONTRACT_VARS, RankSpec
+from orchestrator.spec.config import ClusterConfig
+from orchestrator.launch.forkserver import SERVER_BLOCKED_SIGNALS  # at import: no imports after fork (import lock)
+from orchestrator.launch.processes import AttemptGroup, RankProcess, SubprocessLauncher, _set_parent_death_signal, start_reaper
+from orchestrator.spec.plan import CONTRACT_VARS, RankSpec
 
 READY_TIMEOUT_S = 120.0  # importing torch on a loaded 2-core machine can take ~10 s
 MAX_PRELOAD_RETRIES = 3
@@ -138,7 +138,7 @@ class ForkServer:
         parent = os.getpid()
         with open(log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [python, "-m", "orchestrator.forkserver", str(theirs.fileno()), *modules],
+                [python, "-m", "orchestrator.launch.forkserver", str(theirs.fileno()), *modules],
                 env=dict(env),
                 pass_fds=(theirs.fileno(),),
                 stdin=subprocess.DEVNULL,

@@ -20,7 +20,7 @@ from typing import Any, Literal, Mapping
 
 import yaml
 
-from .errors import ConfigError
+from orchestrator.errors import ConfigError
 
 # C0 controls, DEL, C1 controls and the Unicode line/paragraph separators: any of them in a
 # value that reaches a shell, an #SBATCH line or a log line could start a new line or a new
@@ -496,7 +496,7 @@ def parse_config(data: Any, *, source: str = "cluster.yaml", base_dir: str = "."
     for name in job.pass_env:
         if name in job.env:
             raise _error(source, "job.pass_env", f"{name} is also set in job.env; set it in one place")
-    from .plan import CONTRACT_VARS, RUNTIME_VARS  # the env contract is defined once, in plan.py
+    from orchestrator.spec.plan import CONTRACT_VARS, RUNTIME_VARS  # the env contract is defined once, in plan.py
 
     # The orchestrator sets these for every rank and would silently override the user's value.
     for name in job.env:

@@ -2,7 +2,7 @@
 
 submitit calls `supervise(run_url)` in the batch step; a requeued job calls it again. Each
 attempt is one `srun` step: one node agent per node, which forks that node's ranks
-(orchestrator/node_agent.py), or with `launch.mode: subprocess` one task per rank. Outcomes:
+(orchestrator/backends/slurm/node_agent.py), or with `launch.mode: subprocess` one task per rank. Outcomes:
 
 - every rank exits 0                 -> succeeded
 - the step exits 75 (preempted)      -> ranks checkpointed on a signal: `scontrol requeue`
@@ -26,17 +26,17 @@ import threading
 import time
 from typing import Any
 
-from .backends.slurm import step_argv, step_env, uses_node_agent
-from .ckpt_store import newest_committed
-from .config import ClusterConfig, parse_config
-from .exitcodes import PREEMPTED_EXIT_CODE, PREEMPTED_TYPE
-from .hostlist import expand_hostlist
-from .plan import rank_files
-from .ports import lease_port
-from .rundir import RunDir
-from .failures import classify, is_peer_loss
-from .supervisor import STACK_DUMP_WAIT_S, WATCHDOG_PERIOD_S, read_error_file
-from .watchdog import read_heartbeat, silent_ranks
+from orchestrator.backends.slurm.scheduler import step_argv, step_env, uses_node_agent
+from orchestrator.storage.ckpt_store import newest_committed
+from orchestrator.spec.config import ClusterConfig, parse_config
+from orchestrator.contract import PREEMPTED_EXIT_CODE, PREEMPTED_TYPE
+from orchestrator.backends.slurm.hostlist import expand_hostlist
+from orchestrator.spec.plan import rank_files
+from orchestrator.launch.ports import lease_port
+from orchestrator.storage.rundir import RunDir
+from orchestrator.supervision.failures import classify, is_peer_loss
+from orchestrator.backends.local.supervisor import STACK_DUMP_WAIT_S, WATCHDOG_PERIOD_S, read_error_file
+from orchestrator.supervision.watchdog import read_heartbeat, silent_ranks
 
 
 

@@ -20,8 +20,8 @@ from typing import Any, Iterator
 
 import yaml
 
-from .errors import RunNotFound
-from .runid import is_valid_run_id
+from orchestrator.errors import RunNotFound
+from orchestrator.spec.runid import is_valid_run_id
 
 
 def _url_to_fs(url: str) -> tuple[Any, str]:

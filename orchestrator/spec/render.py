@@ -7,7 +7,7 @@ from collections.abc import Mapping
 
 import yaml
 
-from .plan import REDACTED, LaunchPlan, RankEnv, RankSpec, is_redacted, redact
+from orchestrator.spec.plan import REDACTED, LaunchPlan, RankEnv, RankSpec, is_redacted, redact
 
 # libyaml's emitter when PyYAML has it: ~10x faster than the pure-Python one.
 _DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)

@@ -1,6 +1,6 @@
 """The node agent: under Slurm, `srun` starts one agent per node, and the agent starts that
 node's ranks, forked from a fork server that imported torch and the job's imports once
-(orchestrator.fork_launcher), so a node with 8 ranks pays one `import torch`, not 8.
+(orchestrator.launch.fork_launcher), so a node with 8 ranks pays one `import torch`, not 8.
 
     srun --ntasks-per-node=1 ... templates/slurm_node.sh PYTHON -- JOB_PYTHON ENTRY ARGS...
 
@@ -31,13 +31,13 @@ import sys
 import time
 from typing import Mapping, Sequence
 
-from .config import ClusterConfig
-from .exitcodes import PREEMPTED_EXIT_CODE
-from .fork_launcher import ForkServerLauncher
-from .launcher import AttemptGroup, RankProcess
-from .plan import RankSpec, own_contract_env, rank_files_env
-from .rundir import RunDir
-from .slurm_supervisor import load_run_config
+from orchestrator.spec.config import ClusterConfig
+from orchestrator.contract import PREEMPTED_EXIT_CODE
+from orchestrator.launch.fork_launcher import ForkServerLauncher
+from orchestrator.launch.processes import AttemptGroup, RankProcess
+from orchestrator.spec.plan import RankSpec, own_contract_env, rank_files_env
+from orchestrator.storage.rundir import RunDir
+from orchestrator.backends.slurm.supervisor import load_run_config
 
 # Slurm's signals that the ranks act on: stop (USR2, TERM, INT), stack dumps (USR1), wake-up.
 FORWARDED_SIGNALS = (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGCONT)
@@ -162,7 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args[:1] == ["--"]:
         args = args[1:]
     if len(args) < 2:
-        print("usage: python -m orchestrator.node_agent -- PYTHON ENTRY [ARGS...]", file=sys.stderr)
+        print("usage: python -m orchestrator.backends.slurm.node_agent -- PYTHON ENTRY [ARGS...]", file=sys.stderr)
         return 2
     config = load_run_config(RunDir(os.environ["ORCH_RUN_DIR"]))
     return NodeAgent(config, args, os.environ).run()

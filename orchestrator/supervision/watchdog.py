@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping
 
-from .config import WatchdogSpec
+from orchestrator.spec.config import WatchdogSpec
 
 WARMUP_STEPS = 5
 RECORD_BYTES = 96  # one heartbeat record: "step wall_time phase step_time_ema", space padded

@@ -1,20 +1,20 @@
 """docs/config.md, generated from the dataclass field docs (a test keeps the file in sync):
 
-    python -m orchestrator.configdoc > docs/config.md
+    python -m orchestrator.spec.configdoc > docs/config.md
 """
 
 from __future__ import annotations
 
 import json
 
-from .config import field_docs
+from orchestrator.spec.config import field_docs
 
 
 def render_config_doc() -> str:
     lines = [
         "# cluster.yaml reference",
         "",
-        "Generated from `orchestrator/config.py` by `python -m orchestrator.configdoc`; do not edit by hand.",
+        "Generated from `orchestrator/spec/config.py` by `python -m orchestrator.spec.configdoc`; do not edit by hand.",
         "",
         "Every bad value stops `orch` with exit status 2 and one line `cluster.yaml: <dotted.path>: <what is wrong>`.",
         "Any field can be overridden on the command line: `--set resources.nodes=2` (the value is read as YAML).",

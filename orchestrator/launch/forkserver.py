@@ -1,8 +1,8 @@
 """The pre-warmed fork server ("zygote"): imports torch (and the job's heavy imports) once, then
-forks ranks on request. Started by `orchestrator.fork_launcher`; one per `orch run`, alive for
+forks ranks on request. Started by `orchestrator.launch.fork_launcher`; one per `orch run`, alive for
 every attempt, so restarts fork from it again.
 
-    python -m orchestrator.forkserver FD        (FD: the control socket, inherited)
+    python -m orchestrator.launch.forkserver FD        (FD: the control socket, inherited)
 
 Why: `import torch` costs ~1.5 s of CPU per process on these machines; fresh interpreters for
 8 ranks on 2 cores take ~8 s just to import. A fork shares the imported pages copy-on-write and

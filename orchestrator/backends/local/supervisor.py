@@ -22,16 +22,16 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from .config import ClusterConfig
-from .exitcodes import PREEMPTED_EXIT_CODE, PREEMPTED_TYPE
-from .failures import classify, is_peer_loss
-from .watchdog import read_heartbeat as heartbeat_record
-from .watchdog import silent_ranks
-from .launcher import AttemptGroup, Launcher, RankProcess, SubprocessLauncher
-from .logstream import LogStreamer, tail_lines
-from .plan import build_local_plan, rank_files, rank_files_env
-from .ports import lease_port
-from .rundir import RunDir, join_url, this_host
+from orchestrator.spec.config import ClusterConfig
+from orchestrator.contract import PREEMPTED_EXIT_CODE, PREEMPTED_TYPE
+from orchestrator.supervision.failures import classify, is_peer_loss
+from orchestrator.supervision.watchdog import read_heartbeat as heartbeat_record
+from orchestrator.supervision.watchdog import silent_ranks
+from orchestrator.launch.processes import AttemptGroup, Launcher, RankProcess, SubprocessLauncher
+from orchestrator.launch.logstream import LogStreamer, tail_lines
+from orchestrator.spec.plan import build_local_plan, rank_files, rank_files_env
+from orchestrator.launch.ports import lease_port
+from orchestrator.storage.rundir import RunDir, join_url, this_host
 
 
 @dataclass(frozen=True)
@@ -289,7 +289,7 @@ class Supervisor:
         return None
 
     def _newest_checkpoint(self) -> int | None:
-        from .ckpt_store import CheckpointStore
+        from orchestrator.storage.ckpt_store import CheckpointStore
 
         try:
             steps = CheckpointStore(join_url(self.run.url, "ckpt")).committed_steps()

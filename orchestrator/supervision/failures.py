@@ -10,7 +10,7 @@ import re
 import signal
 from dataclasses import dataclass
 
-from .exitcodes import PREEMPTED_EXIT_CODE, PREEMPTED_TYPE
+from orchestrator.contract import PREEMPTED_EXIT_CODE, PREEMPTED_TYPE
 
 # Errors that fail the same way every time: restarting cannot help.
 NON_RETRYABLE_TYPES = frozenset({

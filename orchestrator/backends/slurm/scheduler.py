@@ -4,7 +4,7 @@ cancel).
 submitit is the Slurm client: it writes the batch script, submits it, and carries the
 supervisor function to the allocation. With `use_srun=False` the batch step runs one
 supervisor process on the first node; the supervisor runs each attempt as one `srun` step: one
-node agent per node (`templates/slurm_node.sh` starts orchestrator/node_agent.py, which forks
+node agent per node (`templates/slurm_node.sh` starts orchestrator/backends/slurm/node_agent.py, which forks
 the node's ranks), or with `launch.mode: subprocess` one task per rank
 (`templates/slurm_task.sh` maps SLURM_* onto the env contract). Every value
 from cluster.yaml was validated by config.py (no control characters; names and flags match
@@ -19,11 +19,11 @@ import subprocess
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..config import ClusterConfig
-from ..errors import OrchError
-from ..plan import REDACTED, attempt_shared_env, entrypoint_argv, redact
+from orchestrator.spec.config import ClusterConfig
+from orchestrator.errors import OrchError
+from orchestrator.spec.plan import REDACTED, attempt_shared_env, entrypoint_argv, redact
 
-TEMPLATES = Path(__file__).resolve().parent.parent.parent / "templates"
+TEMPLATES = Path(__file__).resolve().parents[3] / "templates"
 TASK_SCRIPT = TEMPLATES / "slurm_task.sh"
 NODE_SCRIPT = TEMPLATES / "slurm_node.sh"
 
@@ -82,7 +82,7 @@ def uses_node_agent(config: ClusterConfig) -> bool:
 
 def step_argv(config: ClusterConfig, *, log_dir: str, attempt: int, python: str) -> list[str]:
     """The srun command of one attempt. With the node agent: one task per node, which starts
-    the node's ranks (orchestrator/node_agent.py); else one task per rank. Either way every
+    the node's ranks (orchestrator/backends/slurm/node_agent.py); else one task per rank. Either way every
     rank's output goes to its own file, rank-R.log."""
     res = config.resources
     argv = ["srun", f"--job-name={config.job_name}-attempt{attempt}", f"--nodes={res.nodes}"]
@@ -149,7 +149,7 @@ def render_slurm(config: ClusterConfig, *, run_id: str, run_dir: str, folder: st
     lines.append(shlex.join(step_argv(config, log_dir=log_dir, attempt=0, python=python)).replace("attempt0", "attempt<N>"))
     lines.append("")
     if uses_node_agent(config):
-        lines.append("# ---- per node, the agent (orchestrator/node_agent.py) forks its ranks from one fork server:")
+        lines.append("# ---- per node, the agent (orchestrator/backends/slurm/node_agent.py) forks its ranks from one fork server:")
         lines.append("#      RANK=SLURM_NODEID*LOCAL_WORLD_SIZE+LOCAL_RANK NODE_RANK=GROUP_RANK=SLURM_NODEID, SLURM_PROCID=RANK, SLURM_LOCALID=LOCAL_RANK")
     else:
         lines.append("# ---- per rank (templates/slurm_task.sh): RANK=SLURM_PROCID LOCAL_RANK=SLURM_LOCALID NODE_RANK=GROUP_RANK=SLURM_NODEID")
@@ -173,7 +173,7 @@ def submit(config: ClusterConfig, *, run_url: str, folder: str, python: str, env
     """Submit the supervisor of `run_url` with submitit; returns the Slurm job id."""
     import submitit
 
-    from ..slurm_supervisor import supervise
+    from orchestrator.backends.slurm.supervisor import supervise
 
     executor = submitit.SlurmExecutor(folder=folder, python=python, max_num_timeout=config.slurm.max_requeues)
     executor.update_parameters(**submitit_parameters(config))

@@ -31,7 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from .faults import fault_point
+from orchestrator.storage.faults import fault_point
 
 MANIFEST = "manifest.json"
 COMMITTED = "COMMITTED"

@@ -13,7 +13,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
-from .config import ClusterConfig
+from orchestrator.spec.config import ClusterConfig
 
 # The torchrun contract plus the orchestrator's own three. A script written for torchrun runs
 # unchanged: it reads these and calls init_process_group with init_method="env://".

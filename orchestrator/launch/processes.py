@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Mapping, Protocol, Sequence
 
-from .plan import RankSpec
+from orchestrator.spec.plan import RankSpec
 
 _PR_SET_PDEATHSIG = 1
 try:

@@ -7,8 +7,8 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .ckpt_store import newest_committed
-from .rundir import RunDir, this_host
+from orchestrator.storage.ckpt_store import newest_committed
+from orchestrator.storage.rundir import RunDir, this_host
 
 
 @dataclass(frozen=True)
@@ -124,12 +124,12 @@ def run_status(run: RunDir) -> RunStatus:
     fields = summarize(events, supervisor_alive=alive)
     raw = None
     if fields.get("job_id"):
-        from .backends.slurm import map_state, scheduler_state
+        from orchestrator.backends.slurm.scheduler import map_state, scheduler_state
 
         raw = scheduler_state(str(fields["job_id"]))
         fields = merge_scheduler_state(fields, map_state(raw), raw)
     newest = newest_committed(run.child("ckpt"))
-    from .goodput import ledger
+    from orchestrator.supervision.goodput import ledger
 
     return RunStatus(
         goodput=ledger(events, now=None if fields["state"] in ("succeeded", "failed", "stopped", "cancelled") else time.time()),
@@ -161,7 +161,7 @@ def format_status(st: RunStatus) -> str:
         rc = st.root_cause
         lines.append(f"root cause rank {rc.get('rank')} (node {rc.get('node_rank')}): exit {rc.get('exitcode')} {rc.get('message') or ''}".rstrip())
     if st.goodput is not None:
-        from .goodput import format_goodput
+        from orchestrator.supervision.goodput import format_goodput
 
         lines.append(format_goodput(st.goodput))
     for warning in st.warnings:
