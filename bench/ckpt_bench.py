@@ -64,18 +64,29 @@ def fsync_path(path: str) -> None:
 def bench_size(ctx: runtime.DistContext, mib: int, repeats: int, base: str) -> dict[str, float]:
     model = Blob(mib)
     state = {"model": model.state_dict()}
-    out: dict[str, list[float]] = {k: [] for k in ("torch_save", "torch_save_fsync", "orch_save", "torch_load", "orch_load", "sync_block", "async_block")}
+    out: dict[str, list[float]] = {
+        k: []
+        for k in (
+            "torch_save",
+            "torch_save_fsync",
+            "orch_save",
+            "torch_load",
+            "orch_load",
+            "sync_block",
+            "async_block",
+        )
+    }
     for i in range(repeats):
         path = os.path.join(base, f"baseline-{mib}-{i}.pt")
-        out["torch_save"].append(timed(lambda: torch.save(state, path)))
+        out["torch_save"].append(timed(lambda path=path: torch.save(state, path)))
         os.unlink(path)
-        out["torch_save_fsync"].append(timed(lambda: (torch.save(state, path), fsync_path(path))))
+        out["torch_save_fsync"].append(timed(lambda path=path: (torch.save(state, path), fsync_path(path))))
         url = os.path.join(base, f"orch-{mib}-{i}")
         ckpt = runtime.Checkpointer(ctx, model=model, url=url, keep=2)
-        out["orch_save"].append(timed(lambda: ckpt.save(1)))
+        out["orch_save"].append(timed(lambda ckpt=ckpt: ckpt.save(1)))
         out["sync_block"].append(ckpt.last_block_s or 0.0)
         drop_caches()
-        out["torch_load"].append(timed(lambda: torch.load(path, weights_only=True)))
+        out["torch_load"].append(timed(lambda path=path: torch.load(path, weights_only=True)))
         drop_caches()
         reader = runtime.Checkpointer(ctx, model=Blob(1), url=url)
         reader.model = model  # same shapes: load into the real one
@@ -95,22 +106,41 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes-mib", default="100,1024")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--dir", default=None, help="where to write (default: a temp dir on the disk of this checkout)")
+    parser.add_argument(
+        "--dir", default=None, help="where to write (default: a temp dir on the disk of this checkout)"
+    )
     args = parser.parse_args()
     ctx = runtime.init(backend="gloo")
-    base = tempfile.mkdtemp(prefix="ckpt-bench-", dir=args.dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
-    cache_note = "page cache dropped before loads" if drop_caches() else "page cache NOT dropped (not root): loads may read from memory"
-    print(f"checkpoint benchmark: torch {torch.__version__}, {os.cpu_count()} cpus, dir {base}; {cache_note}; median of {args.repeats}")
-    print(f"{'state':>8} | {'torch.save':>10} {'+fsync':>8} {'orch save':>10} {'ratio':>6} {'vs+fsync':>8} | {'torch.load':>10} {'orch load':>10} {'ratio':>6} | {'sync stall':>10} {'async stall':>11} {'ratio':>6}")
+    base = tempfile.mkdtemp(
+        prefix="ckpt-bench-",
+        dir=args.dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir),
+    )
+    cache_note = (
+        "page cache dropped before loads"
+        if drop_caches()
+        else "page cache NOT dropped (not root): loads may read from memory"
+    )
+    print(
+        f"checkpoint benchmark: torch {torch.__version__}, {os.cpu_count()} cpus, dir {base};"
+        f" {cache_note}; median of {args.repeats}"
+    )
+    print(
+        f"{'state':>8} | {'torch.save':>10} {'+fsync':>8} {'orch save':>10} {'ratio':>6} {'vs+fsync':>8}"
+        f" | {'torch.load':>10} {'orch load':>10} {'ratio':>6}"
+        f" | {'sync stall':>10} {'async stall':>11} {'ratio':>6}"
+    )
     try:
         for mib in (int(x) for x in args.sizes_mib.split(",")):
             r = bench_size(ctx, mib, args.repeats, base)
             gib = mib / 1024
             print(
-                f"{mib:>5} MiB | {gib / r['torch_save']:>6.2f}GB/s {gib / r['torch_save_fsync']:>6.2f}GB/s {gib / r['orch_save']:>6.2f}GB/s"
+                f"{mib:>5} MiB | {gib / r['torch_save']:>6.2f}GB/s"
+                f" {gib / r['torch_save_fsync']:>6.2f}GB/s {gib / r['orch_save']:>6.2f}GB/s"
                 f" {r['orch_save'] / r['torch_save']:>6.2f} {r['orch_save'] / r['torch_save_fsync']:>8.2f} |"
-                f" {gib / r['torch_load']:>6.2f}GB/s {gib / r['orch_load']:>6.2f}GB/s {r['orch_load'] / r['torch_load']:>6.2f} |"
-                f" {r['sync_block']:>9.3f}s {r['async_block']:>10.3f}s {r['async_block'] / r['sync_block']:>6.2f}",
+                f" {gib / r['torch_load']:>6.2f}GB/s {gib / r['orch_load']:>6.2f}GB/s"
+                f" {r['orch_load'] / r['torch_load']:>6.2f} |"
+                f" {r['sync_block']:>9.3f}s {r['async_block']:>10.3f}s"
+                f" {r['async_block'] / r['sync_block']:>6.2f}",
                 flush=True,
             )
         print("ratios are orchestrator time / baseline time (GiB/s shown as GB/s columns: GiB per second)")

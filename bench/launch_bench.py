@@ -65,7 +65,10 @@ def _timed(argv: list[str], env: dict[str, str], out: Path, marker: str) -> tupl
         return None, "hung"
     path = out / marker
     if proc.returncode != 0 or not path.exists():
-        return None, f"exit {proc.returncode}: {proc.stderr.strip().splitlines()[-1:] if proc.stderr.strip() else ''}"
+        return (
+            None,
+            f"exit {proc.returncode}: {proc.stderr.strip().splitlines()[-1:] if proc.stderr.strip() else ''}",
+        )
     return float(path.read_text()) - t0, "ok"
 
 
@@ -82,7 +85,12 @@ def launch_once(root: Path, who: str, nranks: int) -> float | None:
     if who == "torchrun":
         argv = [*TORCHRUN, "--standalone", f"--nproc-per-node={nranks}", str(JOB)]
     else:
-        argv = [*ORCH, "run", str(_orch_config(work, nranks, "auto" if who == "orch" else "subprocess")), "--quiet"]
+        argv = [
+            *ORCH,
+            "run",
+            str(_orch_config(work, nranks, "auto" if who == "orch" else "subprocess")),
+            "--quiet",
+        ]
     seconds, why = _timed(argv, _env(out), out, "allreduced-0")
     if seconds is None:
         print(f"  {who} N={nranks}: {why}", file=sys.stderr)
@@ -125,7 +133,11 @@ def bench_launch(root: Path, repeats: int, sizes: list[int]) -> list[dict]:
         row = {"n": n, **{who: median(v) for who, v in times.items()}}
         row["ratio"] = row["orch"] / row["torchrun"] if row["orch"] and row["torchrun"] else None
         rows.append(row)
-        print(f"launch N={n:>2}: orch {fmt(row['orch'])}  orch-subprocess {fmt(row['orch-subprocess'])}  torchrun {fmt(row['torchrun'])}  ratio {fmt(row['ratio'], 'x')}", file=sys.stderr)
+        print(
+            f"launch N={n:>2}: orch {fmt(row['orch'])}  orch-subprocess {fmt(row['orch-subprocess'])}"
+            f"  torchrun {fmt(row['torchrun'])}  ratio {fmt(row['ratio'], 'x')}",
+            file=sys.stderr,
+        )
     return rows
 
 
@@ -137,13 +149,23 @@ def bench_restart(root: Path, tries: int, baseline_tries: int) -> dict:
             (orch if seconds is not None else failures).append(seconds if seconds is not None else why)
         if i < baseline_tries:
             seconds, why = restart_once(root, "torchrun")
-            (baseline if seconds is not None else baseline_failures).append(seconds if seconds is not None else why)
+            (baseline if seconds is not None else baseline_failures).append(
+                seconds if seconds is not None else why
+            )
     result = {
-        "orch": median(orch), "orch_tries": tries, "orch_failed": failures,
-        "torchrun": median(baseline), "torchrun_tries": baseline_tries, "torchrun_failed": baseline_failures,
+        "orch": median(orch),
+        "orch_tries": tries,
+        "orch_failed": failures,
+        "torchrun": median(baseline),
+        "torchrun_tries": baseline_tries,
+        "torchrun_failed": baseline_failures,
     }
     result["ratio"] = result["orch"] / result["torchrun"] if result["orch"] and result["torchrun"] else None
-    print(f"restart: orch {fmt(result['orch'])} ({len(failures)} failed/hung of {tries})  torchrun {fmt(result['torchrun'])} ({len(baseline_failures)} failed/hung of {baseline_tries})", file=sys.stderr)
+    print(
+        f"restart: orch {fmt(result['orch'])} ({len(failures)} failed/hung of {tries})"
+        f"  torchrun {fmt(result['torchrun'])} ({len(baseline_failures)} failed/hung of {baseline_tries})",
+        file=sys.stderr,
+    )
     return result
 
 
@@ -172,7 +194,12 @@ def bench_scale(root: Path, sizes: list[int], baseline: int) -> list[dict]:
             continue  # past the most this machine does in 60 s
         row = scale_once(root, n, who)
         rows.append(row)
-        print(f"scale {who} N={n}: {fmt(row['seconds'])} ({row['status']}), per rank RSS {row.get('rss_mib', 0):.0f} MiB PSS {row.get('pss_mib', 0):.0f} MiB USS {row.get('uss_mib', 0):.0f} MiB", file=sys.stderr)
+        print(
+            f"scale {who} N={n}: {fmt(row['seconds'])} ({row['status']}),"
+            f" per rank RSS {row.get('rss_mib', 0):.0f} MiB PSS {row.get('pss_mib', 0):.0f} MiB"
+            f" USS {row.get('uss_mib', 0):.0f} MiB",
+            file=sys.stderr,
+        )
     return rows
 
 
@@ -181,36 +208,68 @@ def print_tables(results: dict) -> None:
         print("\nlaunch: command start -> all ranks past init_process_group + one all_reduce (median)")
         print(f"{'ranks':>5} {'orch (fork)':>12} {'orch (fresh)':>13} {'torchrun':>9} {'orch/torchrun':>14}")
         for r in results["launch"]:
-            print(f"{r['n']:>5} {fmt(r['orch']):>12} {fmt(r['orch-subprocess']):>13} {fmt(r['torchrun']):>9} {fmt(r['ratio'], 'x'):>14}")
+            print(
+                f"{r['n']:>5} {fmt(r['orch']):>12} {fmt(r['orch-subprocess']):>13} {fmt(r['torchrun']):>9}"
+                f" {fmt(r['ratio'], 'x'):>14}"
+            )
         at8 = next((r for r in results["launch"] if r["n"] == 8), None)
         if at8 and at8["ratio"]:
-            print(f"goal at N=8: <= 0.30x -> {at8['ratio']:.2f}x {'MET' if at8['ratio'] <= 0.3 else 'MISSED'}")
+            print(
+                f"goal at N=8: <= 0.30x -> {at8['ratio']:.2f}x {'MET' if at8['ratio'] <= 0.3 else 'MISSED'}"
+            )
     if "restart" in results:
         r = results["restart"]
         print("\nrestart: rank crash -> new ranks past init + one all_reduce (2 ranks, median)")
-        print(f"{'orch':>8} {'torchrun':>9} {'ratio':>6} {'orch failed/hung':>17} {'torchrun failed/hung':>21}")
-        print(f"{fmt(r['orch']):>8} {fmt(r['torchrun']):>9} {fmt(r['ratio'], 'x'):>6} {len(r['orch_failed']):>11} of {r['orch_tries']:<3} {len(r['torchrun_failed']):>15} of {r['torchrun_tries']:<3}")
+        print(
+            f"{'orch':>8} {'torchrun':>9} {'ratio':>6} {'orch failed/hung':>17} {'torchrun failed/hung':>21}"
+        )
+        print(
+            f"{fmt(r['orch']):>8} {fmt(r['torchrun']):>9} {fmt(r['ratio'], 'x'):>6}"
+            f" {len(r['orch_failed']):>11} of {r['orch_tries']:<3}"
+            f" {len(r['torchrun_failed']):>15} of {r['torchrun_tries']:<3}"
+        )
         if r["ratio"]:
-            print(f"goal: <= 0.50x and 0 failed -> {r['ratio']:.2f}x, {len(r['orch_failed'])} failed {'MET' if r['ratio'] <= 0.5 and not r['orch_failed'] else 'MISSED'}")
+            print(
+                f"goal: <= 0.50x and 0 failed -> {r['ratio']:.2f}x, {len(r['orch_failed'])} failed"
+                f" {'MET' if r['ratio'] <= 0.5 and not r['orch_failed'] else 'MISSED'}"
+            )
     if "scale" in results:
         print("\nscale: ranks started + one all_reduce (goal: 64 within 60 s); memory per rank after it")
         print(f"{'who':>8} {'ranks':>5} {'time':>8} {'RSS/rank':>9} {'PSS/rank':>9} {'USS/rank':>9}")
         for r in results["scale"]:
-            print(f"{r['who']:>8} {r['n']:>5} {fmt(r['seconds']):>8} {r.get('rss_mib', 0):>7.0f}Mi {r.get('pss_mib', 0):>7.0f}Mi {r.get('uss_mib', 0):>7.0f}Mi")
-        ok = [r["n"] for r in results["scale"] if r["who"] == "orch" and r["seconds"] is not None and r["seconds"] <= 60]
-        print(f"most ranks within 60 s: {max(ok) if ok else 0} (goal 64) {'MET' if ok and max(ok) >= 64 else 'MISSED'}")
+            print(
+                f"{r['who']:>8} {r['n']:>5} {fmt(r['seconds']):>8} {r.get('rss_mib', 0):>7.0f}Mi"
+                f" {r.get('pss_mib', 0):>7.0f}Mi {r.get('uss_mib', 0):>7.0f}Mi"
+            )
+        ok = [
+            r["n"]
+            for r in results["scale"]
+            if r["who"] == "orch" and r["seconds"] is not None and r["seconds"] <= 60
+        ]
+        print(
+            f"most ranks within 60 s: {max(ok) if ok else 0} (goal 64)"
+            f" {'MET' if ok and max(ok) >= 64 else 'MISSED'}"
+        )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     # No `choices=`: argparse 3.11 checks an empty list against them and refuses it.
-    parser.add_argument("parts", nargs="*", metavar="{launch,restart,scale}", help="which parts (default: all)")
+    parser.add_argument(
+        "parts", nargs="*", metavar="{launch,restart,scale}", help="which parts (default: all)"
+    )
     parser.add_argument("--repeats", type=int, default=3, help="launch: runs per side and size (median)")
     parser.add_argument("--sizes", default="1,2,4,8,16", help="launch: rank counts")
     parser.add_argument("--tries", type=int, default=20, help="restart: tries of the orchestrator")
     parser.add_argument("--baseline-tries", type=int, default=5, help="restart: tries of torchrun")
-    parser.add_argument("--scale-sizes", default="16,64,128,256,384", help="scale: rank counts, stopping at the first over 60 s")
-    parser.add_argument("--scale-baseline", type=int, default=64, help="scale: torchrun at this many ranks (0: skip)")
+    parser.add_argument(
+        "--scale-sizes",
+        default="16,64,128,256,384",
+        help="scale: rank counts, stopping at the first over 60 s",
+    )
+    parser.add_argument(
+        "--scale-baseline", type=int, default=64, help="scale: torchrun at this many ranks (0: skip)"
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     args.parts = args.parts or ["launch", "restart", "scale"]
@@ -225,7 +284,9 @@ def main() -> None:
         if "restart" in args.parts:
             results["restart"] = bench_restart(root, args.tries, args.baseline_tries)
         if "scale" in args.parts:
-            results["scale"] = bench_scale(root, [int(n) for n in args.scale_sizes.split(",")], args.scale_baseline)
+            results["scale"] = bench_scale(
+                root, [int(n) for n in args.scale_sizes.split(",")], args.scale_baseline
+            )
     print_tables(results)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))

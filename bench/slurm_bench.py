@@ -42,7 +42,13 @@ def cluster_up() -> bool:
 
 def start_cluster(state: Path, nodes: int) -> None:
     env = {**os.environ, "SLURMLAB_NODES": str(nodes), "SLURMLAB_CTLD_PORT": "19817", "SLURMLAB_CPUS": "16"}
-    proc = subprocess.run(["bash", str(REPO / "scripts" / "slurm" / "start.sh"), str(state)], env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        ["bash", str(REPO / "scripts" / "slurm" / "start.sh"), str(state)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     if proc.returncode != 0:
         sys.exit(f"scripts/slurm/start.sh failed: {proc.stderr[-2000:]}")
     os.environ["SLURM_CONF"] = str(state / "etc" / "slurm.conf")
@@ -50,17 +56,26 @@ def start_cluster(state: Path, nodes: int) -> None:
 
 def events(run_dir: Path) -> list[dict]:
     path = run_dir / "events.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    return (
+        [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    )
 
 
-def one_run(work: Path, mode: str, nodes: int, ranks_per_node: int, index: int, timeout: float) -> dict[str, float] | None:
+def one_run(
+    work: Path, mode: str, nodes: int, ranks_per_node: int, index: int, timeout: float
+) -> dict[str, float] | None:
     run_id = f"{mode}-{ranks_per_node}-{index}"
     out = work / "out" / run_id
     out.mkdir(parents=True)
     config = {
         "backend": "slurm",
         "job": {"script": str(JOB), "env": {"BENCH_OUT": str(out), "BENCH_CRASH": "1"}},
-        "resources": {"nodes": nodes, "ranks_per_node": ranks_per_node, "cpus_per_rank": 1, "time_limit": "10"},
+        "resources": {
+            "nodes": nodes,
+            "ranks_per_node": ranks_per_node,
+            "cpus_per_rank": 1,
+            "time_limit": "10",
+        },
         "storage": {"root": str(work / "runs")},
         "restart": {"max_restarts": 1, "backoff_s": 0, "crash_loop_attempts": 0},
         "launch": {"mode": mode},
@@ -68,7 +83,12 @@ def one_run(work: Path, mode: str, nodes: int, ranks_per_node: int, index: int, 
     }
     path = work / f"{run_id}.yaml"
     path.write_text(yaml.safe_dump(config))
-    proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "submit", str(path), "--run-id", run_id, "--json"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", "submit", str(path), "--run-id", run_id, "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     if proc.returncode != 0:
         sys.exit(f"orch submit failed: {proc.stderr.strip()}")
     run_dir = work / "runs" / run_id
@@ -88,7 +108,9 @@ def one_run(work: Path, mode: str, nodes: int, ranks_per_node: int, index: int, 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--nodes", type=int, default=3)
     parser.add_argument("--ranks-per-node", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--repeats", type=int, default=3)
@@ -107,12 +129,22 @@ def main() -> None:
                 for mode in MODES:
                     result = one_run(work, mode, args.nodes, rpn, index, args.timeout)
                     results.setdefault((mode, rpn), []).append(result)
-                    shown = "failed or timed out" if result is None else f"launch {result['launch']:.2f} s, restart {result['restart']:.2f} s"
+                    shown = (
+                        "failed or timed out"
+                        if result is None
+                        else f"launch {result['launch']:.2f} s, restart {result['restart']:.2f} s"
+                    )
                     print(f"  {args.nodes} nodes x {rpn} ranks, {mode:10s} run {index}: {shown}", flush=True)
         print()
-        print(f"Slurm, {args.nodes} nodes (slurmd on this machine), median of {args.repeats}; node agent = launch.mode auto, task per rank = subprocess")
+        print(
+            f"Slurm, {args.nodes} nodes (slurmd on this machine), median of {args.repeats};"
+            " node agent = launch.mode auto, task per rank = subprocess"
+        )
         print()
-        print("| ranks | what | node agent (fork) | task per rank (fresh) | agent / task | failed (agent, task) |")
+        print(
+            "| ranks | what | node agent (fork) | task per rank (fresh) | agent / task"
+            " | failed (agent, task) |"
+        )
         print("| --- | --- | --- | --- | --- | --- |")
         for rpn in args.ranks_per_node:
             for what in ("launch", "restart"):
@@ -123,11 +155,18 @@ def main() -> None:
                     failed.append(sum(r is None for r in results[(mode, rpn)]))
                 fmt = lambda v: "-" if v is None else f"{v:.2f} s"  # noqa: E731
                 ratio = f"{cells[0] / cells[1]:.2f}x" if None not in cells else "-"
-                print(f"| {args.nodes} x {rpn} = {args.nodes * rpn} | {what} | {fmt(cells[0])} | {fmt(cells[1])} | {ratio} | {failed[0]}, {failed[1]} |")
+                print(
+                    f"| {args.nodes} x {rpn} = {args.nodes * rpn} | {what} | {fmt(cells[0])}"
+                    f" | {fmt(cells[1])} | {ratio} | {failed[0]}, {failed[1]} |"
+                )
     finally:
         shutil.rmtree(work, ignore_errors=True)
         if state is not None:
-            subprocess.run(["bash", str(REPO / "scripts" / "slurm" / "stop.sh"), str(state), "--wipe"], capture_output=True, timeout=180)
+            subprocess.run(
+                ["bash", str(REPO / "scripts" / "slurm" / "stop.sh"), str(state), "--wipe"],
+                capture_output=True,
+                timeout=180,
+            )
 
 
 if __name__ == "__main__":

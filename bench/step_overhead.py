@@ -67,7 +67,11 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
     "+find_unused": {"find_unused_parameters": True},  # what wrap_ddp does on > 2 ranks
     "vote/step": {"vote_period_s": 0.0},  # a stop vote on every step
     "beat/step": {"heartbeat_every_s": 0.0},  # a heartbeat record written on every step
-    "before": {"find_unused_parameters": True, "vote_period_s": 0.0, "heartbeat_every_s": 0.0},  # the runtime before these changes
+    "before": {
+        "find_unused_parameters": True,
+        "vote_period_s": 0.0,
+        "heartbeat_every_s": 0.0,
+    },  # the runtime before these changes
     "-vote": {"vote": False},
     "-heartbeat": {"heartbeat": False},
     "-tensorboard": {"tensorboard": False},
@@ -76,7 +80,16 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
     "bare/2": None,
 }
 MAIN = ("bare", "runtime", "bare/2")
-BREAKDOWN = ("+find_unused", "vote/step", "beat/step", "before", "-vote", "-heartbeat", "-tensorboard", "+ckpt/50")
+BREAKDOWN = (
+    "+find_unused",
+    "vote/step",
+    "beat/step",
+    "before",
+    "-vote",
+    "-heartbeat",
+    "-tensorboard",
+    "+ckpt/50",
+)
 DONE = "@@done"
 READY = "@@ready"
 
@@ -121,19 +134,27 @@ def worker(variant: str, total_steps: int, out_dir: str) -> None:
         sampler = DistributedSampler(data, num_replicas=world, rank=rank, seed=seed)
     else:
         sampler = runtime.ResumableDistributedSampler(len(data), rank=rank, world_size=world, seed=seed)
-    loader = DataLoader(data, batch_size=BATCH, sampler=sampler, drop_last=True, generator=torch.Generator().manual_seed(seed))
+    loader = DataLoader(
+        data, batch_size=BATCH, sampler=sampler, drop_last=True, generator=torch.Generator().manual_seed(seed)
+    )
     model = job.SmallConvNet().to(device)
     if opts is None:
         ddp = torch.nn.parallel.DistributedDataParallel(model)
     else:
-        kwargs = {"find_unused_parameters": opts["find_unused_parameters"]} if "find_unused_parameters" in opts else {}
+        kwargs = (
+            {"find_unused_parameters": opts["find_unused_parameters"]}
+            if "find_unused_parameters" in opts
+            else {}
+        )
         ddp = runtime.wrap_ddp(model, ctx, **kwargs)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=wd)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
     scaler = torch.amp.GradScaler("cpu", enabled=False)  # the job's scaler and autocast: off on CPU
     ckpt = metrics = None
     if opts is not None:
-        ckpt = runtime.Checkpointer(ctx, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, sampler=sampler)
+        ckpt = runtime.Checkpointer(
+            ctx, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, sampler=sampler
+        )
         if not opts.get("vote", True):
             ckpt._vote_group = None  # step_end then checks only this rank's own flag
         if "vote_period_s" in opts:
@@ -186,7 +207,13 @@ def worker(variant: str, total_steps: int, out_dir: str) -> None:
                 if metrics is not None:
                     h0 = time.perf_counter()
                     rate = LOG_EVERY * BATCH * world / (h0 - window_start)
-                    metrics.scalars(step, loss=value, samples_per_s=rate, step_time_s=h0 - t0, lr=scheduler.get_last_lr()[0])
+                    metrics.scalars(
+                        step,
+                        loss=value,
+                        samples_per_s=rate,
+                        step_time_s=h0 - t0,
+                        lr=scheduler.get_last_lr()[0],
+                    )
                     hooks += time.perf_counter() - h0
                 if rank == 0:
                     print(f"step {step} epoch {epoch} loss {value:.4f}", flush=True)
@@ -200,7 +227,9 @@ def worker(variant: str, total_steps: int, out_dir: str) -> None:
         if rank == 0:
             saved = ckpt is not None and ckpt.last_saved_step is not None
             cpu = time.process_time() - cpu0
-            Path(out_dir, f"segment-{segment:03d}.json").write_text(json.dumps({"stamps": stamps, "cpu": cpu, "in_runtime": in_runtime, "saved": saved}))
+            Path(out_dir, f"segment-{segment:03d}.json").write_text(
+                json.dumps({"stamps": stamps, "cpu": cpu, "in_runtime": in_runtime, "saved": saved})
+            )
         print(DONE, flush=True)
 
     if ckpt is not None:
@@ -220,8 +249,8 @@ class Side:
     """One variant's pair of rank processes, driven over their stdin."""
 
     def __init__(self, variant: str, total_steps: int, base: Path) -> None:
-        from orchestrator.spec.plan import contract_env
         from orchestrator.launch.ports import lease_port
+        from orchestrator.spec.plan import contract_env
 
         self.variant = variant
         self.dir = base / variant.strip("+-").replace("/", "-")
@@ -232,15 +261,51 @@ class Side:
         self.procs: list[subprocess.Popen] = []
         for rank in range(WORLD):
             env = {k: v for k, v in os.environ.items() if not k.startswith(("ORCH_", "TORCHELASTIC_"))}
-            env.update(contract_env(rank=rank, local_rank=rank, node_rank=0, nnodes=1, ranks_per_node=WORLD, master_addr="127.0.0.1", master_port=self.lease.port, attempt=0, run_id=self.dir.name, run_dir=str(self.dir)))
+            env.update(
+                contract_env(
+                    rank=rank,
+                    local_rank=rank,
+                    node_rank=0,
+                    nnodes=1,
+                    ranks_per_node=WORLD,
+                    master_addr="127.0.0.1",
+                    master_port=self.lease.port,
+                    attempt=0,
+                    run_id=self.dir.name,
+                    run_dir=str(self.dir),
+                )
+            )
             env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
             if opts is not None:
-                env.update(ORCH_DIST_BACKEND="gloo", ORCH_CKPT_INTERVAL=str(opts.get("ckpt_interval", NO_CHECKPOINTS)), ORCH_CKPT_KEEP="2", ORCH_CKPT_ASYNC="0")
+                env.update(
+                    ORCH_DIST_BACKEND="gloo",
+                    ORCH_CKPT_INTERVAL=str(opts.get("ckpt_interval", NO_CHECKPOINTS)),
+                    ORCH_CKPT_KEEP="2",
+                    ORCH_CKPT_ASYNC="0",
+                )
                 if opts.get("heartbeat", True):
                     env["ORCH_HEARTBEAT_FILE"] = str(self.dir / f"heartbeat-{rank}")
-            cmd = [sys.executable, __file__, f"--worker={variant}", "--total-steps", str(total_steps), "--out", str(self.dir)]
+            cmd = [
+                sys.executable,
+                __file__,
+                f"--worker={variant}",
+                "--total-steps",
+                str(total_steps),
+                "--out",
+                str(self.dir),
+            ]
             stderr = open(self.dir / f"rank-{rank}.err", "w")
-            self.procs.append(subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, text=True, cwd=ROOT))
+            self.procs.append(
+                subprocess.Popen(
+                    cmd,
+                    env=env,
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    stderr=stderr,
+                    text=True,
+                    cwd=ROOT,
+                )
+            )
             stderr.close()
 
     def _expect(self, marker: str) -> None:
@@ -287,8 +352,12 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=40, help="timed segments per side, taken in turns")
     p.add_argument("--segment", type=int, default=20, help="steps per timed segment")
     p.add_argument("--warmup", type=int, default=50, help="untimed steps per side before the first segment")
-    p.add_argument("--breakdown", action="store_true", help="also run sides that change one part of the runtime")
-    p.add_argument("--only", help="comma-separated sides to run (default: bare,runtime,bare/2[, breakdown sides])")
+    p.add_argument(
+        "--breakdown", action="store_true", help="also run sides that change one part of the runtime"
+    )
+    p.add_argument(
+        "--only", help="comma-separated sides to run (default: bare,runtime,bare/2[, breakdown sides])"
+    )
     p.add_argument("--keep", action="store_true", help="keep the run directories")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--total-steps", type=int, help=argparse.SUPPRESS)
@@ -305,15 +374,22 @@ def main() -> None:
         if v not in VARIANTS:
             raise SystemExit(f"unknown side {v!r}; known: {', '.join(VARIANTS)}")
     total = args.warmup + args.rounds * args.segment
-    print(f"step overhead: torch {torch.__version__}, {os.cpu_count()} cpus, {WORLD} ranks x 1 thread, gloo, batch {BATCH}/rank; "
-          f"{args.warmup} warm-up steps, then {args.rounds} x {args.segment} timed steps per side in turns; checkpoints excluded (except +ckpt/50)", flush=True)
+    print(
+        f"step overhead: torch {torch.__version__}, {os.cpu_count()} cpus, {WORLD} ranks x 1 thread, gloo,"
+        f" batch {BATCH}/rank; "
+        f"{args.warmup} warm-up steps, then {args.rounds} x {args.segment} timed steps per side in turns;"
+        " checkpoints excluded (except +ckpt/50)",
+        flush=True,
+    )
     started = time.monotonic()
     base = Path(tempfile.mkdtemp(prefix="orch-step-overhead-"))
     sides: list[Side] = []
     per_seg: dict[str, list[float]] = {v: [] for v in variants}  # wall seconds per step, one per segment
     per_step: dict[str, list[float]] = {v: [] for v in variants}  # every timed step's wall seconds
     hooks: dict[str, list[float]] = {v: [] for v in variants}  # every timed step's seconds in runtime calls
-    per_cpu: dict[str, list[float]] = {v: [] for v in variants}  # rank 0's CPU seconds per step, one per segment
+    per_cpu: dict[str, list[float]] = {
+        v: [] for v in variants
+    }  # rank 0's CPU seconds per step, one per segment
     try:
         for v in variants:  # one side at a time: start-ups do not overlap
             sides.append(Side(v, total, base))
@@ -324,13 +400,20 @@ def main() -> None:
                 res = side.run(args.segment)
                 wall = res["stamps"]
                 per_seg[side.variant].append((wall[-1] - wall[0]) / args.segment)
-                per_step[side.variant].extend(b - a for a, b in zip(wall, wall[1:]))
+                per_step[side.variant].extend(b - a for a, b in zip(wall, wall[1:], strict=False))
                 per_cpu[side.variant].append(res["cpu"] / args.segment)
                 hooks[side.variant].extend(res["in_runtime"])
                 if VARIANTS[side.variant] is not None and "ckpt_interval" not in VARIANTS[side.variant]:  # type: ignore[operator]
-                    assert not res["saved"], f"{side.variant}: a checkpoint was saved in a side that excludes them"
+                    assert not res["saved"], (
+                        f"{side.variant}: a checkpoint was saved in a side that excludes them"
+                    )
             if (r + 1) % 10 == 0 or r + 1 == args.rounds:
-                print(f"  round {r + 1}/{args.rounds}: " + "  ".join(f"{v} {per_seg[v][-1] * 1e3:.2f}" for v in variants) + " ms/step", flush=True)
+                print(
+                    f"  round {r + 1}/{args.rounds}: "
+                    + "  ".join(f"{v} {per_seg[v][-1] * 1e3:.2f}" for v in variants)
+                    + " ms/step",
+                    flush=True,
+                )
     finally:
         for side in sides:
             side.close()
@@ -341,22 +424,40 @@ def main() -> None:
 
     med, paired = _against_bare(per_seg)
     print()
-    print("| side | step time | segments min..max | median single step | in runtime calls, mean (median) | vs bare | overhead | overhead, paired by round |")
+    print(
+        "| side | step time | segments min..max | median single step | in runtime calls, mean (median)"
+        " | vs bare | overhead | overhead, paired by round |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for v in variants:
-        print(f"| {v} | {med[v] * 1e3:.3f} ms | {min(per_seg[v]) * 1e3:.2f}..{max(per_seg[v]) * 1e3:.2f} ms | {statistics.median(per_step[v]) * 1e3:.3f} ms | "
-              f"{statistics.mean(hooks[v]) * 1e6:.0f} ({statistics.median(hooks[v]) * 1e6:.0f}) us | {_vs_bare_cells(v, med, paired)} |")
-    print("step time: median over segments of wall time / steps; in runtime calls: rank 0's time per step inside sampler.advance, "
-          "Metrics.scalars and Checkpointer.step_end (the mean counts the rare votes and logs, and the preemptions that land there); paired: median over rounds of segment / bare segment of the same round")
+        print(
+            f"| {v} | {med[v] * 1e3:.3f} ms | {min(per_seg[v]) * 1e3:.2f}..{max(per_seg[v]) * 1e3:.2f} ms"
+            f" | {statistics.median(per_step[v]) * 1e3:.3f} ms | "
+            f"{statistics.mean(hooks[v]) * 1e6:.0f} ({statistics.median(hooks[v]) * 1e6:.0f}) us"
+            f" | {_vs_bare_cells(v, med, paired)} |"
+        )
+    print(
+        "step time: median over segments of wall time / steps; in runtime calls: rank 0's time per step"
+        " inside sampler.advance, "
+        "Metrics.scalars and Checkpointer.step_end (the mean counts the rare votes and logs, and the"
+        " preemptions that land there); paired: median over rounds of segment / bare segment of the same"
+        " round"
+    )
     # CPU time: what the runtime adds to a rank's work, whatever else the machine runs. Waiting
     # in a collective blocks (no CPU), so CPU time is far less sensitive to the scheduling noise
     # that limits the wall-time figures on a shared 2-core machine.
     cpu_med, cpu_paired = _against_bare(per_cpu)
     print()
-    print("| side | CPU per step (rank 0) | segments min..max | vs bare | overhead | overhead, paired by round |")
+    print(
+        "| side | CPU per step (rank 0) | segments min..max | vs bare | overhead"
+        " | overhead, paired by round |"
+    )
     print("| --- | --- | --- | --- | --- | --- |")
     for v in variants:
-        print(f"| {v} | {cpu_med[v] * 1e3:.3f} ms | {min(per_cpu[v]) * 1e3:.2f}..{max(per_cpu[v]) * 1e3:.2f} ms | {_vs_bare_cells(v, cpu_med, cpu_paired)} |")
+        print(
+            f"| {v} | {cpu_med[v] * 1e3:.3f} ms | {min(per_cpu[v]) * 1e3:.2f}..{max(per_cpu[v]) * 1e3:.2f} ms"
+            f" | {_vs_bare_cells(v, cpu_med, cpu_paired)} |"
+        )
     print("CPU per step: median over segments of rank 0's process CPU time (all its threads) / steps")
     print()
     for label, m, pair in (("CPU: ", cpu_med, cpu_paired), ("wall: ", med, paired)):
@@ -369,7 +470,14 @@ def _against_bare(samples: dict[str, list[float]]) -> tuple[dict[str, float], di
     """Each side's median, and the median over rounds of its segment / the bare segment of the
     same round (run next to it, so the machine's drift cancels)."""
     med = {v: statistics.median(values) for v, values in samples.items()}
-    paired = {v: statistics.median(a / b for a, b in zip(values, samples["bare"])) for v, values in samples.items()} if "bare" in samples else {}
+    paired = (
+        {
+            v: statistics.median(a / b for a, b in zip(values, samples["bare"], strict=True))
+            for v, values in samples.items()
+        }
+        if "bare" in samples
+        else {}
+    )
     return med, paired
 
 
@@ -382,10 +490,17 @@ def _vs_bare_cells(side: str, med: dict[str, float], paired: dict[str, float]) -
 
 def _verdict(med: dict[str, float], paired: dict[str, float]) -> str:
     ratio = med["runtime"] / med["bare"]
-    text = f"runtime/bare = {ratio:.3f} ({(ratio - 1) * 100:+.1f}%; paired {(paired['runtime'] - 1) * 100:+.1f}%): {'meets' if ratio <= 1.02 else 'misses'} the goal of <= 2%"
+    text = (
+        f"runtime/bare = {ratio:.3f} ({(ratio - 1) * 100:+.1f}%;"
+        f" paired {(paired['runtime'] - 1) * 100:+.1f}%):"
+        f" {'meets' if ratio <= 1.02 else 'misses'} the goal of <= 2%"
+    )
     if "bare/2" in med:
-        text += (f"; the A/A check bare/2 vs bare reads {(med['bare/2'] / med['bare'] - 1) * 100:+.1f}% (paired {(paired['bare/2'] - 1) * 100:+.1f}%), "
-                 "the resolution of this run")
+        text += (
+            f"; the A/A check bare/2 vs bare reads {(med['bare/2'] / med['bare'] - 1) * 100:+.1f}%"
+            f" (paired {(paired['bare/2'] - 1) * 100:+.1f}%), "
+            "the resolution of this run"
+        )
     return text
 
 

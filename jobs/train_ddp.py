@@ -69,8 +69,15 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--dataset-size", type=int, default=4096)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=100)
-    p.add_argument("--amp", choices=("auto", "on", "off"), default="auto", help="mixed precision (auto: on with CUDA)")
-    p.add_argument("--step-sleep", type=float, default=0.0, help="seconds to sleep per step (tests use it to slow a run down)")
+    p.add_argument(
+        "--amp", choices=("auto", "on", "off"), default="auto", help="mixed precision (auto: on with CUDA)"
+    )
+    p.add_argument(
+        "--step-sleep",
+        type=float,
+        default=0.0,
+        help="seconds to sleep per step (tests use it to slow a run down)",
+    )
     return p.parse_args()
 
 
@@ -80,10 +87,18 @@ def main() -> None:
     torch.manual_seed(args.seed)  # same initial weights on every rank
 
     data = SyntheticImages(args.dataset_size)
-    sampler = runtime.ResumableDistributedSampler(len(data), rank=ctx.rank, world_size=ctx.world_size, seed=args.seed)
+    sampler = runtime.ResumableDistributedSampler(
+        len(data), rank=ctx.rank, world_size=ctx.world_size, seed=args.seed
+    )
     # A private generator: otherwise every new DataLoader iterator draws its base seed from the
     # global torch RNG, and a run resumed mid-epoch would draw once more than an uninterrupted one.
-    loader = DataLoader(data, batch_size=args.batch_size, sampler=sampler, drop_last=True, generator=torch.Generator().manual_seed(args.seed))
+    loader = DataLoader(
+        data,
+        batch_size=args.batch_size,
+        sampler=sampler,
+        drop_last=True,
+        generator=torch.Generator().manual_seed(args.seed),
+    )
 
     model = SmallConvNet().to(ctx.device)
     # Fixed gradient buckets: bitwise-exact resume on any number of ranks (see wrap_ddp).
@@ -94,21 +109,30 @@ def main() -> None:
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=use_amp and ctx.device.type == "cuda")
     amp_dtype = torch.float16 if ctx.device.type == "cuda" else torch.bfloat16
 
-    ckpt = runtime.Checkpointer(ctx, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, sampler=sampler)
+    ckpt = runtime.Checkpointer(
+        ctx, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, sampler=sampler
+    )
     metrics = runtime.Metrics(ctx)
     progress = ckpt.restore()
     step = progress.step if progress else 0
     epoch = progress.epoch if progress else 0
     if ctx.is_main:
         where = f"resumed from step {step}" if progress else "fresh start"
-        print(f"world {ctx.world_size} ({ctx.nnodes} node(s)), backend {ctx.backend}, attempt {ctx.attempt}: {where}", flush=True)
+        print(
+            f"world {ctx.world_size} ({ctx.nnodes} node(s)), backend {ctx.backend},"
+            f" attempt {ctx.attempt}: {where}",
+            flush=True,
+        )
 
     window_start, window_samples = time.perf_counter(), 0
     while step < args.steps:
         sampler.set_epoch(epoch)
         for images, labels in loader:
             t0 = time.perf_counter()
-            images, labels = images.to(ctx.device, non_blocking=True), labels.to(ctx.device, non_blocking=True)
+            images, labels = (
+                images.to(ctx.device, non_blocking=True),
+                labels.to(ctx.device, non_blocking=True),
+            )
             # Random horizontal flips draw from the torch RNG, whose state the checkpoint keeps.
             flip = torch.rand(images.shape[0], device=images.device) < 0.5
             images = torch.where(flip[:, None, None, None], images.flip(-1), images)
@@ -130,9 +154,15 @@ def main() -> None:
                 elapsed = time.perf_counter() - window_start
                 rate = window_samples / elapsed if elapsed > 0 else math.nan
                 lr = scheduler.get_last_lr()[0]
-                metrics.scalars(step, loss=loss.item(), samples_per_s=rate, step_time_s=time.perf_counter() - t0, lr=lr)
+                metrics.scalars(
+                    step, loss=loss.item(), samples_per_s=rate, step_time_s=time.perf_counter() - t0, lr=lr
+                )
                 if ctx.is_main:
-                    print(f"step {step}/{args.steps} epoch {epoch} loss {loss.item():.4f} lr {lr:.2e} {rate:,.0f} samples/s", flush=True)
+                    print(
+                        f"step {step}/{args.steps} epoch {epoch} loss {loss.item():.4f} lr {lr:.2e}"
+                        f" {rate:,.0f} samples/s",
+                        flush=True,
+                    )
                 window_start, window_samples = time.perf_counter(), 0
             # Saves every storage.checkpoint_interval steps; on a preemption signal (any rank)
             # every rank saves this step and exits 75, and the run resumes from here.

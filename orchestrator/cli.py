@@ -10,12 +10,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
 import time
 from typing import Any, Sequence
 
 from orchestrator import __version__
+from orchestrator.backends import backend_names
+from orchestrator.contract import Event
 from orchestrator.errors import OrchError
 
 DEFAULT_CONFIG = "cluster.yaml"
@@ -23,36 +24,94 @@ DEFAULT_CONFIG = "cluster.yaml"
 
 def _config_args(p: argparse.ArgumentParser, positional: bool = True) -> None:
     if positional:
-        p.add_argument("config", nargs="?", default=DEFAULT_CONFIG, metavar="CONFIG", help="cluster.yaml to use (default: ./cluster.yaml)")
-    p.add_argument("--backend", choices=("local", "slurm"), help="override the config's top-level `backend`")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE", help="override one field, e.g. --set resources.nodes=2 (repeatable)")
+        p.add_argument(
+            "config",
+            nargs="?",
+            default=DEFAULT_CONFIG,
+            metavar="CONFIG",
+            help="cluster.yaml to use (default: ./cluster.yaml)",
+        )
+    p.add_argument("--backend", choices=backend_names(), help="override the config's top-level `backend`")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="PATH=VALUE",
+        help="override one field, e.g. --set resources.nodes=2 (repeatable)",
+    )
 
 
 def _run_ref_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run", metavar="RUN", help="a run id (looked up under storage.root of --config) or a run directory (path or fsspec URL)")
-    p.add_argument("--config", default=DEFAULT_CONFIG, help="cluster.yaml whose storage.root holds the runs (default: ./cluster.yaml)")
+    p.add_argument(
+        "run",
+        metavar="RUN",
+        help="a run id (looked up under storage.root of --config) or a run directory (path or fsspec URL)",
+    )
+    p.add_argument(
+        "--config",
+        default=DEFAULT_CONFIG,
+        help="cluster.yaml whose storage.root holds the runs (default: ./cluster.yaml)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="orch",
-        description="Run PyTorch training on N nodes x M ranks: locally (gloo on CPU) or on Slurm; supervised, checkpointed, resumable.",
+        description=(
+            "Run PyTorch training on N nodes x M ranks: locally (gloo on CPU) or on Slurm;"
+            " supervised, checkpointed, resumable."
+        ),
     )
     parser.add_argument("--version", action="version", version=f"orch {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("render", help="print the launch spec without starting anything", description="Print each rank's node, argv and env (secrets redacted). Nothing is started; the output is stable across runs.")
+    p = sub.add_parser(
+        "render",
+        help="print the launch spec without starting anything",
+        description=(
+            "Print each rank's node, argv and env (secrets redacted)."
+            " Nothing is started; the output is stable across runs."
+        ),
+    )
     _config_args(p)
     p.add_argument("--run-id", help="render with this run id instead of a placeholder")
 
-    p = sub.add_parser("run", help="run the job in the foreground on this machine, supervised", description="Start nodes x ranks processes on this machine, stream their logs, restart failed attempts from the newest checkpoint, and print a summary. Ctrl-C stops every rank.")
+    p = sub.add_parser(
+        "run",
+        help="run the job in the foreground on this machine, supervised",
+        description=(
+            "Start nodes x ranks processes on this machine, stream their logs,"
+            " restart failed attempts from the newest checkpoint, and print a summary."
+            " Ctrl-C stops every rank."
+        ),
+    )
     _config_args(p)
     p.add_argument("--run-id", help="use this run id (default: <name>-<UTC time>-<random>)")
-    p.add_argument("--ranks", help="show only these ranks' output on the console, e.g. 0 or 0,3 (all ranks are always logged to files)")
-    p.add_argument("--quiet", action="store_true", help="show no rank output on the console, only the orchestrator's lines")
+    p.add_argument(
+        "--ranks",
+        help=(
+            "show only these ranks' output on the console, e.g. 0 or 0,3"
+            " (all ranks are always logged to files)"
+        ),
+    )
+    p.add_argument(
+        "--quiet",
+        action="store_true",
+        help="show no rank output on the console, only the orchestrator's lines",
+    )
     p.add_argument("--json", action="store_true", help="print the final summary as JSON on stdout")
 
-    p = sub.add_parser("submit", help="submit the job to Slurm from a login node", description="Create the run directory, submit the supervisor with submitit (sbatch), print the run id and the Slurm job id. The supervisor runs each attempt as one srun step, resumes from the newest checkpoint, and requeues on preemption.")
+    p = sub.add_parser(
+        "submit",
+        help="submit the job to Slurm from a login node",
+        description=(
+            "Create the run directory, submit the supervisor with submitit (sbatch),"
+            " print the run id and the Slurm job id."
+            " The supervisor runs each attempt as one srun step, resumes from the newest checkpoint,"
+            " and requeues on preemption."
+        ),
+    )
     _config_args(p)
     p.add_argument("--run-id", help="use this run id (default: <name>-<UTC time>-<random>)")
     p.add_argument("--json", action="store_true", help="print {run_id, job_id, run_dir} as JSON")
@@ -68,10 +127,19 @@ def build_parser() -> argparse.ArgumentParser:
     _run_ref_args(p)
     p.add_argument("--rank", type=int, action="append", help="only this rank (repeatable; default: all)")
     p.add_argument("--attempt", type=int, help="this attempt (default: the latest)")
-    p.add_argument("-f", "--follow", action="store_true", help="keep printing new lines until the run finishes (local filesystems)")
+    p.add_argument(
+        "-f",
+        "--follow",
+        action="store_true",
+        help="keep printing new lines until the run finishes (local filesystems)",
+    )
 
     p = sub.add_parser("ls", help="list runs under storage.root")
-    p.add_argument("--config", default=DEFAULT_CONFIG, help="cluster.yaml whose storage.root holds the runs (default: ./cluster.yaml)")
+    p.add_argument(
+        "--config",
+        default=DEFAULT_CONFIG,
+        help="cluster.yaml whose storage.root holds the runs (default: ./cluster.yaml)",
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
     p = sub.add_parser("checkpoints", help="list a run's committed checkpoints")
@@ -83,21 +151,38 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ---------------------------------------------------------------------------- commands
 
+
 def _load(args: argparse.Namespace) -> Any:
     from orchestrator.spec.config import load_config
 
     return load_config(args.config, args.overrides, backend=args.backend)
 
 
-def _load_for(args: argparse.Namespace, backend: str, wrong_backend: str) -> Any:
-    """The config, checked for the command's backend and for the pass_env it needs."""
+def _load_for(args: argparse.Namespace, command: str) -> tuple[Any, Any]:
+    """The config and its backend, checked for the command and for the pass_env it needs."""
+    from orchestrator.backends import get_backend
+
     config = _load(args)
-    if config.backend != backend:
-        raise OrchError(wrong_backend)
+    backend = get_backend(config.backend)
+    hint = backend.foreground_hint if command == "run" else backend.submit_hint
+    if hint is not None:
+        raise OrchError(hint)
     missing = [n for n in config.job.pass_env if n not in os.environ]
     if missing:
         raise OrchError(f"job.pass_env: {missing[0]} is not set in this environment")
-    return config
+    return config, backend
+
+
+def _run_backend(run: Any, events: list[dict[str, Any]]) -> Any:
+    """The backend a run was started on: its events say, else its run.yaml."""
+    from orchestrator.backends import get_backend
+
+    named = [
+        e["backend"]
+        for e in events
+        if e.get("event") in (Event.SUBMITTED, Event.RUN_STARTED, Event.JOB_STARTED) and e.get("backend")
+    ]
+    return get_backend(named[-1] if named else run.read_run_config().get("backend", "local"))
 
 
 def _storage_root(config_path: str) -> str:
@@ -110,21 +195,18 @@ def _storage_root(config_path: str) -> str:
 
 
 def cmd_render(args: argparse.Namespace) -> int:
-    from orchestrator.spec.plan import build_local_plan
-    from orchestrator.spec.render import render_local
+    from orchestrator.backends import get_backend
     from orchestrator.storage.rundir import join_url
 
     config = _load(args)
     run_id = args.run_id or "<run-id>"
-    if config.backend == "slurm":
-        from orchestrator.backends.slurm.scheduler import render_slurm
-
-        run_dir = join_url(config.storage_root, run_id)
-        sys.stdout.write(render_slurm(config, run_id=run_id, run_dir=run_dir, folder=f"{run_dir}/slurm", python=config.job.python or sys.executable))
-        return 0
-    port = config.distributed.master_port if isinstance(config.distributed.master_port, int) else "<auto>"
-    plan = build_local_plan(config, run_id=run_id, run_dir=join_url(config.storage_root, run_id), attempt=0, master_port=port, python=config.job.python or sys.executable)
-    sys.stdout.write(render_local(plan))
+    text = get_backend(config.backend).render(
+        config,
+        run_id=run_id,
+        run_dir=join_url(config.storage_root, run_id),
+        python=config.job.python or sys.executable,
+    )
+    sys.stdout.write(text)
     return 0
 
 
@@ -144,14 +226,21 @@ def _parse_ranks(text: str | None, world: int) -> tuple[int, ...] | None:
 def _create_run(args: argparse.Namespace, config: Any) -> Any:
     """A new run directory with run.yaml frozen in it."""
     from orchestrator.spec.config import config_to_dict
-    from orchestrator.spec.runid import is_valid_run_id, new_run_id
     from orchestrator.storage.rundir import RunDir, join_url
+    from orchestrator.storage.runid import is_valid_run_id, new_run_id
 
     run_id = args.run_id or new_run_id(config.job_name)
     if not is_valid_run_id(run_id):
         raise OrchError(f"--run-id: {run_id!r} may use letters, digits and _.+- only")
     run = RunDir(join_url(config.storage_root, run_id))
-    frozen = {"run_id": run_id, "created": time.time(), "backend": config.backend, "config_file": os.path.abspath(args.config), "base_dir": config.base_dir, "config": config_to_dict(config)}
+    frozen = {
+        "run_id": run_id,
+        "created": time.time(),
+        "backend": config.backend,
+        "config_file": os.path.abspath(args.config),
+        "base_dir": config.base_dir,
+        "config": config_to_dict(config),
+    }
     try:
         run.create(frozen)
     except FileExistsError:
@@ -160,62 +249,51 @@ def _create_run(args: argparse.Namespace, config: Any) -> Any:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from orchestrator.backends.slurm import scheduler as slurm
-
-    config = _load_for(args, "slurm", "submit: needs the slurm backend (set `backend: slurm` or pass --backend slurm); `orch run` runs locally")
-    slurm.submitit_folder(config.storage_root)  # fails before creating anything on object-store roots
+    config, backend = _load_for(args, "submit")
+    backend.check_storage(config.storage_root)  # fails before creating anything
     run = _create_run(args, config)
-    python = config.job.python or sys.executable
-    job_id = slurm.submit(config, run_url=run.url, folder=slurm.submitit_folder(run.url), python=python)
-    run.append_event("submitted", backend="slurm", job_id=job_id, nodes=config.resources.nodes, ranks_per_node=config.resources.ranks_per_node)
+    submission = backend.submit(config, run, config.job.python or sys.executable)
+    job_id = submission.job_id
+    run.append_event(
+        Event.SUBMITTED,
+        backend=backend.name,
+        job_id=job_id,
+        nodes=config.resources.nodes,
+        ranks_per_node=config.resources.ranks_per_node,
+    )
     if args.json:
         print(json.dumps({"run_id": run.run_id, "job_id": job_id, "run_dir": run.url}))
     else:
-        print(f"submitted run {run.run_id} as Slurm job {job_id}\nrun dir {run.url}\nfollow with: orch status {run.run_id}; orch logs {run.run_id} -f")
+        print(
+            f"submitted run {run.run_id} as Slurm job {job_id}\nrun dir {run.url}\n"
+            f"follow with: orch status {run.run_id}; orch logs {run.run_id} -f"
+        )
     return 0
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    from orchestrator.backends.slurm import scheduler as slurm
-    from orchestrator.storage.rundir import resolve_run
+    from orchestrator.storage.catalog import resolve_run
 
     run = resolve_run(args.run, _storage_root(args.config))
     events = run.events()
-    jobs = [e["job_id"] for e in events if e.get("event") == "submitted" and e.get("job_id")]
-    if jobs:
-        slurm.cancel(jobs[-1])
-        run.append_event("cancel_requested", job_id=jobs[-1])
-        print(f"cancelled Slurm job {jobs[-1]} of run {run.run_id}")
-        return 0
-    starts = [e for e in events if e.get("event") == "run_started"]
-    if starts and not any(e.get("event") == "run_finished" for e in events):
-        from orchestrator.storage.rundir import this_host
-
-        if starts[-1].get("host") != this_host():
-            raise OrchError(f"run {run.run_id} is supervised on {starts[-1].get('host')}; cancel it there")
-        os.kill(int(starts[-1]["pid"]), signal.SIGTERM)
-        run.append_event("cancel_requested", pid=starts[-1]["pid"])
-        print(f"asked the supervisor of run {run.run_id} (pid {starts[-1]['pid']}) to stop")
-        return 0
-    raise OrchError(f"run {run.run_id} is not running")
+    print(_run_backend(run, events).cancel(run, events))
+    return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from orchestrator.launch.fork_launcher import ForkServerLauncher
-    from orchestrator.backends.local.supervisor import Supervisor
+    from orchestrator.backends.api import RunOptions
 
-    config = _load_for(args, "local", "run: runs the local backend; for Slurm use `orch submit`, or pass --backend local")
+    config, backend = _load_for(args, "run")
     show = () if args.quiet else _parse_ranks(args.ranks, config.resources.world_size)
     run = _create_run(args, config)
-    supervisor = Supervisor(config=config, run=run, console=sys.stderr, show_ranks=show, launcher=ForkServerLauncher(config))
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda signum, _frame: supervisor.request_stop(signum))
-    # SIGUSR2: a preemption drill; ranks checkpoint and exit 75, and a new attempt resumes.
-    signal.signal(signal.SIGUSR2, lambda signum, _frame: supervisor.request_preemption(signum))
-    result = supervisor.run_all()
-    ckpt = f"; newest checkpoint step {result.newest_checkpoint}" if result.newest_checkpoint is not None else ""
+    result = backend.run(config, run, RunOptions(show_ranks=show))
+    ckpt = (
+        f"; newest checkpoint step {result.newest_checkpoint}" if result.newest_checkpoint is not None else ""
+    )
     if result.status == "succeeded":
-        line = f"run {result.run_id} succeeded in {result.wall_s:.1f}s after {result.attempts} attempt(s){ckpt}"
+        line = (
+            f"run {result.run_id} succeeded in {result.wall_s:.1f}s after {result.attempts} attempt(s){ckpt}"
+        )
     elif result.status == "stopped":
         line = f"run {result.run_id} stopped after {result.wall_s:.1f}s{ckpt}"
     else:
@@ -223,29 +301,35 @@ def cmd_run(args: argparse.Namespace) -> int:
         line = f"run {result.run_id} failed after {result.attempts} attempt(s): {cause}{ckpt}"
     print(f"[orch] {line}\n[orch] run dir {result.run_dir}", file=sys.stderr)
     if args.json:
-        print(json.dumps({
-            "run_id": result.run_id,
-            "run_dir": result.run_dir,
-            "status": result.status,
-            "attempts": result.attempts,
-            "wall_s": round(result.wall_s, 3),
-            "newest_checkpoint": result.newest_checkpoint,
-            "root_cause": result.root_cause.to_json() if result.root_cause else None,
-        }))
+        print(
+            json.dumps(
+                {
+                    "run_id": result.run_id,
+                    "run_dir": result.run_dir,
+                    "status": result.status,
+                    "attempts": result.attempts,
+                    "wall_s": round(result.wall_s, 3),
+                    "newest_checkpoint": result.newest_checkpoint,
+                    "root_cause": result.root_cause.to_json() if result.root_cause else None,
+                }
+            )
+        )
     return result.exit_code
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from orchestrator.storage.rundir import resolve_run
+    from orchestrator.storage.catalog import resolve_run
     from orchestrator.supervision.status import format_status, run_status
 
-    st = run_status(resolve_run(args.run, _storage_root(args.config)))
+    run = resolve_run(args.run, _storage_root(args.config))
+    events = run.events()
+    st = run_status(run, events, _run_backend(run, events).live_state(run, events))
     print(json.dumps(st.to_json(), indent=1) if args.json else format_status(st))
     return 0
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
-    from orchestrator.storage.rundir import resolve_run
+    from orchestrator.storage.catalog import resolve_run
 
     run = resolve_run(args.run, _storage_root(args.config))
     if args.follow:
@@ -254,7 +338,11 @@ def cmd_logs(args: argparse.Namespace) -> int:
     if not files:
         raise OrchError(f"run {run.run_id} has no logs yet")
     attempt = args.attempt if args.attempt is not None else max(a for a, _ in files)
-    chosen = sorted((rank, url) for (a, rank), url in files.items() if a == attempt and (not args.rank or rank in args.rank))
+    chosen = sorted(
+        (rank, url)
+        for (a, rank), url in files.items()
+        if a == attempt and (not args.rank or rank in args.rank)
+    )
     if not chosen:
         raise OrchError(f"no logs for attempt {attempt}" + (f" rank(s) {args.rank}" if args.rank else ""))
     for rank, url in chosen:
@@ -289,7 +377,7 @@ def _follow_logs(run: Any, ranks: list[int] | None) -> int:
                 for (a, rank), path in files.items():
                     if a == attempt:
                         streamer.follow_if_new(rank, path)
-            if any(e.get("event") == "run_finished" for e in run.events()):
+            if any(e.get("event") == Event.RUN_FINISHED for e in run.events()):
                 break
             time.sleep(0.5)
     except KeyboardInterrupt:
@@ -307,14 +395,22 @@ def _read_remote(path: str, run: Any) -> bytes:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    from orchestrator.storage.rundir import list_runs
+    from orchestrator.storage.catalog import list_runs
     from orchestrator.supervision.status import summarize
 
     root = _storage_root(args.config)
     rows = []
     for run in list_runs(root):
         fields = summarize(run.events())
-        rows.append({"run_id": run.run_id, "state": fields["state"], "attempts": fields["attempts"], "started": fields["started"], "run_dir": run.url})
+        rows.append(
+            {
+                "run_id": run.run_id,
+                "state": fields["state"],
+                "attempts": fields["attempts"],
+                "started": fields["started"],
+                "run_dir": run.url,
+            }
+        )
     rows.sort(key=lambda r: r["started"] or 0)
     if args.json:
         print(json.dumps(rows, indent=1))
@@ -330,8 +426,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_checkpoints(args: argparse.Namespace) -> int:
+    from orchestrator.storage.catalog import resolve_run
     from orchestrator.storage.ckpt_store import CheckpointStore, CorruptCheckpoint
-    from orchestrator.storage.rundir import resolve_run
 
     run = resolve_run(args.run, _storage_root(args.config))
     store = CheckpointStore(run.child("ckpt"))
@@ -339,9 +435,27 @@ def cmd_checkpoints(args: argparse.Namespace) -> int:
     for step in store.committed_steps():
         try:
             info = store.verify(step) if args.verify else store.info(step)
-            rows.append({"step": step, "created": info.created, "size": info.size, "model_digest": info.model_digest, "verified": True if args.verify else None, "url": info.url})
+            rows.append(
+                {
+                    "step": step,
+                    "created": info.created,
+                    "size": info.size,
+                    "model_digest": info.model_digest,
+                    "verified": True if args.verify else None,
+                    "url": info.url,
+                }
+            )
         except CorruptCheckpoint as exc:
-            rows.append({"step": step, "created": None, "size": None, "model_digest": None, "verified": False, "error": str(exc)})
+            rows.append(
+                {
+                    "step": step,
+                    "created": None,
+                    "size": None,
+                    "model_digest": None,
+                    "verified": False,
+                    "error": str(exc),
+                }
+            )
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
@@ -353,7 +467,10 @@ def cmd_checkpoints(args: argparse.Namespace) -> int:
         created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["created"])) if r["created"] else "-"
         verified = {True: "yes", False: "CORRUPT", None: "-"}[r["verified"]]
         size = f"{r['size']:,}" if r["size"] is not None else "-"
-        print(f"{r['step']:>10} {created:19} {size:>12} {verified:8} {(r['model_digest'] or r.get('error', ''))[:64]}")
+        print(
+            f"{r['step']:>10} {created:19} {size:>12} {verified:8}"
+            f" {(r['model_digest'] or r.get('error', ''))[:64]}"
+        )
     return 0
 
 
@@ -374,7 +491,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except OrchError as exc:
-        print(str(exc) if exc.exit_code == 2 and ":" in str(exc) else f"orch {args.command}: {exc}", file=sys.stderr)
+        print(
+            str(exc) if exc.exit_code == 2 and ":" in str(exc) else f"orch {args.command}: {exc}",
+            file=sys.stderr,
+        )
         return exc.exit_code
     except KeyboardInterrupt:
         print(f"orch {args.command}: interrupted", file=sys.stderr)

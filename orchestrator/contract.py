@@ -1,8 +1,219 @@
-"""Exit codes shared by ranks (runtime) and supervisors; no imports, so both sides can use them."""
+"""Every name and format that ranks (orchestrator.runtime) and supervisors share, in one place.
+
+The job side imports this module and nothing else of the controller, so it is stdlib only:
+- the env contract (torchrun's variables plus ORCH_*) and the runtime settings;
+- exit codes;
+- the files a rank writes in its attempt's log folder (log, error record, heartbeat);
+- the error record and heartbeat formats, with their readers;
+- the names of the events in a run's ledger (events.jsonl).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from enum import StrEnum
+from typing import Any
+
+# ---------------------------------------------------------------------------- environment
+
+ENV_RUN_ID = "ORCH_RUN_ID"
+ENV_RUN_DIR = "ORCH_RUN_DIR"  # an fsspec URL
+ENV_ATTEMPT = "ORCH_ATTEMPT"
+# The torchrun contract plus the orchestrator's own three. A script written for torchrun runs
+# unchanged: it reads these and calls init_process_group with init_method="env://".
+CONTRACT_VARS: tuple[str, ...] = (
+    "RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "NODE_RANK",
+    "GROUP_RANK",
+    "NNODES",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "TORCHELASTIC_RESTART_COUNT",
+    ENV_RUN_ID,
+    ENV_RUN_DIR,
+    ENV_ATTEMPT,
+)
+# The part of the contract that differs from rank to rank.
+PER_RANK_VARS: tuple[str, ...] = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK")
+
+# Settings the runtime reads; not part of the torchrun contract.
+ENV_CKPT_INTERVAL = "ORCH_CKPT_INTERVAL"
+ENV_CKPT_KEEP = "ORCH_CKPT_KEEP"
+ENV_CKPT_ASYNC = "ORCH_CKPT_ASYNC"
+ENV_DIST_BACKEND = "ORCH_DIST_BACKEND"
+ENV_ERROR_FILE = "ORCH_ERROR_FILE"
+ENV_ELASTIC_ERROR_FILE = "TORCHELASTIC_ERROR_FILE"  # torch elastic's @record writes here
+ENV_HEARTBEAT_FILE = "ORCH_HEARTBEAT_FILE"
+ENV_INCARNATION = "ORCH_INCARNATION"
+ENV_LOG_DIR = "ORCH_LOG_DIR"  # Slurm: the attempt's log folder, where each rank finds its files
+ENV_FAULT = "ORCH_FAULT"  # failpoints for fault-injection tests (orchestrator.storage.faults)
+RUNTIME_VARS: tuple[str, ...] = (
+    ENV_CKPT_INTERVAL,
+    ENV_CKPT_KEEP,
+    ENV_CKPT_ASYNC,
+    ENV_DIST_BACKEND,
+    ENV_ERROR_FILE,
+    ENV_INCARNATION,
+    ENV_HEARTBEAT_FILE,
+    ENV_ELASTIC_ERROR_FILE,
+    "OMP_NUM_THREADS",
+    "PYTHONUNBUFFERED",
+)
+
+# ---------------------------------------------------------------------------- exit codes
 
 # A rank that saved a checkpoint because it was asked to stop (preemption, requeue) exits with
 # EX_TEMPFAIL: "temporary failure, run me again". Any other non-zero code is a failure.
 PREEMPTED_EXIT_CODE = 75
 
+# ---------------------------------------------------------------------------- files
+
+FORKSERVER_LOG = "forkserver.log"  # in logs/: the local fork server's own output
+
+
+def attempt_dir_name(attempt: int | str) -> str:
+    return f"attempt-{attempt}"
+
+
+def attempt_number(folder: str) -> int | None:
+    """The attempt of an attempt folder's name (`attempt-3`), else None."""
+    number = folder.removeprefix("attempt-")
+    return int(number) if number != folder and number.isdecimal() else None
+
+
+def rank_log_name(rank: int | str) -> str:
+    return f"rank-{rank}.log"
+
+
+def node_log_name(node: int | str) -> str:
+    """Under Slurm: a node agent's (and its fork server's) output."""
+    return f"node-{node}.log"
+
+
+def rank_error_name(rank: int | str) -> str:
+    return f"rank-{rank}.error.json"
+
+
+def rank_heartbeat_name(rank: int | str) -> str:
+    return f"rank-{rank}.heartbeat"
+
+
+def rank_of_file(name: str) -> int | None:
+    """The rank in a rank file's name (`rank-3.log`, `rank-3.error.json`), else None."""
+    if not name.startswith("rank-"):
+        return None
+    number = name[5:].split(".", 1)[0]
+    return int(number) if number.isdecimal() else None
+
+
+def rank_files(log_dir: str, rank: int) -> tuple[str, str]:
+    """A rank's error file and heartbeat file in its attempt's log folder (templates/
+    slurm_task.sh spells the same names in shell)."""
+    return os.path.join(log_dir, rank_error_name(rank)), os.path.join(log_dir, rank_heartbeat_name(rank))
+
+
+def rank_files_env(log_dir: str, rank: int) -> dict[str, str]:
+    """Where a rank's runtime writes its error record and heartbeats."""
+    error_file, heartbeat = rank_files(log_dir, rank)
+    return {ENV_ERROR_FILE: error_file, ENV_ELASTIC_ERROR_FILE: error_file, ENV_HEARTBEAT_FILE: heartbeat}
+
+
+# ---------------------------------------------------------------------------- error records
+
 # The `type` of the record a rank writes to its error file when it stops on request.
 PREEMPTED_TYPE = "Preempted"
+# The `type` a supervisor gives a rank its watchdog found silent.
+HANG_TYPE = "Hang"
+
+
+def error_record(
+    kind: str, message: str, *, rank: int, time: float, pid: int, **extra: object
+) -> dict[str, Any]:
+    """What a rank writes to its error file: an uncaught exception, or a stop on request."""
+    return {"rank": rank, "type": kind, "message": message, "time": time, "pid": pid, **extra}
+
+
+def read_error_record(path: str) -> dict[str, Any] | None:
+    """A rank's error file (ours, or torch elastic's `@record` format), as {type, message,
+    time, ...}; None if absent or unreadable."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    if isinstance(data.get("message"), dict):  # torch.distributed.elastic format
+        inner = data["message"]
+        text = str(inner.get("message", ""))
+        extra = inner.get("extraInfo", {})
+        error_type, _, message = text.partition(": ")
+        return {
+            "type": error_type or None,
+            "message": message or text,
+            "time": float(extra.get("timestamp", 0) or 0),
+        }
+    return data
+
+
+# ---------------------------------------------------------------------------- heartbeats
+
+
+class Phase(StrEnum):
+    """What a rank is doing, as its heartbeat says; each phase has its own hang limit."""
+
+    INIT = "init"  # until the first step
+    TRAIN = "train"
+    SAVE = "save"  # writing a checkpoint
+    EXIT = "exit"  # shutting down: no limit
+
+
+HEARTBEAT_BYTES = 96  # one record: "step wall_time phase step_time_ema", space padded
+
+
+def encode_heartbeat(step: int, now: float, phase: str, step_time_ema: float) -> bytes:
+    return f"{step} {now:.3f} {phase} {step_time_ema:.6f}".encode().ljust(HEARTBEAT_BYTES)
+
+
+def read_heartbeat(path: str) -> tuple[int, float, str, float] | None:
+    """(step, time, phase, step-time EMA) of a heartbeat file, or None before the first beat."""
+    try:
+        with open(path, "rb") as fh:
+            fields = fh.read(HEARTBEAT_BYTES).decode("ascii", "replace").split()
+        return int(fields[0]), float(fields[1]), fields[2], float(fields[3])
+    except (FileNotFoundError, ValueError, IndexError):
+        return None
+
+
+# ---------------------------------------------------------------------------- events
+
+
+class Event(StrEnum):
+    """The `event` of each record in a run's ledger. Supervisors, the CLI and rank 0's runtime
+    write them; `orch status`, `orch logs -f` and the goodput ledger read them."""
+
+    # the CLI
+    SUBMITTED = "submitted"
+    CANCEL_REQUESTED = "cancel_requested"
+    # supervisors
+    RUN_STARTED = "run_started"  # local supervisor
+    JOB_STARTED = "job_started"  # Slurm supervisor, once per incarnation of the job
+    ATTEMPT_STARTED = "attempt_started"
+    ATTEMPT_ENDED = "attempt_ended"
+    LAUNCHER_NOTICE = "launcher_notice"
+    HANG_DETECTED = "hang_detected"
+    RESTART_SCHEDULED = "restart_scheduled"
+    GIVING_UP = "giving_up"
+    PREEMPTED = "preempted"
+    REQUEUED = "requeued"
+    INCARNATION_ENDED = "incarnation_ended"
+    WARNING = "warning"
+    RUN_FINISHED = "run_finished"
+    # rank 0's runtime
+    RESTORED = "restored"
+    TRAINING_STARTED = "training_started"
+    CHECKPOINT_COMMITTED = "checkpoint_committed"

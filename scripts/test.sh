@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Set up .venv if needed, install the Slurm packages for the test cluster (as root), then run
-# the whole test suite: unit tests, integration tests with real gloo ranks, an S3 API server on
-# 127.0.0.1, and a real Slurm cluster (3 slurmd nodes) that the tests start and stop.
+# Set up .venv if needed, install the Slurm packages for the test cluster (as root), lint the tree
+# (scripts/lint.sh: ruff and the import graph), then run the whole test suite: tests/unit,
+# tests/processes, tests/integration (real gloo ranks, an S3 API server on 127.0.0.1) and
+# tests/slurm (a real Slurm cluster of 3 slurmd nodes that the tests start and stop).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/bootstrap.sh
@@ -12,4 +13,5 @@ if [ "${ORCH_SKIP_SLURM:-0}" != 1 ]; then
     echo "test.sh: not root: the Slurm tests will fail (set ORCH_SKIP_SLURM=1 to skip them)" >&2
   fi
 fi
+scripts/lint.sh
 exec .venv/bin/python -m pytest -q "$@"

@@ -18,7 +18,9 @@ JOBS = REPO / "jobs"
 TEST_JOBS = Path(__file__).resolve().parent / "jobs"
 
 
-def write_config(tmp_path: Path, script: str | Path, *, args: list[str] | None = None, **sections: Any) -> Path:
+def write_config(
+    tmp_path: Path, script: str | Path, *, args: list[str] | None = None, **sections: Any
+) -> Path:
     """A cluster.yaml under tmp_path whose runs go to tmp_path/runs; sections override defaults."""
     data: dict[str, Any] = {
         "backend": "local",
@@ -41,8 +43,12 @@ def orch_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "orchestrator.cli", *args]
 
 
-def run_orch(*args: str, timeout: float = 240, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(orch_cmd(*args), capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+def run_orch(
+    *args: str, timeout: float = 240, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        orch_cmd(*args), capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
+    )
 
 
 def read_events(run_dir: Path) -> list[dict[str, Any]]:
@@ -69,6 +75,7 @@ def tmp_runs(tmp_path: Path) -> Path:
 
 # ---------------------------------------------------------------------------- S3 on loopback
 
+
 def _free_port() -> int:
     import socket
 
@@ -92,7 +99,9 @@ def s3_server():
 
     port = _free_port()
     exe = shutil.which("moto_server") or str(Path(sys.executable).parent / "moto_server")
-    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     endpoint = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30
     while True:
@@ -102,7 +111,7 @@ def s3_server():
         except Exception:  # noqa: BLE001 - not up yet
             if time.monotonic() > deadline or proc.poll() is not None:
                 proc.kill()
-                raise RuntimeError("moto_server did not start")
+                raise RuntimeError("moto_server did not start") from None
             time.sleep(0.1)
     env = {
         "AWS_ACCESS_KEY_ID": "testing",

@@ -28,10 +28,19 @@ import sys
 import time
 from typing import Any, Mapping, Sequence
 
+from orchestrator.contract import CONTRACT_VARS
+from orchestrator.launch.forkserver import (
+    SERVER_BLOCKED_SIGNALS,
+)  # at import: no imports after fork (import lock)
+from orchestrator.launch.processes import (
+    AttemptGroup,
+    RankProcess,
+    SubprocessLauncher,
+    _set_parent_death_signal,
+    start_reaper,
+)
 from orchestrator.spec.config import ClusterConfig
-from orchestrator.launch.forkserver import SERVER_BLOCKED_SIGNALS  # at import: no imports after fork (import lock)
-from orchestrator.launch.processes import AttemptGroup, RankProcess, SubprocessLauncher, _set_parent_death_signal, start_reaper
-from orchestrator.spec.plan import CONTRACT_VARS, RankSpec
+from orchestrator.spec.plan import RankSpec
 
 READY_TIMEOUT_S = 120.0  # importing torch on a loaded 2-core machine can take ~10 s
 MAX_PRELOAD_RETRIES = 3
@@ -61,7 +70,12 @@ def job_imports(script: str | None) -> list[str]:
         for node in body:
             if isinstance(node, ast.Import):
                 names.extend(alias.name for alias in node.names)
-            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module and node.module != "__future__":
+            elif (
+                isinstance(node, ast.ImportFrom)
+                and node.level == 0
+                and node.module
+                and node.module != "__future__"
+            ):
                 names.append(node.module)
                 # `from pkg import sub` may name a submodule; the server skips it if not.
                 names.extend(f"{node.module}.{alias.name}" for alias in node.names if alias.name != "*")
@@ -69,7 +83,10 @@ def job_imports(script: str | None) -> list[str]:
                 visit(node.body)
 
     visit(tree.body)
-    local = lambda name: any(os.path.exists(os.path.join(here, name.split(".")[0] + ext)) for ext in (".py", ""))  # noqa: E731
+
+    def local(name: str) -> bool:
+        return any(os.path.exists(os.path.join(here, name.split(".")[0] + ext)) for ext in (".py", ""))
+
     return [n for n in dict.fromkeys(names) if not local(n)]
 
 
@@ -104,7 +121,9 @@ def first_use_imports(script: str | None) -> list[str]:
 
 def preload_list(config: ClusterConfig) -> list[str]:
     script = config.script_path
-    return list(dict.fromkeys(["torch", *config.launch.preload, *job_imports(script), *first_use_imports(script)]))
+    return list(
+        dict.fromkeys(["torch", *config.launch.preload, *job_imports(script), *first_use_imports(script)])
+    )
 
 
 def fork_refusal(config: ClusterConfig, python: str) -> str | None:
@@ -216,7 +235,9 @@ class ForkServer:
         deadline = time.monotonic() + timeout
         while self.hello is None:
             if not self.alive:
-                raise ForkServerError(f"the fork server exited during start-up (exit code {self.proc.returncode})")
+                raise ForkServerError(
+                    f"the fork server exited during start-up (exit code {self.proc.returncode})"
+                )
             if time.monotonic() > deadline:
                 self.close()
                 raise ForkServerError(f"the fork server was not ready after {timeout:.0f}s")
@@ -291,7 +312,9 @@ class ForkedProcess:
 class ForkServerLauncher:
     """Forks ranks from a pre-warmed server; fresh interpreters where that is not safe."""
 
-    def __init__(self, config: ClusterConfig, python: str = sys.executable, server_log: str | None = None) -> None:
+    def __init__(
+        self, config: ClusterConfig, python: str = sys.executable, server_log: str | None = None
+    ) -> None:
         self.config = config
         self.server_log = server_log  # default: RUN_DIR/logs/forkserver.log
         self.python = python
@@ -306,13 +329,17 @@ class ForkServerLauncher:
     def name(self) -> str:
         return "fork" if self.refusal is None else "subprocess"
 
-    def start_attempt(self, specs: Sequence[RankSpec], log_paths: Sequence[str], extra_env: Sequence[Mapping[str, str]]) -> AttemptGroup:
+    def start_attempt(
+        self, specs: Sequence[RankSpec], log_paths: Sequence[str], extra_env: Sequence[Mapping[str, str]]
+    ) -> AttemptGroup:
         notes = []
         if self.refusal is None and (self.server is None or not self.server.alive):
             if self.server is not None:
                 self.refusal = "the fork server died during the run"
             else:
-                log = self.server_log or os.path.join(os.path.dirname(log_paths[0]), os.pardir, "forkserver.log")
+                log = self.server_log or os.path.join(
+                    os.path.dirname(log_paths[0]), os.pardir, "forkserver.log"
+                )
                 notes.extend(self._start_server(specs[0], log))
         if self.refusal is not None:
             group = self.fallback.start_attempt(specs, log_paths, extra_env)
@@ -327,13 +354,21 @@ class ForkServerLauncher:
         try:
             cwd = os.getcwd()
             requests = [
-                {"argv": list(spec.argv), "env": {**os.environ, **spec.env, **extra}, "cwd": cwd, "log": log, "pgid": group.pgid}
-                for spec, log, extra in zip(specs, log_paths, extra_env)
+                {
+                    "argv": list(spec.argv),
+                    "env": {**os.environ, **spec.env, **extra},
+                    "cwd": cwd,
+                    "log": log,
+                    "pgid": group.pgid,
+                }
+                for spec, log, extra in zip(specs, log_paths, extra_env, strict=True)
             ]
             started = time.time()
             pids = self.server.spawn_all(requests)
-            for spec, log, pid in zip(specs, log_paths, pids):
-                group.ranks.append(RankProcess(spec=spec, popen=self.server.handles[pid], log_path=log, started=started))  # type: ignore[arg-type]
+            for spec, log, pid in zip(specs, log_paths, pids, strict=True):
+                group.ranks.append(
+                    RankProcess(spec=spec, popen=self.server.handles[pid], log_path=log, started=started)
+                )  # type: ignore[arg-type]
         except BaseException:
             group.close()
             raise
@@ -360,7 +395,11 @@ class ForkServerLauncher:
                 return notes
             if hello.get("ready"):
                 self.server = server
-                notes.insert(0, f"fork server ready: imported {', '.join(hello['preloaded'])} once in {hello['import_s']:.1f}s")
+                notes.insert(
+                    0,
+                    f"fork server ready: imported {', '.join(hello['preloaded'])}"
+                    f" once in {hello['import_s']:.1f}s",
+                )
                 return notes
             server.close()
             module = hello.get("module")

@@ -15,7 +15,8 @@ refuses (naming the module) rather than fork an unsafe image; the launcher then 
 fresh interpreters and logs why.
 
 Protocol: newline-delimited JSON on a SOCK_STREAM socketpair.
-  server -> {"ready": true, "preloaded": [...], "import_s": s}  or  {"ready": false, "reason": ..., "module": ...}
+  server -> {"ready": true, "preloaded": [...], "import_s": s}
+            or  {"ready": false, "reason": ..., "module": ...}
   client -> {"spawn": id, "argv": [...], "env": {...}, "cwd": ..., "log": path, "pgid": n}
   server -> {"spawned": id, "pid": n}  or  {"spawned": id, "error": "..."}
   server -> {"exited": pid, "code": n}   (n < 0: killed by signal -n, as subprocess reports it)
@@ -124,7 +125,11 @@ def serve(sock: socket.socket, modules: list[str]) -> None:
         channel.send({"ready": False, "reason": reason, "module": module, "preloaded": imported})
         return
     import_s = time.perf_counter() - t0
-    print(f"[forkserver] pid {os.getpid()}: imported {', '.join(imported)} in {import_s:.2f}s; ready", file=sys.stderr, flush=True)
+    print(
+        f"[forkserver] pid {os.getpid()}: imported {', '.join(imported)} in {import_s:.2f}s; ready",
+        file=sys.stderr,
+        flush=True,
+    )
     channel.send({"ready": True, "preloaded": imported, "import_s": round(import_s, 3), "pid": os.getpid()})
 
     # SIGCHLD wakes the loop through a pipe, so no thread is ever needed to reap.
@@ -160,7 +165,9 @@ def _reap(channel: _Channel, children: set[int]) -> None:
         channel.send({"exited": pid, "code": code, "at": time.time()})  # when reaped, not when read
 
 
-def _spawn(channel: _Channel, request: dict[str, Any], children: set[int], private_fds: tuple[int, ...]) -> None:
+def _spawn(
+    channel: _Channel, request: dict[str, Any], children: set[int], private_fds: tuple[int, ...]
+) -> None:
     try:
         log_fd = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     except OSError as exc:
@@ -213,8 +220,15 @@ def _become_rank(request: dict[str, Any], log_fd: int, private_fds: tuple[int, .
     os.environ.update(env)
     unbuffered = bool(env.get("PYTHONUNBUFFERED"))
     sys.stdin = io.TextIOWrapper(io.FileIO(0, "r", closefd=False))
-    sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), line_buffering=not unbuffered, write_through=unbuffered)
-    sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), line_buffering=True, write_through=unbuffered, errors="backslashreplace")
+    sys.stdout = io.TextIOWrapper(
+        io.FileIO(1, "w", closefd=False), line_buffering=not unbuffered, write_through=unbuffered
+    )
+    sys.stderr = io.TextIOWrapper(
+        io.FileIO(2, "w", closefd=False),
+        line_buffering=True,
+        write_through=unbuffered,
+        errors="backslashreplace",
+    )
     _fresh_process_state(env)
     os._exit(_run_entrypoint(request["argv"]))
 

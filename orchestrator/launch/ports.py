@@ -19,7 +19,9 @@ PORT_RANGE = (20000, 32000)
 
 
 def _lock_dir() -> str:
-    path = os.environ.get("ORCH_PORT_LOCK_DIR") or os.path.join(tempfile.gettempdir(), f"orch-ports-{os.getuid()}")
+    path = os.environ.get("ORCH_PORT_LOCK_DIR") or os.path.join(
+        tempfile.gettempdir(), f"orch-ports-{os.getuid()}"
+    )
     os.makedirs(path, mode=0o700, exist_ok=True)
     return path
 

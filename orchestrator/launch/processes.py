@@ -116,7 +116,9 @@ class Launcher(Protocol):
 
     name: str
 
-    def start_attempt(self, specs: Sequence[RankSpec], log_paths: Sequence[str], extra_env: Sequence[Mapping[str, str]]) -> AttemptGroup: ...
+    def start_attempt(
+        self, specs: Sequence[RankSpec], log_paths: Sequence[str], extra_env: Sequence[Mapping[str, str]]
+    ) -> AttemptGroup: ...
 
     def close(self) -> None:
         """Release what outlives attempts (a fork server); called once when the run ends."""
@@ -167,12 +169,14 @@ class SubprocessLauncher:
 
     name = "subprocess"
 
-    def start_attempt(self, specs: Sequence[RankSpec], log_paths: Sequence[str], extra_env: Sequence[Mapping[str, str]]) -> AttemptGroup:
+    def start_attempt(
+        self, specs: Sequence[RankSpec], log_paths: Sequence[str], extra_env: Sequence[Mapping[str, str]]
+    ) -> AttemptGroup:
         reaper, pipe = start_reaper()
         group = AttemptGroup(pgid=reaper.pid, reaper=reaper, reaper_pipe=pipe)
         parent = os.getpid()
         try:
-            for spec, log_path, extra in zip(specs, log_paths, extra_env):
+            for spec, log_path, extra in zip(specs, log_paths, extra_env, strict=True):
                 env = {**os.environ, **spec.env, **extra}
                 fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
                 try:
@@ -188,7 +192,9 @@ class SubprocessLauncher:
                     )
                 finally:
                     os.close(fd)
-                group.ranks.append(RankProcess(spec=spec, popen=popen, log_path=log_path, started=time.time()))
+                group.ranks.append(
+                    RankProcess(spec=spec, popen=popen, log_path=log_path, started=time.time())
+                )
         except BaseException:
             group.close()
             raise

@@ -33,7 +33,24 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from orchestrator.storage.ckpt_store import AlreadyCommitted, CheckpointStore, CorruptCheckpoint, FileEntry, StaleIncarnation, make_token, step_dir_name
+from orchestrator.contract import (
+    ENV_CKPT_ASYNC,
+    ENV_CKPT_INTERVAL,
+    ENV_CKPT_KEEP,
+    ENV_INCARNATION,
+    Event,
+    Phase,
+)
+from orchestrator.storage.ckpt_store import (
+    AlreadyCommitted,
+    CheckpointStore,
+    CorruptCheckpoint,
+    FileEntry,
+    StaleIncarnation,
+    make_token,
+    step_dir_name,
+)
+
 from . import heartbeat, preemption
 from .dist import DistContext
 
@@ -85,7 +102,13 @@ def rng_state() -> dict[str, Any]:
     np_state = np.random.get_state()
     state: dict[str, Any] = {
         "python": [version, list(internal), gauss],
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "numpy": [
+            np_state[0],
+            torch.from_numpy(np_state[1].astype(np.int64)),
+            int(np_state[2]),
+            int(np_state[3]),
+            float(np_state[4]),
+        ],
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -108,7 +131,10 @@ def _load(loader: Callable[[], Any], what: str) -> Any:
         return loader()
     except Exception as exc:  # noqa: BLE001 - torch raises UnpicklingError and friends
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{what}: refused to load: it holds more than tensors and plain containers (weights_only=True): {first}") from None
+        raise CheckpointError(
+            f"{what}: refused to load: it holds more than tensors and plain containers"
+            f" (weights_only=True): {first}"
+        ) from None
 
 
 def _warn(text: str) -> None:
@@ -129,8 +155,15 @@ class _Snapshot:
         if isinstance(obj, torch.Tensor):
             src = obj.detach()
             buf = self._buffers.get(key)
-            if buf is None or buf.shape != src.shape or buf.dtype != src.dtype or buf.stride() != src.stride():
-                buf = torch.empty_strided(src.shape, src.stride(), dtype=src.dtype, device="cpu", pin_memory=src.is_cuda)
+            if (
+                buf is None
+                or buf.shape != src.shape
+                or buf.dtype != src.dtype
+                or buf.stride() != src.stride()
+            ):
+                buf = torch.empty_strided(
+                    src.shape, src.stride(), dtype=src.dtype, device="cpu", pin_memory=src.is_cuda
+                )
                 self._buffers[key] = buf
             buf.copy_(src, non_blocking=src.is_cuda)
             return buf
@@ -177,10 +210,12 @@ class Checkpointer:
         if base is None:
             raise CheckpointError("no checkpoint location: run under `orch run` (ORCH_RUN_DIR) or pass url=")
         self.store = CheckpointStore(base)
-        self.interval = interval or int(os.environ.get("ORCH_CKPT_INTERVAL", "50"))
-        self.keep = max(2, keep or int(os.environ.get("ORCH_CKPT_KEEP", "2")))
-        self.async_save = async_save if async_save is not None else os.environ.get("ORCH_CKPT_ASYNC") == "1"
-        self.incarnation = incarnation if incarnation is not None else int(os.environ.get("ORCH_INCARNATION", ctx.attempt))
+        self.interval = interval or int(os.environ.get(ENV_CKPT_INTERVAL, "50"))
+        self.keep = max(2, keep or int(os.environ.get(ENV_CKPT_KEEP, "2")))
+        self.async_save = async_save if async_save is not None else os.environ.get(ENV_CKPT_ASYNC) == "1"
+        self.incarnation = (
+            incarnation if incarnation is not None else int(os.environ.get(ENV_INCARNATION, ctx.attempt))
+        )
         # A group of our own (collective call on every rank): background saves talk on it
         # while training talks on the default group.
         self._group = dist.new_group(backend="gloo") if dist.is_initialized() else None
@@ -225,7 +260,7 @@ class Checkpointer:
         next (every ~vote_period_s), so its latency hides behind the steps between; every rank
         reads the same result at the same step, so every rank stops at the same step.
         """
-        heartbeat.beat(step, "train")
+        heartbeat.beat(step, Phase.TRAIN)
         stop = False
         if self._vote_group is None:
             stop = preemption.requested() is not None
@@ -249,8 +284,12 @@ class Checkpointer:
             proposal = self.max_vote_every if per_step <= 0 else int(self.vote_period_s / per_step)
         self._vote_started = (step, now)
         self._vote[0] = 1.0 if preemption.requested() is not None else 0.0
-        self._vote[1] = -float(max(1, min(self.max_vote_every, proposal)))  # MAX of negatives: the smallest proposal
-        self._stop_vote = dist.all_reduce(self._vote, op=dist.ReduceOp.MAX, group=self._vote_group, async_op=True)
+        self._vote[1] = -float(
+            max(1, min(self.max_vote_every, proposal))
+        )  # MAX of negatives: the smallest proposal
+        self._stop_vote = dist.all_reduce(
+            self._vote, op=dist.ReduceOp.MAX, group=self._vote_group, async_op=True
+        )
         self._next_vote_step = step + self._vote_every
 
     def _read_vote(self) -> bool:
@@ -292,13 +331,15 @@ class Checkpointer:
         close) waits for them and raises their error, if any.
         """
         blocked_from = time.monotonic()
-        heartbeat.beat(step, "save")
+        heartbeat.beat(step, Phase.SAVE)
         self.wait()
         self._finish_vote()
         token = make_token(self.incarnation)
         agreed_step, token = self._broadcast((step, token))
         if agreed_step != step:
-            raise CheckpointError(f"rank {self.ctx.rank} saves step {step} but rank 0 saves step {agreed_step}")
+            raise CheckpointError(
+                f"rank {self.ctx.rank} saves step {step} but rank 0 saves step {agreed_step}"
+            )
         app = self._app_state(step, epoch, extra) if self.ctx.is_main else None
         mine = self._rank_state()
         if self.async_save:
@@ -308,17 +349,22 @@ class Checkpointer:
                 torch.cuda.synchronize()  # the non_blocking device->host copies are done
             future: Future = Future()
             blocked = time.monotonic() - blocked_from
-            thread = threading.Thread(target=self._run_into, args=(future, self._write_and_commit, step, epoch, token, app, mine, blocked), name="orch-ckpt-save", daemon=True)
+            thread = threading.Thread(
+                target=self._run_into,
+                args=(future, self._write_and_commit, step, epoch, token, app, mine, blocked),
+                name="orch-ckpt-save",
+                daemon=True,
+            )
             thread.start()
             self._pending = future
             self.last_block_s = time.monotonic() - blocked_from
             self.last_saved_step = step
-            heartbeat.beat(step, "train")
+            heartbeat.beat(step, Phase.TRAIN)
             return
         self._write_and_commit(step, epoch, token, app, mine)
         self.last_block_s = time.monotonic() - blocked_from
         self.last_saved_step = step
-        heartbeat.beat(step, "train")
+        heartbeat.beat(step, Phase.TRAIN)
 
     @staticmethod
     def _run_into(future: Future, fn: Callable[..., Any], *args: Any) -> None:
@@ -327,7 +373,15 @@ class Checkpointer:
         except BaseException as exc:  # noqa: BLE001 - delivered to the training thread
             future.set_exception(exc)
 
-    def _write_and_commit(self, step: int, epoch: int, token: str, app: dict[str, Any] | None, mine: dict[str, Any], blocked_s: float | None = None) -> None:
+    def _write_and_commit(
+        self,
+        step: int,
+        epoch: int,
+        token: str,
+        app: dict[str, Any] | None,
+        mine: dict[str, Any],
+        blocked_s: float | None = None,
+    ) -> None:
         """Write, gather, commit. `blocked_s`: how long training waited (async: the snapshot;
         None for a synchronous save, which blocks for all of this)."""
         started = time.monotonic()
@@ -337,11 +391,15 @@ class Checkpointer:
         digest = None
         try:
             tmp = self.store.tmp_dir(step, token)
-            entries.append(self.store.write_stream(tmp, rank_file(self.ctx.rank), lambda fh: torch.save(mine, fh)))
+            entries.append(
+                self.store.write_stream(tmp, rank_file(self.ctx.rank), lambda fh: torch.save(mine, fh))
+            )
             if app is not None:
                 # The model digest is a second pass over the weights: run it beside the write.
                 digest_future: Future = Future()
-                hasher = threading.Thread(target=self._run_into, args=(digest_future, state_digest, app["model"]), daemon=True)
+                hasher = threading.Thread(
+                    target=self._run_into, args=(digest_future, state_digest, app["model"]), daemon=True
+                )
                 hasher.start()
                 try:
                     entries.append(self.store.write_stream(tmp, STATE_FILE, lambda fh: torch.save(app, fh)))
@@ -377,7 +435,10 @@ class Checkpointer:
                 except AlreadyCommitted as exc:
                     result = ("stale", f"checkpoint {step_dir_name(step)} not committed: {exc}")
                 except OSError as exc:
-                    result = ("error", f"checkpoint {step_dir_name(step)} not committed: {exc.strerror or exc}")
+                    result = (
+                        "error",
+                        f"checkpoint {step_dir_name(step)} not committed: {exc.strerror or exc}",
+                    )
             if result is not None:
                 self._discard(tmp)
             else:
@@ -395,7 +456,13 @@ class Checkpointer:
 
     def _record_commit(self, step: int, digest: str | None, write_s: float, block_s: float) -> None:
         """Supervisors check the signal lead time against write_s; goodput counts block_s."""
-        self._record("checkpoint_committed", step=step, write_s=round(write_s, 3), block_s=round(block_s, 3), model_digest=digest)
+        self._record(
+            Event.CHECKPOINT_COMMITTED,
+            step=step,
+            write_s=round(write_s, 3),
+            block_s=round(block_s, 3),
+            model_digest=digest,
+        )
 
     def _discard(self, tmp: str) -> None:
         if not tmp:
@@ -426,7 +493,7 @@ class Checkpointer:
         """Wait for a background save to commit; raise its error."""
         self._finish_vote()
         self.wait()
-        heartbeat.beat(self.last_saved_step or 0, "exit")  # shutting down: no hang limit
+        heartbeat.beat(self.last_saved_step or 0, Phase.EXIT)  # shutting down: no hang limit
 
     # ------------------------------------------------------------------ restore
 
@@ -458,11 +525,15 @@ class Checkpointer:
         """Load the newest committed checkpoint that verifies into the registered objects."""
         started = time.monotonic()
         progress = self._restore()
-        self._record("restored", step=progress.step if progress else None, restore_s=round(time.monotonic() - started, 3))
-        self._record("training_started", step=progress.step if progress else 0)
+        self._record(
+            Event.RESTORED,
+            step=progress.step if progress else None,
+            restore_s=round(time.monotonic() - started, 3),
+        )
+        self._record(Event.TRAINING_STARTED, step=progress.step if progress else 0)
         return progress
 
-    def _record(self, event: str, **fields: Any) -> None:
+    def _record(self, event: Event, **fields: Any) -> None:
         """An event in the run directory's ledger, from rank 0 (goodput, lead-time check)."""
         if not (self.ctx.is_main and self.ctx.run_dir):
             return
@@ -489,9 +560,14 @@ class Checkpointer:
                 # no file-sized allocation, load_state_dict copies straight from the page cache.
                 if self._verified_step != step:
                     self.store.read_file(step, name, files[name], keep=False)
-                return _load(lambda: torch.load(path, map_location="cpu", weights_only=True, mmap=True), f"{where}/{name}")
+                return _load(
+                    lambda: torch.load(path, map_location="cpu", weights_only=True, mmap=True),
+                    f"{where}/{name}",
+                )
             data = cached.pop(name, None) or self.store.read_file(step, name, files[name])
-            return _load(lambda: torch.load(io.BytesIO(data), map_location="cpu", weights_only=True), f"{where}/{name}")
+            return _load(
+                lambda: torch.load(io.BytesIO(data), map_location="cpu", weights_only=True), f"{where}/{name}"
+            )
 
         try:
             same_world = int(manifest.get("world_size", -1)) == self.ctx.world_size
@@ -512,4 +588,6 @@ class Checkpointer:
             self.sampler.load_state_dict(rank_state["sampler"])
         progress = app["progress"]
         self.last_saved_step = int(progress["step"])
-        return Progress(step=int(progress["step"]), epoch=int(progress["epoch"]), extra=dict(app.get("extra", {})))
+        return Progress(
+            step=int(progress["step"]), epoch=int(progress["epoch"]), extra=dict(app.get("extra", {}))
+        )

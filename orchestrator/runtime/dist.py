@@ -10,6 +10,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from orchestrator.contract import ENV_ATTEMPT, ENV_DIST_BACKEND, ENV_RUN_DIR, ENV_RUN_ID, Phase
+
 from . import heartbeat
 from .errorfile import install_excepthook
 
@@ -40,7 +42,7 @@ def _env_int(name: str, default: int) -> int:
 
 def choose_backend(requested: str | None = None) -> str:
     """auto: nccl when this process can see a GPU, gloo otherwise."""
-    requested = (requested or os.environ.get("ORCH_DIST_BACKEND") or "auto").lower()
+    requested = (requested or os.environ.get(ENV_DIST_BACKEND) or "auto").lower()
     if requested != "auto":
         return requested
     return "nccl" if torch.cuda.is_available() else "gloo"
@@ -66,7 +68,9 @@ def init(backend: str | None = None, timeout_s: float = 600.0) -> DistContext:
     if not dist.is_initialized():
         timeout = timedelta(seconds=timeout_s)
         if "MASTER_ADDR" in os.environ and "WORLD_SIZE" in os.environ:
-            dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world, timeout=timeout)
+            dist.init_process_group(
+                backend, init_method="env://", rank=rank, world_size=world, timeout=timeout
+            )
         else:
             store = dist.FileStore(tempfile.mktemp(prefix="orch-store-"), 1)
             dist.init_process_group(backend, store=store, rank=0, world_size=1, timeout=timeout)
@@ -79,14 +83,14 @@ def init(backend: str | None = None, timeout_s: float = 600.0) -> DistContext:
         nnodes=_env_int("NNODES", 1),
         backend=backend,
         device=device,
-        run_id=os.environ.get("ORCH_RUN_ID", "standalone"),
-        run_dir=os.environ.get("ORCH_RUN_DIR"),
-        attempt=_env_int("ORCH_ATTEMPT", _env_int("TORCHELASTIC_RESTART_COUNT", 0)),
+        run_id=os.environ.get(ENV_RUN_ID, "standalone"),
+        run_dir=os.environ.get(ENV_RUN_DIR),
+        attempt=_env_int(ENV_ATTEMPT, _env_int("TORCHELASTIC_RESTART_COUNT", 0)),
     )
 
 
 def shutdown() -> None:
-    heartbeat.beat(0, "exit")
+    heartbeat.beat(0, Phase.EXIT)
     if dist.is_initialized():
         dist.destroy_process_group()
 

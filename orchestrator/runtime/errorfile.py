@@ -10,26 +10,28 @@ import time
 import traceback
 from types import TracebackType
 
+from orchestrator.contract import ENV_ERROR_FILE, error_record
+
 _installed = False
 
 
 def write_error_file(exc: BaseException, path: str | None = None) -> None:
-    write_record(type(exc).__name__, str(exc)[:4000], path=path, traceback="".join(traceback.format_exception(type(exc), exc, exc.__traceback__))[-20000:])
+    write_record(
+        type(exc).__name__,
+        str(exc)[:4000],
+        path=path,
+        traceback="".join(traceback.format_exception(type(exc), exc, exc.__traceback__))[-20000:],
+    )
 
 
 def write_record(kind: str, message: str, *, path: str | None = None, **extra: object) -> None:
     """Write this rank's exit record (an error, or a preemption) atomically."""
-    path = path or os.environ.get("ORCH_ERROR_FILE")
+    path = path or os.environ.get(ENV_ERROR_FILE)
     if not path:
         return
-    record = {
-        "rank": int(os.environ.get("RANK", "-1")),
-        "type": kind,
-        "message": message,
-        "time": time.time(),
-        "pid": os.getpid(),
-        **extra,
-    }
+    record = error_record(
+        kind, message, rank=int(os.environ.get("RANK", "-1")), time=time.time(), pid=os.getpid(), **extra
+    )
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         with open(tmp, "w", encoding="utf-8") as fh:
@@ -40,7 +42,7 @@ def write_record(kind: str, message: str, *, path: str | None = None, **extra: o
 
 
 def install_excepthook() -> None:
-    """Record uncaught exceptions in ORCH_ERROR_FILE, then let Python print them as usual."""
+    """Record uncaught exceptions in the error file (ORCH_ERROR_FILE), then let Python print them as usual."""
     global _installed
     if _installed:
         return

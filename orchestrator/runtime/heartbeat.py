@@ -7,7 +7,7 @@ shuts down (no limit). A change of phase is written at once; while training, at 
 record per WRITE_EVERY_S (a pwrite right after a step costs ~30-50 us on a busy CPU, ~0.4% of
 a 10 ms step when every step wrote), so a record is never older than WRITE_EVERY_S plus one
 step, far below any hang limit (>= 1 s). The supervisor's watchdog reads these files; see
-orchestrator/supervision/watchdog.py.
+orchestrator/supervision/watchdog.py; the record's format is in orchestrator/contract.py.
 
 SIGUSR1 dumps every thread's Python stack into the rank's log (faulthandler works from C, so
 it also reaches a rank stuck inside a collective).
@@ -21,7 +21,8 @@ import signal
 import sys
 import time
 
-from orchestrator.supervision.watchdog import RECORD_BYTES
+from orchestrator.contract import ENV_HEARTBEAT_FILE, Phase, encode_heartbeat
+
 _fd: int | None = None
 _last_step: int | None = None
 _last_time: float | None = None
@@ -34,27 +35,26 @@ WRITE_EVERY_S = 0.1
 def install() -> None:
     global _fd
     if _fd is None:
-        path = os.environ.get("ORCH_HEARTBEAT_FILE")
+        path = os.environ.get(ENV_HEARTBEAT_FILE)
         if path:
             _fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
     try:
         faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True, chain=False)
     except (AttributeError, ValueError, RuntimeError):  # pragma: no cover - not the main thread
         pass
-    beat(0, "init")
+    beat(0, Phase.INIT)
 
 
-def beat(step: int, phase: str = "train") -> None:
+def beat(step: int, phase: str = Phase.TRAIN) -> None:
     """Record progress: called at every step end (by Checkpointer.step_end) and around saves."""
     global _last_step, _last_time, _ema, _written_at, _written_phase
     now = time.time()
-    if phase == "train" and _last_time is not None and _last_step is not None and step > _last_step:
+    if phase == Phase.TRAIN and _last_time is not None and _last_step is not None and step > _last_step:
         per_step = (now - _last_time) / (step - _last_step)
         _ema = per_step if _ema == 0.0 else 0.9 * _ema + 0.1 * per_step
-    if phase == "train":
+    if phase == Phase.TRAIN:
         _last_step, _last_time = step, now
     if _fd is None or (phase == _written_phase and 0.0 <= now - _written_at < WRITE_EVERY_S):
         return
-    record = f"{step} {now:.3f} {phase} {_ema:.6f}".encode().ljust(RECORD_BYTES)
-    os.pwrite(_fd, record, 0)
+    os.pwrite(_fd, encode_heartbeat(step, now, phase, _ema), 0)
     _written_at, _written_phase = now, phase

@@ -7,6 +7,9 @@ import tempfile
 import time
 from typing import Any
 
+from orchestrator.storage.goodput import ledger
+from orchestrator.storage.rundir import RunDir
+
 from .dist import DistContext
 
 
@@ -42,9 +45,6 @@ class Metrics:
         self._writer.add_scalar("orch/restarts", self._ctx.attempt, step)
         if not self._ctx.run_dir:
             return
-        from orchestrator.supervision.goodput import ledger
-        from orchestrator.storage.rundir import RunDir
-
         try:
             summary = ledger(RunDir(self._ctx.run_dir).events(), now=time.time())
         except OSError:

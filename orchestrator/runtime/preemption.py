@@ -13,9 +13,10 @@ import signal
 import sys
 from typing import Any
 
-
 from orchestrator.contract import PREEMPTED_EXIT_CODE, PREEMPTED_TYPE
+
 from .errorfile import write_record
+
 STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
 
 _requested: int | None = None
@@ -58,5 +59,10 @@ def exit_preempted(step: int) -> None:
     """
     name = signal.Signals(_requested).name if _requested else "a request"
     write_record(PREEMPTED_TYPE, f"checkpointed step {step} after {name}", step=step)
-    print(f"[orch] stopping at step {step} after {name}: checkpoint committed, exiting {PREEMPTED_EXIT_CODE} to be resumed", file=sys.stderr, flush=True)
+    print(
+        f"[orch] stopping at step {step} after {name}: checkpoint committed,"
+        f" exiting {PREEMPTED_EXIT_CODE} to be resumed",
+        file=sys.stderr,
+        flush=True,
+    )
     raise SystemExit(PREEMPTED_EXIT_CODE)

@@ -16,7 +16,9 @@ from torch.utils.data import Sampler
 
 
 class ResumableDistributedSampler(Sampler[int]):
-    def __init__(self, dataset_len: int, *, rank: int, world_size: int, seed: int = 0, shuffle: bool = True) -> None:
+    def __init__(
+        self, dataset_len: int, *, rank: int, world_size: int, seed: int = 0, shuffle: bool = True
+    ) -> None:
         if dataset_len <= 0:
             raise ValueError("dataset_len must be positive")
         if not 0 <= rank < world_size:
@@ -63,11 +65,18 @@ class ResumableDistributedSampler(Sampler[int]):
         return self._remainder_len() == 0
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "consumed": self.consumed, "seed": self.seed, "dataset_len": self.dataset_len}
+        return {
+            "epoch": self.epoch,
+            "consumed": self.consumed,
+            "seed": self.seed,
+            "dataset_len": self.dataset_len,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if int(state["dataset_len"]) != self.dataset_len:
-            raise ValueError(f"checkpoint sampler saw {state['dataset_len']} samples, this data set has {self.dataset_len}")
+            raise ValueError(
+                f"checkpoint sampler saw {state['dataset_len']} samples, this data set has {self.dataset_len}"
+            )
         self.seed = int(state["seed"])
         self.epoch = int(state["epoch"])
         self.consumed = int(state["consumed"])

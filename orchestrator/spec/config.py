@@ -51,7 +51,9 @@ def _f(default: Any, doc: str, **checks: Any) -> Any:
 @dataclass(frozen=True, kw_only=True)
 class JobSpec:
     script: str | None = _f(None, "Python script to run on every rank (path relative to cluster.yaml).")
-    module: str | None = _f(None, "Python module to run with `python -m` instead of a script.", pattern=_MODULE)
+    module: str | None = _f(
+        None, "Python module to run with `python -m` instead of a script.", pattern=_MODULE
+    )
     args: tuple[str, ...] = _f((), "Arguments passed to the entrypoint.")
     env: Mapping[str, str] = _f(types.MappingProxyType({}), "Extra environment variables for every rank.")
     pass_env: tuple[str, ...] = _f(
@@ -95,7 +97,9 @@ class ResourcesSpec:
 
 @dataclass(frozen=True, kw_only=True)
 class DistributedSpec:
-    backend: Literal["auto", "gloo", "nccl"] = _f("auto", "Process-group backend: auto picks nccl with GPUs, gloo otherwise.")
+    backend: Literal["auto", "gloo", "nccl"] = _f(
+        "auto", "Process-group backend: auto picks nccl with GPUs, gloo otherwise."
+    )
     master_port: int | Literal["auto"] = _f(
         "auto", "Rendezvous port: auto picks one no other run uses, or a fixed port.", min=1024, max=65535
     )
@@ -103,29 +107,50 @@ class DistributedSpec:
 
 @dataclass(frozen=True, kw_only=True)
 class StorageSpec:
-    root: str = _f("./runs", "Where run directories live: a path (relative to cluster.yaml) or any fsspec URL.")
+    root: str = _f(
+        "./runs", "Where run directories live: a path (relative to cluster.yaml) or any fsspec URL."
+    )
     checkpoint_interval: int = _f(50, "Save a checkpoint every N training steps.", min=1)
     keep: int = _f(2, "Keep the newest K committed checkpoints.", min=2, max=1000)
-    async_save: bool = _f(False, "Write checkpoints in the background; training blocks only while tensors are copied.")
+    async_save: bool = _f(
+        False, "Write checkpoints in the background; training blocks only while tensors are copied."
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
 class RestartSpec:
-    max_restarts: int = _f(3, "Attempts started after a failure before the run is declared failed.", min=0, max=1000)
+    max_restarts: int = _f(
+        3, "Attempts started after a failure before the run is declared failed.", min=0, max=1000
+    )
     backoff_s: float = _f(1.0, "Wait before the first restart; doubles each time.", min=0.0, max=3600.0)
     backoff_max_s: float = _f(60.0, "Upper bound of the restart wait.", min=0.0, max=86400.0)
     stop_grace_s: float = _f(10.0, "After SIGTERM, how long ranks get before SIGKILL.", min=0.0, max=3600.0)
-    crash_loop_attempts: int = _f(3, "Stop retrying after this many failed attempts in a row without a new checkpoint (0: never).", min=0, max=1000)
+    crash_loop_attempts: int = _f(
+        3,
+        "Stop retrying after this many failed attempts in a row without a new checkpoint (0: never).",
+        min=0,
+        max=1000,
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
 class WatchdogSpec:
     hang_timeout_s: float | Literal["auto"] = _f(
-        "auto", "A training rank silent this long is hung; auto: max(min_hang_s, hang_factor x its step time) after 5 steps.", min=1.0, max=86400.0
+        "auto",
+        (
+            "A training rank silent this long is hung;"
+            " auto: max(min_hang_s, hang_factor x its step time) after 5 steps."
+        ),
+        min=1.0,
+        max=86400.0,
     )
-    hang_factor: float = _f(30.0, "auto: how many typical step times of silence make a hang.", min=2.0, max=100000.0)
+    hang_factor: float = _f(
+        30.0, "auto: how many typical step times of silence make a hang.", min=2.0, max=100000.0
+    )
     min_hang_s: float = _f(60.0, "auto: never call a rank hung sooner than this.", min=1.0, max=86400.0)
-    startup_timeout_s: float | None = _f(None, "Limit from start to the first training step (null: none).", min=1.0, max=86400.0)
+    startup_timeout_s: float | None = _f(
+        None, "Limit from start to the first training step (null: none).", min=1.0, max=86400.0
+    )
     save_timeout_s: float = _f(1800.0, "Limit for one checkpoint save.", min=1.0, max=86400.0)
 
 
@@ -133,9 +158,21 @@ class WatchdogSpec:
 class LaunchSpec:
     mode: Literal["auto", "subprocess"] = _f(
         "auto",
-        "How ranks start: auto forks them from a server that imported torch and the job's imports once, one server per machine (local) or per node (slurm: one node agent per node); fresh interpreters where forking is unsafe, with the reason logged. subprocess always starts fresh interpreters (slurm: one srun task per rank).",
+        (
+            "How ranks start: auto forks them from a server that imported torch and the job's imports once,"
+            " one server per machine (local) or per node (slurm: one node agent per node);"
+            " fresh interpreters where forking is unsafe, with the reason logged."
+            " subprocess always starts fresh interpreters (slurm: one srun task per rank)."
+        ),
     )
-    preload: tuple[str, ...] = _f((), "Extra modules the fork server imports once (besides torch and the entrypoint's top-level imports).", item_pattern=_MODULE)
+    preload: tuple[str, ...] = _f(
+        (),
+        (
+            "Extra modules the fork server imports once"
+            " (besides torch and the entrypoint's top-level imports)."
+        ),
+        item_pattern=_MODULE,
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -143,14 +180,23 @@ class SlurmSpec:
     partition: str | None = _f(None, "Slurm partition (-p).", pattern=_NAME)
     account: str | None = _f(None, "Slurm account (-A).", pattern=_NAME)
     qos: str | None = _f(None, "Slurm QOS.", pattern=_NAME)
-    signal_lead_s: int = _f(120, "Seconds before the time limit or preemption that ranks get SIGUSR2.", min=1, max=65535)
+    signal_lead_s: int = _f(
+        120, "Seconds before the time limit or preemption that ranks get SIGUSR2.", min=1, max=65535
+    )
     max_requeues: int = _f(10, "How many times a preempted or timed-out job is requeued.", min=0, max=10000)
     setup: tuple[str, ...] = _f(
         (),
-        "Shell lines run in the batch script before the launch (module load ...); not #SBATCH lines (use extra_flags).",
+        (
+            "Shell lines run in the batch script before the launch (module load ...);"
+            " not #SBATCH lines (use extra_flags)."
+        ),
         item_pattern=re.compile(r"^(?!\s*#\s*SBATCH)", re.IGNORECASE),
     )
-    extra_flags: tuple[str, ...] = _f((), "Extra sbatch flags, each as `--flag=value`.", item_pattern=re.compile(r"^--[a-z][a-z0-9-]*(=.*)?\Z"))
+    extra_flags: tuple[str, ...] = _f(
+        (),
+        "Extra sbatch flags, each as `--flag=value`.",
+        item_pattern=re.compile(r"^--[a-z][a-z0-9-]*(=.*)?\Z"),
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -162,8 +208,12 @@ class ClusterConfig:
     distributed: DistributedSpec = _f(DistributedSpec, "torch.distributed settings.")
     storage: StorageSpec = _f(StorageSpec, "Run directory and checkpoint settings.")
     restart: RestartSpec = _f(RestartSpec, "What the supervisor does when a rank fails.")
-    watchdog: WatchdogSpec = _f(WatchdogSpec, "When a silent rank counts as hung (ranks using orchestrator.runtime send heartbeats).")
-    launch: LaunchSpec = _f(LaunchSpec, "How ranks start: forked from a pre-warmed server, or fresh interpreters.")
+    watchdog: WatchdogSpec = _f(
+        WatchdogSpec, "When a silent rank counts as hung (ranks using orchestrator.runtime send heartbeats)."
+    )
+    launch: LaunchSpec = _f(
+        LaunchSpec, "How ranks start: forked from a pre-warmed server, or fresh interpreters."
+    )
     slurm: SlurmSpec = _f(SlurmSpec, "Settings used only by the slurm backend.")
     # Where the file was loaded from: relative paths in it resolve against this directory.
     base_dir: str = field(default=".", metadata={"doc": "internal", "internal": True})
@@ -172,7 +222,11 @@ class ClusterConfig:
     def job_name(self) -> str:
         if self.name:
             return self.name
-        stem = self.job.module.rsplit(".", 1)[-1] if self.job.module else os.path.splitext(os.path.basename(self.job.script or "job"))[0]
+        stem = (
+            self.job.module.rsplit(".", 1)[-1]
+            if self.job.module
+            else os.path.splitext(os.path.basename(self.job.script or "job"))[0]
+        )
         return re.sub(r"[^A-Za-z0-9_.+-]", "-", stem) or "job"
 
     @property
@@ -191,6 +245,7 @@ class ClusterConfig:
 
 
 # ---------------------------------------------------------------------------- the walker
+
 
 def _oneline(text: str) -> str:
     """`text` with every non-printable character (newline, escape, NUL, U+2028...) escaped."""
@@ -229,7 +284,9 @@ def _doc_of(cls: type, name: str) -> str:
     return {f.name: f for f in dataclasses.fields(cls)}[name].metadata.get("doc", "")
 
 
-def _check_string(value: str, path: str, source: str, meta: Mapping[str, Any], pattern_key: str = "pattern") -> str:
+def _check_string(
+    value: str, path: str, source: str, meta: Mapping[str, Any], pattern_key: str = "pattern"
+) -> str:
     if _CONTROL_CHARS.search(value):
         raise _error(source, path, "contains a control character (newline, tab, escape...); not allowed")
     pattern = meta.get(pattern_key)
@@ -249,7 +306,9 @@ def _type_name(tp: Any) -> str:
         return "a list of strings"
     if typing.get_origin(tp) in (Mapping, dict, collections.abc.Mapping) or tp is Mapping:
         return "a mapping of strings"
-    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, getattr(tp, "__name__", str(tp)))
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(
+        tp, getattr(tp, "__name__", str(tp))
+    )
 
 
 def _convert(tp: Any, value: Any, path: str, source: str, meta: Mapping[str, Any]) -> Any:
@@ -294,7 +353,12 @@ def _convert(tp: Any, value: Any, path: str, source: str, meta: Mapping[str, Any
             except OverflowError:
                 raise _error(source, path, "must be a finite number") from None
     elif tp is str:
-        if meta.get("coerce_int") and isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 10**9:
+        if (
+            meta.get("coerce_int")
+            and isinstance(value, int)
+            and not isinstance(value, bool)
+            and 0 <= value < 10**9
+        ):
             value = str(value)  # `time_limit: 90` means 90 minutes, as in sbatch
         if isinstance(value, str):
             return _check_string(value, path, source, meta)
@@ -305,7 +369,11 @@ def _convert(tp: Any, value: Any, path: str, source: str, meta: Mapping[str, Any
                 if not isinstance(item, (str, int, float)) or isinstance(item, bool):
                     raise _error(source, f"{path}[{i}]", f"expected a string, got {_describe(item)}")
                 item_path = f"{path}[{i}]"
-                out.append(_check_string(_scalar_text(item, item_path, source), item_path, source, meta, "item_pattern"))
+                out.append(
+                    _check_string(
+                        _scalar_text(item, item_path, source), item_path, source, meta, "item_pattern"
+                    )
+                )
             return tuple(out)
     elif origin in (Mapping, dict, collections.abc.Mapping) or tp is Mapping:
         if isinstance(value, Mapping):
@@ -360,13 +428,14 @@ def _build(cls: type, data: Any, path: str, source: str) -> Any:
             hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(sorted(fields))}"
             raise _error(source, key_path, f"unknown key{hint}")
         kwargs[key] = _convert(hints[key], value, key_path, source, fields[key].metadata)
-    for name, f in fields.items():
+    for name, _field in fields.items():
         if name not in kwargs and dataclasses.is_dataclass(hints[name]):
             kwargs[name] = _build(hints[name], {}, f"{path}.{name}" if path else name, source)
     return cls(**kwargs)
 
 
 # ---------------------------------------------------------------------------- overrides
+
 
 def parse_override(text: str, source: str = "--set") -> tuple[tuple[str, ...], Any]:
     """`dotted.path=value` -> (path parts, YAML-parsed value)."""
@@ -445,7 +514,10 @@ class _StrictLoader(yaml.SafeLoader):
                 continue
             if duplicate:
                 raise yaml.constructor.ConstructorError(
-                    "while constructing a mapping", node.start_mark, f"duplicate key {key!r}", key_node.start_mark
+                    "while constructing a mapping",
+                    node.start_mark,
+                    f"duplicate key {key!r}",
+                    key_node.start_mark,
                 )
         return super().construct_mapping(node, deep=deep)
 
@@ -455,7 +527,9 @@ class _StrictLoader(yaml.SafeLoader):
         except (yaml.YAMLError, RecursionError):
             raise
         except Exception as exc:  # noqa: BLE001 - e.g. 2020-13-01, !!int foo, a 5000-digit integer
-            raise yaml.constructor.ConstructorError(None, None, str(exc) or type(exc).__name__, node.start_mark) from None
+            raise yaml.constructor.ConstructorError(
+                None, None, str(exc) or type(exc).__name__, node.start_mark
+            ) from None
 
 
 def _yaml_load(text: str) -> Any:
@@ -481,7 +555,10 @@ def _yaml_error(exc: BaseException, text: str) -> tuple[str, str]:
 
 # ---------------------------------------------------------------------------- loading
 
-def parse_config(data: Any, *, source: str = "cluster.yaml", base_dir: str = ".", check_files: bool = True) -> ClusterConfig:
+
+def parse_config(
+    data: Any, *, source: str = "cluster.yaml", base_dir: str = ".", check_files: bool = True
+) -> ClusterConfig:
     """Validate a raw mapping (as YAML gives it) into a ClusterConfig."""
     config = _build(ClusterConfig, data, "", source)
     config = dataclasses.replace(config, base_dir=os.path.abspath(base_dir))
@@ -496,18 +573,28 @@ def parse_config(data: Any, *, source: str = "cluster.yaml", base_dir: str = "."
     for name in job.pass_env:
         if name in job.env:
             raise _error(source, "job.pass_env", f"{name} is also set in job.env; set it in one place")
-    from orchestrator.spec.plan import CONTRACT_VARS, RUNTIME_VARS  # the env contract is defined once, in plan.py
+    from orchestrator.contract import CONTRACT_VARS, RUNTIME_VARS
 
     # The orchestrator sets these for every rank and would silently override the user's value.
     for name in job.env:
         if name in CONTRACT_VARS:
             raise _error(source, f"job.env.{name}", "is set by the orchestrator (env contract); remove it")
         if name in RUNTIME_VARS:
-            raise _error(source, f"job.env.{name}", f"is set by the orchestrator{_runtime_hint(name)}; remove it")
+            raise _error(
+                source, f"job.env.{name}", f"is set by the orchestrator{_runtime_hint(name)}; remove it"
+            )
     for i, name in enumerate(job.pass_env):
         if name in CONTRACT_VARS or name in RUNTIME_VARS:
-            raise _error(source, f"job.pass_env[{i}]", f"{name} is set by the orchestrator{_runtime_hint(name)}; remove it")
-    if config.distributed.backend == "nccl" and config.resources.gpus_per_node == 0 and config.backend == "slurm":
+            raise _error(
+                source,
+                f"job.pass_env[{i}]",
+                f"{name} is set by the orchestrator{_runtime_hint(name)}; remove it",
+            )
+    if (
+        config.distributed.backend == "nccl"
+        and config.resources.gpus_per_node == 0
+        and config.backend == "slurm"
+    ):
         raise _error(source, "distributed.backend", "nccl needs resources.gpus_per_node >= 1")
     return config
 
@@ -554,7 +641,16 @@ def load_config(
     data = apply_overrides(data, overrides)
     if backend is not None:
         data["backend"] = backend
-    return parse_config(data, source=source, base_dir=os.path.dirname(os.path.abspath(path)), check_files=check_files)
+    return parse_config(
+        data, source=source, base_dir=os.path.dirname(os.path.abspath(path)), check_files=check_files
+    )
+
+
+def config_from_run_record(record: Mapping[str, Any]) -> ClusterConfig:
+    """The config frozen into a run's run.yaml (written by `orch run`/`orch submit`)."""
+    return parse_config(
+        record["config"], source="run.yaml", base_dir=record.get("base_dir", "."), check_files=False
+    )
 
 
 def config_to_dict(config: ClusterConfig) -> dict[str, Any]:
@@ -562,7 +658,11 @@ def config_to_dict(config: ClusterConfig) -> dict[str, Any]:
 
     def plain(obj: Any) -> Any:
         if dataclasses.is_dataclass(obj):
-            return {f.name: plain(getattr(obj, f.name)) for f in dataclasses.fields(obj) if not f.metadata.get("internal")}
+            return {
+                f.name: plain(getattr(obj, f.name))
+                for f in dataclasses.fields(obj)
+                if not f.metadata.get("internal")
+            }
         if isinstance(obj, tuple):
             return [plain(v) for v in obj]
         if isinstance(obj, Mapping):

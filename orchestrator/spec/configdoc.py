@@ -1,6 +1,6 @@
 """docs/config.md, generated from the dataclass field docs (a test keeps the file in sync):
 
-    python -m orchestrator.spec.configdoc > docs/config.md
+python -m orchestrator.spec.configdoc > docs/config.md
 """
 
 from __future__ import annotations
@@ -14,11 +14,23 @@ def render_config_doc() -> str:
     lines = [
         "# cluster.yaml reference",
         "",
-        "Generated from `orchestrator/spec/config.py` by `python -m orchestrator.spec.configdoc`; do not edit by hand.",
+        (
+            "Generated from `orchestrator/spec/config.py` by `python -m orchestrator.spec.configdoc`;"
+            " do not edit by hand."
+        ),
         "",
-        "Every bad value stops `orch` with exit status 2 and one line `cluster.yaml: <dotted.path>: <what is wrong>`.",
-        "Any field can be overridden on the command line: `--set resources.nodes=2` (the value is read as YAML).",
-        "Strings may not contain control characters (newlines, tabs, escapes): they would reach shells and `#SBATCH` lines.",
+        (
+            "Every bad value stops `orch` with exit status 2 and one line"
+            " `cluster.yaml: <dotted.path>: <what is wrong>`."
+        ),
+        (
+            "Any field can be overridden on the command line: `--set resources.nodes=2`"
+            " (the value is read as YAML)."
+        ),
+        (
+            "Strings may not contain control characters (newlines, tabs, escapes):"
+            " they would reach shells and `#SBATCH` lines."
+        ),
         "",
         "| field | default | meaning |",
         "| --- | --- | --- |",

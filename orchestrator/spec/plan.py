@@ -1,51 +1,29 @@
 """The launch plan and the env contract: which process runs where, with which environment.
 
-Pure: no clock, no subprocess, no network. The env contract is defined here and only here;
-every backend produces it (locally the supervisor sets it, under Slurm the step launcher maps
-SLURM_* onto `contract_env`).
+Pure: no clock, no subprocess, no network. The contract's names live in orchestrator.contract;
+its values are computed here, once, for every backend (locally the launcher sets them, under
+Slurm the node agent or templates/slurm_task.sh maps SLURM_* onto the per-rank part).
 """
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
+from orchestrator.contract import (
+    CONTRACT_VARS,
+    ENV_ATTEMPT,
+    ENV_CKPT_ASYNC,
+    ENV_CKPT_INTERVAL,
+    ENV_CKPT_KEEP,
+    ENV_DIST_BACKEND,
+    ENV_RUN_DIR,
+    ENV_RUN_ID,
+    PER_RANK_VARS,
+)
 from orchestrator.spec.config import ClusterConfig
-
-# The torchrun contract plus the orchestrator's own three. A script written for torchrun runs
-# unchanged: it reads these and calls init_process_group with init_method="env://".
-CONTRACT_VARS: tuple[str, ...] = (
-    "RANK",
-    "LOCAL_RANK",
-    "WORLD_SIZE",
-    "LOCAL_WORLD_SIZE",
-    "NODE_RANK",
-    "GROUP_RANK",
-    "NNODES",
-    "MASTER_ADDR",
-    "MASTER_PORT",
-    "TORCHELASTIC_RESTART_COUNT",
-    "ORCH_RUN_ID",
-    "ORCH_RUN_DIR",
-    "ORCH_ATTEMPT",
-)
-
-# Settings the runtime reads (orchestrator.runtime); not part of the torchrun contract.
-RUNTIME_VARS: tuple[str, ...] = (
-    "ORCH_CKPT_INTERVAL",
-    "ORCH_CKPT_KEEP",
-    "ORCH_CKPT_ASYNC",
-    "ORCH_DIST_BACKEND",
-    "ORCH_ERROR_FILE",
-    "ORCH_INCARNATION",
-    "ORCH_HEARTBEAT_FILE",
-    "TORCHELASTIC_ERROR_FILE",
-    "OMP_NUM_THREADS",
-    "PYTHONUNBUFFERED",
-)
 
 # Anywhere in the name (WANDB_API_KEY, HF_TOKEN...), or as a whole `_`-separated word (OPENAI_KEY,
 # DB_PASS, BASIC_AUTH): hiding a harmless value costs little, printing a secret cannot be undone.
@@ -55,9 +33,6 @@ _SECRET_NAME = re.compile(
     re.IGNORECASE,
 )
 REDACTED = "<redacted>"
-
-
-PER_RANK_VARS: tuple[str, ...] = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK")
 
 
 def shared_contract_env(
@@ -78,9 +53,9 @@ def shared_contract_env(
         "MASTER_ADDR": master_addr,
         "MASTER_PORT": master_port,
         "TORCHELASTIC_RESTART_COUNT": attempt,
-        "ORCH_RUN_ID": run_id,
-        "ORCH_RUN_DIR": run_dir,
-        "ORCH_ATTEMPT": attempt,
+        ENV_RUN_ID: run_id,
+        ENV_RUN_DIR: run_dir,
+        ENV_ATTEMPT: attempt,
     }
     return {k: str(v) for k, v in values.items()}
 
@@ -105,10 +80,10 @@ def contract_env(*, rank: int, local_rank: int, node_rank: int, **shared: object
 def runtime_env(config: ClusterConfig) -> dict[str, str]:
     """Settings from cluster.yaml that the runtime inside each rank needs."""
     return {
-        "ORCH_CKPT_INTERVAL": str(config.storage.checkpoint_interval),
-        "ORCH_CKPT_KEEP": str(config.storage.keep),
-        "ORCH_CKPT_ASYNC": "1" if config.storage.async_save else "0",
-        "ORCH_DIST_BACKEND": config.distributed.backend,
+        ENV_CKPT_INTERVAL: str(config.storage.checkpoint_interval),
+        ENV_CKPT_KEEP: str(config.storage.keep),
+        ENV_CKPT_ASYNC: "1" if config.storage.async_save else "0",
+        ENV_DIST_BACKEND: config.distributed.backend,
         "OMP_NUM_THREADS": str(config.resources.cpus_per_rank),
         "PYTHONUNBUFFERED": "1",
     }
@@ -151,18 +126,6 @@ def is_redacted(name: str, pass_env: tuple[str, ...] = ()) -> bool:
 def redact(env: Mapping[str, str], pass_env: tuple[str, ...] = ()) -> dict[str, str]:
     """A copy safe to print or store: secret-looking and passed-through values are hidden."""
     return {k: (REDACTED if is_redacted(k, pass_env) else v) for k, v in env.items()}
-
-
-def rank_files(log_dir: str, rank: int) -> tuple[str, str]:
-    """A rank's error file and heartbeat file in its attempt's log directory (templates/
-    slurm_task.sh names them the same way in shell)."""
-    return os.path.join(log_dir, f"rank-{rank}.error.json"), os.path.join(log_dir, f"rank-{rank}.heartbeat")
-
-
-def rank_files_env(log_dir: str, rank: int) -> dict[str, str]:
-    """Where a rank's runtime writes its error record and heartbeats."""
-    error_file, heartbeat = rank_files(log_dir, rank)
-    return {"ORCH_ERROR_FILE": error_file, "TORCHELASTIC_ERROR_FILE": error_file, "ORCH_HEARTBEAT_FILE": heartbeat}
 
 
 def entrypoint_argv(config: ClusterConfig, python: str) -> tuple[str, ...]:
@@ -268,7 +231,13 @@ def build_local_plan(
     res = config.resources
     argv = entrypoint_argv(config, config.job.python or python)
     merged = attempt_shared_env(
-        config, run_id=run_id, run_dir=run_dir, attempt=attempt, master_addr=master_addr, master_port=master_port, extra_env=extra_env
+        config,
+        run_id=run_id,
+        run_dir=run_dir,
+        attempt=attempt,
+        master_addr=master_addr,
+        master_port=master_port,
+        extra_env=extra_env,
     )
     # extra_env may name a per-rank variable; each rank's own value replaces it.
     shared = MappingProxyType({k: v for k, v in merged.items() if k not in PER_RANK_VARS})
@@ -277,7 +246,9 @@ def build_local_plan(
         for local in range(res.ranks_per_node):
             rank = node * res.ranks_per_node + local
             own = own_contract_env(rank=rank, local_rank=local, node_rank=node)
-            ranks.append(RankSpec(rank=rank, local_rank=local, node_rank=node, argv=argv, env=RankEnv(shared, own)))
+            ranks.append(
+                RankSpec(rank=rank, local_rank=local, node_rank=node, argv=argv, env=RankEnv(shared, own))
+            )
     return LaunchPlan(
         run_id=run_id,
         run_dir=run_dir,

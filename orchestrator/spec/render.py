@@ -71,11 +71,16 @@ def render_local(plan: LaunchPlan) -> str:
     return "".join(parts)
 
 
-def _rank_line(spec: RankSpec, own: Mapping[str, str], *, argv: tuple[str, ...], pass_env: tuple[str, ...]) -> str:
+def _rank_line(
+    spec: RankSpec, own: Mapping[str, str], *, argv: tuple[str, ...], pass_env: tuple[str, ...]
+) -> str:
     """A rank as one line, a YAML flow mapping: its rank and local rank, its argv where it
     differs from the shared one, and its own variables, secrets redacted."""
     argv_field = "" if spec.argv == argv else f"argv: [{', '.join(map(_scalar, spec.argv))}], "
-    pairs = ", ".join(f"{_scalar(name)}: {_scalar(REDACTED if is_redacted(name, pass_env) else value)}" for name, value in own.items())
+    pairs = ", ".join(
+        f"{_scalar(name)}: {_scalar(REDACTED if is_redacted(name, pass_env) else value)}"
+        for name, value in own.items()
+    )
     return f"  - {{rank: {spec.rank}, local_rank: {spec.local_rank}, {argv_field}env: {{{pairs}}}}}\n"
 
 
@@ -113,5 +118,7 @@ def _other_scalar(value: str) -> str:
     # which would break the one-line-per-rank layout: those go double-quoted, with escapes.
     text = yaml.dump([value], Dumper=_DUMPER, default_flow_style=True, width=_ONE_LINE)[1:-2]
     if "\n" in text:
-        text = yaml.dump([value], Dumper=_DUMPER, default_flow_style=True, default_style='"', width=_ONE_LINE)[1:-2]
+        text = yaml.dump(
+            [value], Dumper=_DUMPER, default_flow_style=True, default_style='"', width=_ONE_LINE
+        )[1:-2]
     return text

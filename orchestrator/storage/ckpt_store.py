@@ -212,7 +212,9 @@ class CheckpointStore:
     def write_file(self, directory: str, name: str, data: bytes | memoryview) -> FileEntry:
         return self.write_stream(directory, name, lambda fh: fh.write(data))
 
-    def commit(self, tmp: str, step: int, token: str, entries: Iterable[FileEntry], meta: dict[str, Any]) -> str:
+    def commit(
+        self, tmp: str, step: int, token: str, entries: Iterable[FileEntry], meta: dict[str, Any]
+    ) -> str:
         """Write the manifest, check the fence, and make the checkpoint visible atomically."""
         manifest = {
             "format": 1,
@@ -220,7 +222,9 @@ class CheckpointStore:
             "created": time.time(),
             "token": token,
             **meta,
-            "files": {e.name: {"size": e.size, "sha256": e.sha256} for e in sorted(entries, key=lambda e: e.name)},
+            "files": {
+                e.name: {"size": e.size, "sha256": e.sha256} for e in sorted(entries, key=lambda e: e.name)
+            },
         }
         body = json.dumps(manifest, indent=1, sort_keys=True).encode()
         self.write_file(tmp, MANIFEST, body)
@@ -286,7 +290,10 @@ class CheckpointStore:
     def newest_incarnation(self) -> int:
         self.fs.invalidate_cache()
         try:
-            names = [p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(f"{self.path}/{INCARNATIONS}", detail=False)]
+            names = [
+                p.rstrip("/").rsplit("/", 1)[-1]
+                for p in self.fs.ls(f"{self.path}/{INCARNATIONS}", detail=False)
+            ]
         except FileNotFoundError:
             return -1
         return max((int(n) for n in names if n.isdigit()), default=-1)
@@ -294,7 +301,10 @@ class CheckpointStore:
     def check_fence(self, incarnation: int) -> None:
         newest = self.newest_incarnation()
         if newest > incarnation:
-            raise StaleIncarnation(f"incarnation {incarnation} is stale: incarnation {newest} of this run has started; not committing")
+            raise StaleIncarnation(
+                f"incarnation {incarnation} is stale: incarnation {newest} of this run has started;"
+                " not committing"
+            )
 
     # ------------------------------------------------------------------ reading
 
@@ -334,8 +344,14 @@ class CheckpointStore:
         try:
             manifest = json.loads(self.fs.cat_file(f"{self.data_dir(step)}/{MANIFEST}"))
         except (FileNotFoundError, ValueError, UnicodeDecodeError) as exc:
-            raise CorruptCheckpoint(f"{step_dir_name(step)}: manifest unreadable ({exc.__class__.__name__})") from None
-        if not isinstance(manifest, dict) or manifest.get("step") != step or not isinstance(manifest.get("files"), dict):
+            raise CorruptCheckpoint(
+                f"{step_dir_name(step)}: manifest unreadable ({exc.__class__.__name__})"
+            ) from None
+        if (
+            not isinstance(manifest, dict)
+            or manifest.get("step") != step
+            or not isinstance(manifest.get("files"), dict)
+        ):
             raise CorruptCheckpoint(f"{step_dir_name(step)}: manifest does not describe this step")
         return manifest
 
@@ -343,7 +359,9 @@ class CheckpointStore:
         """The OS path of a committed file on a local filesystem (None on object stores)."""
         return f"{self.data_dir(step)}/{name}" if self.renames else None
 
-    def read_file(self, step: int, name: str, expect: dict[str, Any] | None = None, *, keep: bool = True) -> bytearray | None:
+    def read_file(
+        self, step: int, name: str, expect: dict[str, Any] | None = None, *, keep: bool = True
+    ) -> bytearray | None:
         """Read one file; with `expect` (its manifest entry) check size and checksum.
 
         Reads in chunks and hashes each chunk on a helper thread while the next one is read,
@@ -382,7 +400,9 @@ class CheckpointStore:
             if pending is not None:
                 pending.result()
         if pos != size or longer:
-            raise CorruptCheckpoint(f"{where}: size {'>' if longer else pos} != {size} (truncated or overwritten)")
+            raise CorruptCheckpoint(
+                f"{where}: size {'>' if longer else pos} != {size} (truncated or overwritten)"
+            )
         if digest.hexdigest() != expect["sha256"]:
             raise CorruptCheckpoint(f"{where}: checksum mismatch")
         return buffers[0] if keep else None
@@ -400,11 +420,15 @@ class CheckpointStore:
             content = self.read_file(step, name, entry, keep=name in wanted)
             if content is not None:
                 data[name] = content
-        return CheckpointInfo(step=step, url=f"{self.url}/{step_dir_name(step)}", manifest=manifest, data=data)
+        return CheckpointInfo(
+            step=step, url=f"{self.url}/{step_dir_name(step)}", manifest=manifest, data=data
+        )
 
     def info(self, step: int) -> CheckpointInfo:
         """Manifest only, no checksum pass (cheap, for listings)."""
-        return CheckpointInfo(step=step, url=f"{self.url}/{step_dir_name(step)}", manifest=self.read_manifest(step))
+        return CheckpointInfo(
+            step=step, url=f"{self.url}/{step_dir_name(step)}", manifest=self.read_manifest(step)
+        )
 
     # ------------------------------------------------------------------ retention
 

@@ -11,6 +11,8 @@ import errno
 import os
 import time
 
+from orchestrator.contract import ENV_FAULT
+
 _counts: dict[str, int] = {}
 CRASH_EXIT_CODE = 86
 
@@ -22,7 +24,7 @@ def _parse(spec: str) -> tuple[str, int, str]:
 
 
 def fault_point(name: str) -> None:
-    spec = os.environ.get("ORCH_FAULT")
+    spec = os.environ.get(ENV_FAULT)
     if not spec:
         return
     point, nth, action = _parse(spec)

@@ -18,13 +18,16 @@ import time
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-import yaml
-
-from orchestrator.errors import RunNotFound
-from orchestrator.spec.runid import is_valid_run_id
+from orchestrator.contract import Event, attempt_dir_name, attempt_number, rank_of_file
 
 
-def _url_to_fs(url: str) -> tuple[Any, str]:
+def _yaml() -> Any:
+    import yaml  # lazy: ranks import this module (events, checkpoints) and never read run.yaml
+
+    return yaml
+
+
+def url_to_fs(url: str) -> tuple[Any, str]:
     import fsspec  # lazy: keeps `orch --help` instant
 
     return fsspec.core.url_to_fs(url)
@@ -71,44 +74,48 @@ class RunDir:
             os.chmod(root, 0o700)  # umask may have widened it
             for sub in ("ckpt", "logs", "tb"):
                 os.makedirs(os.path.join(root, sub), mode=0o700, exist_ok=True)
-            _write_local_atomic(os.path.join(root, "run.yaml"), yaml.safe_dump(run_config, sort_keys=False).encode())
+            _write_local_atomic(
+                os.path.join(root, "run.yaml"), _yaml().safe_dump(run_config, sort_keys=False).encode()
+            )
         else:
-            fs, path = _url_to_fs(self.url)
+            fs, path = url_to_fs(self.url)
             if fs.exists(f"{path}/run.yaml"):
                 raise FileExistsError(f"run directory already exists: {self.url}")
             fs.makedirs(path, exist_ok=True)
-            fs.pipe_file(f"{path}/run.yaml", yaml.safe_dump(run_config, sort_keys=False).encode())
+            fs.pipe_file(f"{path}/run.yaml", _yaml().safe_dump(run_config, sort_keys=False).encode())
 
     def exists(self) -> bool:
         if self.is_local:
             return os.path.isfile(os.path.join(self.local_path, "run.yaml"))
-        fs, path = _url_to_fs(self.url)
+        fs, path = url_to_fs(self.url)
         return fs.exists(f"{path}/run.yaml")
 
     def read_run_config(self) -> dict[str, Any]:
-        return yaml.safe_load(self.read_bytes("run.yaml")) or {}
+        return _yaml().safe_load(self.read_bytes("run.yaml")) or {}
 
     def read_bytes(self, name: str) -> bytes:
         if self.is_local:
             with open(os.path.join(self.local_path, name), "rb") as fh:
                 return fh.read()
-        fs, path = _url_to_fs(self.url)
+        fs, path = url_to_fs(self.url)
         return fs.cat_file(f"{path}/{name}")
 
     # ------------------------------------------------------------------ events
 
-    def append_event(self, event: str, **fields: Any) -> dict[str, Any]:
+    def append_event(self, event: Event, **fields: Any) -> dict[str, Any]:
         record = {"time": round(time.time(), 6), "event": event, **fields}
         line = json.dumps(record, sort_keys=False, separators=(",", ":")) + "\n"
         if self.is_local:
-            fd = os.open(os.path.join(self.local_path, "events.jsonl"), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            fd = os.open(
+                os.path.join(self.local_path, "events.jsonl"), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600
+            )
             try:
                 os.write(fd, line.encode())
                 os.fsync(fd)
             finally:
                 os.close(fd)
         else:
-            fs, path = _url_to_fs(self.url)
+            fs, path = url_to_fs(self.url)
             name = f"{time.time_ns():020d}-{secrets.token_hex(4)}.json"
             fs.pipe_file(f"{path}/events/{name}", line.encode())
         return record
@@ -124,7 +131,7 @@ class RunDir:
             except FileNotFoundError:
                 return
         else:
-            fs, path = _url_to_fs(self.url)
+            fs, path = url_to_fs(self.url)
             fs.invalidate_cache()  # a cached listing would hide new events
             try:
                 names = sorted(fs.ls(f"{path}/events", detail=False))
@@ -145,7 +152,7 @@ class RunDir:
             base = os.path.join(self.local_path, "logs")
         else:
             base = os.path.join(tempfile.gettempdir(), f"orch-{os.getuid()}", self.run_id, "logs")
-        path = os.path.join(base, f"attempt-{attempt}")
+        path = os.path.join(base, attempt_dir_name(attempt))
         os.makedirs(path, mode=0o700, exist_ok=True)
         return path
 
@@ -153,44 +160,40 @@ class RunDir:
         """Copy a remote run's staged logs of one attempt into the run directory."""
         if self.is_local:
             return
-        fs, path = _url_to_fs(self.url)
+        fs, path = url_to_fs(self.url)
         local = self.logs_dir(attempt)
         for name in sorted(os.listdir(local)):
-            fs.put_file(os.path.join(local, name), f"{path}/logs/attempt-{attempt}/{name}")
+            fs.put_file(os.path.join(local, name), f"{path}/logs/{attempt_dir_name(attempt)}/{name}")
 
     def log_files(self, attempt: int | None = None) -> dict[tuple[int, int], str]:
         """{(attempt, rank): url} of every rank log in the run directory."""
         out: dict[tuple[int, int], str] = {}
         if self.is_local:
             base = os.path.join(self.local_path, "logs")
-            entries = [(a, os.listdir(os.path.join(base, a))) for a in _safe_listdir(base)]
-            joiner = lambda a, n: os.path.join(base, a, n)  # noqa: E731
+            listdir, join = safe_listdir, os.path.join
         else:
-            fs, path = _url_to_fs(self.url)
-            entries = []
-            for a in _safe_fs_ls(fs, f"{path}/logs"):
-                entries.append((a, _safe_fs_ls(fs, f"{path}/logs/{a}")))
-            joiner = lambda a, n: f"{path}/logs/{a}/{n}"  # noqa: E731
-        for a, names in entries:
-            if not a.startswith("attempt-"):
-                continue
-            n_attempt = int(a.split("-", 1)[1])
-            if attempt is not None and n_attempt != attempt:
-                continue
-            for name in names:
-                if name.startswith("rank-") and name.endswith(".log"):
-                    out[(n_attempt, int(name[5:-4]))] = joiner(a, name)
+            fs, base = url_to_fs(self.url)
+            base = f"{base}/logs"
+            listdir, join = (lambda path: safe_fs_ls(fs, path)), (lambda *parts: "/".join(parts))
+        for folder in listdir(base):
+            n_attempt = attempt_number(folder)
+            if n_attempt is None or attempt is not None and n_attempt != attempt:
+                continue  # not an attempt folder (logs/forkserver.log), or not the one asked for
+            for name in listdir(join(base, folder)):
+                rank = rank_of_file(name)
+                if rank is not None and name.endswith(".log"):
+                    out[(n_attempt, rank)] = join(base, folder, name)
         return out
 
 
-def _safe_listdir(path: str) -> list[str]:
+def safe_listdir(path: str) -> list[str]:
     try:
         return sorted(os.listdir(path))
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return []
 
 
-def _safe_fs_ls(fs: Any, path: str) -> list[str]:
+def safe_fs_ls(fs: Any, path: str) -> list[str]:
     try:
         return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
     except FileNotFoundError:
@@ -206,27 +209,6 @@ def _write_local_atomic(path: str, data: bytes) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, path)
-
-
-def resolve_run(ref: str, storage_root: str) -> RunDir:
-    """A run id (under storage_root) or a run directory (path or URL) -> an existing RunDir."""
-    if "://" in ref or os.sep in ref or ref in (".", "..") or os.path.isdir(ref) and os.path.isfile(os.path.join(ref, "run.yaml")):
-        run = RunDir(ref if "://" in ref else os.path.abspath(ref))
-    else:
-        if not is_valid_run_id(ref):
-            raise RunNotFound(f"{ref!r} is neither a run id nor a run directory")
-        run = RunDir(join_url(storage_root, ref))
-    if not run.exists():
-        raise RunNotFound(f"no run at {run.url} (no run.yaml); `orch ls` lists runs under {storage_root}")
-    return run
-
-
-def list_runs(storage_root: str) -> list[RunDir]:
-    if is_local_url(storage_root):
-        root = storage_root.removeprefix("file://")
-        return [RunDir(os.path.join(root, n)) for n in _safe_listdir(root) if os.path.isfile(os.path.join(root, n, "run.yaml"))]
-    fs, path = _url_to_fs(storage_root)
-    return [RunDir(join_url(storage_root, n)) for n in _safe_fs_ls(fs, path) if fs.exists(f"{path}/{n}/run.yaml")]
 
 
 def this_host() -> str:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from orchestrator.contract import Event
 from orchestrator.storage.ckpt_store import newest_committed
-from orchestrator.storage.rundir import RunDir, this_host
+from orchestrator.storage.goodput import format_goodput, ledger
+from orchestrator.storage.rundir import RunDir
 
 
 @dataclass(frozen=True)
@@ -34,17 +35,18 @@ class RunStatus:
         return asdict(self)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+@dataclass(frozen=True)
+class LiveState:
+    """What a backend knows of a run beyond its events (Backend.live_state)."""
+
+    supervisor_alive: bool | None = None  # None: cannot tell from here
+    scheduler_state: str | None = None  # a RunState value the scheduler's state maps to
+    scheduler_raw: str | None = None  # the scheduler's own word for it (Slurm: RUNNING...)
 
 
-def summarize(events: list[dict[str, Any]], *, supervisor_alive: bool | None = None, now: float | None = None) -> dict[str, Any]:
+def summarize(
+    events: list[dict[str, Any]], *, supervisor_alive: bool | None = None, now: float | None = None
+) -> dict[str, Any]:
     """Fold the event ledger into state fields. Pure: liveness is passed in."""
     state = "created"
     attempts = 0
@@ -56,26 +58,26 @@ def summarize(events: list[dict[str, Any]], *, supervisor_alive: bool | None = N
     warnings: list[str] = []
     for ev in events:
         kind = ev.get("event")
-        if kind == "submitted":
+        if kind == Event.SUBMITTED:
             state, started, backend, job_id = "pending", ev.get("time"), ev.get("backend"), ev.get("job_id")
-        elif kind == "job_started":
+        elif kind == Event.JOB_STARTED:
             state = "running"
             backend = ev.get("backend", backend)
-        elif kind in ("preempted", "requeued") and backend == "slurm":
+        elif kind in (Event.PREEMPTED, Event.REQUEUED):  # until the next attempt starts
             state = "preempted-requeued"
-        elif kind == "warning":
+        elif kind == Event.WARNING:
             warnings.append(str(ev.get("message")))
-        elif kind == "run_started":
+        elif kind == Event.RUN_STARTED:
             state, started, backend = "running", ev.get("time"), ev.get("backend")
-        elif kind == "attempt_started":
+        elif kind == Event.ATTEMPT_STARTED:
             attempts = max(attempts, int(ev.get("attempt", 0)) + 1)
             current = int(ev.get("attempt", 0))
             if state != "pending":
                 state = "running"
-        elif kind == "attempt_ended":
+        elif kind == Event.ATTEMPT_ENDED:
             if ev.get("root_cause"):
                 root = ev["root_cause"]
-        elif kind == "run_finished":
+        elif kind == Event.RUN_FINISHED:
             state = ev.get("status", "failed")
             finished = ev.get("time")
             root = ev.get("root_cause") or (root if state != "succeeded" else None)
@@ -111,33 +113,26 @@ def merge_scheduler_state(fields: dict[str, Any], mapped: str | None, raw: str |
         fields["state"] = mapped
     else:
         fields["state"] = "failed"
-        fields["root_cause"] = fields.get("root_cause") or {"rank": None, "message": f"Slurm job ended {raw} before the supervisor recorded an outcome"}
+        fields["root_cause"] = fields.get("root_cause") or {
+            "rank": None,
+            "message": f"Slurm job ended {raw} before the supervisor recorded an outcome",
+        }
     return fields
 
 
-def run_status(run: RunDir) -> RunStatus:
-    events = run.events()
-    alive = None
-    starts = [e for e in events if e.get("event") == "run_started"]
-    if starts and starts[-1].get("host") == this_host() and starts[-1].get("pid"):
-        alive = _pid_alive(int(starts[-1]["pid"]))
-    fields = summarize(events, supervisor_alive=alive)
-    raw = None
-    if fields.get("job_id"):
-        from orchestrator.backends.slurm.scheduler import map_state, scheduler_state
-
-        raw = scheduler_state(str(fields["job_id"]))
-        fields = merge_scheduler_state(fields, map_state(raw), raw)
+def run_status(run: RunDir, events: list[dict[str, Any]], live: LiveState) -> RunStatus:
+    fields = summarize(events, supervisor_alive=live.supervisor_alive)
+    if live.scheduler_raw is not None or fields.get("job_id"):
+        fields = merge_scheduler_state(fields, live.scheduler_state, live.scheduler_raw)
     newest = newest_committed(run.child("ckpt"))
-    from orchestrator.supervision.goodput import ledger
-
+    finished = fields["state"] in ("succeeded", "failed", "stopped", "cancelled")
     return RunStatus(
-        goodput=ledger(events, now=None if fields["state"] in ("succeeded", "failed", "stopped", "cancelled") else time.time()),
+        goodput=ledger(events, now=None if finished else time.time()),
         run_id=run.run_id,
         run_dir=run.url,
         newest_checkpoint=newest.step if newest else None,
         newest_checkpoint_digest=newest.model_digest if newest else None,
-        slurm_state=raw,
+        slurm_state=live.scheduler_raw,
         **fields,
     )
 
@@ -154,15 +149,18 @@ def format_status(st: RunStatus) -> str:
         lines.append(f"wall time  {st.wall_s:.1f}s")
     if st.newest_checkpoint is not None:
         digest = (st.newest_checkpoint_digest or "")[:16]
-        lines.append(f"checkpoint step {st.newest_checkpoint}" + (f" (model digest {digest})" if digest else ""))
+        lines.append(
+            f"checkpoint step {st.newest_checkpoint}" + (f" (model digest {digest})" if digest else "")
+        )
     else:
         lines.append("checkpoint none committed")
     if st.root_cause and st.state != "succeeded":
         rc = st.root_cause
-        lines.append(f"root cause rank {rc.get('rank')} (node {rc.get('node_rank')}): exit {rc.get('exitcode')} {rc.get('message') or ''}".rstrip())
+        who = "the step" if rc.get("rank") is None else f"rank {rc.get('rank')}"
+        if rc.get("node_rank") is not None:
+            who += f" (node {rc['node_rank']})"
+        lines.append(f"root cause {who}: exit {rc.get('exitcode')} {rc.get('message') or ''}".rstrip())
     if st.goodput is not None:
-        from orchestrator.supervision.goodput import format_goodput
-
         lines.append(format_goodput(st.goodput))
     for warning in st.warnings:
         lines.append(f"warning    {warning}")

@@ -1,6 +1,7 @@
 """The hang watchdog's decision, pure: which ranks have been silent too long.
 
-Ranks that use orchestrator.runtime write heartbeats (runtime/heartbeat.py): step, wall time,
+Ranks that use orchestrator.runtime write heartbeats (runtime/heartbeat.py; the record's format
+and reader are in orchestrator/contract.py): step, wall time,
 phase and their typical step time. A rank is hung when its silence exceeds the limit of its
 phase: start-up (until the first step), a checkpoint save, or training, where the limit is
 fixed or derived from the rank's own step time after a warm-up.
@@ -11,20 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping
 
+from orchestrator.contract import Phase
 from orchestrator.spec.config import WatchdogSpec
 
 WARMUP_STEPS = 5
-RECORD_BYTES = 96  # one heartbeat record: "step wall_time phase step_time_ema", space padded
-
-
-def read_heartbeat(path: str) -> tuple[int, float, str, float] | None:
-    """(step, time, phase, step-time EMA) of a heartbeat file, or None before the first beat."""
-    try:
-        with open(path, "rb") as fh:
-            fields = fh.read(RECORD_BYTES).decode("ascii", "replace").split()
-        return int(fields[0]), float(fields[1]), fields[2], float(fields[3])
-    except (FileNotFoundError, ValueError, IndexError):
-        return None
 
 
 @dataclass(frozen=True)
@@ -41,15 +32,22 @@ class Silence:
 
     def event(self, silent: list["Silence"]) -> dict[str, object]:
         """The `hang_detected` event's fields, with every silent rank listed."""
-        return {"rank": self.rank, "step": self.step, "phase": self.phase, "silent_s": round(self.silent_s, 3), "limit_s": round(self.limit_s, 3), "silent_ranks": [x.rank for x in silent]}
+        return {
+            "rank": self.rank,
+            "step": self.step,
+            "phase": self.phase,
+            "silent_s": round(self.silent_s, 3),
+            "limit_s": round(self.limit_s, 3),
+            "silent_ranks": [x.rank for x in silent],
+        }
 
 
 def limit_for(spec: WatchdogSpec, step: int, phase: str, ema_s: float) -> float | None:
-    if phase == "exit":
+    if phase == Phase.EXIT:
         return None  # finished training; the supervisor waits for the exit code
-    if phase == "init":
+    if phase == Phase.INIT:
         return spec.startup_timeout_s
-    if phase == "save":
+    if phase == Phase.SAVE:
         return spec.save_timeout_s
     if isinstance(spec.hang_timeout_s, (int, float)):
         return float(spec.hang_timeout_s)
@@ -58,7 +56,9 @@ def limit_for(spec: WatchdogSpec, step: int, phase: str, ema_s: float) -> float 
     return max(spec.min_hang_s, spec.hang_factor * ema_s)
 
 
-def silent_ranks(spec: WatchdogSpec, heartbeats: Mapping[int, tuple[int, float, str, float] | None], now: float) -> list[Silence]:
+def silent_ranks(
+    spec: WatchdogSpec, heartbeats: Mapping[int, tuple[int, float, str, float] | None], now: float
+) -> list[Silence]:
     """Ranks past their limit, the longest-silent first (that one is the likely culprit:
     the others are usually blocked in a collective waiting for it)."""
     out = []

@@ -44,16 +44,46 @@ def _attempt_log(run_dir: Path, attempt: int) -> str:
 def test_three_random_kills_end_in_the_uninterrupted_weights(tmp_path, reference, seed):
     rng = random.Random(seed)
     kill_steps = sorted(rng.sample(range(5, STEPS - 5), 3))
-    cfg = write_config(tmp_path, JOBS / "train_ddp.py", args=ARGS, storage={"checkpoint_interval": 10}, restart={"max_restarts": 3, "backoff_s": 0.1, "crash_loop_attempts": 0})  # kills may land between two checkpoints
+    cfg = write_config(
+        tmp_path,
+        JOBS / "train_ddp.py",
+        args=ARGS,
+        storage={"checkpoint_interval": 10},
+        restart={"max_restarts": 3, "backoff_s": 0.1, "crash_loop_attempts": 0},
+    )  # kills may land between two checkpoints
     run_dir = tmp_path / "runs" / "faulty"
-    proc = subprocess.Popen(orch_cmd("run", str(cfg), "--run-id", "faulty", "--quiet"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        orch_cmd("run", str(cfg), "--run-id", "faulty", "--quiet"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         for attempt, step in enumerate(kill_steps):
             # Kill once this attempt has trained past `step` (a resumed attempt starts at its checkpoint).
-            wait_for(lambda: any(line.startswith(f"step {s}/") for s in range(step, STEPS + 1) for line in _attempt_log(run_dir, attempt).splitlines()), 120, f"attempt {attempt} at step {step}")
-            pids = [e["pids"] for e in read_events(run_dir) if e["event"] == "attempt_started" and e["attempt"] == attempt][0]
+            wait_for(
+                lambda step=step, attempt=attempt: any(
+                    line.startswith(f"step {s}/")
+                    for s in range(step, STEPS + 1)
+                    for line in _attempt_log(run_dir, attempt).splitlines()
+                ),
+                120,
+                f"attempt {attempt} at step {step}",
+            )
+            pids = [
+                e["pids"]
+                for e in read_events(run_dir)
+                if e["event"] == "attempt_started" and e["attempt"] == attempt
+            ][0]
             os.kill(rng.choice(pids), signal.SIGKILL)
-            wait_for(lambda: any(e["event"] == "attempt_started" and e["attempt"] == attempt + 1 for e in read_events(run_dir)), 60, f"attempt {attempt + 1}")
+            wait_for(
+                lambda attempt=attempt: any(
+                    e["event"] == "attempt_started" and e["attempt"] == attempt + 1
+                    for e in read_events(run_dir)
+                ),
+                60,
+                f"attempt {attempt + 1}",
+            )
         _, err = proc.communicate(timeout=240)
     finally:
         proc.kill()
@@ -65,7 +95,9 @@ def test_three_random_kills_end_in_the_uninterrupted_weights(tmp_path, reference
 
 def test_run_with_its_run_directory_on_s3(tmp_path, s3_server, reference):
     root = f"s3://{S3_BUCKET}/runs-{os.getpid()}"
-    cfg = write_config(tmp_path, JOBS / "train_ddp.py", args=ARGS, storage={"root": root, "checkpoint_interval": 30})
+    cfg = write_config(
+        tmp_path, JOBS / "train_ddp.py", args=ARGS, storage={"root": root, "checkpoint_interval": 30}
+    )
     proc = run_orch("run", str(cfg), "--run-id", "ons3", "--quiet")
     assert proc.returncode == 0, proc.stderr
     assert final_digest("ons3", cfg) == reference  # same job, same weights, other storage

@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from orchestrator.spec.plan import CONTRACT_VARS
+from orchestrator.contract import CONTRACT_VARS
 
 from ..conftest import JOBS, TEST_JOBS, orch_cmd, read_events, run_orch, wait_for, write_config
 
@@ -26,13 +26,20 @@ MODES = pytest.mark.parametrize("mode", ["auto", "subprocess"])
 
 
 def _final_digest(run_dir: Path) -> tuple[int, str]:
-    steps = sorted(p for p in (run_dir / "ckpt").iterdir() if p.name.startswith("step-") and ".tmp-" not in p.name)
+    steps = sorted(
+        p for p in (run_dir / "ckpt").iterdir() if p.name.startswith("step-") and ".tmp-" not in p.name
+    )
     manifest = json.loads((steps[-1] / "manifest.json").read_text())
     return manifest["step"], manifest["model_digest"]
 
 
 def test_two_nodes_by_two_ranks_complete(tmp_path: Path) -> None:
-    cfg = write_config(tmp_path, TRAIN, args=["--steps", "40", "--log-every", "10"], resources={"nodes": 2, "ranks_per_node": 2})
+    cfg = write_config(
+        tmp_path,
+        TRAIN,
+        args=["--steps", "40", "--log-every", "10"],
+        resources={"nodes": 2, "ranks_per_node": 2},
+    )
     proc = run_orch("run", str(cfg), "--run-id", "r2x2", "--json")
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout)
@@ -42,7 +49,9 @@ def test_two_nodes_by_two_ranks_complete(tmp_path: Path) -> None:
     assert oct(run_dir.stat().st_mode & 0o777) == "0o700"
     for sub in ("run.yaml", "events.jsonl", "ckpt", "logs", "tb"):
         assert (run_dir / sub).exists(), sub
-    assert sorted(p.name for p in (run_dir / "logs" / "attempt-0").glob("rank-*.log")) == [f"rank-{r}.log" for r in range(4)]
+    assert sorted(p.name for p in (run_dir / "logs" / "attempt-0").glob("rank-*.log")) == [
+        f"rank-{r}.log" for r in range(4)
+    ]
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     tb = EventAccumulator(str(run_dir / "tb"))
@@ -52,15 +61,35 @@ def test_two_nodes_by_two_ranks_complete(tmp_path: Path) -> None:
     # The console is one merged, rank-prefixed stream.
     assert "[rank 0] step 40/40" in proc.stderr
     events = read_events(run_dir)
-    supervisor_events = {"run_started", "attempt_started", "attempt_ended", "restart_scheduled", "run_finished"}
-    assert [e["event"] for e in events if e["event"] in supervisor_events] == ["run_started", "attempt_started", "attempt_ended", "run_finished"]
-    assert [e["event"] for e in events if e["event"] in ("restored", "training_started")] == ["restored", "training_started"]
+    supervisor_events = {
+        "run_started",
+        "attempt_started",
+        "attempt_ended",
+        "restart_scheduled",
+        "run_finished",
+    }
+    assert [e["event"] for e in events if e["event"] in supervisor_events] == [
+        "run_started",
+        "attempt_started",
+        "attempt_ended",
+        "run_finished",
+    ]
+    assert [e["event"] for e in events if e["event"] in ("restored", "training_started")] == [
+        "restored",
+        "training_started",
+    ]
     assert [e["step"] for e in events if e["event"] == "checkpoint_committed"] == [20, 40]
 
 
 @MODES
 def test_every_rank_sees_exactly_the_env_contract(tmp_path: Path, mode: str) -> None:
-    cfg = write_config(tmp_path, TEST_JOBS / "env_dump.py", args=["--flag", "value with space"], resources={"nodes": 2, "ranks_per_node": 2}, launch={"mode": mode})
+    cfg = write_config(
+        tmp_path,
+        TEST_JOBS / "env_dump.py",
+        args=["--flag", "value with space"],
+        resources={"nodes": 2, "ranks_per_node": 2},
+        launch={"mode": mode},
+    )
     proc = run_orch("run", str(cfg), "--run-id", "envrun", "--quiet")
     assert proc.returncode == 0, proc.stderr
     run_dir = tmp_path / "runs" / "envrun"
@@ -91,27 +120,41 @@ def test_every_rank_sees_exactly_the_env_contract(tmp_path: Path, mode: str) -> 
 
 
 def test_failed_rank_is_named_as_root_cause(tmp_path: Path) -> None:
-    cfg = write_config(tmp_path, TEST_JOBS / "fail.py", restart={"max_restarts": 1, "backoff_s": 0.1, "stop_grace_s": 2}, job={"script": str(TEST_JOBS / "fail.py"), "env": {"FAIL_RANK": "1", "FAIL_WITH": "bad batch shape"}})
+    cfg = write_config(
+        tmp_path,
+        TEST_JOBS / "fail.py",
+        restart={"max_restarts": 1, "backoff_s": 0.1, "stop_grace_s": 2},
+        job={"script": str(TEST_JOBS / "fail.py"), "env": {"FAIL_RANK": "1", "FAIL_WITH": "bad batch shape"}},
+    )
     proc = run_orch("run", str(cfg), "--run-id", "failing", "--json")
     assert proc.returncode == 1
     summary = json.loads(proc.stdout)
     assert summary["status"] == "failed" and summary["attempts"] == 2
     assert summary["root_cause"]["rank"] == 1
     assert summary["root_cause"]["error_type"] == "ValueError"
-    assert "failed after 2 attempt(s): rank 1 (node 0) exit code 1: ValueError: bad batch shape" in proc.stderr
+    assert (
+        "failed after 2 attempt(s): rank 1 (node 0) exit code 1: ValueError: bad batch shape" in proc.stderr
+    )
     status = run_orch("status", str(tmp_path / "runs" / "failing"), "--json")
     assert json.loads(status.stdout)["state"] == "failed"
 
 
 def _start_run(cfg: Path, run_id: str, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen(orch_cmd("run", str(cfg), "--run-id", run_id, "--quiet", *extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        orch_cmd("run", str(cfg), "--run-id", run_id, "--quiet", *extra),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _committed(run_dir: Path) -> list[int]:
     ckpt = run_dir / "ckpt"
     if not ckpt.exists():
         return []
-    return sorted(int(p.name[5:]) for p in ckpt.iterdir() if p.name.startswith("step-") and ".tmp-" not in p.name)
+    return sorted(
+        int(p.name[5:]) for p in ckpt.iterdir() if p.name.startswith("step-") and ".tmp-" not in p.name
+    )
 
 
 @MODES
@@ -162,8 +205,18 @@ def test_sigkill_of_supervisor_leaves_no_rank_alive(tmp_path: Path, mode: str) -
     run_dir = tmp_path / "runs" / "orphans"
     proc = _start_run(cfg, "orphans")
     try:
-        wait_for(lambda: all("ready" in (run_dir / "logs" / "attempt-0" / f"rank-{r}.log").read_text() for r in range(2))
-                 if (run_dir / "logs" / "attempt-0" / "rank-1.log").exists() else False, 60, "ranks ready")
+        wait_for(
+            lambda: (
+                all(
+                    "ready" in (run_dir / "logs" / "attempt-0" / f"rank-{r}.log").read_text()
+                    for r in range(2)
+                )
+                if (run_dir / "logs" / "attempt-0" / "rank-1.log").exists()
+                else False
+            ),
+            60,
+            "ranks ready",
+        )
         procs = _run_processes(proc.pid)
         # two ranks, each with a child, and the reaper
         assert len(procs) >= 5, procs
@@ -183,7 +236,14 @@ def test_sigint_stops_every_rank(tmp_path: Path, mode: str) -> None:
     cfg = write_config(tmp_path, TEST_JOBS / "sleeper.py", restart={"stop_grace_s": 2}, launch={"mode": mode})
     run_dir = tmp_path / "runs" / "interrupted"
     proc = _start_run(cfg, "interrupted", "--json")
-    wait_for(lambda: (run_dir / "logs" / "attempt-0" / "rank-1.log").exists() and "ready" in (run_dir / "logs" / "attempt-0" / "rank-1.log").read_text(), 60, "ranks ready")
+    wait_for(
+        lambda: (
+            (run_dir / "logs" / "attempt-0" / "rank-1.log").exists()
+            and "ready" in (run_dir / "logs" / "attempt-0" / "rank-1.log").read_text()
+        ),
+        60,
+        "ranks ready",
+    )
     procs = _run_processes(proc.pid)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=30)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import time
@@ -20,8 +19,17 @@ pytestmark = pytest.mark.integration
 
 @pytest.mark.parametrize("how,mode", [("stop", "auto"), ("sleep", "auto"), ("stop", "subprocess")])
 def test_hung_rank_is_detected_dumped_and_restarted(tmp_path: Path, how: str, mode: str) -> None:
-    cfg = write_config(tmp_path, TEST_JOBS / "hang.py", job={"script": str(TEST_JOBS / "hang.py"), "env": {"HANG_HOW": how, "HANG_STEP": "10", "HANG_RANK": "1"}},
-                       storage={"checkpoint_interval": 5}, watchdog={"hang_timeout_s": 3}, launch={"mode": mode})
+    cfg = write_config(
+        tmp_path,
+        TEST_JOBS / "hang.py",
+        job={
+            "script": str(TEST_JOBS / "hang.py"),
+            "env": {"HANG_HOW": how, "HANG_STEP": "10", "HANG_RANK": "1"},
+        },
+        storage={"checkpoint_interval": 5},
+        watchdog={"hang_timeout_s": 3},
+        launch={"mode": mode},
+    )
     t0 = time.monotonic()
     proc = run_orch("run", str(cfg), "--run-id", "hung", "--quiet", "--json")
     assert proc.returncode == 0, proc.stderr
@@ -39,9 +47,16 @@ def test_hung_rank_is_detected_dumped_and_restarted(tmp_path: Path, how: str, mo
     log = (run_dir / "logs" / "attempt-0" / "rank-1.log").read_text()
     assert "most recent call first" in log and "hang.py" in log
     if how == "sleep":  # the dump points at the very line the rank sleeps on
-        line = next(i for i, text in enumerate((TEST_JOBS / "hang.py").read_text().splitlines(), 1) if "time.sleep(1000)" in text)
+        line = next(
+            i
+            for i, text in enumerate((TEST_JOBS / "hang.py").read_text().splitlines(), 1)
+            if "time.sleep(1000)" in text
+        )
         assert f'hang.py", line {line} in <module>' in log
-    print(f"hang ({how}) detected after {hang[0]['silent_s']:.2f}s of silence (limit 3s); run took {time.monotonic() - t0:.1f}s")
+    print(
+        f"hang ({how}) detected after {hang[0]['silent_s']:.2f}s of silence (limit 3s);"
+        f" run took {time.monotonic() - t0:.1f}s"
+    )
 
 
 def test_sigusr2_to_supervisor_checkpoints_and_resumes_without_counting_a_failure(tmp_path: Path) -> None:
@@ -53,7 +68,12 @@ def test_sigusr2_to_supervisor_checkpoints_and_resumes_without_counting_a_failur
 
     cfg = write_config(tmp_path, JOBS / "train_ddp.py", args=args, restart={"max_restarts": 0})
     run_dir = tmp_path / "runs" / "drill"
-    proc = subprocess.Popen(orch_cmd("run", str(cfg), "--run-id", "drill", "--quiet"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        orch_cmd("run", str(cfg), "--run-id", "drill", "--quiet"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     log0 = run_dir / "logs" / "attempt-0" / "rank-0.log"
     wait_for(lambda: log0.exists() and "step 20/" in log0.read_text(), 90, "step 20")
     proc.send_signal(signal.SIGUSR2)
@@ -63,16 +83,29 @@ def test_sigusr2_to_supervisor_checkpoints_and_resumes_without_counting_a_failur
     ended = [e["status"] for e in events if e["event"] == "attempt_ended"]
     assert ended == ["preempted", "succeeded"]
     # every rank stopped at the same step
-    records = [json.loads((run_dir / "logs" / "attempt-0" / f"rank-{r}.error.json").read_text()) for r in range(2)]
+    records = [
+        json.loads((run_dir / "logs" / "attempt-0" / f"rank-{r}.error.json").read_text()) for r in range(2)
+    ]
     assert {r["type"] for r in records} == {"Preempted"} and records[0]["step"] == records[1]["step"]
     st = json.loads(run_orch("status", "drill", "--config", str(cfg), "--json").stdout)
     assert st["newest_checkpoint_digest"] == ref["newest_checkpoint_digest"]
 
 
 def test_signal_reaching_one_rank_stops_all_at_the_same_step(tmp_path: Path) -> None:
-    cfg = write_config(tmp_path, JOBS / "train_ddp.py", args=["--steps", "200", "--log-every", "1", "--step-sleep", "0.05"], restart={"max_restarts": 0}, resources={"nodes": 2, "ranks_per_node": 2})
+    cfg = write_config(
+        tmp_path,
+        JOBS / "train_ddp.py",
+        args=["--steps", "200", "--log-every", "1", "--step-sleep", "0.05"],
+        restart={"max_restarts": 0},
+        resources={"nodes": 2, "ranks_per_node": 2},
+    )
     run_dir = tmp_path / "runs" / "one"
-    proc = subprocess.Popen(orch_cmd("run", str(cfg), "--run-id", "one", "--quiet"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        orch_cmd("run", str(cfg), "--run-id", "one", "--quiet"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     log0 = run_dir / "logs" / "attempt-0" / "rank-0.log"
     wait_for(lambda: log0.exists() and "step 10/" in log0.read_text(), 90, "step 10")
     pids = next(e["pids"] for e in read_events(run_dir) if e["event"] == "attempt_started")
@@ -80,12 +113,29 @@ def test_signal_reaching_one_rank_stops_all_at_the_same_step(tmp_path: Path) -> 
     wait_for(lambda: any(e["event"] == "attempt_ended" for e in read_events(run_dir)), 60, "attempt 0 to end")
     proc.send_signal(signal.SIGINT)
     proc.communicate(timeout=60)
-    steps = {json.loads((run_dir / "logs" / "attempt-0" / f"rank-{r}.error.json").read_text())["step"] for r in range(4)}
+    steps = {
+        json.loads((run_dir / "logs" / "attempt-0" / f"rank-{r}.error.json").read_text())["step"]
+        for r in range(4)
+    }
     assert len(steps) == 1
 
 
 def test_user_error_is_not_retried_and_says_what_to_do(tmp_path: Path) -> None:
-    cfg = write_config(tmp_path, TEST_JOBS / "fail.py", job={"script": str(TEST_JOBS / "fail.py"), "env": {"FAIL_TYPE": "RuntimeError", "FAIL_WITH": "Expected all tensors to be on the same device, but found at least two devices, cuda:0 and cpu!"}}, restart={"max_restarts": 5, "backoff_s": 0.1})
+    cfg = write_config(
+        tmp_path,
+        TEST_JOBS / "fail.py",
+        job={
+            "script": str(TEST_JOBS / "fail.py"),
+            "env": {
+                "FAIL_TYPE": "RuntimeError",
+                "FAIL_WITH": (
+                    "Expected all tensors to be on the same device,"
+                    " but found at least two devices, cuda:0 and cpu!"
+                ),
+            },
+        },
+        restart={"max_restarts": 5, "backoff_s": 0.1},
+    )
     proc = run_orch("run", str(cfg), "--run-id", "device", "--json")
     assert proc.returncode == 1
     summary = json.loads(proc.stdout)
@@ -95,7 +145,9 @@ def test_user_error_is_not_retried_and_says_what_to_do(tmp_path: Path) -> None:
 
 
 def test_crash_loop_stops_retrying(tmp_path: Path) -> None:
-    cfg = write_config(tmp_path, TEST_JOBS / "fail.py", restart={"max_restarts": 10, "backoff_s": 0.1, "stop_grace_s": 2})
+    cfg = write_config(
+        tmp_path, TEST_JOBS / "fail.py", restart={"max_restarts": 10, "backoff_s": 0.1, "stop_grace_s": 2}
+    )
     proc = run_orch("run", str(cfg), "--run-id", "loop", "--json")
     assert proc.returncode == 1 and json.loads(proc.stdout)["attempts"] == 3
     assert "crash loop" in proc.stderr
@@ -107,7 +159,17 @@ def test_twenty_concurrent_runs_never_share_a_port(tmp_path: Path) -> None:
         d = tmp_path / f"r{i}"
         d.mkdir()
         cfg = write_config(d, TEST_JOBS / "env_dump.py", resources={"nodes": 1, "ranks_per_node": 1})
-        procs.append((d / "runs" / "c", subprocess.Popen(orch_cmd("run", str(cfg), "--run-id", "c", "--quiet"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)))
+        procs.append(
+            (
+                d / "runs" / "c",
+                subprocess.Popen(
+                    orch_cmd("run", str(cfg), "--run-id", "c", "--quiet"),
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                ),
+            )
+        )
     ports = []
     for run_dir, proc in procs:
         _, err = proc.communicate(timeout=300)

@@ -8,10 +8,9 @@ import os
 import signal
 import sys
 
+import local_helper
 import numpy
 import torch
-
-import local_helper
 
 rank = os.environ["RANK"]
 record = {

@@ -24,11 +24,15 @@ def slurm_cluster(tmp_path_factory):
     if os.environ.get("ORCH_SKIP_SLURM") == "1":
         pytest.skip("ORCH_SKIP_SLURM=1")
     if os.geteuid() != 0 or not shutil.which("slurmctld"):
-        pytest.fail("the Slurm tests need root and scripts/slurm/install.sh (the README's test command runs it)")
+        pytest.fail(
+            "the Slurm tests need root and scripts/slurm/install.sh (the README's test command runs it)"
+        )
     state = Path("/tmp") / f"orch-slurm-test-{os.getpid()}"
     env = {**os.environ, "SLURMLAB_NODES": "3", "SLURMLAB_CTLD_PORT": "17817", "SLURMLAB_CPUS": "8"}
     t0 = time.monotonic()
-    proc = subprocess.run(["bash", str(SCRIPTS / "start.sh"), str(state)], env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        ["bash", str(SCRIPTS / "start.sh"), str(state)], env=env, capture_output=True, text=True, timeout=300
+    )
     if proc.returncode != 0:
         pytest.fail(f"scripts/slurm/start.sh failed: {proc.stderr[-2000:]}")
     print(f"slurm test cluster up in {time.monotonic() - t0:.1f}s")
@@ -37,7 +41,9 @@ def slurm_cluster(tmp_path_factory):
     try:
         yield state
     finally:
-        subprocess.run(["bash", str(SCRIPTS / "stop.sh"), str(state), "--wipe"], capture_output=True, timeout=180)
+        subprocess.run(
+            ["bash", str(SCRIPTS / "stop.sh"), str(state), "--wipe"], capture_output=True, timeout=180
+        )
         _kill_leftovers(str(state / "etc" / "slurm.conf"))
         if previous is None:
             os.environ.pop("SLURM_CONF", None)

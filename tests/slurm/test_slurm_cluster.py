@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.spec.plan import CONTRACT_VARS
+from orchestrator.contract import CONTRACT_VARS
 
 from ..conftest import JOBS, TEST_JOBS, read_events, run_orch, wait_for, write_config
 from .conftest import status, submit, wait_final
@@ -22,7 +22,12 @@ TRAIN_ARGS = ["--steps", "120", "--log-every", "5", "--step-sleep", "0.08", "--d
 
 
 def slurm_config(tmp_path: Path, script: Path, args: list[str], **sections) -> Path:
-    base = {"backend": "slurm", "resources": {"nodes": 3, "ranks_per_node": 2, "cpus_per_rank": 1, "time_limit": "10"}, "storage": {"checkpoint_interval": 20}, "slurm": {"partition": "debug", "signal_lead_s": 30, "max_requeues": 3}}
+    base = {
+        "backend": "slurm",
+        "resources": {"nodes": 3, "ranks_per_node": 2, "cpus_per_rank": 1, "time_limit": "10"},
+        "storage": {"checkpoint_interval": 20},
+        "slurm": {"partition": "debug", "signal_lead_s": 30, "max_requeues": 3},
+    }
     for key, value in sections.items():
         base.setdefault(key, {}).update(value)
     return write_config(tmp_path, script, args=args, **base)
@@ -47,7 +52,9 @@ def reference(tmp_path_factory) -> tuple[int, str]:
     st = wait_final(cfg, "ref")
     assert st["state"] == "succeeded" and st["attempts"] == 1, st
     assert st["slurm_state"] == "COMPLETED"
-    assert sorted(p.name for p in (tmp / "runs" / "ref" / "logs" / "attempt-0").glob("rank-*.log")) == [f"rank-{r}.log" for r in range(6)]
+    assert sorted(p.name for p in (tmp / "runs" / "ref" / "logs" / "attempt-0").glob("rank-*.log")) == [
+        f"rank-{r}.log" for r in range(6)
+    ]
     return st["newest_checkpoint"], st["newest_checkpoint_digest"]
 
 
@@ -59,13 +66,28 @@ def test_multinode_ranks_see_the_same_contract_as_local(tmp_path, reference):
     for rank in range(6):
         seen = json.loads((run_dir / f"env-{rank}.json").read_text())
         node, local = divmod(rank, 2)
-        expected = {"RANK": str(rank), "LOCAL_RANK": str(local), "WORLD_SIZE": "6", "LOCAL_WORLD_SIZE": "2", "NODE_RANK": str(node), "GROUP_RANK": str(node), "NNODES": "3",
-                    "TORCHELASTIC_RESTART_COUNT": "0", "ORCH_RUN_ID": "env", "ORCH_RUN_DIR": str(run_dir), "ORCH_ATTEMPT": "0"}
+        expected = {
+            "RANK": str(rank),
+            "LOCAL_RANK": str(local),
+            "WORLD_SIZE": "6",
+            "LOCAL_WORLD_SIZE": "2",
+            "NODE_RANK": str(node),
+            "GROUP_RANK": str(node),
+            "NNODES": "3",
+            "TORCHELASTIC_RESTART_COUNT": "0",
+            "ORCH_RUN_ID": "env",
+            "ORCH_RUN_DIR": str(run_dir),
+            "ORCH_ATTEMPT": "0",
+        }
         host_and_port = {"MASTER_ADDR", "MASTER_PORT"}
         assert {k: seen[k] for k in CONTRACT_VARS if k not in host_and_port} == expected
         assert seen["MASTER_ADDR"] == "n1" and int(seen["MASTER_PORT"]) > 0
         assert seen["all_reduce"] == sum(range(1, 7)) and seen["argv"] == ["--flag", "two words"]
-        assert (seen["slurm"]["SLURM_PROCID"], seen["slurm"]["SLURM_LOCALID"], seen["slurm"]["SLURM_NODEID"]) == (str(rank), str(local), str(node))
+        assert (
+            seen["slurm"]["SLURM_PROCID"],
+            seen["slurm"]["SLURM_LOCALID"],
+            seen["slurm"]["SLURM_NODEID"],
+        ) == (str(rank), str(local), str(node))
     # Each node's agent forked its two ranks from one fork server.
     for node in range(3):
         text = (run_dir / "logs" / "attempt-0" / f"node-{node}.log").read_text()
@@ -74,7 +96,13 @@ def test_multinode_ranks_see_the_same_contract_as_local(tmp_path, reference):
 
 # What differs between two steps of any kind: the job, the step's ports, the task's pid (under
 # the node agent, the agent's: the process Slurm started).
-PER_STEP_VARS = {"SLURM_JOB_ID", "SLURM_JOBID", "SLURM_STEP_LAUNCHER_PORT", "SLURM_SRUN_COMM_PORT", "SLURM_TASK_PID"}
+PER_STEP_VARS = {
+    "SLURM_JOB_ID",
+    "SLURM_JOBID",
+    "SLURM_STEP_LAUNCHER_PORT",
+    "SLURM_SRUN_COMM_PORT",
+    "SLURM_TASK_PID",
+}
 
 
 def test_forked_ranks_see_what_one_task_per_rank_sees(tmp_path):
@@ -86,14 +114,25 @@ def test_forked_ranks_see_what_one_task_per_rank_sees(tmp_path):
         cfg = slurm_config(tmp_path / mode, TEST_JOBS / "env_dump.py", [], launch={"mode": mode})
         submit(cfg, mode)
         assert wait_final(cfg, mode)["state"] == "succeeded"
-        seen[mode] = [json.loads((tmp_path / mode / "runs" / mode / f"env-{rank}.json").read_text()) for rank in range(6)]
-    assert not list((tmp_path / "subprocess" / "runs" / "subprocess" / "logs" / "attempt-0").glob("node-*.log"))
+        seen[mode] = [
+            json.loads((tmp_path / mode / "runs" / mode / f"env-{rank}.json").read_text())
+            for rank in range(6)
+        ]
+    assert not list(
+        (tmp_path / "subprocess" / "runs" / "subprocess" / "logs" / "attempt-0").glob("node-*.log")
+    )
     for mode, launcher in (("auto", "node-agent"), ("subprocess", "task-per-rank")):
-        assert [e["launcher"] for e in read_events(tmp_path / mode / "runs" / mode) if e["event"] == "attempt_started"] == [launcher]
-    for forked, task in zip(seen["auto"], seen["subprocess"]):
+        assert [
+            e["launcher"]
+            for e in read_events(tmp_path / mode / "runs" / mode)
+            if e["event"] == "attempt_started"
+        ] == [launcher]
+    for forked, task in zip(seen["auto"], seen["subprocess"], strict=True):
         drop = lambda env: {k: v for k, v in env.items() if k not in PER_STEP_VARS}  # noqa: E731
         assert drop(forked["slurm"]) == drop(task["slurm"])
-        assert {k: forked[k] for k in CONTRACT_VARS if k not in ("MASTER_PORT", "ORCH_RUN_ID", "ORCH_RUN_DIR")} == {k: task[k] for k in CONTRACT_VARS if k not in ("MASTER_PORT", "ORCH_RUN_ID", "ORCH_RUN_DIR")}
+        assert {
+            k: forked[k] for k in CONTRACT_VARS if k not in ("MASTER_PORT", "ORCH_RUN_ID", "ORCH_RUN_DIR")
+        } == {k: task[k] for k in CONTRACT_VARS if k not in ("MASTER_PORT", "ORCH_RUN_ID", "ORCH_RUN_DIR")}
 
 
 def _interrupt_and_check(tmp_path, reference, run_id, interrupt, **sections) -> dict:
@@ -125,12 +164,31 @@ def test_signal_warning_checkpoints_requeues_and_resumes(tmp_path, reference):
 
 
 def test_scontrol_requeue_from_outside_resumes(tmp_path, reference):
-    _interrupt_and_check(tmp_path, reference, "requeued", lambda job: subprocess.run(["scontrol", "requeue", job], check=True))
+    _interrupt_and_check(
+        tmp_path, reference, "requeued", lambda job: subprocess.run(["scontrol", "requeue", job], check=True)
+    )
 
 
 def test_partition_preemption_resumes(tmp_path, reference):
     def preempt(job):
-        urgent = subprocess.run(["sbatch", "--parsable", "-p", "urgent", "-N", "3", "--exclusive", "-o", "/dev/null", "--wrap", "sleep 2"], check=True, capture_output=True, text=True)
+        urgent = subprocess.run(
+            [
+                "sbatch",
+                "--parsable",
+                "-p",
+                "urgent",
+                "-N",
+                "3",
+                "--exclusive",
+                "-o",
+                "/dev/null",
+                "--wrap",
+                "sleep 2",
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
         assert urgent.stdout.strip()
 
     _interrupt_and_check(tmp_path, reference, "preempted", preempt)
@@ -142,23 +200,40 @@ def test_time_limit_checkpoints_and_requeues_until_done(tmp_path):
     # once a minute and rather warns early, so the warning lands 40-100 s after the start:
     # always before the end of training. Each incarnation is warned, checkpoints and is
     # requeued; a later one finishes. A warning that lands while the ranks still import torch
-    # must be kept, not lost (tests/test_early_stop_signal.py): a lost one runs the job into
+    # must be kept, not lost (tests/processes/test_early_stop_signal.py): a lost one runs the job into
     # its time limit, which Slurm ends as TIMEOUT.
     args = ["--steps", "250", "--dataset-size", "1024"]
-    cfg = slurm_config(tmp_path, JOBS / "train_ddp.py", [*args, "--log-every", "5", "--step-sleep", "0.4"],
-                       resources={"time_limit": "2"}, slurm={"signal_lead_s": 20, "max_requeues": 6})
+    cfg = slurm_config(
+        tmp_path,
+        JOBS / "train_ddp.py",
+        [*args, "--log-every", "5", "--step-sleep", "0.4"],
+        resources={"time_limit": "2"},
+        slurm={"signal_lead_s": 20, "max_requeues": 6},
+    )
     submit(cfg, "limited")
     # Meanwhile the same job, uninterrupted, on the local backend with the same world size.
     (tmp_path / "local").mkdir()
-    local_cfg = write_config(tmp_path / "local", JOBS / "train_ddp.py", args=[*args, "--log-every", "100"], resources={"nodes": 3, "ranks_per_node": 2}, storage={"checkpoint_interval": 125})
+    local_cfg = write_config(
+        tmp_path / "local",
+        JOBS / "train_ddp.py",
+        args=[*args, "--log-every", "100"],
+        resources={"nodes": 3, "ranks_per_node": 2},
+        storage={"checkpoint_interval": 125},
+    )
     local = run_orch("run", str(local_cfg), "--run-id", "uninterrupted", "--quiet", "--json")
     assert local.returncode == 0, local.stderr
     expected = json.loads(run_orch("status", "uninterrupted", "--config", str(local_cfg), "--json").stdout)
     st = wait_final(cfg, "limited", timeout=540)
     events = read_events(tmp_path / "runs" / "limited")
-    assert st["state"] == "succeeded", (st, [e for e in events if e["event"] in ("attempt_ended", "preempted", "requeued", "run_finished")])
+    assert st["state"] == "succeeded", (
+        st,
+        [e for e in events if e["event"] in ("attempt_ended", "preempted", "requeued", "run_finished")],
+    )
     assert sum(e["event"] == "requeued" for e in events) >= 1
-    assert (st["newest_checkpoint"], st["newest_checkpoint_digest"]) == (250, expected["newest_checkpoint_digest"])
+    assert (st["newest_checkpoint"], st["newest_checkpoint_digest"]) == (
+        250,
+        expected["newest_checkpoint_digest"],
+    )
 
 
 @pytest.mark.parametrize("mode", ["auto", "subprocess"])
@@ -166,7 +241,13 @@ def test_warning_while_ranks_import_is_kept(tmp_path, mode):
     # The warning lands just after the step's tasks start (all their logs exist, plus 0.5 s for
     # the scripts' hop), while torch is still being imported: by the node agents' fork servers
     # (auto), or by each rank (subprocess).
-    cfg = slurm_config(tmp_path, JOBS / "train_ddp.py", ["--steps", "30", "--log-every", "5", "--dataset-size", "256"], storage={"checkpoint_interval": 10}, launch={"mode": mode})
+    cfg = slurm_config(
+        tmp_path,
+        JOBS / "train_ddp.py",
+        ["--steps", "30", "--log-every", "5", "--dataset-size", "256"],
+        storage={"checkpoint_interval": 10},
+        launch={"mode": mode},
+    )
     job = submit(cfg, "early")
     run_dir = tmp_path / "runs" / "early"
     task_logs = [f"node-{n}.log" for n in range(3)] if mode == "auto" else [f"rank-{r}.log" for r in range(6)]
@@ -185,7 +266,12 @@ def test_warning_while_ranks_import_is_kept(tmp_path, mode):
 
 
 def test_requeues_are_bounded(tmp_path):
-    cfg = slurm_config(tmp_path, JOBS / "train_ddp.py", ["--steps", "400", "--log-every", "5", "--step-sleep", "0.25"], slurm={"max_requeues": 0})
+    cfg = slurm_config(
+        tmp_path,
+        JOBS / "train_ddp.py",
+        ["--steps", "400", "--log-every", "5", "--step-sleep", "0.25"],
+        slurm={"max_requeues": 0},
+    )
     job = submit(cfg, "bounded")
     wait_for(lambda: rank0_step(tmp_path / "runs" / "bounded") >= 10, 120, "training")
     subprocess.run(["scancel", "--signal=USR2", job], check=True)
@@ -196,7 +282,13 @@ def test_requeues_are_bounded(tmp_path):
 
 
 def test_rank_crash_restarts_a_new_step(tmp_path):
-    cfg = slurm_config(tmp_path, TEST_JOBS / "fail.py", [], job={"env": {"FAIL_ONLY_ATTEMPT": "0", "FAIL_RANK": "3"}}, restart={"max_restarts": 2, "backoff_s": 0.5})
+    cfg = slurm_config(
+        tmp_path,
+        TEST_JOBS / "fail.py",
+        [],
+        job={"env": {"FAIL_ONLY_ATTEMPT": "0", "FAIL_RANK": "3"}},
+        restart={"max_restarts": 2, "backoff_s": 0.5},
+    )
     submit(cfg, "crash-once")
     st = wait_final(cfg, "crash-once")
     assert st["state"] == "succeeded" and st["attempts"] == 2, st
@@ -205,17 +297,33 @@ def test_rank_crash_restarts_a_new_step(tmp_path):
 
 
 def test_crash_loop_fails_with_root_cause(tmp_path):
-    cfg = slurm_config(tmp_path, TEST_JOBS / "fail.py", [], job={"env": {"FAIL_RANK": "4", "FAIL_WITH": "loss is nan"}}, restart={"max_restarts": 10, "backoff_s": 0.2})
+    cfg = slurm_config(
+        tmp_path,
+        TEST_JOBS / "fail.py",
+        [],
+        job={"env": {"FAIL_RANK": "4", "FAIL_WITH": "loss is nan"}},
+        restart={"max_restarts": 10, "backoff_s": 0.2},
+    )
     submit(cfg, "looping")
     st = wait_final(cfg, "looping")
     assert st["state"] == "failed" and st["attempts"] == 3, st
     assert st["root_cause"]["rank"] == 4 and st["root_cause"]["message"] == "ValueError: loss is nan"
-    text = subprocess.run([sys.executable, "-m", "orchestrator.cli", "status", str(tmp_path / "runs" / "looping")], capture_output=True, text=True).stdout
+    text = subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", "status", str(tmp_path / "runs" / "looping")],
+        capture_output=True,
+        text=True,
+    ).stdout
     assert "root cause rank 4" in text and "loss is nan" in text
 
 
 def test_non_retryable_error_fails_at_once(tmp_path):
-    cfg = slurm_config(tmp_path, TEST_JOBS / "fail.py", [], job={"env": {"FAIL_RANK": "0", "FAIL_TYPE": "NameError", "FAIL_WITH": "name 'lr' is not defined"}}, restart={"max_restarts": 5})
+    cfg = slurm_config(
+        tmp_path,
+        TEST_JOBS / "fail.py",
+        [],
+        job={"env": {"FAIL_RANK": "0", "FAIL_TYPE": "NameError", "FAIL_WITH": "name 'lr' is not defined"}},
+        restart={"max_restarts": 5},
+    )
     submit(cfg, "usererror")
     st = wait_final(cfg, "usererror")
     assert st["state"] == "failed" and st["attempts"] == 1
@@ -223,16 +331,26 @@ def test_non_retryable_error_fails_at_once(tmp_path):
 
 
 def test_lead_time_shorter_than_checkpoint_time_is_reported(tmp_path):
-    cfg = slurm_config(tmp_path, JOBS / "train_ddp.py", ["--steps", "20", "--log-every", "5"], job={"env": {"ORCH_FAULT": "ckpt.file_written:sleep=3"}},
-                       storage={"checkpoint_interval": 10}, slurm={"signal_lead_s": 2})
+    cfg = slurm_config(
+        tmp_path,
+        JOBS / "train_ddp.py",
+        ["--steps", "20", "--log-every", "5"],
+        job={"env": {"ORCH_FAULT": "ckpt.file_written:sleep=3"}},
+        storage={"checkpoint_interval": 10},
+        slurm={"signal_lead_s": 2},
+    )
     submit(cfg, "slowsave")
     st = wait_final(cfg, "slowsave")
     assert st["state"] == "succeeded"
-    assert any("signal_lead_s=2 is shorter than the last checkpoint's write time" in w for w in st["warnings"]), st["warnings"]
+    assert any(
+        "signal_lead_s=2 is shorter than the last checkpoint's write time" in w for w in st["warnings"]
+    ), st["warnings"]
 
 
 def test_logs_and_cancel_from_the_login_node(tmp_path):
-    cfg = slurm_config(tmp_path, JOBS / "train_ddp.py", ["--steps", "2000", "--log-every", "5", "--step-sleep", "0.1"])
+    cfg = slurm_config(
+        tmp_path, JOBS / "train_ddp.py", ["--steps", "2000", "--log-every", "5", "--step-sleep", "0.1"]
+    )
     job = submit(cfg, "cancelme")
     run_dir = tmp_path / "runs" / "cancelme"
     wait_for(lambda: rank0_step(run_dir) >= 10, 120, "training")
@@ -246,8 +364,15 @@ def test_logs_and_cancel_from_the_login_node(tmp_path):
 
 
 def test_hung_rank_inside_the_allocation_is_dumped_and_restarted(tmp_path):
-    cfg = slurm_config(tmp_path, TEST_JOBS / "hang.py", [], job={"env": {"HANG_HOW": "stop", "HANG_RANK": "3", "HANG_STEP": "10"}},
-                       storage={"checkpoint_interval": 5}, watchdog={"hang_timeout_s": 4}, restart={"max_restarts": 2, "backoff_s": 0.2})
+    cfg = slurm_config(
+        tmp_path,
+        TEST_JOBS / "hang.py",
+        [],
+        job={"env": {"HANG_HOW": "stop", "HANG_RANK": "3", "HANG_STEP": "10"}},
+        storage={"checkpoint_interval": 5},
+        watchdog={"hang_timeout_s": 4},
+        restart={"max_restarts": 2, "backoff_s": 0.2},
+    )
     submit(cfg, "hung")
     st = wait_final(cfg, "hung")
     assert st["state"] == "succeeded" and st["attempts"] == 2, st

@@ -31,13 +31,12 @@ import sys
 import time
 from typing import Mapping, Sequence
 
-from orchestrator.spec.config import ClusterConfig
-from orchestrator.contract import PREEMPTED_EXIT_CODE
+from orchestrator.contract import ENV_LOG_DIR, ENV_RUN_DIR, PREEMPTED_EXIT_CODE, rank_files_env, rank_log_name
 from orchestrator.launch.fork_launcher import ForkServerLauncher
 from orchestrator.launch.processes import AttemptGroup, RankProcess
-from orchestrator.spec.plan import RankSpec, own_contract_env, rank_files_env
+from orchestrator.spec.config import ClusterConfig, config_from_run_record
+from orchestrator.spec.plan import RankSpec, own_contract_env
 from orchestrator.storage.rundir import RunDir
-from orchestrator.backends.slurm.supervisor import load_run_config
 
 # Slurm's signals that the ranks act on: stop (USR2, TERM, INT), stack dumps (USR1), wake-up.
 FORWARDED_SIGNALS = (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGCONT)
@@ -53,7 +52,9 @@ def tasks_per_node(ranks_per_node: int, nodes: int) -> str:
     return f"{ranks_per_node}(x{nodes})" if nodes > 1 else str(ranks_per_node)
 
 
-def rank_env(*, node_rank: int, local_rank: int, ranks_per_node: int, nodes: int, cpus_per_rank: int, log_dir: str) -> dict[str, str]:
+def rank_env(
+    *, node_rank: int, local_rank: int, ranks_per_node: int, nodes: int, cpus_per_rank: int, log_dir: str
+) -> dict[str, str]:
     """What one rank gets on top of the agent's environment: its part of the contract, its
     files, and Slurm's task variables as a one-task-per-rank step would set them."""
     rank = node_rank * ranks_per_node + local_rank
@@ -82,7 +83,10 @@ def exit_status(ranks: Sequence[RankProcess]) -> int:
     """The node's verdict from its ranks' exit codes, in the order they exited."""
     if any(r.popen.returncode is None for r in ranks):
         return 128 + signal.SIGKILL  # a rank that outlived SIGKILL (D state): never a success
-    failed = sorted((r for r in ranks if r.popen.returncode != 0), key=lambda r: float("inf") if r.ended is None else r.ended)
+    failed = sorted(
+        (r for r in ranks if r.popen.returncode != 0),
+        key=lambda r: float("inf") if r.ended is None else r.ended,
+    )
     if not failed:
         return 0
     real = [r for r in failed if r.popen.returncode != PREEMPTED_EXIT_CODE]
@@ -99,7 +103,7 @@ class NodeAgent:
         self.node_rank = int(env["SLURM_NODEID"])
         self.nodes = int(env["NNODES"])
         self.ranks_per_node = int(env["LOCAL_WORLD_SIZE"])
-        self.log_dir = env["ORCH_LOG_DIR"]
+        self.log_dir = env[ENV_LOG_DIR]
         self.group: AttemptGroup | None = None
         self.early_signals: list[int] = []  # arrived before the ranks existed, in order
 
@@ -119,21 +123,39 @@ class NodeAgent:
             signal.signal(sig, self._forward)
         # templates/slurm_node.sh held these blocked: what arrived meanwhile is delivered now.
         signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED_SIGNALS)
-        launcher = ForkServerLauncher(self.config, python=sys.executable, server_log=os.path.join(self.log_dir, f"node-{self.node_rank}.log"))
+        launcher = ForkServerLauncher(
+            self.config,
+            python=sys.executable,
+            server_log=os.path.join(self.log_dir, f"node-{self.node_rank}.log"),
+        )
         res = self.config.resources
         specs, logs, extra = [], [], []
         for local in range(self.ranks_per_node):
             rank = self.node_rank * self.ranks_per_node + local
-            specs.append(RankSpec(rank=rank, local_rank=local, node_rank=self.node_rank, argv=self.job_argv, env={}))
-            logs.append(os.path.join(self.log_dir, f"rank-{rank}.log"))
-            extra.append(rank_env(node_rank=self.node_rank, local_rank=local, ranks_per_node=self.ranks_per_node, nodes=self.nodes, cpus_per_rank=res.cpus_per_rank, log_dir=self.log_dir))
+            specs.append(
+                RankSpec(rank=rank, local_rank=local, node_rank=self.node_rank, argv=self.job_argv, env={})
+            )
+            logs.append(os.path.join(self.log_dir, rank_log_name(rank)))
+            extra.append(
+                rank_env(
+                    node_rank=self.node_rank,
+                    local_rank=local,
+                    ranks_per_node=self.ranks_per_node,
+                    nodes=self.nodes,
+                    cpus_per_rank=res.cpus_per_rank,
+                    log_dir=self.log_dir,
+                )
+            )
         t0 = time.perf_counter()
         try:
             self.group = launcher.start_attempt(specs, logs, extra)
             if self.group.notice:
                 self._say(self.group.notice)
             how = "forked" if self.group.launched_by == "fork" else "started"
-            self._say(f"{how} ranks {specs[0].rank}-{specs[-1].rank} in {time.perf_counter() - t0:.2f}s (pids {' '.join(str(r.pid) for r in self.group.ranks)})")
+            self._say(
+                f"{how} ranks {specs[0].rank}-{specs[-1].rank} in {time.perf_counter() - t0:.2f}s"
+                f" (pids {' '.join(str(r.pid) for r in self.group.ranks)})"
+            )
             for signum in self.early_signals:  # what arrived while the ranks were being started
                 self.group.signal_all(signum)
             code = self._wait(self.group)
@@ -143,7 +165,9 @@ class NodeAgent:
             if group is not None:
                 group.close()
             launcher.close()
-        self._say(f"exit {code} (rank exit codes {[r.popen.returncode for r in group.ranks] if group else []})")
+        self._say(
+            f"exit {code} (rank exit codes {[r.popen.returncode for r in group.ranks] if group else []})"
+        )
         return code
 
     def _wait(self, group: AttemptGroup) -> int:
@@ -162,9 +186,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args[:1] == ["--"]:
         args = args[1:]
     if len(args) < 2:
-        print("usage: python -m orchestrator.backends.slurm.node_agent -- PYTHON ENTRY [ARGS...]", file=sys.stderr)
+        print(
+            "usage: python -m orchestrator.backends.slurm.node_agent -- PYTHON ENTRY [ARGS...]",
+            file=sys.stderr,
+        )
         return 2
-    config = load_run_config(RunDir(os.environ["ORCH_RUN_DIR"]))
+    config = config_from_run_record(RunDir(os.environ[ENV_RUN_DIR]).read_run_config())
     return NodeAgent(config, args, os.environ).run()
 
 

@@ -1,166 +1,18 @@
-"""The slurm backend: what we submit (rendered, pure), and the scheduler calls (submit, state,
-cancel).
-
-submitit is the Slurm client: it writes the batch script, submits it, and carries the
-supervisor function to the allocation. With `use_srun=False` the batch step runs one
-supervisor process on the first node; the supervisor runs each attempt as one `srun` step: one
-node agent per node (`templates/slurm_node.sh` starts orchestrator/backends/slurm/node_agent.py, which forks
-the node's ranks), or with `launch.mode: subprocess` one task per rank
-(`templates/slurm_task.sh` maps SLURM_* onto the env contract). Every value
-from cluster.yaml was validated by config.py (no control characters; names and flags match
-strict patterns) before it gets here, and submitit quotes each #SBATCH value.
-"""
+"""The slurm backend's scheduler calls: submit (sbatch through submitit), state (sacct, squeue,
+scontrol), cancel (scancel). What is submitted is rendered by render.py."""
 
 from __future__ import annotations
 
 import os
-import shlex
 import subprocess
-from pathlib import Path
-from typing import Any, Mapping
+from typing import Mapping
 
-from orchestrator.spec.config import ClusterConfig
+from orchestrator.backends.slurm.render import submitit_parameters
 from orchestrator.errors import OrchError
-from orchestrator.spec.plan import REDACTED, attempt_shared_env, entrypoint_argv, redact
-
-TEMPLATES = Path(__file__).resolve().parents[3] / "templates"
-TASK_SCRIPT = TEMPLATES / "slurm_task.sh"
-NODE_SCRIPT = TEMPLATES / "slurm_node.sh"
-
-
-def submitit_parameters(config: ClusterConfig) -> dict[str, Any]:
-    """SlurmExecutor parameters: the allocation and the batch step, nothing per attempt."""
-    res, slurm = config.resources, config.slurm
-    params: dict[str, Any] = {
-        "job_name": config.job_name,
-        "nodes": res.nodes,
-        "ntasks_per_node": res.ranks_per_node,
-        "cpus_per_task": res.cpus_per_rank,
-        # USR2 without `B:` goes to the step's tasks (the ranks), not to the batch shell.
-        "signal_delay_s": slurm.signal_lead_s,
-        "use_srun": False,
-        "stderr_to_stdout": True,
-        "wckey": None,  # no --wckey line (submitit would add "submitit")
-        "additional_parameters": {"requeue": True},
-    }
-    if res.time_limit_minutes is not None:
-        params["time"] = res.time_limit_minutes
-    if res.gpus_per_node:
-        params["gres"] = f"gpu:{res.gpus_per_node}"
-    if res.memory:
-        params["mem"] = res.memory
-    for key in ("partition", "account", "qos"):
-        value = getattr(slurm, key)
-        if value:
-            params[key] = value
-    for flag in slurm.extra_flags:
-        name, _, value = flag[2:].partition("=")
-        params["additional_parameters"][name.replace("-", "_")] = value if value else True
-    if slurm.setup:
-        params["setup"] = list(slurm.setup)
-    return params
-
-
-def submitit_command(python: str, folder: str) -> str:
-    """The batch step's command, as submitit's SlurmExecutor writes it."""
-    return " ".join([shlex.quote(python), "-u -m submitit.core._submit", shlex.quote(folder)])
-
-
-def batch_script(config: ClusterConfig, folder: str, python: str) -> str:
-    """The complete batch script that `orch submit` hands to sbatch, byte for byte."""
-    from submitit.slurm.slurm import _make_sbatch_string  # the function submitit submits with
-
-    params = submitit_parameters(config)
-    return _make_sbatch_string(command=submitit_command(python, folder), folder=folder, **params)
-
-
-def uses_node_agent(config: ClusterConfig) -> bool:
-    """One agent per node forks that node's ranks (launch.mode auto), or one srun task per rank
-    runs as a fresh interpreter (launch.mode subprocess)."""
-    return config.launch.mode != "subprocess"
-
-
-def step_argv(config: ClusterConfig, *, log_dir: str, attempt: int, python: str) -> list[str]:
-    """The srun command of one attempt. With the node agent: one task per node, which starts
-    the node's ranks (orchestrator/backends/slurm/node_agent.py); else one task per rank. Either way every
-    rank's output goes to its own file, rank-R.log."""
-    res = config.resources
-    argv = ["srun", f"--job-name={config.job_name}-attempt{attempt}", f"--nodes={res.nodes}"]
-    if uses_node_agent(config):
-        argv += [
-            f"--ntasks={res.nodes}",
-            "--ntasks-per-node=1",
-            f"--cpus-per-task={res.ranks_per_node * res.cpus_per_rank}",
-            "--distribution=block",
-            f"--output={log_dir}/node-%n.log",
-            f"--error={log_dir}/node-%n.log",
-        ]
-    else:
-        argv += [
-            f"--ntasks={res.world_size}",
-            f"--ntasks-per-node={res.ranks_per_node}",
-            f"--cpus-per-task={res.cpus_per_rank}",
-            f"--output={log_dir}/rank-%t.log",
-            f"--error={log_dir}/rank-%t.log",
-        ]
-    argv += ["--kill-on-bad-exit=1", "--open-mode=append", "--export=ALL"]
-    if res.gpus_per_node:
-        argv.append(f"--gres=gpu:{res.gpus_per_node}")
-    job_argv = entrypoint_argv(config, config.job.python or python)
-    if uses_node_agent(config):
-        return [*argv, "/bin/bash", str(NODE_SCRIPT), python, "--", *job_argv]
-    return [*argv, "/bin/bash", str(TASK_SCRIPT), *job_argv]
-
-
-def step_env(
-    config: ClusterConfig,
-    *,
-    run_id: str,
-    run_dir: str,
-    attempt: int,
-    master_addr: str,
-    master_port: int | str,
-    log_dir: str,
-) -> dict[str, str]:
-    """What the supervisor adds to srun's environment: job.env, the runtime settings and the
-    contract's shared part. The per-rank part comes from the node agent or templates/slurm_task.sh."""
-    extra = {"ORCH_INCARNATION": str(attempt), "ORCH_LOG_DIR": log_dir}
-    return attempt_shared_env(config, run_id=run_id, run_dir=run_dir, attempt=attempt, master_addr=master_addr, master_port=master_port, extra_env=extra)
-
-
-def render_slurm(config: ClusterConfig, *, run_id: str, run_dir: str, folder: str, python: str) -> str:
-    """`orch render --backend slurm`: the batch script, then each attempt's step, as submitted."""
-    log_dir = f"{run_dir}/logs/attempt-<N>"
-    env = step_env(config, run_id=run_id, run_dir=run_dir, attempt="<N>", master_addr="<first host of SLURM_JOB_NODELIST>", master_port="<leased on that host>", log_dir=log_dir)  # type: ignore[arg-type]
-    env["ORCH_INCARNATION"] = "<N>"
-    env["TORCHELASTIC_RESTART_COUNT"] = env["ORCH_ATTEMPT"] = "<N>"
-    lines = [
-        "# orch render --backend slurm; nothing was submitted",
-        f"# ---- batch script (sbatch), as submitit writes it into {folder}",
-        batch_script(config, folder, python).rstrip("\n"),
-        "",
-        "# ---- each attempt N: one srun step run by the supervisor in the batch step",
-        "# step environment (secrets redacted):",
-    ]
-    for key, value in sorted(redact(env, config.job.pass_env).items()):
-        lines.append(f"#   {key}={value}")
-    for name in config.job.pass_env:
-        lines.append(f"#   {name}={REDACTED} (pass_env: taken from the environment at submission)")
-    lines.append(shlex.join(step_argv(config, log_dir=log_dir, attempt=0, python=python)).replace("attempt0", "attempt<N>"))
-    lines.append("")
-    if uses_node_agent(config):
-        lines.append("# ---- per node, the agent (orchestrator/backends/slurm/node_agent.py) forks its ranks from one fork server:")
-        lines.append("#      RANK=SLURM_NODEID*LOCAL_WORLD_SIZE+LOCAL_RANK NODE_RANK=GROUP_RANK=SLURM_NODEID, SLURM_PROCID=RANK, SLURM_LOCALID=LOCAL_RANK")
-    else:
-        lines.append("# ---- per rank (templates/slurm_task.sh): RANK=SLURM_PROCID LOCAL_RANK=SLURM_LOCALID NODE_RANK=GROUP_RANK=SLURM_NODEID")
-    res = config.resources
-    for node in range(res.nodes):
-        ranks = ", ".join(str(node * res.ranks_per_node + r) for r in range(res.ranks_per_node))
-        lines.append(f"#   node {node}: ranks {ranks}")
-    return "\n".join(lines) + "\n"
-
+from orchestrator.spec.config import ClusterConfig
 
 # ---------------------------------------------------------------------------- scheduler calls
+
 
 def _run(argv: list[str], timeout: float = 30) -> subprocess.CompletedProcess:
     try:
@@ -169,7 +21,9 @@ def _run(argv: list[str], timeout: float = 30) -> subprocess.CompletedProcess:
         raise OrchError(f"{argv[0]} not found: is this a Slurm login node (is SLURM_CONF set)?") from None
 
 
-def submit(config: ClusterConfig, *, run_url: str, folder: str, python: str, env: Mapping[str, str] | None = None) -> str:
+def submit(
+    config: ClusterConfig, *, run_url: str, folder: str, python: str, env: Mapping[str, str] | None = None
+) -> str:
     """Submit the supervisor of `run_url` with submitit; returns the Slurm job id."""
     import submitit
 
@@ -180,7 +34,11 @@ def submit(config: ClusterConfig, *, run_url: str, folder: str, python: str, env
     try:
         job = executor.submit(supervise, run_url)
     except subprocess.CalledProcessError as exc:
-        detail = (exc.stderr or b"").decode("utf-8", "replace").strip().splitlines() if isinstance(exc.stderr, bytes) else str(exc.stderr or "").strip().splitlines()
+        detail = (
+            (exc.stderr or b"").decode("utf-8", "replace").strip().splitlines()
+            if isinstance(exc.stderr, bytes)
+            else str(exc.stderr or "").strip().splitlines()
+        )
         raise OrchError(f"sbatch refused the job: {detail[-1] if detail else exc}") from None
     return str(job.job_id)
 
@@ -233,4 +91,6 @@ def submitit_folder(run_dir: str) -> str:
     """Where submitit keeps its pickles and the batch log: a shared filesystem path."""
     if "://" not in run_dir or run_dir.startswith("file://"):
         return os.path.join(run_dir.removeprefix("file://"), "slurm")
-    raise OrchError("storage.root: the slurm backend needs a shared filesystem path (submitit's files live there)")
+    raise OrchError(
+        "storage.root: the slurm backend needs a shared filesystem path (submitit's files live there)"
+    )

@@ -15,12 +15,10 @@ import pytest
 import yaml
 
 from orchestrator.cli import main
+from orchestrator.contract import CONTRACT_VARS, PER_RANK_VARS, RUNTIME_VARS
 from orchestrator.spec.config import ClusterConfig, load_config, parse_config
 from orchestrator.spec.plan import (
-    CONTRACT_VARS,
-    PER_RANK_VARS,
     REDACTED,
-    RUNTIME_VARS,
     LaunchPlan,
     RankEnv,
     RankSpec,
@@ -33,7 +31,7 @@ from orchestrator.spec.plan import (
 )
 from orchestrator.spec.render import render_local
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEFAULT = REPO / "cluster.yaml"
 ORCH = REPO / ".venv" / "bin" / "orch"
 PY = "/opt/py/bin/python3"
@@ -51,20 +49,30 @@ def plan_of(config: ClusterConfig, **kw: Any) -> LaunchPlan:
 
 # ---------------------------------------------------------------------------- the plan
 
+
 def test_two_nodes_by_two_ranks() -> None:
     config = config_2x2()
     plan = plan_of(config)
     assert (plan.nnodes, plan.ranks_per_node, plan.world_size) == (2, 2, 4)
     assert [s.rank for s in plan.ranks] == [0, 1, 2, 3]
     assert [(s.node_rank, s.local_rank) for s in plan.ranks] == [(0, 0), (0, 1), (1, 0), (1, 1)]
-    assert (plan.run_id, plan.run_dir, plan.attempt, plan.master_addr, plan.master_port) == ("r-1", "/runs/r-1", 3, "127.0.0.1", 29512)
+    assert (plan.run_id, plan.run_dir, plan.attempt, plan.master_addr, plan.master_port) == (
+        "r-1",
+        "/runs/r-1",
+        3,
+        "127.0.0.1",
+        29512,
+    )
     for spec in plan.ranks:
         assert spec.argv == (PY, str(REPO / "jobs" / "train_ddp.py"), *config.job.args)
 
 
 @pytest.mark.parametrize("nodes, per_node", [(1, 1), (1, 3), (3, 1), (2, 2), (3, 4)])
 def test_env_contract_of_every_rank(nodes: int, per_node: int) -> None:
-    config = load_config(str(DEFAULT), [f"resources.nodes={nodes}", f"resources.ranks_per_node={per_node}", "job.env={EXTRA: 'x'}"])
+    config = load_config(
+        str(DEFAULT),
+        [f"resources.nodes={nodes}", f"resources.ranks_per_node={per_node}", "job.env={EXTRA: 'x'}"],
+    )
     plan = plan_of(config, attempt=2, master_addr="10.0.0.7")
     assert len(plan.ranks) == nodes * per_node
     for spec in plan.ranks:
@@ -95,13 +103,34 @@ def test_env_contract_of_every_rank(nodes: int, per_node: int) -> None:
 
 
 def test_contract_env_order_and_strings() -> None:
-    env = contract_env(rank=5, local_rank=1, node_rank=2, nnodes=3, ranks_per_node=2, master_addr="h", master_port="<auto>", attempt=0, run_id="i", run_dir="d")
+    env = contract_env(
+        rank=5,
+        local_rank=1,
+        node_rank=2,
+        nnodes=3,
+        ranks_per_node=2,
+        master_addr="h",
+        master_port="<auto>",
+        attempt=0,
+        run_id="i",
+        run_dir="d",
+    )
     assert tuple(env) == CONTRACT_VARS
-    assert env["WORLD_SIZE"] == "6" and env["MASTER_PORT"] == "<auto>" and env["TORCHELASTIC_RESTART_COUNT"] == "0"
+    assert (
+        env["WORLD_SIZE"] == "6"
+        and env["MASTER_PORT"] == "<auto>"
+        and env["TORCHELASTIC_RESTART_COUNT"] == "0"
+    )
 
 
 def test_runtime_env_follows_config() -> None:
-    config = config_2x2("resources.cpus_per_rank=4", "storage.checkpoint_interval=7", "storage.keep=5", "storage.async_save=true", "distributed.backend=gloo")
+    config = config_2x2(
+        "resources.cpus_per_rank=4",
+        "storage.checkpoint_interval=7",
+        "storage.keep=5",
+        "storage.async_save=true",
+        "distributed.backend=gloo",
+    )
     env = runtime_env(config)
     assert set(env) <= set(RUNTIME_VARS)
     assert env == {
@@ -183,12 +212,40 @@ def test_rank_env_own_values_win() -> None:
 
 # ---------------------------------------------------------------------------- redaction
 
-@pytest.mark.parametrize("name", ["WANDB_API_KEY", "MY_TOKEN", "HF_TOKEN", "AWS_SECRET_ACCESS_KEY", "DB_PASSWORD", "OPENAI_KEY", "DB_PASS", "BASIC_AUTH", "github_token", "GCP_CREDENTIALS"])
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "WANDB_API_KEY",
+        "MY_TOKEN",
+        "HF_TOKEN",
+        "AWS_SECRET_ACCESS_KEY",
+        "DB_PASSWORD",
+        "OPENAI_KEY",
+        "DB_PASS",
+        "BASIC_AUTH",
+        "github_token",
+        "GCP_CREDENTIALS",
+    ],
+)
 def test_secret_names(name: str) -> None:
     assert is_secret_name(name)
 
 
-@pytest.mark.parametrize("name", ["PATH", "HOME", "PYTHONPATH", "OMP_NUM_THREADS", "MONKEY", "KEYBOARD_LAYOUT", "AUTHOR", "PASSAGE", "RANK"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "PATH",
+        "HOME",
+        "PYTHONPATH",
+        "OMP_NUM_THREADS",
+        "MONKEY",
+        "KEYBOARD_LAYOUT",
+        "AUTHOR",
+        "PASSAGE",
+        "RANK",
+    ],
+)
 def test_ordinary_names(name: str) -> None:
     assert not is_secret_name(name)
 
@@ -200,13 +257,19 @@ def test_redact() -> None:
     assert env == {"A": "1", "MY_TOKEN": "t", "PASSED": "p"}
 
 
-SECRETS = {"WANDB_API_KEY": "wandb-8f3a1c-secret", "MY_TOKEN": "tok-77d0e2-secret", "OPENAI_KEY": "sk-91be4a-secret"}
+SECRETS = {
+    "WANDB_API_KEY": "wandb-8f3a1c-secret",
+    "MY_TOKEN": "tok-77d0e2-secret",
+    "OPENAI_KEY": "sk-91be4a-secret",
+}
 
 
 def test_render_redacts_secrets_and_pass_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HOME_DIR", "passed-c0ffee-value")
     monkeypatch.setenv("HF_TOKEN", "hf-5eed5-secret")
-    env_yaml = "{" + ", ".join(f"{k}: '{v}'" for k, v in SECRETS.items()) + ", PLAIN_SETTING: 'visible-42abc'}"
+    env_yaml = (
+        "{" + ", ".join(f"{k}: '{v}'" for k, v in SECRETS.items()) + ", PLAIN_SETTING: 'visible-42abc'}"
+    )
     config = config_2x2(f"job.env={env_yaml}", "job.pass_env=[HF_HOME_DIR, HF_TOKEN]")
     text = render_local(plan_of(config))
     for value in [*SECRETS.values(), "passed-c0ffee-value", "hf-5eed5-secret"]:
@@ -227,6 +290,7 @@ def test_render_redacts_secrets_and_pass_env(monkeypatch: pytest.MonkeyPatch) ->
 
 # ---------------------------------------------------------------------------- rendering
 
+
 def rank_envs(doc: dict[str, Any]) -> dict[int, dict[str, str]]:
     """Every rank's full env as a reader of the rendered YAML gets it: `env`, then the rank's own."""
     envs = {r["rank"]: {**doc["env"], **r["env"]} for n in doc["nodes"] for r in n["ranks"]}
@@ -240,12 +304,33 @@ def test_render_local_structure_and_stability() -> None:
     assert text == render_local(plan) == render_local(plan_of(config_2x2()))
     assert text.startswith("# orch render: local launch spec; nothing was started\n")
     doc = yaml.safe_load(text)
-    assert list(doc) == ["backend", "run_id", "run_dir", "attempt", "world_size", "master", "pass_env", "argv", "env", "nodes"]
-    assert (doc["backend"], doc["run_id"], doc["run_dir"], doc["attempt"], doc["world_size"], doc["master"]) == ("local", "r-1", "/runs/r-1", 3, 4, "127.0.0.1:29512")
+    assert list(doc) == [
+        "backend",
+        "run_id",
+        "run_dir",
+        "attempt",
+        "world_size",
+        "master",
+        "pass_env",
+        "argv",
+        "env",
+        "nodes",
+    ]
+    assert (
+        doc["backend"],
+        doc["run_id"],
+        doc["run_dir"],
+        doc["attempt"],
+        doc["world_size"],
+        doc["master"],
+    ) == ("local", "r-1", "/runs/r-1", 3, 4, "127.0.0.1:29512")
     assert doc["argv"] == list(plan.ranks[0].argv)
     assert list(doc["env"]) == sorted(doc["env"]) and doc["env"] == dict(plan.shared_env)
     assert [n["node_rank"] for n in doc["nodes"]] == [0, 1]
-    assert [[(r["rank"], r["local_rank"]) for r in n["ranks"]] for n in doc["nodes"]] == [[(0, 0), (1, 1)], [(2, 0), (3, 1)]]
+    assert [[(r["rank"], r["local_rank"]) for r in n["ranks"]] for n in doc["nodes"]] == [
+        [(0, 0), (1, 1)],
+        [(2, 0), (3, 1)],
+    ]
     for node in doc["nodes"]:
         for r in node["ranks"]:
             assert "argv" not in r  # the same for every rank: shown once
@@ -256,14 +341,29 @@ def test_render_local_structure_and_stability() -> None:
 
 @pytest.mark.parametrize("nodes, per_node", [(1, 1), (1, 2), (2, 2), (3, 4)])
 def test_render_gives_every_rank_its_full_env_contract(nodes: int, per_node: int) -> None:
-    config = load_config(str(DEFAULT), [f"resources.nodes={nodes}", f"resources.ranks_per_node={per_node}", "job.env={EXTRA: 'x', MY_TOKEN: 't0k3n'}"])
+    config = load_config(
+        str(DEFAULT),
+        [
+            f"resources.nodes={nodes}",
+            f"resources.ranks_per_node={per_node}",
+            "job.env={EXTRA: 'x', MY_TOKEN: 't0k3n'}",
+        ],
+    )
     plan = plan_of(config, attempt=2, master_addr="10.0.0.7")
     envs = rank_envs(yaml.safe_load(render_local(plan)))
     assert sorted(envs) == list(range(nodes * per_node))
     for spec in plan.ranks:
         contract = contract_env(
-            rank=spec.rank, local_rank=spec.local_rank, node_rank=spec.node_rank, nnodes=nodes, ranks_per_node=per_node,
-            master_addr="10.0.0.7", master_port=29512, attempt=2, run_id="r-1", run_dir="/runs/r-1",
+            rank=spec.rank,
+            local_rank=spec.local_rank,
+            node_rank=spec.node_rank,
+            nnodes=nodes,
+            ranks_per_node=per_node,
+            master_addr="10.0.0.7",
+            master_port=29512,
+            attempt=2,
+            run_id="r-1",
+            run_dir="/runs/r-1",
         )
         assert envs[spec.rank] == {**contract, **runtime_env(config), "EXTRA": "x", "MY_TOKEN": REDACTED}
         assert envs[spec.rank] == redact(spec.env)
@@ -316,7 +416,12 @@ nodes:
 def test_render_of_a_small_plan_reads_plainly() -> None:
     # The whole text, so that a change to the format shows here as a diff a person can judge.
     raw = {
-        "job": {"module": "pkg.train", "args": ["--lr", "0.1"], "env": {"WANDB_API_KEY": "s3cret", "MODE": "fast"}, "pass_env": ["HF_TOKEN"]},
+        "job": {
+            "module": "pkg.train",
+            "args": ["--lr", "0.1"],
+            "env": {"WANDB_API_KEY": "s3cret", "MODE": "fast"},
+            "pass_env": ["HF_TOKEN"],
+        },
         "resources": {"nodes": 1, "ranks_per_node": 2},
         "storage": {"checkpoint_interval": 500},
     }
@@ -330,7 +435,26 @@ def test_render_quotes_awkward_strings() -> None:
     assert doc["env"]["X"] == "null"
 
 
-AWKWARD = ["null", "yes", "0x10", "012", "a: b", "#c", "- d", "{x}", "a,b", "é", "a\nb", "a\n\nb  ", " x", "", "'q'", '"d"', "\x7f", "\u2028"]
+AWKWARD = [
+    "null",
+    "yes",
+    "0x10",
+    "012",
+    "a: b",
+    "#c",
+    "- d",
+    "{x}",
+    "a,b",
+    "é",
+    "a\nb",
+    "a\n\nb  ",
+    " x",
+    "",
+    "'q'",
+    '"d"',
+    "\x7f",
+    "\u2028",
+]
 
 
 @pytest.mark.parametrize("view", [True, False])
@@ -344,22 +468,46 @@ def test_render_of_ranks_that_differ_in_more_than_the_contract(view: bool) -> No
         {"R": "2", "P%s": "5"},
     ]
     ranks = tuple(
-        RankSpec(rank=i, local_rank=i % 2, node_rank=i // 2, argv=("py", "b: c" if i == 1 else "a"), env=RankEnv(shared, own) if view else {**shared, **own})
+        RankSpec(
+            rank=i,
+            local_rank=i % 2,
+            node_rank=i // 2,
+            argv=("py", "b: c" if i == 1 else "a"),
+            env=RankEnv(shared, own) if view else {**shared, **own},
+        )
         for i, own in enumerate(own_envs)
     )
     plan = LaunchPlan(
-        run_id="r", run_dir="/d", attempt=0, nnodes=2, ranks_per_node=2, master_addr="h", master_port=1,
-        pass_env=("PASSED",), shared_env=shared, ranks=ranks,
+        run_id="r",
+        run_dir="/d",
+        attempt=0,
+        nnodes=2,
+        ranks_per_node=2,
+        master_addr="h",
+        master_port=1,
+        pass_env=("PASSED",),
+        shared_env=shared,
+        ranks=ranks,
     )
     text = render_local(plan)
     assert "p-value" not in text
     doc = yaml.safe_load(text)
     assert doc["argv"] == ["py", "a"]
     node0, node1 = doc["nodes"]
-    assert "argv" not in node0["ranks"][0] and node0["ranks"][1]["argv"] == ["py", "b: c"] and "argv" not in node1["ranks"][0]
+    assert (
+        "argv" not in node0["ranks"][0]
+        and node0["ranks"][1]["argv"] == ["py", "b: c"]
+        and "argv" not in node1["ranks"][0]
+    )
     assert rank_envs(doc) == {
         0: {"A": "1", "MODE": "fast", "R": "0", "DB_PASS": REDACTED},
-        1: {"A": "1", "MODE": "slow", "R": "1", "PASSED": REDACTED, **{f"W{i}": v for i, v in enumerate(AWKWARD)}},
+        1: {
+            "A": "1",
+            "MODE": "slow",
+            "R": "1",
+            "PASSED": REDACTED,
+            **{f"W{i}": v for i, v in enumerate(AWKWARD)},
+        },
         2: {"A": "1", "MODE": "fast", "R": "2", "P%s": "5"},
     }
     assert len([line for line in text.splitlines() if line.startswith("  - ")]) == 3
@@ -368,13 +516,18 @@ def test_render_of_ranks_that_differ_in_more_than_the_contract(view: bool) -> No
 def test_render_of_a_plan_with_an_empty_node() -> None:
     plan = plan_of(config_2x2())
     doc = yaml.safe_load(render_local(dataclasses.replace(plan, ranks=plan.ranks[:2])))
-    assert doc["nodes"] == [{"node_rank": 0, "ranks": doc["nodes"][0]["ranks"]}, {"node_rank": 1, "ranks": []}]
+    assert doc["nodes"] == [
+        {"node_rank": 0, "ranks": doc["nodes"][0]["ranks"]},
+        {"node_rank": 1, "ranks": []},
+    ]
     assert sorted(rank_envs(doc)) == [0, 1]
 
 
 def test_render_is_the_same_for_a_view_and_a_plain_env() -> None:
     plan = plan_of(config_2x2("job.env={MY_TOKEN: 't'}"))
-    plain = dataclasses.replace(plan, ranks=tuple(dataclasses.replace(s, env=dict(s.env)) for s in plan.ranks))
+    plain = dataclasses.replace(
+        plan, ranks=tuple(dataclasses.replace(s, env=dict(s.env)) for s in plan.ranks)
+    )
     assert render_local(plain) == render_local(plan)
 
 
@@ -388,7 +541,9 @@ def test_render_refuses_a_rank_without_a_shared_variable() -> None:
 
 def _orch_render(cwd: Path, *args: str) -> subprocess.CompletedProcess[bytes]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-    return subprocess.run([str(ORCH), "render", str(DEFAULT), *args], cwd=cwd, capture_output=True, timeout=60, env=env)
+    return subprocess.run(
+        [str(ORCH), "render", str(DEFAULT), *args], cwd=cwd, capture_output=True, timeout=60, env=env
+    )
 
 
 def test_orch_render_is_byte_identical_across_processes(tmp_path: Path) -> None:
@@ -410,7 +565,21 @@ def test_cli_render_placeholders_and_fixed_values(capsys: pytest.CaptureFixture[
     assert main(["render", str(DEFAULT)]) == 0
     out, err = capsys.readouterr()
     assert err == "" and "run_id: <run-id>" in out and "master: 127.0.0.1:<auto>" in out
-    assert main(["render", str(DEFAULT), "--run-id", "exp-1", "--set", "distributed.master_port=29555", "--set", "resources.nodes=2"]) == 0
+    assert (
+        main(
+            [
+                "render",
+                str(DEFAULT),
+                "--run-id",
+                "exp-1",
+                "--set",
+                "distributed.master_port=29555",
+                "--set",
+                "resources.nodes=2",
+            ]
+        )
+        == 0
+    )
     doc = yaml.safe_load(capsys.readouterr().out)
     assert doc["run_id"] == "exp-1" and doc["master"] == "127.0.0.1:29555" and doc["world_size"] == 4
     assert "<run-id>" not in str(doc) and "<auto>" not in str(doc)

@@ -16,10 +16,10 @@ import torch
 import torch.multiprocessing as mp
 
 from orchestrator import runtime
-from orchestrator.storage.ckpt_store import CheckpointStore, make_token
 from orchestrator.runtime.checkpoint import CheckpointError, StaleIncarnationError
+from orchestrator.storage.ckpt_store import CheckpointStore, make_token
 
-from .conftest import S3_BUCKET
+from ..conftest import S3_BUCKET
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,11 @@ def ctx():
 
 
 def _url(kind, tmp_path):
-    return {"local": str(tmp_path / "ckpt"), "memory": f"memory://ck-{uuid.uuid4().hex}", "s3": f"s3://{S3_BUCKET}/ck-{uuid.uuid4().hex}"}[kind]
+    return {
+        "local": str(tmp_path / "ckpt"),
+        "memory": f"memory://ck-{uuid.uuid4().hex}",
+        "s3": f"s3://{S3_BUCKET}/ck-{uuid.uuid4().hex}",
+    }[kind]
 
 
 @pytest.fixture(params=["local", "memory", "s3"])
@@ -61,14 +65,18 @@ def train(model, opt, sched, sampler, steps):
 
 def test_round_trip_restores_everything_exactly(ctx, url):
     model, opt, sched, sampler = make_parts()
-    ckpt = runtime.Checkpointer(ctx, model=model, optimizer=opt, scheduler=sched, sampler=sampler, url=url, interval=5)
+    ckpt = runtime.Checkpointer(
+        ctx, model=model, optimizer=opt, scheduler=sched, sampler=sampler, url=url, interval=5
+    )
     train(model, opt, sched, sampler, 5)
     ckpt.save(5, epoch=0, extra={"note": "hello", "best": 1.5})
     train(model, opt, sched, sampler, 3)
     expected = runtime.state_digest(model.state_dict())
     # A fresh process's view: new objects, restore, replay the same 3 steps.
     model2, opt2, sched2, sampler2 = make_parts(seed=99)
-    ckpt2 = runtime.Checkpointer(ctx, model=model2, optimizer=opt2, scheduler=sched2, sampler=sampler2, url=url, interval=5)
+    ckpt2 = runtime.Checkpointer(
+        ctx, model=model2, optimizer=opt2, scheduler=sched2, sampler=sampler2, url=url, interval=5
+    )
     progress = ckpt2.restore()
     assert progress == runtime.Progress(step=5, epoch=0, extra={"note": "hello", "best": 1.5})
     assert sampler2.consumed == 20 and sched2.last_epoch == 5
@@ -82,13 +90,21 @@ def test_pickled_objects_are_refused(ctx, tmp_path):
     token = make_token(0)
     tmp = store.tmp_dir(1, token)
 
-    evil = {"model": {}, "progress": {"step": 1, "epoch": 0}, "payload": pickle.loads(pickle.dumps(Path("/etc/passwd")))}
-    entries = [store.write_stream(tmp, "state.pt", lambda fh: torch.save(evil, fh)),
-               store.write_stream(tmp, "rank-00000.pt", lambda fh: torch.save({"rng": {}}, fh))]
+    evil = {
+        "model": {},
+        "progress": {"step": 1, "epoch": 0},
+        "payload": pickle.loads(pickle.dumps(Path("/etc/passwd"))),
+    }
+    entries = [
+        store.write_stream(tmp, "state.pt", lambda fh: torch.save(evil, fh)),
+        store.write_stream(tmp, "rank-00000.pt", lambda fh: torch.save({"rng": {}}, fh)),
+    ]
     store.commit(tmp, 1, token, entries, {"world_size": 1})
     model, opt, sched, sampler = make_parts()
     ckpt = runtime.Checkpointer(ctx, model=model, url=url)
-    with pytest.raises(CheckpointError, match=r"step-00000001/state.pt: refused to load.*weights_only=True") as err:
+    with pytest.raises(
+        CheckpointError, match=r"step-00000001/state.pt: refused to load.*weights_only=True"
+    ) as err:
         ckpt.restore()
     assert "\n" not in str(err.value)
 
@@ -111,7 +127,9 @@ def test_io_errors_during_save_leave_the_previous_checkpoint(ctx, tmp_path, monk
     store = CheckpointStore(url)
     assert store.committed_steps() == [10]
     store.verify(10)
-    assert [n for n in os.listdir(url) if n.startswith("step-")] == ["step-00000010"], "leftovers of the failed save"
+    assert [n for n in os.listdir(url) if n.startswith("step-")] == ["step-00000010"], (
+        "leftovers of the failed save"
+    )
 
 
 def test_corrupt_newest_falls_back_to_previous(ctx, url, capfd):
@@ -171,7 +189,7 @@ import os, torch
 from orchestrator import runtime
 ctx = runtime.init(backend="gloo")
 model = torch.nn.Linear(4, 4)
-ckpt = runtime.Checkpointer(ctx, model=model, url={str(tmp_path / 'ckpt')!r}, async_save=True)
+ckpt = runtime.Checkpointer(ctx, model=model, url={str(tmp_path / "ckpt")!r}, async_save=True)
 ckpt.save(1)
 ckpt.wait()
 os.environ["ORCH_FAULT"] = "ckpt.before_commit:exit"
@@ -187,8 +205,17 @@ ckpt.close()
 
 # ---------------------------------------------------------------------------- other world size
 
+
 def _sampler_rank(rank, world, url, port, steps, out):
-    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    os.environ.update(
+        {
+            "RANK": str(rank),
+            "WORLD_SIZE": str(world),
+            "LOCAL_RANK": str(rank),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }
+    )
     ctx = runtime.init(backend="gloo")
     model = torch.nn.Linear(2, 2)
     sampler = runtime.ResumableDistributedSampler(96, rank=rank, world_size=world, seed=11)
@@ -198,7 +225,7 @@ def _sampler_rank(rank, world, url, port, steps, out):
     seen = []
     batch = 4
     it = iter(sampler)
-    for step in range(steps or 10**9):
+    for _step in range(steps or 10**9):
         chunk = [next(it, None) for _ in range(batch)]
         if None in chunk:
             break
@@ -215,7 +242,13 @@ def _spawn(world, url, steps, out):
     from orchestrator.launch.ports import lease_port
 
     with lease_port() as lease:
-        mp.start_processes(_sampler_rank, args=(world, url, lease.port, steps, out), nprocs=world, start_method="spawn", join=True)
+        mp.start_processes(
+            _sampler_rank,
+            args=(world, url, lease.port, steps, out),
+            nprocs=world,
+            start_method="spawn",
+            join=True,
+        )
 
 
 def test_resume_on_another_world_size_sees_every_sample_once(tmp_path):
@@ -230,13 +263,22 @@ def test_resume_on_another_world_size_sees_every_sample_once(tmp_path):
 
 # ---------------------------------------------------------------------------- the stop vote
 
+
 def _vote_rank(rank, world, url, port, out):
     import json
     import time
 
     from orchestrator.runtime import preemption
 
-    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    os.environ.update(
+        {
+            "RANK": str(rank),
+            "WORLD_SIZE": str(world),
+            "LOCAL_RANK": str(rank),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }
+    )
     ctx = runtime.init(backend="gloo")
     ckpt = runtime.Checkpointer(ctx, model=torch.nn.Linear(2, 2), url=url, interval=10**6)
     ckpt.vote_period_s = 0.1
@@ -262,7 +304,13 @@ def test_the_stop_vote_runs_every_period_and_stops_every_rank_at_the_same_step(t
     from orchestrator.launch.ports import lease_port
 
     with lease_port() as lease:
-        mp.start_processes(_vote_rank, args=(3, str(tmp_path / "ckpt"), lease.port, str(tmp_path)), nprocs=3, start_method="spawn", join=True)
+        mp.start_processes(
+            _vote_rank,
+            args=(3, str(tmp_path / "ckpt"), lease.port, str(tmp_path)),
+            nprocs=3,
+            start_method="spawn",
+            join=True,
+        )
     results = [json.loads((tmp_path / f"vote-{r}.json").read_text()) for r in range(3)]
     # Every rank adopted the one interval the slowest rank proposed: 0.1 s / (0.02 s + its
     # overheads) = 4 or 5 steps, fewer on a loaded machine (the fast ranks alone: every 20).

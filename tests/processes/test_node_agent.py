@@ -16,29 +16,58 @@ from types import SimpleNamespace
 
 import pytest
 
-from orchestrator.backends.slurm.scheduler import NODE_SCRIPT, step_env
-from orchestrator.spec.config import config_to_dict, load_config
-from orchestrator.contract import PREEMPTED_EXIT_CODE
 from orchestrator.backends.slurm.node_agent import FAILURE_STOP_GRACE_S, exit_status, rank_env
+from orchestrator.backends.slurm.render import NODE_SCRIPT, step_env
+from orchestrator.backends.slurm.supervisor import step_failures
+from orchestrator.contract import PREEMPTED_EXIT_CODE
+from orchestrator.spec.config import config_to_dict, load_config
 from orchestrator.storage.rundir import RunDir
+from orchestrator.supervision.failures import root_cause
 
-from .conftest import JOBS, REPO, TEST_JOBS, read_events, wait_for, write_config
+from ..conftest import JOBS, REPO, TEST_JOBS, read_events, wait_for, write_config
 
 
 def test_rank_env_describes_the_rank_as_its_own_slurm_task() -> None:
     env = rank_env(node_rank=1, local_rank=1, ranks_per_node=2, nodes=3, cpus_per_rank=4, log_dir="/logs")
-    assert {k: env[k] for k in ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK")} == {"RANK": "3", "LOCAL_RANK": "1", "NODE_RANK": "1", "GROUP_RANK": "1"}
-    assert (env["SLURM_PROCID"], env["SLURM_LOCALID"], env["SLURM_NODEID"], env["SLURM_GTIDS"]) == ("3", "1", "1", "2,3")
-    assert (env["SLURM_NTASKS"], env["SLURM_NPROCS"], env["SLURM_STEP_NUM_TASKS"], env["SLURM_NTASKS_PER_NODE"]) == ("6", "6", "6", "2")
-    assert (env["SLURM_TASKS_PER_NODE"], env["SLURM_STEP_TASKS_PER_NODE"], env["SLURM_CPUS_PER_TASK"]) == ("2(x3)", "2(x3)", "4")
+    assert {k: env[k] for k in ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK")} == {
+        "RANK": "3",
+        "LOCAL_RANK": "1",
+        "NODE_RANK": "1",
+        "GROUP_RANK": "1",
+    }
+    assert (env["SLURM_PROCID"], env["SLURM_LOCALID"], env["SLURM_NODEID"], env["SLURM_GTIDS"]) == (
+        "3",
+        "1",
+        "1",
+        "2,3",
+    )
+    assert (
+        env["SLURM_NTASKS"],
+        env["SLURM_NPROCS"],
+        env["SLURM_STEP_NUM_TASKS"],
+        env["SLURM_NTASKS_PER_NODE"],
+    ) == ("6", "6", "6", "2")
+    assert (env["SLURM_TASKS_PER_NODE"], env["SLURM_STEP_TASKS_PER_NODE"], env["SLURM_CPUS_PER_TASK"]) == (
+        "2(x3)",
+        "2(x3)",
+        "4",
+    )
     assert env["ORCH_ERROR_FILE"] == env["TORCHELASTIC_ERROR_FILE"] == "/logs/rank-3.error.json"
     assert env["ORCH_HEARTBEAT_FILE"] == "/logs/rank-3.heartbeat"
-    assert rank_env(node_rank=0, local_rank=0, ranks_per_node=8, nodes=1, cpus_per_rank=1, log_dir="/l")["SLURM_TASKS_PER_NODE"] == "8"
+    assert (
+        rank_env(node_rank=0, local_rank=0, ranks_per_node=8, nodes=1, cpus_per_rank=1, log_dir="/l")[
+            "SLURM_TASKS_PER_NODE"
+        ]
+        == "8"
+    )
 
 
 def _ranks(*codes_in_exit_order: int | None) -> list[SimpleNamespace]:
     # Listed by local rank; `ended` puts them in the order given.
-    return [SimpleNamespace(popen=SimpleNamespace(returncode=c), ended=None if c is None else float(i)) for i, c in enumerate(codes_in_exit_order)]
+    return [
+        SimpleNamespace(popen=SimpleNamespace(returncode=c), ended=None if c is None else float(i))
+        for i, c in enumerate(codes_in_exit_order)
+    ]
 
 
 @pytest.mark.parametrize(
@@ -82,22 +111,63 @@ def _kill_agents_left_running():
             agent.wait()
 
 
-def start_agents(tmp_path: Path, script: Path, args: list[str], *, nodes: int, env: dict[str, str] | None = None, job_python: str | None = None, **sections) -> tuple[Path, list[subprocess.Popen]]:
+def start_agents(
+    tmp_path: Path,
+    script: Path,
+    args: list[str],
+    *,
+    nodes: int,
+    env: dict[str, str] | None = None,
+    job_python: str | None = None,
+    **sections,
+) -> tuple[Path, list[subprocess.Popen]]:
     """One agent per simulated node, with the environment the supervisor gives srun."""
     job = {"env": env or {}, **({"python": job_python} if job_python else {})}
-    cfg = load_config(str(write_config(tmp_path, script, args=args, backend="slurm", resources={"nodes": nodes, "ranks_per_node": 2, "cpus_per_rank": 1}, job=job, **sections)))
+    cfg = load_config(
+        str(
+            write_config(
+                tmp_path,
+                script,
+                args=args,
+                backend="slurm",
+                resources={"nodes": nodes, "ranks_per_node": 2, "cpus_per_rank": 1},
+                job=job,
+                **sections,
+            )
+        )
+    )
     run = RunDir(str(tmp_path / "runs" / "agent"))
     run.create({"run_id": "agent", "base_dir": cfg.base_dir, "config": config_to_dict(cfg)})
     log_dir = run.logs_dir(0)
-    shared = step_env(cfg, run_id="agent", run_dir=run.url, attempt=0, master_addr="127.0.0.1", master_port=_free_port(), log_dir=log_dir)
+    shared = step_env(
+        cfg,
+        run_id="agent",
+        run_dir=run.url,
+        attempt=0,
+        master_addr="127.0.0.1",
+        master_port=_free_port(),
+        log_dir=log_dir,
+    )
     agents = []
     for node in range(nodes):
         with open(os.path.join(log_dir, f"node-{node}.log"), "ab") as log:
-            agents.append(subprocess.Popen(
-                ["/bin/bash", str(NODE_SCRIPT), sys.executable, "--", job_python or sys.executable, str(script), *args],
-                env={**os.environ, **shared, "SLURM_NODEID": str(node), "PYTHONPATH": str(REPO)},
-                stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-            ))
+            agents.append(
+                subprocess.Popen(
+                    [
+                        "/bin/bash",
+                        str(NODE_SCRIPT),
+                        sys.executable,
+                        "--",
+                        job_python or sys.executable,
+                        str(script),
+                        *args,
+                    ],
+                    env={**os.environ, **shared, "SLURM_NODEID": str(node), "PYTHONPATH": str(REPO)},
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=log,
+                )
+            )
             _started.append(agents[-1])
     return Path(run.local_path), agents
 
@@ -112,16 +182,32 @@ def test_agents_fork_their_nodes_ranks_with_the_env_contract(tmp_path: Path) -> 
     for rank in range(4):
         seen = json.loads((run_dir / f"env-{rank}.json").read_text())
         node, local = divmod(rank, 2)
-        assert (seen["RANK"], seen["LOCAL_RANK"], seen["NODE_RANK"], seen["WORLD_SIZE"], seen["LOCAL_WORLD_SIZE"]) == (str(rank), str(local), str(node), "4", "2")
-        assert (seen["slurm"]["SLURM_PROCID"], seen["slurm"]["SLURM_LOCALID"], seen["slurm"]["SLURM_NODEID"]) == (str(rank), str(local), str(node))
+        assert (
+            seen["RANK"],
+            seen["LOCAL_RANK"],
+            seen["NODE_RANK"],
+            seen["WORLD_SIZE"],
+            seen["LOCAL_WORLD_SIZE"],
+        ) == (str(rank), str(local), str(node), "4", "2")
+        assert (
+            seen["slurm"]["SLURM_PROCID"],
+            seen["slurm"]["SLURM_LOCALID"],
+            seen["slurm"]["SLURM_NODEID"],
+        ) == (str(rank), str(local), str(node))
         assert seen["all_reduce"] == 10 and seen["argv"] == ["two words"]
     for node in range(2):
         text = (run_dir / "logs" / "attempt-0" / f"node-{node}.log").read_text()
-        assert "fork server ready" in text and f"forked ranks {2 * node}-{2 * node + 1}" in text and "exit 0" in text, text
+        assert (
+            "fork server ready" in text
+            and f"forked ranks {2 * node}-{2 * node + 1}" in text
+            and "exit 0" in text
+        ), text
 
 
 def test_first_failure_decides_the_exit_status_and_stops_the_rest(tmp_path: Path) -> None:
-    run_dir, agents = start_agents(tmp_path, TEST_JOBS / "fail.py", [], nodes=1, env={"FAIL_RANK": "1", "FAIL_WITH": "boom"})
+    run_dir, agents = start_agents(
+        tmp_path, TEST_JOBS / "fail.py", [], nodes=1, env={"FAIL_RANK": "1", "FAIL_WITH": "boom"}
+    )
     t0 = time.monotonic()
     assert _wait_all(agents) == [1]
     assert time.monotonic() - t0 < 60  # rank 0 waited in a barrier (then sleep 60): it was stopped
@@ -180,22 +266,42 @@ def test_stop_signal_before_the_ranks_exist_is_kept(tmp_path: Path) -> None:
 def test_ranks_die_with_their_agent(tmp_path: Path) -> None:
     run_dir, (agent,) = _train(tmp_path)
     node_log = run_dir / "logs" / "attempt-0" / "node-0.log"
-    line = wait_for(lambda: next((l for l in node_log.read_text().splitlines() if "forked ranks" in l), None), 120, "the ranks")
+    line = wait_for(
+        lambda: next(
+            (log_line for log_line in node_log.read_text().splitlines() if "forked ranks" in log_line), None
+        ),
+        120,
+        "the ranks",
+    )
     pids = [int(p) for p in line.split("(pids ")[1].rstrip(")").split()]
     agent.kill()
     agent.wait()
-    wait_for(lambda: not any(os.path.exists(f"/proc/{p}") and "Z" not in open(f"/proc/{p}/stat").read().split(")")[1][:3] for p in pids), 10, "the ranks to die")
+    wait_for(
+        lambda: (
+            not any(
+                os.path.exists(f"/proc/{p}") and "Z" not in open(f"/proc/{p}/stat").read().split(")")[1][:3]
+                for p in pids
+            )
+        ),
+        10,
+        "the ranks to die",
+    )
 
 
 def test_root_cause_names_an_agent_that_failed_before_its_ranks(tmp_path: Path) -> None:
-    from orchestrator.backends.slurm.supervisor import root_cause
-
     (tmp_path / "node-0.log").write_text("[orch.node 0] starting\n")
-    (tmp_path / "node-1.log").write_text("Traceback (most recent call last):\n  File \"x\", line 1\nPermissionError: [Errno 13] run.yaml\n")
-    cause = root_cause(str(tmp_path), 1)
-    assert cause["rank"] is None and cause["message"] == "srun step exit code 1; node-1.log: PermissionError: [Errno 13] run.yaml"
+    (tmp_path / "node-1.log").write_text(
+        'Traceback (most recent call last):\n  File "x", line 1\nPermissionError: [Errno 13] run.yaml\n'
+    )
+    cause = root_cause(step_failures(str(tmp_path), 1, ranks_per_node=2))
+    assert (
+        cause.rank is None
+        and cause.message == "srun step exit code 1; node-1.log: PermissionError: [Errno 13] run.yaml"
+    )
     (tmp_path / "node-1.log").write_text("[orch.node 1] exit 143\n")
-    assert root_cause(str(tmp_path), 143)["message"] == "srun step exit code 143"
+    assert (
+        root_cause(step_failures(str(tmp_path), 143, ranks_per_node=2)).message == "srun step exit code 143"
+    )
 
 
 def test_agent_falls_back_to_fresh_interpreters_and_says_why(tmp_path: Path) -> None:
@@ -205,12 +311,16 @@ def test_agent_falls_back_to_fresh_interpreters_and_says_why(tmp_path: Path) -> 
     script.write_text(
         "import json, os, sys\n"
         "names = ('RANK', 'LOCAL_RANK', 'NODE_RANK', 'WORLD_SIZE', 'SLURM_PROCID', 'SLURM_LOCALID')\n"
-        "open(os.path.join(os.environ['ORCH_RUN_DIR'], 'seen-' + os.environ['RANK']), 'w').write(json.dumps([sys.executable] + [os.environ[n] for n in names]))\n"
+        "open(os.path.join(os.environ['ORCH_RUN_DIR'], 'seen-' + os.environ['RANK']), 'w')"
+        ".write(json.dumps([sys.executable] + [os.environ[n] for n in names]))\n"
     )
     run_dir, agents = start_agents(tmp_path, script, [], nodes=2, job_python="/usr/bin/python3")
     assert _wait_all(agents) == [0, 0]
     node_log = (run_dir / "logs" / "attempt-0" / "node-1.log").read_text()
-    assert "starting ranks as fresh interpreters: job.python (/usr/bin/python3) is not the interpreter the fork server runs" in node_log
+    assert (
+        "starting ranks as fresh interpreters: job.python (/usr/bin/python3)"
+        " is not the interpreter the fork server runs" in node_log
+    )
     assert "started ranks 2-3" in node_log
     for rank, local in ((2, 0), (3, 1)):
         seen = json.loads((run_dir / f"seen-{rank}").read_text())

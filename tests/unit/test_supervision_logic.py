@@ -3,41 +3,46 @@
 import json
 import signal
 
-from orchestrator.supervision.status import summarize
-from orchestrator.backends.local.supervisor import RankFailure, Supervisor, backoff_delay, is_peer_loss, read_error_file
+from orchestrator.contract import read_error_record as read_error_file
 from orchestrator.spec.config import parse_config
+from orchestrator.supervision.failures import RankFailure, is_peer_loss, root_cause
+from orchestrator.supervision.policy import backoff_delay
+from orchestrator.supervision.status import summarize
 
 
 def failure(rank, t, etype=None, msg="", code=1):
     return RankFailure(rank=rank, node_rank=0, exitcode=code, time=t, error_type=etype, message=msg)
 
 
-class _Seen:
-    def __init__(self, rank):
-        self.spec = type("S", (), {"rank": rank})()
-
-
 def test_sigkilled_rank_beats_peers_that_lost_it():
     killed = failure(2, 10.05, code=-signal.SIGKILL)
-    peers = [failure(0, 10.01, "RuntimeError", "Connection closed by peer [127.0.0.1]:1234"), failure(1, 10.02, "DistNetworkError", "Broken pipe")]
-    assert Supervisor._root_cause([*peers, killed], _Seen(2)) is killed
+    peers = [
+        failure(0, 10.01, "RuntimeError", "Connection closed by peer [127.0.0.1]:1234"),
+        failure(1, 10.02, "DistNetworkError", "Broken pipe"),
+    ]
+    assert root_cause([*peers, killed], 2) is killed
 
 
 def test_earliest_real_error_wins_over_first_seen_exit():
     early = failure(3, 5.0, "ValueError", "bad shape")
     later = failure(1, 6.0, "KeyError", "x")
-    assert Supervisor._root_cause([later, early], _Seen(1)) is early
+    assert root_cause([later, early], 1) is early
 
 
 def test_only_peer_losses_still_give_a_cause():
-    only = [failure(0, 2.0, "RuntimeError", "Connection reset by peer"), failure(1, 1.0, "RuntimeError", "timed out")]
-    assert Supervisor._root_cause(only, None).rank == 1
+    only = [
+        failure(0, 2.0, "RuntimeError", "Connection reset by peer"),
+        failure(1, 1.0, "RuntimeError", "timed out"),
+    ]
+    assert root_cause(only, None).rank == 1
     assert is_peer_loss("Gloo connectFullMesh failed") and not is_peer_loss("ValueError: bad")
 
 
 def test_backoff_doubles_up_to_the_cap():
-    cfg = parse_config({"job": {"module": "x"}, "restart": {"backoff_s": 1.5, "backoff_max_s": 5}}, check_files=False)
-    assert [backoff_delay(cfg, n) for n in (1, 2, 3, 4)] == [1.5, 3.0, 5, 5]
+    cfg = parse_config(
+        {"job": {"module": "x"}, "restart": {"backoff_s": 1.5, "backoff_max_s": 5}}, check_files=False
+    )
+    assert [backoff_delay(cfg.restart, n) for n in (1, 2, 3, 4)] == [1.5, 3.0, 5, 5]
 
 
 def test_error_file_formats(tmp_path):
@@ -45,7 +50,9 @@ def test_error_file_formats(tmp_path):
     ours.write_text(json.dumps({"type": "ValueError", "message": "m", "time": 3.0}))
     assert read_error_file(str(ours))["type"] == "ValueError"
     elastic = tmp_path / "b.json"
-    elastic.write_text(json.dumps({"message": {"message": "OSError: disk full", "extraInfo": {"timestamp": "7"}}}))
+    elastic.write_text(
+        json.dumps({"message": {"message": "OSError: disk full", "extraInfo": {"timestamp": "7"}}})
+    )
     assert read_error_file(str(elastic)) == {"type": "OSError", "message": "disk full", "time": 7.0}
     assert read_error_file(str(tmp_path / "missing.json")) is None
 
@@ -58,7 +65,12 @@ def test_summarize_follows_the_ledger():
         {"time": 6.0, "event": "attempt_started", "attempt": 1},
     ]
     live = summarize(events, supervisor_alive=True, now=10.0)
-    assert live["state"] == "running" and live["current_attempt"] == 1 and live["attempts"] == 2 and live["wall_s"] == 10.0
+    assert (
+        live["state"] == "running"
+        and live["current_attempt"] == 1
+        and live["attempts"] == 2
+        and live["wall_s"] == 10.0
+    )
     assert summarize(events, supervisor_alive=False, now=10.0)["state"] == "lost"
     done = summarize([*events, {"time": 9.0, "event": "run_finished", "status": "succeeded"}])
     assert done["state"] == "succeeded" and done["root_cause"] is None and done["wall_s"] == 9.0
@@ -71,15 +83,36 @@ def test_scheduler_state_fills_what_events_cannot_say():
     submitted = summarize([{"time": 0.0, "event": "submitted", "backend": "slurm", "job_id": "7"}], now=5.0)
     assert submitted["state"] == "pending" and submitted["job_id"] == "7"
     assert merge_scheduler_state(submitted, map_state("PENDING"), "PENDING")["state"] == "pending"
-    running = summarize([{"time": 0.0, "event": "submitted", "backend": "slurm", "job_id": "7"}, {"time": 1.0, "event": "job_started", "backend": "slurm"}, {"time": 2.0, "event": "attempt_started", "attempt": 0}], now=5.0)
+    running = summarize(
+        [
+            {"time": 0.0, "event": "submitted", "backend": "slurm", "job_id": "7"},
+            {"time": 1.0, "event": "job_started", "backend": "slurm"},
+            {"time": 2.0, "event": "attempt_started", "attempt": 0},
+        ],
+        now=5.0,
+    )
     assert running["state"] == "running"
     assert merge_scheduler_state(running, map_state("REQUEUED"), "REQUEUED")["state"] == "preempted-requeued"
     killed = merge_scheduler_state(running, map_state("NODE_FAIL"), "NODE_FAIL")
     assert killed["state"] == "failed" and "NODE_FAIL" in killed["root_cause"]["message"]
     assert merge_scheduler_state(running, map_state("CANCELLED"), "CANCELLED")["state"] == "cancelled"
-    done = summarize([{"time": 0.0, "event": "submitted", "backend": "slurm", "job_id": "7"}, {"time": 9.0, "event": "run_finished", "status": "succeeded"}])
-    assert merge_scheduler_state(done, map_state("RUNNING"), "RUNNING")["state"] == "succeeded"  # the ledger's end wins
-    preempted = summarize([{"time": 0.0, "event": "submitted", "backend": "slurm", "job_id": "7"}, {"time": 1.0, "event": "job_started", "backend": "slurm"}, {"time": 3.0, "event": "requeued", "job_id": "7"}], now=5.0)
+    done = summarize(
+        [
+            {"time": 0.0, "event": "submitted", "backend": "slurm", "job_id": "7"},
+            {"time": 9.0, "event": "run_finished", "status": "succeeded"},
+        ]
+    )
+    assert (
+        merge_scheduler_state(done, map_state("RUNNING"), "RUNNING")["state"] == "succeeded"
+    )  # the ledger's end wins
+    preempted = summarize(
+        [
+            {"time": 0.0, "event": "submitted", "backend": "slurm", "job_id": "7"},
+            {"time": 1.0, "event": "job_started", "backend": "slurm"},
+            {"time": 3.0, "event": "requeued", "job_id": "7"},
+        ],
+        now=5.0,
+    )
     assert preempted["state"] == "preempted-requeued"
 
 
@@ -89,11 +122,11 @@ def test_watchdog_limits_by_phase_and_step_time():
 
     auto = WatchdogSpec(min_hang_s=10, hang_factor=20, startup_timeout_s=300, save_timeout_s=100)
     beats = {
-        0: (50, 1000.0, "train", 0.1),   # 20 x 0.1 = 2 s < min 10 s: limit 10, silent 5: fine
-        1: (50, 980.0, "train", 1.0),    # limit 20, silent 25: hung
-        2: (3, 990.0, "train", 0.1),     # warming up: start-up limit 300
-        3: (60, 950.0, "save", 0.1),     # saving: limit 100, silent 55: fine
-        4: None,                         # no heartbeats: not judged
+        0: (50, 1000.0, "train", 0.1),  # 20 x 0.1 = 2 s < min 10 s: limit 10, silent 5: fine
+        1: (50, 980.0, "train", 1.0),  # limit 20, silent 25: hung
+        2: (3, 990.0, "train", 0.1),  # warming up: start-up limit 300
+        3: (60, 950.0, "save", 0.1),  # saving: limit 100, silent 55: fine
+        4: None,  # no heartbeats: not judged
     }
     hung = silent_ranks(auto, beats, now=1005.0)
     assert [(h.rank, h.limit_s) for h in hung] == [(1, 20.0)]
@@ -104,12 +137,24 @@ def test_watchdog_limits_by_phase_and_step_time():
 def test_failure_classes_and_hints():
     from orchestrator.supervision.failures import classify
 
-    assert classify(exitcode=1, error_type="OutOfMemoryError", message="CUDA out of memory. Tried to allocate").kind == "oom"
+    assert (
+        classify(
+            exitcode=1, error_type="OutOfMemoryError", message="CUDA out of memory. Tried to allocate"
+        ).kind
+        == "oom"
+    )
     assert "gradient accumulation" in classify(exitcode=1, error_type="OutOfMemoryError", message="x").hint
-    c = classify(exitcode=1, error_type="RuntimeError", message="Expected all tensors to be on the same device, but found cuda:0 and cpu")
+    c = classify(
+        exitcode=1,
+        error_type="RuntimeError",
+        message="Expected all tensors to be on the same device, but found cuda:0 and cpu",
+    )
     assert c.kind == "device_mismatch" and not c.retryable and ".to(ctx.device)" in c.hint
     assert classify(exitcode=1, error_type="NameError", message="x").retryable is False
-    assert classify(exitcode=1, error_type="DistBackendError", message="Connection closed by peer").kind == "communication"
+    assert (
+        classify(exitcode=1, error_type="DistBackendError", message="Connection closed by peer").kind
+        == "communication"
+    )
     assert classify(exitcode=-9, error_type=None, message="").kind == "signal"
     assert classify(exitcode=75, error_type=None, message="").kind == "preempted"
     assert classify(exitcode=0, error_type="Hang", message="no heartbeat").kind == "hang"
@@ -117,18 +162,23 @@ def test_failure_classes_and_hints():
 
 
 def test_goodput_ledger_on_a_scripted_timeline():
-    from orchestrator.supervision.goodput import ledger
+    from orchestrator.storage.goodput import ledger
 
     events = [
         {"time": 0.0, "event": "submitted"},
-        {"time": 10.0, "event": "job_started"},                      # 10 s in the queue
+        {"time": 10.0, "event": "job_started"},  # 10 s in the queue
         {"time": 10.0, "event": "attempt_started", "attempt": 0},
-        {"time": 13.0, "event": "restored", "restore_s": 1.0},        # 2 s start-up + 1 s restore
+        {"time": 13.0, "event": "restored", "restore_s": 1.0},  # 2 s start-up + 1 s restore
         {"time": 13.0, "event": "training_started"},
         {"time": 23.0, "event": "checkpoint_committed", "block_s": 2.0},
-        {"time": 30.0, "event": "attempt_ended", "attempt": 0, "status": "failed"},  # 7 s since the commit: lost
+        {
+            "time": 30.0,
+            "event": "attempt_ended",
+            "attempt": 0,
+            "status": "failed",
+        },  # 7 s since the commit: lost
         {"time": 30.0, "event": "restart_scheduled"},
-        {"time": 31.0, "event": "attempt_started", "attempt": 1},      # 1 s backoff
+        {"time": 31.0, "event": "attempt_started", "attempt": 1},  # 1 s backoff
         {"time": 33.0, "event": "restored", "restore_s": 0.5},
         {"time": 33.0, "event": "training_started"},
         {"time": 40.0, "event": "checkpoint_committed", "block_s": 1.0},
@@ -136,7 +186,15 @@ def test_goodput_ledger_on_a_scripted_timeline():
     ]
     g = ledger(events)
     assert g["wall_s"] == 45.0
-    assert g["lost_s"] == {"queue": 10.0, "startup": 3.5, "restore": 1.5, "checkpoint": 3.0, "lost_work": 7.0, "backoff": 1.0, "other": 0.0}
+    assert g["lost_s"] == {
+        "queue": 10.0,
+        "startup": 3.5,
+        "restore": 1.5,
+        "checkpoint": 3.0,
+        "lost_work": 7.0,
+        "backoff": 1.0,
+        "other": 0.0,
+    }
     # attempt 0: 17 s of training - 2 s stall - 7 s lost = 8; attempt 1: 12 - 1 = 11
     assert [a["productive_s"] for a in g["attempts"]] == [8.0, 11.0]
     assert g["productive_s"] == 19.0 and g["goodput"] == round(19 / 45, 4)

@@ -19,7 +19,7 @@ from pathlib import Path
 from orchestrator.launch.processes import SubprocessLauncher
 from orchestrator.spec.plan import RankSpec
 
-from .conftest import REPO
+from ..conftest import REPO
 
 # Stands in for a job: says it is alive, "imports" for a while, then installs the runtime's
 # handler and reports what it was asked.
@@ -41,8 +41,20 @@ def _wait_line(stream, timeout: float = 30) -> str:
 
 
 def test_warning_during_import_is_delivered_under_the_slurm_task_script() -> None:
-    env = {**os.environ, "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "ORCH_LOG_DIR": "/tmp", "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(["/bin/bash", str(REPO / "templates" / "slurm_task.sh"), sys.executable, "-c", JOB], env=env, stdout=subprocess.PIPE, text=True)
+    env = {
+        **os.environ,
+        "SLURM_PROCID": "0",
+        "SLURM_LOCALID": "0",
+        "SLURM_NODEID": "0",
+        "ORCH_LOG_DIR": "/tmp",
+        "PYTHONPATH": str(REPO),
+    }
+    proc = subprocess.Popen(
+        ["/bin/bash", str(REPO / "templates" / "slurm_task.sh"), sys.executable, "-c", JOB],
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert _wait_line(proc.stdout) == "importing\n"
     proc.send_signal(signal.SIGUSR2)
     out, _ = proc.communicate(timeout=30)
@@ -51,7 +63,9 @@ def test_warning_during_import_is_delivered_under_the_slurm_task_script() -> Non
 
 
 def test_warning_during_import_is_delivered_under_the_local_launcher(tmp_path: Path) -> None:
-    spec = RankSpec(rank=0, local_rank=0, node_rank=0, argv=(sys.executable, "-c", JOB), env={"PYTHONPATH": str(REPO)})
+    spec = RankSpec(
+        rank=0, local_rank=0, node_rank=0, argv=(sys.executable, "-c", JOB), env={"PYTHONPATH": str(REPO)}
+    )
     log = tmp_path / "rank-0.log"
     group = SubprocessLauncher().start_attempt([spec], [str(log)], [{}])
     try:
@@ -68,9 +82,20 @@ def test_warning_during_import_is_delivered_under_the_local_launcher(tmp_path: P
 
 def test_a_job_without_the_runtime_is_not_killed_by_the_warning() -> None:
     # A plain torchrun-style script never installs the handler: the warning stays pending.
-    env = {**os.environ, "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "ORCH_LOG_DIR": "/tmp"}
+    env = {
+        **os.environ,
+        "SLURM_PROCID": "0",
+        "SLURM_LOCALID": "0",
+        "SLURM_NODEID": "0",
+        "ORCH_LOG_DIR": "/tmp",
+    }
     plain = "import time; print('up', flush=True); time.sleep(0.5); print('done', flush=True)"
-    proc = subprocess.Popen(["/bin/bash", str(REPO / "templates" / "slurm_task.sh"), sys.executable, "-c", plain], env=env, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        ["/bin/bash", str(REPO / "templates" / "slurm_task.sh"), sys.executable, "-c", plain],
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert _wait_line(proc.stdout) == "up\n"
     proc.send_signal(signal.SIGUSR2)
     out, _ = proc.communicate(timeout=30)

@@ -22,10 +22,10 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from orchestrator.cli import main
-from orchestrator.spec.config import ClusterConfig, apply_overrides, load_config, parse_config
 from orchestrator.errors import ConfigError
+from orchestrator.spec.config import ClusterConfig, apply_overrides, load_config, parse_config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEFAULT = REPO / "cluster.yaml"
 ORCH = REPO / ".venv" / "bin" / "orch"
 
@@ -62,6 +62,7 @@ def parse_error(data: Any) -> ConfigError:
 
 # ---------------------------------------------------------------------------- the default file
 
+
 def test_default_cluster_yaml_loads_with_expected_values() -> None:
     config = load_config(str(DEFAULT))
     assert isinstance(config, ClusterConfig)
@@ -84,7 +85,13 @@ def test_default_cluster_yaml_loads_with_expected_values() -> None:
     assert (rs.max_restarts, rs.backoff_s, rs.backoff_max_s, rs.stop_grace_s) == (3, 1.0, 60.0, 10.0)
     assert all(isinstance(v, float) for v in (rs.backoff_s, rs.backoff_max_s, rs.stop_grace_s))
     sl = config.slurm
-    assert (sl.partition, sl.account, sl.qos, sl.signal_lead_s, sl.max_requeues) == (None, None, None, 120, 10)
+    assert (sl.partition, sl.account, sl.qos, sl.signal_lead_s, sl.max_requeues) == (
+        None,
+        None,
+        None,
+        120,
+        10,
+    )
     assert sl.setup == () and sl.extra_flags == ()
     assert config.base_dir == str(REPO)
 
@@ -129,9 +136,19 @@ CONTROL = ["\n", "\r", "\t", "\x1b", "\x00", "\x7f", "\x85", "\u2028", "\ud800"]
 
 BAD_VALUES = [
     # (dotted path to set, value, path in the message, regex on the problem)
-    ("resources.ranks_per_nod", 2, "resources.ranks_per_nod", r"^unknown key; did you mean 'ranks_per_node'\?$"),
+    (
+        "resources.ranks_per_nod",
+        2,
+        "resources.ranks_per_nod",
+        r"^unknown key; did you mean 'ranks_per_node'\?$",
+    ),
     ("backnd", "local", "backnd", r"^unknown key; did you mean 'backend'\?$"),
-    ("storage.zzz", 1, "storage.zzz", r"^unknown key; valid keys: async_save, checkpoint_interval, keep, root$"),
+    (
+        "storage.zzz",
+        1,
+        "storage.zzz",
+        r"^unknown key; valid keys: async_save, checkpoint_interval, keep, root$",
+    ),
     ("resources.nodes", "2", "resources.nodes", r"^expected an integer, got str '2'$"),
     ("resources.nodes", True, "resources.nodes", r"^expected an integer, got boolean true$"),
     ("resources.nodes", 2.0, "resources.nodes", r"^expected an integer, got float 2.0$"),
@@ -144,9 +161,24 @@ BAD_VALUES = [
     ("storage.async_save", "yes", "storage.async_save", r"^expected true or false, got str 'yes'$"),
     ("distributed.master_port", 80, "distributed.master_port", r"^must be >= 1024, got 80$"),
     ("distributed.master_port", 70000, "distributed.master_port", r"^must be <= 65535, got 70000$"),
-    ("distributed.master_port", "fixed", "distributed.master_port", r"^expected an integer or 'auto', got str 'fixed'$"),
-    ("distributed.master_port", True, "distributed.master_port", r"^expected an integer or 'auto', got boolean true$"),
-    ("distributed.backend", "mpi", "distributed.backend", r"^expected one of 'auto', 'gloo', 'nccl', got str 'mpi'$"),
+    (
+        "distributed.master_port",
+        "fixed",
+        "distributed.master_port",
+        r"^expected an integer or 'auto', got str 'fixed'$",
+    ),
+    (
+        "distributed.master_port",
+        True,
+        "distributed.master_port",
+        r"^expected an integer or 'auto', got boolean true$",
+    ),
+    (
+        "distributed.backend",
+        "mpi",
+        "distributed.backend",
+        r"^expected one of 'auto', 'gloo', 'nccl', got str 'mpi'$",
+    ),
     ("backend", "kubernetes", "backend", r"^expected one of 'local', 'slurm', got str 'kubernetes'$"),
     ("restart.backoff_s", math.nan, "restart.backoff_s", r"^must be a finite number$"),
     ("restart.backoff_s", math.inf, "restart.backoff_s", r"^must be a finite number$"),
@@ -172,8 +204,18 @@ BAD_VALUES = [
     ("job.env", {"RANK": "3"}, "job.env.RANK", r"^is set by the orchestrator \(env contract\); remove it$"),
     ("job.env", {"MASTER_PORT": "1"}, "job.env.MASTER_PORT", r"env contract"),
     ("job.env", {"ORCH_RUN_DIR": "/x"}, "job.env.ORCH_RUN_DIR", r"env contract"),
-    ("job.env", {"OMP_NUM_THREADS": "4"}, "job.env.OMP_NUM_THREADS", r"^is set by the orchestrator from resources.cpus_per_rank; remove it$"),
-    ("job.pass_env", ["WORLD_SIZE"], "job.pass_env[0]", r"^WORLD_SIZE is set by the orchestrator; remove it$"),
+    (
+        "job.env",
+        {"OMP_NUM_THREADS": "4"},
+        "job.env.OMP_NUM_THREADS",
+        r"^is set by the orchestrator from resources.cpus_per_rank; remove it$",
+    ),
+    (
+        "job.pass_env",
+        ["WORLD_SIZE"],
+        "job.pass_env[0]",
+        r"^WORLD_SIZE is set by the orchestrator; remove it$",
+    ),
     ("job.pass_env", ["OK", "BAD-NAME"], "job.pass_env[1]", r"^'BAD-NAME' is not valid"),
     ("job.module", "bad-module", "job.module", r"^'bad-module' is not valid"),
     ("resources", [1], "resources", r"^expected a mapping, got a list$"),
@@ -181,7 +223,9 @@ BAD_VALUES = [
 ]
 
 
-@pytest.mark.parametrize("set_path, value, path, problem", BAD_VALUES, ids=[f"{i}-{c[2]}" for i, c in enumerate(BAD_VALUES)])
+@pytest.mark.parametrize(
+    "set_path, value, path, problem", BAD_VALUES, ids=[f"{i}-{c[2]}" for i, c in enumerate(BAD_VALUES)]
+)
 def test_bad_value_is_one_line_error(set_path: str, value: Any, path: str, problem: str) -> None:
     exc = parse_error(with_value(set_path, value))
     assert re.search(problem, assert_one_line(exc, "cluster.yaml", path)), str(exc)
@@ -199,7 +243,9 @@ def test_non_string_top_level_key() -> None:
     assert assert_one_line(exc, "cluster.yaml", "7").startswith("unknown key")
 
 
-@pytest.mark.parametrize("job, problem", [({"args": []}, "neither"), ({"script": "a.py", "module": "a"}, "both")])
+@pytest.mark.parametrize(
+    "job, problem", [({"args": []}, "neither"), ({"script": "a.py", "module": "a"}, "both")]
+)
 def test_exactly_one_entrypoint(job: dict[str, Any], problem: str) -> None:
     exc = parse_error({"job": job})
     assert assert_one_line(exc, "cluster.yaml", "job") == "set exactly one of job.script or job.module"
@@ -208,7 +254,10 @@ def test_exactly_one_entrypoint(job: dict[str, Any], problem: str) -> None:
 def test_pass_env_and_env_overlap() -> None:
     data = with_value("job.env", {"FOO": "1"})
     exc = parse_error(with_value("job.pass_env", ["FOO"], data))
-    assert assert_one_line(exc, "cluster.yaml", "job.pass_env") == "FOO is also set in job.env; set it in one place"
+    assert (
+        assert_one_line(exc, "cluster.yaml", "job.pass_env")
+        == "FOO is also set in job.env; set it in one place"
+    )
 
 
 @pytest.mark.parametrize("char", CONTROL, ids=[ascii(c) for c in CONTROL])
@@ -242,6 +291,7 @@ def test_key_with_newline_is_escaped_in_the_message() -> None:
 
 # ---------------------------------------------------------------------------- files
 
+
 def write(tmp_path: Path, text: str | bytes, name: str = "cluster.yaml") -> str:
     path = tmp_path / name
     if isinstance(text, bytes):
@@ -254,9 +304,17 @@ def write(tmp_path: Path, text: str | bytes, name: str = "cluster.yaml") -> str:
 @pytest.mark.parametrize(
     "text, where, problem",
     [
-        ("backend: local\njob: [\n", "line 3, column 1", "expected the node content, but found '<stream end>'"),
+        (
+            "backend: local\njob: [\n",
+            "line 3, column 1",
+            "expected the node content, but found '<stream end>'",
+        ),
         ("a: b: c\n", "line 1, column 5", "mapping values are not allowed here"),
-        ("backend: local\n\tjob: {}\n", "line 2, column 1", "found character '\\t' that cannot start any token"),
+        (
+            "backend: local\n\tjob: {}\n",
+            "line 2, column 1",
+            "found character '\\t' that cannot start any token",
+        ),
         ("backend: local\nresources:\n  nodes: 1\n bad: 2\n", "line 4, column 2", "expected <block end>"),
         ("job:\n  script: x.py\n  args: [\x07]\n", "line 3, column 10", "unacceptable character #x0007"),
         ("backend: local\nbackend: slurm\n", "line 2, column 1", "duplicate key 'backend'"),
@@ -265,7 +323,18 @@ def write(tmp_path: Path, text: str | bytes, name: str = "cluster.yaml") -> str:
         ("x: !!int foo\n", "line 1, column 4", "invalid literal"),
         ("x: " + "[" * 600 + "]" * 600 + "\n", "<file>", "nested too deeply"),
     ],
-    ids=["eof", "mapping-values", "tab", "indent", "bell", "duplicate", "bad-date", "huge-int", "bad-tag", "deep"],
+    ids=[
+        "eof",
+        "mapping-values",
+        "tab",
+        "indent",
+        "bell",
+        "duplicate",
+        "bad-date",
+        "huge-int",
+        "bad-tag",
+        "deep",
+    ],
 )
 def test_malformed_yaml_reports_line_and_column(tmp_path: Path, text: str, where: str, problem: str) -> None:
     path = write(tmp_path, text)
@@ -305,7 +374,9 @@ def test_deep_nesting_is_a_config_error(tmp_path: Path, depth: int) -> None:
 def test_aliases_stay_shared_but_overrides_do_not_leak(tmp_path: Path) -> None:
     # A billion-laughs file is cheap: aliases are not expanded into copies.
     laughs = "a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
-        f"a{i}: &a{i} [*a{i-1}, *a{i-1}, *a{i-1}, *a{i-1}, *a{i-1}, *a{i-1}, *a{i-1}, *a{i-1}, *a{i-1}, *a{i-1}]\n" for i in range(1, 9)
+        f"a{i}: &a{i} [*a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1},"
+        f" *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}]\n"
+        for i in range(1, 9)
     )
     path = write(tmp_path, laughs)
     with pytest.raises(ConfigError) as info:
@@ -349,8 +420,18 @@ def test_relative_paths_resolve_against_the_config_file(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------------------- overrides
 
+
 def test_set_overrides() -> None:
-    config = load_config(str(DEFAULT), ["resources.nodes=3", "job.args=[a,b]", "restart.backoff_s=2", "storage.async_save=true", "job.env.FOO=bar"])
+    config = load_config(
+        str(DEFAULT),
+        [
+            "resources.nodes=3",
+            "job.args=[a,b]",
+            "restart.backoff_s=2",
+            "storage.async_save=true",
+            "job.env.FOO=bar",
+        ],
+    )
     assert config.resources.nodes == 3 and type(config.resources.nodes) is int
     assert config.job.args == ("a", "b")
     assert config.restart.backoff_s == 2.0 and type(config.restart.backoff_s) is float
@@ -376,7 +457,12 @@ def test_set_value_that_is_not_yaml_is_text() -> None:
 @pytest.mark.parametrize(
     "override, source, path, problem",
     [
-        ("resources.ranks_per_nod=3", "cluster.yaml", "resources.ranks_per_nod", r"^unknown key; did you mean 'ranks_per_node'\?$"),
+        (
+            "resources.ranks_per_nod=3",
+            "cluster.yaml",
+            "resources.ranks_per_nod",
+            r"^unknown key; did you mean 'ranks_per_node'\?$",
+        ),
         ("resourcez.nodes=3", "cluster.yaml", "resourcez", r"^unknown key; did you mean 'resources'\?$"),
         ("resources.nodes=0", "cluster.yaml", "resources.nodes", r"^must be >= 1, got 0$"),
         ("resources.nodes=two", "cluster.yaml", "resources.nodes", r"^expected an integer, got str 'two'$"),
@@ -400,7 +486,11 @@ def test_apply_overrides_copies() -> None:
     before = copy.deepcopy(raw)
     out = apply_overrides(raw, ["resources.nodes=4", "job.env.X=1", "new.deep.key=v"])
     assert raw == before
-    assert out["resources"]["nodes"] == 4 and out["job"]["env"] == {"X": 1} and out["new"] == {"deep": {"key": "v"}}
+    assert (
+        out["resources"]["nodes"] == 4
+        and out["job"]["env"] == {"X": 1}
+        and out["new"] == {"deep": {"key": "v"}}
+    )
 
 
 def test_backend_argument_overrides_file_and_set() -> None:
@@ -415,14 +505,37 @@ def test_nccl_without_gpus_rejected_on_slurm_only() -> None:
     assert load_config(str(DEFAULT), ["distributed.backend=nccl"]).distributed.backend == "nccl"
     with pytest.raises(ConfigError) as info:
         load_config(str(DEFAULT), ["distributed.backend=nccl"], backend="slurm")
-    assert assert_one_line(info.value, str(DEFAULT), "distributed.backend") == "nccl needs resources.gpus_per_node >= 1"
+    assert (
+        assert_one_line(info.value, str(DEFAULT), "distributed.backend")
+        == "nccl needs resources.gpus_per_node >= 1"
+    )
 
 
 # ---------------------------------------------------------------------------- property tests
 
 _TRICKY_TEXT = [
-    "", " ", "auto", "local", "slurm", "gloo", "nccl", "16G", "00:30:00", "1-00:00:00", "RANK", "OMP_NUM_THREADS",
-    "pkg.train", "--flag=x", "a\nb", "\x1b[31m", "\x00", "\u2028", "\ud800", "\x85", "./runs", "s3://b/r",
+    "",
+    " ",
+    "auto",
+    "local",
+    "slurm",
+    "gloo",
+    "nccl",
+    "16G",
+    "00:30:00",
+    "1-00:00:00",
+    "RANK",
+    "OMP_NUM_THREADS",
+    "pkg.train",
+    "--flag=x",
+    "a\nb",
+    "\x1b[31m",
+    "\x00",
+    "\u2028",
+    "\ud800",
+    "\x85",
+    "./runs",
+    "s3://b/r",
 ]
 _TRICKY_INT = [0, 1, -1, 2, 1023, 1024, 65535, 65536, 2**31, 2**63, -(2**63), 10**30]
 
@@ -437,7 +550,13 @@ scalars = st.one_of(
     st.booleans(),
     st.none(),
 )
-keys = st.one_of(st.text(max_size=12), st.sampled_from(["nodes", "script", "module", "env", "RANK", "A", "job", "a\nb"]), st.integers(), st.booleans(), st.none())
+keys = st.one_of(
+    st.text(max_size=12),
+    st.sampled_from(["nodes", "script", "module", "env", "RANK", "A", "job", "a\nb"]),
+    st.integers(),
+    st.booleans(),
+    st.none(),
+)
 values = st.recursive(
     scalars,
     lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(keys, inner, max_size=4)),
@@ -499,10 +618,22 @@ def _check_valid(config: ClusterConfig) -> None:
     """What a ClusterConfig that validated promises to the rest of the program."""
     assert 1 <= config.resources.world_size
     assert (config.job.script is None) != (config.job.module is None)
-    strings = [*config.job.args, *config.job.env.keys(), *config.job.env.values(), *config.job.pass_env, *config.slurm.setup]
-    strings += [s for s in (config.job.script, config.job.module, config.job.python, config.name, config.storage.root) if s is not None]
+    strings = [
+        *config.job.args,
+        *config.job.env.keys(),
+        *config.job.env.values(),
+        *config.job.pass_env,
+        *config.slurm.setup,
+    ]
+    strings += [
+        s
+        for s in (config.job.script, config.job.module, config.job.python, config.name, config.storage.root)
+        if s is not None
+    ]
     for s in strings:  # no control character, line/paragraph separator or lone surrogate survives
-        assert isinstance(s, str) and not any(unicodedata.category(c) in ("Cc", "Cs", "Zl", "Zp") for c in s), repr(s)
+        assert isinstance(s, str) and not any(
+            unicodedata.category(c) in ("Cc", "Cs", "Zl", "Zp") for c in s
+        ), repr(s)
     for f in (config.restart.backoff_s, config.restart.backoff_max_s, config.restart.stop_grace_s):
         assert isinstance(f, float) and math.isfinite(f)
     assert config.job_name
@@ -512,7 +643,9 @@ def _check_valid(config: ClusterConfig) -> None:
         config.backend = "local"  # type: ignore[misc]
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
+)
 @given(mutated_configs())
 def test_property_any_mutation_gives_config_or_one_line_error(data: dict[str, Any]) -> None:
     try:
@@ -530,6 +663,7 @@ def test_property_any_mutation_gives_config_or_one_line_error(data: dict[str, An
 
 # ---------------------------------------------------------------------------- the CLI
 
+
 @pytest.fixture(scope="module")
 def cli_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("cli")
@@ -539,9 +673,37 @@ def cli_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 VALID_TEXT = DEFAULT.read_text(encoding="utf-8").replace("jobs/train_ddp.py", "train.py")
 _FRAGMENTS = [
-    "\n", ":", " ", "- ", "[", "]", "{", "}", "&a", "*a", "!!int", "\t", "\x00", "\x1b", "#", "'", '"', "\\n", "\\u2028",
-    "nodes: 0", "\n  bad: 1", "RANK: '1'", "99999999999999999999", "2020-13-01", "\nname: 2020-13-01\n",
-    "\nx: !!int foo\n", "\nname: " + "7" * 4400 + "\n", ' "\\x85", ', "\nbackend: local\n", "\n  RANK: x\n", "\n  A\\n: x\n",
+    "\n",
+    ":",
+    " ",
+    "- ",
+    "[",
+    "]",
+    "{",
+    "}",
+    "&a",
+    "*a",
+    "!!int",
+    "\t",
+    "\x00",
+    "\x1b",
+    "#",
+    "'",
+    '"',
+    "\\n",
+    "\\u2028",
+    "nodes: 0",
+    "\n  bad: 1",
+    "RANK: '1'",
+    "99999999999999999999",
+    "2020-13-01",
+    "\nname: 2020-13-01\n",
+    "\nx: !!int foo\n",
+    "\nname: " + "7" * 4400 + "\n",
+    ' "\\x85", ',
+    "\nbackend: local\n",
+    "\n  RANK: x\n",
+    "\n  A\\n: x\n",
 ]
 
 
@@ -557,11 +719,13 @@ def config_texts(draw: st.DrawFn) -> str | bytes:
         pos = draw(st.integers(0, len(text)))
         cut = draw(st.integers(0, 8))
         insert = draw(st.one_of(st.sampled_from(_FRAGMENTS), st.text(max_size=6)))
-        text = text[:pos] + insert + text[pos + cut:]
+        text = text[:pos] + insert + text[pos + cut :]
     return text
 
 
-def _render_in_process(path: Path, content: str | bytes, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+def _render_in_process(
+    path: Path, content: str | bytes, capsys: pytest.CaptureFixture[str]
+) -> tuple[int, str, str]:
     if isinstance(content, bytes):
         path.write_bytes(content)
     else:
@@ -572,9 +736,15 @@ def _render_in_process(path: Path, content: str | bytes, capsys: pytest.CaptureF
     return rc, out, err
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=200,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(config_texts())
-def test_property_render_exits_0_or_2_with_one_line(cli_dir: Path, capsys: pytest.CaptureFixture[str], content: str | bytes) -> None:
+def test_property_render_exits_0_or_2_with_one_line(
+    cli_dir: Path, capsys: pytest.CaptureFixture[str], content: str | bytes
+) -> None:
     path = cli_dir / "cluster.yaml"
     rc, out, err = _render_in_process(path, content, capsys)
     event(f"exit {rc}")
@@ -614,12 +784,13 @@ def test_console_script_bad_file(tmp_path: Path, name: str) -> None:
     if name in BAD_FILES:
         (tmp_path / name).write_bytes(BAD_FILES[name])
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-    proc = subprocess.run([str(ORCH), "render", name], cwd=tmp_path, capture_output=True, text=True, timeout=60, env=env)
+    proc = subprocess.run(
+        [str(ORCH), "render", name], cwd=tmp_path, capture_output=True, text=True, timeout=60, env=env
+    )
     assert proc.returncode == 2, (proc.returncode, proc.stderr)
     assert "Traceback" not in proc.stderr and proc.stdout == ""
     assert proc.stderr.endswith("\n") and len(proc.stderr.splitlines()) == 1, proc.stderr
     assert proc.stderr.startswith(f"{name}: "), proc.stderr
-
 
 
 def test_time_limit_accepts_plain_minutes_as_sbatch_does():

@@ -13,12 +13,27 @@ import uuid
 
 import pytest
 
-from orchestrator.storage.ckpt_store import AlreadyCommitted, CheckpointStore, CorruptCheckpoint, StaleIncarnation, make_token, newest_committed
+from orchestrator.storage.ckpt_store import (
+    AlreadyCommitted,
+    CheckpointStore,
+    CorruptCheckpoint,
+    StaleIncarnation,
+    make_token,
+    newest_committed,
+)
 from orchestrator.storage.faults import CRASH_EXIT_CODE
 
-from .conftest import S3_BUCKET, TEST_JOBS
+from ..conftest import S3_BUCKET, TEST_JOBS
 
-BOUNDARIES = ["ckpt.tmp_created", "ckpt.write", "ckpt.before_fsync", "ckpt.file_written", "ckpt.manifest_written", "ckpt.before_commit", "ckpt.after_commit"]
+BOUNDARIES = [
+    "ckpt.tmp_created",
+    "ckpt.write",
+    "ckpt.before_fsync",
+    "ckpt.file_written",
+    "ckpt.manifest_written",
+    "ckpt.before_commit",
+    "ckpt.after_commit",
+]
 
 
 def _url(kind: str, tmp_path) -> str:
@@ -134,7 +149,15 @@ def _writer(mode, url, step, incarnation, size, fault=None):
     env.pop("ORCH_FAULT", None)
     if fault:
         env["ORCH_FAULT"] = fault
-    return [sys.executable, str(TEST_JOBS / "store_writer.py"), mode, url, str(step), str(incarnation), str(size)], env
+    return [
+        sys.executable,
+        str(TEST_JOBS / "store_writer.py"),
+        mode,
+        url,
+        str(step),
+        str(incarnation),
+        str(size),
+    ], env
 
 
 @pytest.mark.parametrize("boundary", BOUNDARIES)
@@ -177,7 +200,10 @@ def test_fencing_sees_a_newer_incarnation_registered_by_another_process(shared_u
     store.register_incarnation(0)
     save(store, 10, incarnation=0)
     assert store.newest_incarnation() == 0  # warms any per-process listing cache
-    code = f"from orchestrator.storage.ckpt_store import CheckpointStore; CheckpointStore({shared_url!r}).register_incarnation(1)"
+    code = (
+        "from orchestrator.storage.ckpt_store import CheckpointStore;"
+        f" CheckpointStore({shared_url!r}).register_incarnation(1)"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
     with pytest.raises(StaleIncarnation):
         save(store, 20, incarnation=0)

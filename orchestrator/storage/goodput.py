@@ -1,4 +1,5 @@
-"""The goodput ledger: where a run's wall time went, from its events alone. Pure.
+"""The goodput ledger: where a run's wall time went, from its events alone. Pure; read by
+`orch status` and by rank 0's Metrics (TensorBoard `orch/goodput`), hence here beside the ledger.
 
 Per attempt (from `attempt_started` to `attempt_ended`):
 - start-up: until rank 0's first training step (`training_started`), minus the restore;
@@ -14,6 +15,8 @@ Between attempts: backoff waits; before the first: queue wait (Slurm: `submitted
 from __future__ import annotations
 
 from typing import Any, Iterable
+
+from orchestrator.contract import Event
 
 CAUSES = ("queue", "startup", "restore", "checkpoint", "lost_work", "backoff", "other")
 
@@ -31,26 +34,33 @@ def ledger(events: Iterable[dict[str, Any]], now: float | None = None) -> dict[s
         kind, t = ev.get("event"), float(ev.get("time", 0.0))
         first = t if first is None else first
         last = t
-        if kind in ("submitted", "requeued"):
+        if kind in (Event.SUBMITTED, Event.REQUEUED):
             waiting_since = t
-        elif kind == "job_started" and waiting_since is not None:
+        elif kind == Event.JOB_STARTED and waiting_since is not None:
             lost["queue"] += t - waiting_since
             waiting_since = None
-        elif kind == "restart_scheduled":
+        elif kind == Event.RESTART_SCHEDULED:
             backoff_since = t
-        elif kind == "attempt_started":
+        elif kind == Event.ATTEMPT_STARTED:
             if backoff_since is not None:
                 lost["backoff"] += t - backoff_since
                 backoff_since = None
-            current = {"attempt": ev.get("attempt"), "start": t, "training_started": None, "restore_s": 0.0, "stall_s": 0.0, "last_commit": None}
-        elif current is not None and kind == "restored":
+            current = {
+                "attempt": ev.get("attempt"),
+                "start": t,
+                "training_started": None,
+                "restore_s": 0.0,
+                "stall_s": 0.0,
+                "last_commit": None,
+            }
+        elif current is not None and kind == Event.RESTORED:
             current["restore_s"] = float(ev.get("restore_s", 0.0))
-        elif current is not None and kind == "training_started":
+        elif current is not None and kind == Event.TRAINING_STARTED:
             current["training_started"] = t
-        elif current is not None and kind == "checkpoint_committed":
+        elif current is not None and kind == Event.CHECKPOINT_COMMITTED:
             current["stall_s"] += float(ev.get("block_s", 0.0))
             current["last_commit"] = t
-        elif current is not None and kind == "attempt_ended":
+        elif current is not None and kind == Event.ATTEMPT_ENDED:
             attempts.append(_close(current, t, ev.get("status", "failed"), lost))
             productive += attempts[-1]["productive_s"]
             current = None
@@ -105,4 +115,8 @@ def format_goodput(summary: dict[str, Any]) -> str:
     if summary["goodput"] is None:
         return "goodput    -"
     lost = ", ".join(f"{k.replace('_', ' ')} {v:.1f}s" for k, v in summary["lost_s"].items() if v >= 0.05)
-    return f"goodput    {summary['goodput'] * 100:.1f}% ({summary['productive_s']:.1f}s productive of {summary['wall_s']:.1f}s" + (f"; lost: {lost})" if lost else ")")
+    return (
+        f"goodput    {summary['goodput'] * 100:.1f}%"
+        f" ({summary['productive_s']:.1f}s productive of {summary['wall_s']:.1f}s"
+        + (f"; lost: {lost})" if lost else ")")
+    )

@@ -21,14 +21,19 @@ def make_run(tmp_path):
     for step, payload in ((10, b"a" * 100), (20, b"b" * 200)):
         token = make_token(0)
         tmp = store.tmp_dir(step, token)
-        store.commit(tmp, step, token, [store.write_file(tmp, "state.pt", payload)], {"model_digest": f"digest{step}"})
+        store.commit(
+            tmp, step, token, [store.write_file(tmp, "state.pt", payload)], {"model_digest": f"digest{step}"}
+        )
     return run, store
 
 
 def test_checkpoints_lists_and_verifies(tmp_path):
     run, store = make_run(tmp_path)
     rows = json.loads(orch("checkpoints", str(run), "--json", "--verify").stdout)
-    assert [(r["step"], r["size"], r["model_digest"], r["verified"]) for r in rows] == [(20, 200, "digest20", True), (10, 100, "digest10", True)]
+    assert [(r["step"], r["size"], r["model_digest"], r["verified"]) for r in rows] == [
+        (20, 200, "digest20", True),
+        (10, 100, "digest10", True),
+    ]
     (run / "ckpt" / "step-00000020" / "state.pt").write_bytes(b"c" * 200)
     rows = json.loads(orch("checkpoints", str(run), "--json", "--verify").stdout)
     assert rows[0]["verified"] is False and "checksum mismatch" in rows[0]["error"]

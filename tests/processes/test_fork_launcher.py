@@ -14,15 +14,23 @@ from pathlib import Path
 import psutil
 import pytest
 
+from orchestrator.launch.fork_launcher import (
+    ForkServer,
+    ForkServerError,
+    first_use_imports,
+    fork_refusal,
+    job_imports,
+    preload_list,
+)
 from orchestrator.spec.config import parse_config
-from orchestrator.launch.fork_launcher import ForkServer, ForkServerError, first_use_imports, fork_refusal, job_imports, preload_list
 
 
 def test_job_imports_are_the_top_level_imports_except_local_modules(tmp_path: Path) -> None:
     (tmp_path / "mylib.py").write_text("")
     (tmp_path / "mypkg").mkdir()
     script = tmp_path / "train.py"
-    script.write_text(textwrap.dedent("""
+    script.write_text(
+        textwrap.dedent("""
         from __future__ import annotations
         import os, json as j
         import torch.nn.functional as F
@@ -36,8 +44,16 @@ def test_job_imports_are_the_top_level_imports_except_local_modules(tmp_path: Pa
             yaml = None
         def main():
             import late_import  # not top level: not preloaded
-    """))
-    assert job_imports(str(script)) == ["os", "json", "torch.nn.functional", "torch.utils", "torch.utils.data", "yaml"]
+    """)
+    )
+    assert job_imports(str(script)) == [
+        "os",
+        "json",
+        "torch.nn.functional",
+        "torch.utils",
+        "torch.utils.data",
+        "yaml",
+    ]
     assert job_imports(str(tmp_path / "missing.py")) == []
     (tmp_path / "broken.py").write_text("import (")
     assert job_imports(str(tmp_path / "broken.py")) == []
@@ -46,13 +62,21 @@ def test_job_imports_are_the_top_level_imports_except_local_modules(tmp_path: Pa
 def test_preload_list_starts_with_torch_then_config_then_job(tmp_path: Path) -> None:
     script = tmp_path / "t.py"
     script.write_text("import numpy\nimport torch\n")
-    config = parse_config({"job": {"script": str(script)}, "launch": {"preload": ["transformers"]}}, check_files=False)
+    config = parse_config(
+        {"job": {"script": str(script)}, "launch": {"preload": ["transformers"]}}, check_files=False
+    )
     assert preload_list(config) == ["torch", "transformers", "numpy"]
 
 
 def test_modules_torch_imports_on_first_use_are_preloaded_when_the_job_will_use_them(tmp_path: Path) -> None:
     script = tmp_path / "t.py"
-    script.write_text("import torch\nfrom orchestrator import runtime\ndef main(model):\n    opt = torch.optim.AdamW(model.parameters())\n    m = runtime.Metrics(None)\n")
+    script.write_text(
+        "import torch\n"
+        "from orchestrator import runtime\n"
+        "def main(model):\n"
+        "    opt = torch.optim.AdamW(model.parameters())\n"
+        "    m = runtime.Metrics(None)\n"
+    )
     assert first_use_imports(str(script)) == ["torch._dynamo", "torch.utils.tensorboard"]
     script.write_text("import torch.distributed as dist\ndist.init_process_group('gloo')\n")
     assert first_use_imports(str(script)) == []
@@ -63,7 +87,12 @@ def test_modules_torch_imports_on_first_use_are_preloaded_when_the_job_will_use_
 def test_fork_refusals() -> None:
     base = {"job": {"module": "pkg.train"}}
     assert fork_refusal(parse_config(base, check_files=False), sys.executable) is None
-    assert fork_refusal(parse_config({**base, "launch": {"mode": "subprocess"}}, check_files=False), sys.executable) == "launch.mode is subprocess"
+    assert (
+        fork_refusal(
+            parse_config({**base, "launch": {"mode": "subprocess"}}, check_files=False), sys.executable
+        )
+        == "launch.mode is subprocess"
+    )
     other = parse_config({"job": {"module": "pkg.train", "python": "/usr/bin/python3"}}, check_files=False)
     assert "is not the interpreter the fork server runs" in fork_refusal(other, "/venv/bin/python")
     same = parse_config({"job": {"module": "pkg.train", "python": sys.executable}}, check_files=False)
@@ -71,14 +100,25 @@ def test_fork_refusals() -> None:
 
 
 def _server(tmp_path: Path, modules: list[str]) -> ForkServer:
-    server = ForkServer(sys.executable, modules, {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}, str(tmp_path / "server.log"))
+    server = ForkServer(
+        sys.executable,
+        modules,
+        {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+        str(tmp_path / "server.log"),
+    )
     return server
 
 
 def _request(tmp_path: Path, name: str, code: str, pgid: int) -> dict:
     script = tmp_path / f"{name}.py"
     script.write_text(code)
-    return {"argv": [sys.executable, str(script)], "env": {**os.environ, "PYTHONUNBUFFERED": "1"}, "cwd": str(tmp_path), "log": str(tmp_path / f"{name}.log"), "pgid": pgid}
+    return {
+        "argv": [sys.executable, str(script)],
+        "env": {**os.environ, "PYTHONUNBUFFERED": "1"},
+        "cwd": str(tmp_path),
+        "log": str(tmp_path / f"{name}.log"),
+        "pgid": pgid,
+    }
 
 
 def test_server_forks_and_reports_exit_codes_and_signals(tmp_path: Path) -> None:
@@ -87,12 +127,14 @@ def test_server_forks_and_reports_exit_codes_and_signals(tmp_path: Path) -> None
         hello = server.wait_ready(60)
         assert hello["ready"] and hello["preloaded"] == ["json"]  # a failing import is skipped
         pgid = os.getpgid(0)
-        pids = server.spawn_all([
-            _request(tmp_path, "ok", "print('hello from', __name__)", pgid),
-            _request(tmp_path, "three", "import sys; sys.exit(3)", pgid),
-            _request(tmp_path, "boom", "raise ValueError('boom')", pgid),
-            _request(tmp_path, "sleeper", "import time; time.sleep(60)", pgid),
-        ])
+        pids = server.spawn_all(
+            [
+                _request(tmp_path, "ok", "print('hello from', __name__)", pgid),
+                _request(tmp_path, "three", "import sys; sys.exit(3)", pgid),
+                _request(tmp_path, "boom", "raise ValueError('boom')", pgid),
+                _request(tmp_path, "sleeper", "import time; time.sleep(60)", pgid),
+            ]
+        )
         ok, three, boom, sleeper = (server.handles[p] for p in pids)
         assert ok.wait(30) == 0 and three.wait(30) == 3 and boom.wait(30) == 1
         assert ok.exit_time is not None and ok.exit_time <= time.time()  # when the server reaped it
@@ -112,7 +154,9 @@ def test_ranks_die_with_the_server(tmp_path: Path) -> None:
     server = _server(tmp_path, [])
     try:
         server.wait_ready(60)
-        pid = server.spawn_all([_request(tmp_path, "sleeper", "import time; time.sleep(60)", os.getpgid(0))])[0]
+        pid = server.spawn_all([_request(tmp_path, "sleeper", "import time; time.sleep(60)", os.getpgid(0))])[
+            0
+        ]
         assert psutil.pid_exists(pid)
         server.proc.kill()
         deadline = time.monotonic() + 10
@@ -137,7 +181,10 @@ def test_server_outlives_the_signals_meant_for_its_ranks(tmp_path: Path) -> None
             server.proc.send_signal(sig)
         time.sleep(0.3)
         assert server.proc.poll() is None
-        state = "import signal, time; print(signal.SIGUSR2 in signal.pthread_sigmask(signal.SIG_BLOCK, []), signal.SIGTERM in signal.pthread_sigmask(signal.SIG_BLOCK, []), flush=True); time.sleep(60)"
+        state = (
+            "import signal, time; print(signal.SIGUSR2 in signal.pthread_sigmask(signal.SIG_BLOCK, []),"
+            " signal.SIGTERM in signal.pthread_sigmask(signal.SIG_BLOCK, []), flush=True); time.sleep(60)"
+        )
         pid = server.spawn_all([_request(tmp_path, "rank", state, os.getpgid(0))])[0]
         deadline = time.monotonic() + 30
         while not (tmp_path / "rank.log").exists() or not (tmp_path / "rank.log").read_text():
@@ -152,10 +199,23 @@ def test_server_outlives_the_signals_meant_for_its_ranks(tmp_path: Path) -> None
 
 
 def test_server_refuses_to_fork_after_an_import_that_starts_a_thread(tmp_path: Path) -> None:
-    (tmp_path / "threadstarter.py").write_text("import threading, time\nthreading.Thread(target=time.sleep, args=(30,), name='poller', daemon=True).start()\n")
-    server = ForkServer(sys.executable, ["json", "threadstarter"], {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}, str(tmp_path / "server.log"))
+    (tmp_path / "threadstarter.py").write_text(
+        "import threading, time\n"
+        "threading.Thread(target=time.sleep, args=(30,), name='poller', daemon=True).start()\n"
+    )
+    server = ForkServer(
+        sys.executable,
+        ["json", "threadstarter"],
+        {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])},
+        str(tmp_path / "server.log"),
+    )
     try:
         hello = server.wait_ready(60)
-        assert hello == {"ready": False, "reason": "after importing threadstarter: Python threads are running (poller)", "module": "threadstarter", "preloaded": ["json"]}
+        assert hello == {
+            "ready": False,
+            "reason": "after importing threadstarter: Python threads are running (poller)",
+            "module": "threadstarter",
+            "preloaded": ["json"],
+        }
     finally:
         server.close()

@@ -1,0 +1,98 @@
+"""The restart policy, pure: after each attempt, what to do next and why.
+
+Both supervisors (local and Slurm) feed every attempt's outcome through `decide`; nothing else
+decides whether a run restarts, resumes, or gives up, so the two backends cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from enum import StrEnum
+
+from orchestrator.spec.config import RestartSpec
+from orchestrator.supervision.failures import RankFailure
+
+
+class AttemptState(StrEnum):
+    """How one attempt (one launch of every rank) ended."""
+
+    SUCCEEDED = "succeeded"  # every rank exited 0
+    FAILED = "failed"  # a rank failed or hung
+    PREEMPTED = "preempted"  # every rank checkpointed on request and exited 75
+    STOPPED = "stopped"  # the supervisor itself was asked to stop (Ctrl-C, orch cancel)
+
+
+class Action(StrEnum):
+    FINISH = "finish"  # the run is over (succeeded, or stopped on request)
+    RESTART = "restart"  # a failed attempt: start again from the newest checkpoint after a backoff
+    RESUME = "resume"  # a preempted attempt: continue at once (locally) or requeue (Slurm)
+    GIVE_UP = "give_up"  # the run failed for good
+
+
+@dataclass(frozen=True)
+class PolicyState:
+    """What the policy remembers between attempts."""
+
+    restarts: int = 0  # restarts used after failures (preemptions do not count)
+    without_progress: int = 0  # attempts in a row that ended without a new committed checkpoint
+    last_checkpoint: int | None = None  # the newest committed step when the last attempt ended
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: Action
+    state: PolicyState
+    reason: str | None = None
+    backoff_s: float = 0.0
+
+
+def backoff_delay(restart: RestartSpec, restart_number: int) -> float:
+    """Seconds to wait before restart number `restart_number` (1-based): doubling, capped."""
+    return min(restart.backoff_max_s, restart.backoff_s * (2 ** (restart_number - 1)))
+
+
+def decide(
+    restart: RestartSpec,
+    state: PolicyState,
+    outcome: AttemptState,
+    root: RankFailure | None,
+    newest_checkpoint: int | None,
+) -> Decision:
+    """What to do after an attempt that ended `outcome`, with the run's newest committed
+    checkpoint now `newest_checkpoint`.
+
+    An attempt made progress when it committed a checkpoint: then the no-progress count starts
+    again at 0; otherwise it grows by one, and at `restart.crash_loop_attempts` the run stops (a
+    crash loop, or preemptions that never get far enough to save).
+    """
+    progressed = newest_checkpoint != state.last_checkpoint
+    streak = 0 if progressed else state.without_progress + 1
+    state = replace(state, without_progress=streak, last_checkpoint=newest_checkpoint)
+    looping = 0 < restart.crash_loop_attempts <= streak
+    if outcome in (AttemptState.SUCCEEDED, AttemptState.STOPPED):
+        return Decision(Action.FINISH, state)
+    if outcome is AttemptState.PREEMPTED:
+        if looping:
+            return Decision(Action.GIVE_UP, state, "preempted repeatedly without a new checkpoint")
+        return Decision(Action.RESUME, state, "preempted")
+    if root is not None and not root.classified.retryable:
+        return Decision(
+            Action.GIVE_UP,
+            state,
+            f"not restarting: {root.error_type} fails the same way on every attempt ({root.classified.hint})",
+        )
+    if looping:
+        return Decision(
+            Action.GIVE_UP,
+            state,
+            f"not restarting: crash loop ({streak} failed attempts in a row without a new checkpoint)",
+        )
+    if state.restarts >= restart.max_restarts:
+        return Decision(Action.GIVE_UP, state, f"no restarts left ({restart.max_restarts} allowed)")
+    state = replace(state, restarts=state.restarts + 1)
+    return Decision(
+        Action.RESTART,
+        state,
+        f"restart {state.restarts}/{restart.max_restarts}",
+        backoff_delay(restart, state.restarts),
+    )

@@ -1,0 +1,190 @@
+"""One policy, two backends: the same scripted timeline of attempts, run through the local
+supervisor (`orch run`) and through the Slurm supervisor (its own `supervise()`, with stand-ins
+for srun and scontrol), must lead to the same decisions, the same root cause, and the same
+MASTER_PORT handling.
+
+Each timeline here once made the two supervisors disagree (issue 10): the crash-loop count after
+a failed attempt that did commit a checkpoint, a fixed distributed.master_port, and the root
+cause's node."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from orchestrator.spec.config import config_to_dict, load_config
+from orchestrator.storage.rundir import RunDir
+
+from ..conftest import REPO, TEST_JOBS, read_events, run_orch, write_config
+
+SCRIPTED = TEST_JOBS / "scripted.py"
+FAKE_SLURM = TEST_JOBS / "fake_slurm.py"
+
+# What the supervisor does after each attempt, read back from its events.
+DECISION_EVENTS = {"restart_scheduled": "restart", "giving_up": "give_up", "requeued": "resume"}
+
+
+def decisions(events: list[dict[str, Any]]) -> list[tuple[int, str, str]]:
+    """[(attempt, how it ended, what came next)] from a run's ledger."""
+    out: list[tuple[int, str, str]] = []
+    pending: tuple[int, str] | None = None
+    for e in events:
+        if e["event"] == "attempt_ended":
+            pending = (e["attempt"], e["status"])
+        elif pending is not None and e["event"] in DECISION_EVENTS:
+            out.append((*pending, DECISION_EVENTS[e["event"]]))
+            pending = None
+        elif pending is not None and e["event"] == "run_finished":
+            out.append((*pending, "finish"))
+            pending = None
+    return out
+
+
+def root_causes(events: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+    return [
+        (e["attempt"], e["root_cause"]["rank"], e["root_cause"]["node_rank"], e["root_cause"]["class"])
+        for e in events
+        if e["event"] == "attempt_ended" and e.get("root_cause")
+    ]
+
+
+def config_for(tmp_path: Path, backend: str, timeline: list[dict[str, Any]], **sections: Any) -> Path:
+    sections.setdefault("resources", {"nodes": 2, "ranks_per_node": 2, "cpus_per_rank": 1})
+    return write_config(
+        tmp_path,
+        SCRIPTED,
+        backend=backend,
+        job={"env": {"SCRIPT_TIMELINE": json.dumps(timeline), "PYTHONPATH": str(REPO)}},
+        launch={"mode": "subprocess"},
+        **sections,
+    )
+
+
+def run_local(
+    tmp_path: Path, timeline: list[dict[str, Any]], **sections: Any
+) -> tuple[Path, list[dict[str, Any]]]:
+    work = tmp_path / "local"
+    work.mkdir()
+    cfg = config_for(work, "local", timeline, **sections)
+    proc = run_orch("run", str(cfg), "--run-id", "scripted", "--quiet")
+    run_dir = work / "runs" / "scripted"
+    events = read_events(run_dir)
+    assert events and events[-1]["event"] == "run_finished", proc.stderr
+    return run_dir, events
+
+
+def run_slurm(
+    tmp_path: Path, timeline: list[dict[str, Any]], incarnations: int = 1, **sections: Any
+) -> tuple[Path, list[dict[str, Any]]]:
+    """The Slurm supervisor in a batch step of its own, once per incarnation of the job (a
+    requeue ends one; the next starts with SLURM_RESTART_COUNT one higher)."""
+    work = tmp_path / "slurm"
+    (work / "bin").mkdir(parents=True)
+    for tool in ("srun", "scontrol"):
+        stub = work / "bin" / tool
+        stub.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{FAKE_SLURM}" {tool} "$@"\n')
+        stub.chmod(0o755)
+    config = load_config(str(config_for(work, "slurm", timeline, **sections)))
+    run = RunDir(str(work / "runs" / "scripted"))
+    run.create(
+        {
+            "run_id": "scripted",
+            "backend": "slurm",
+            "base_dir": config.base_dir,
+            "config": config_to_dict(config),
+        }
+    )
+    for restart_count in range(incarnations):
+        env = {
+            **os.environ,
+            "PATH": f"{work / 'bin'}{os.pathsep}{os.environ['PATH']}",
+            "PYTHONPATH": str(REPO),
+            "SLURM_JOB_ID": "4242",
+            "SLURM_JOB_NODELIST": "localhost",
+            "SLURM_RESTART_COUNT": str(restart_count),
+            "FAKE_SLURM_LOG": str(work / "scontrol.log"),
+        }
+        code = f"from orchestrator.backends.slurm.supervisor import supervise; supervise({run.url!r})"
+        subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    return Path(run.local_path), read_events(Path(run.local_path))
+
+
+def fail(
+    rank: int, kind: str = "ValueError", message: str = "loss is nan", checkpoint: int | None = None
+) -> dict[str, Any]:
+    return {"fail": {"rank": rank, "type": kind, "message": message}, "checkpoint": checkpoint}
+
+
+def test_crash_loop_count_restarts_at_zero_after_an_attempt_that_checkpointed(tmp_path: Path) -> None:
+    # Attempt 0 commits step 10 and then fails; 1 and 2 fail without a new checkpoint. With
+    # crash_loop_attempts 2, the run gives up after attempt 2: attempt 0 made progress, so the
+    # loop is attempts 1 and 2 (the local supervisor used to count attempt 0 too and stop at 1).
+    timeline = [fail(1, checkpoint=10), fail(1)]
+    restart = {"max_restarts": 5, "backoff_s": 0.05, "crash_loop_attempts": 2}
+    _, local = run_local(tmp_path, timeline, restart=restart)
+    _, slurm = run_slurm(tmp_path, timeline, restart=restart)
+    expected = [(0, "failed", "restart"), (1, "failed", "restart"), (2, "failed", "give_up")]
+    assert decisions(local) == decisions(slurm) == expected
+    for events in (local, slurm):
+        giving_up = next(e for e in events if e["event"] == "giving_up")
+        assert "crash loop (2 failed attempts in a row without a new checkpoint)" in giving_up["reason"]
+        assert events[-1]["status"] == "failed" and events[-1]["newest_checkpoint"] == 10
+
+
+def test_root_cause_names_the_rank_and_its_node(tmp_path: Path) -> None:
+    # Rank 3 of 2 nodes x 2 ranks raises a user error: not retried, and both backends name
+    # rank 3 on node 1 (the Slurm supervisor's cause used to have no node: "(node None)").
+    timeline = [fail(3, "NameError", "name 'lr' is not defined")]
+    local_dir, local = run_local(tmp_path, timeline)
+    slurm_dir, slurm = run_slurm(tmp_path, timeline)
+    assert decisions(local) == decisions(slurm) == [(0, "failed", "give_up")]
+    assert root_causes(local) == root_causes(slurm) == [(0, 3, 1, "user_error")]
+    for run_dir in (local_dir, slurm_dir):
+        text = run_orch("status", str(run_dir)).stdout
+        assert "root cause rank 3 (node 1): exit 1 NameError: name 'lr' is not defined" in text, text
+
+
+def test_fixed_master_port_is_used_by_both(tmp_path: Path) -> None:
+    port = _free_port()
+    timeline = [fail(0, checkpoint=5), {"checkpoint": 6}]
+    sections = {"distributed": {"master_port": port}, "restart": {"max_restarts": 2, "backoff_s": 0.05}}
+    local_dir, local = run_local(tmp_path, timeline, **sections)
+    slurm_dir, slurm = run_slurm(tmp_path, timeline, **sections)
+    assert decisions(local) == decisions(slurm) == [(0, "failed", "restart"), (1, "succeeded", "finish")]
+    for run_dir, events in ((local_dir, local), (slurm_dir, slurm)):
+        assert [e["master_port"] for e in events if e["event"] == "attempt_started"] == [port, port]
+        seen = {(run_dir / f"port-{attempt}-{rank}").read_text() for attempt in (0, 1) for rank in range(4)}
+        assert seen == {str(port)}  # every rank of every attempt saw it
+
+
+def test_preemption_resumes_without_counting_a_failure(tmp_path: Path) -> None:
+    # Attempt 0 checkpoints on request (every rank exits 75); the run resumes (Slurm: requeue,
+    # then a new incarnation of the job) and attempt 1 succeeds. No root cause is recorded.
+    timeline = [{"preempt": True, "checkpoint": 7}, {"checkpoint": 8}]
+    restart = {"max_restarts": 0}
+    _, local = run_local(tmp_path, timeline, restart=restart)
+    slurm_dir, slurm = run_slurm(tmp_path, timeline, incarnations=2, restart=restart)
+    assert decisions(local) == decisions(slurm) == [(0, "preempted", "resume"), (1, "succeeded", "finish")]
+    assert root_causes(local) == root_causes(slurm) == []
+    assert (
+        slurm_dir.parent.parent / "scontrol.log"
+    ).read_text() == "requeue 4242\n"  # the stand-in did requeue
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)

@@ -1,0 +1,141 @@
+"""The restart policy and the root cause, pure: the decisions both supervisors share."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+
+from orchestrator.spec.config import RestartSpec
+from orchestrator.supervision.failures import FailureClass, RankFailure, exception_line, root_cause
+from orchestrator.supervision.policy import Action, AttemptState, PolicyState, decide
+
+RESTART = RestartSpec(max_restarts=3, backoff_s=1.0, backoff_max_s=3.0, crash_loop_attempts=2)
+
+
+def failure(
+    rank: int, t: float, kind: str | None = "ValueError", message: str = "bad", code: int = 1
+) -> RankFailure:
+    text = f"{kind}: {message}" if kind else message
+    return RankFailure(rank=rank, node_rank=rank // 2, exitcode=code, time=t, error_type=kind, message=text)
+
+
+def preempted(rank: int, t: float) -> RankFailure:
+    return RankFailure(
+        rank=rank,
+        node_rank=0,
+        exitcode=75,
+        time=t,
+        error_type="Preempted",
+        message="Preempted: checkpointed step 7",
+    )
+
+
+def run_timeline(
+    outcomes: list[tuple[AttemptState, RankFailure | None, int | None]],
+) -> list[tuple[Action, float]]:
+    state, out = PolicyState(), []
+    for outcome, root, newest in outcomes:
+        decision = decide(RESTART, state, outcome, root, newest)
+        state = decision.state
+        out.append((decision.action, decision.backoff_s))
+    return out
+
+
+def test_failures_restart_with_doubling_backoff_until_none_are_left() -> None:
+    err = failure(1, 1.0)
+    # Each attempt commits a newer checkpoint, so no crash loop: only max_restarts stops it.
+    timeline = [(AttemptState.FAILED, err, step) for step in (10, 20, 30, 40)]
+    assert run_timeline(timeline) == [
+        (Action.RESTART, 1.0),
+        (Action.RESTART, 2.0),
+        (Action.RESTART, 3.0),
+        (Action.GIVE_UP, 0.0),
+    ]
+
+
+def test_crash_loop_counts_only_attempts_without_a_new_checkpoint() -> None:
+    err = failure(1, 1.0)
+    # Attempt 0 committed step 10 before failing: progress, the count stays 0. Attempts 1 and 2
+    # commit nothing: 1, 2 -> give up at 2 (crash_loop_attempts).
+    timeline = [
+        (AttemptState.FAILED, err, 10),
+        (AttemptState.FAILED, err, 10),
+        (AttemptState.FAILED, err, 10),
+    ]
+    actions = [a for a, _ in run_timeline(timeline)]
+    assert actions == [Action.RESTART, Action.RESTART, Action.GIVE_UP]
+    last = decide(
+        RESTART, PolicyState(restarts=2, without_progress=1, last_checkpoint=10), AttemptState.FAILED, err, 10
+    )
+    assert "crash loop (2 failed attempts in a row" in (last.reason or "")
+
+
+def test_a_user_error_is_not_retried() -> None:
+    decision = decide(
+        RESTART,
+        PolicyState(),
+        AttemptState.FAILED,
+        failure(0, 1.0, "NameError", "name 'lr' is not defined"),
+        None,
+    )
+    assert decision.action is Action.GIVE_UP and "NameError fails the same way" in (decision.reason or "")
+
+
+def test_preemption_resumes_without_using_a_restart_until_it_loops() -> None:
+    timeline = [
+        (AttemptState.PREEMPTED, None, 10),
+        (AttemptState.PREEMPTED, None, 20),
+        (AttemptState.PREEMPTED, None, 20),
+        (AttemptState.PREEMPTED, None, 20),
+    ]
+    assert [a for a, _ in run_timeline(timeline)] == [
+        Action.RESUME,
+        Action.RESUME,
+        Action.RESUME,
+        Action.GIVE_UP,
+    ]
+
+
+@pytest.mark.parametrize("outcome", [AttemptState.SUCCEEDED, AttemptState.STOPPED])
+def test_success_and_stop_finish(outcome: AttemptState) -> None:
+    assert decide(RESTART, PolicyState(restarts=3), outcome, None, None).action is Action.FINISH
+
+
+def test_a_crash_outranks_the_stops_around_it() -> None:
+    crash = failure(2, 5.0)
+    assert root_cause([preempted(0, 4.0), preempted(1, 4.1), crash]) is crash
+    assert root_cause([preempted(0, 4.0), preempted(1, 4.1)]).rank == 0
+    # Locally, with the stop seen first: ranks we then stopped (no record) are not causes.
+    stopped_by_us = failure(3, 6.0, None, "", code=-signal.SIGTERM)
+    assert root_cause([preempted(0, 4.0), stopped_by_us], first_seen=0).is_stop_on_request
+    assert root_cause([preempted(0, 4.0), crash, stopped_by_us], first_seen=0) is crash
+
+
+def test_a_peer_loss_seen_first_does_not_hide_the_killed_rank() -> None:
+    peer = failure(0, 1.0, "RuntimeError", "Connection closed by peer")
+    killed = failure(1, 1.2, None, "", code=-signal.SIGKILL)
+    cause = root_cause([peer, killed], first_seen=0)
+    assert cause is killed and cause.classified.kind is FailureClass.SIGNAL
+
+
+def test_describe_names_the_node_and_the_step() -> None:
+    assert failure(3, 1.0).describe == "rank 3 (node 1) exit code 1: ValueError: bad"
+    step = RankFailure(
+        rank=None, node_rank=None, exitcode=143, time=0.0, error_type=None, message="srun step exit code 143"
+    )
+    assert step.describe == "the step exit code 143: srun step exit code 143"
+    assert step.to_json()["node_rank"] is None
+
+
+def test_exception_line_is_the_last_tracebacks_exception() -> None:
+    lines = [
+        "step 1",
+        "Traceback (most recent call last):",
+        '  File "x.py", line 3, in <module>',
+        "    f()",
+        "KeyError: 'lr'",
+        "[orch] bye",
+    ]
+    assert exception_line(lines) == "KeyError: 'lr'"
+    assert exception_line(["all good", "ValueError: no traceback here"]) == "ValueError: no traceback here"
