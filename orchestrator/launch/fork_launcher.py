@@ -368,7 +368,7 @@ class ForkServerLauncher:
             for spec, log, pid in zip(specs, log_paths, pids, strict=True):
                 group.ranks.append(
                     RankProcess(spec=spec, popen=self.server.handles[pid], log_path=log, started=started)
-                )  # type: ignore[arg-type]
+                )
         except BaseException:
             group.close()
             raise

@@ -240,6 +240,7 @@ class Supervision:
             root_cause=root.to_json() if root and not root.is_stop_on_request else None,
             **ended.fields,
         )
+        self.run.publish_logs(attempt)  # a run directory on an object store gets the staged logs
         return AttemptOutcome(attempt=attempt, state=state, root_cause=root, duration_s=duration)
 
     def _watch(self, started: Started) -> tuple[Ended | None, RankFailure | None]:

@@ -158,7 +158,12 @@ def test_twenty_concurrent_runs_never_share_a_port(tmp_path: Path) -> None:
     for i in range(20):
         d = tmp_path / f"r{i}"
         d.mkdir()
-        cfg = write_config(d, TEST_JOBS / "env_dump.py", resources={"nodes": 1, "ranks_per_node": 1})
+        cfg = write_config(
+            d,
+            TEST_JOBS / "port_holder.py",
+            resources={"nodes": 1, "ranks_per_node": 1},
+            launch={"mode": "subprocess"},
+        )
         procs.append(
             (
                 d / "runs" / "c",
