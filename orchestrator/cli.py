@@ -445,7 +445,10 @@ def cmd_checkpoints(args: argparse.Namespace) -> int:
                     "url": info.url,
                 }
             )
-        except CorruptCheckpoint as exc:
+        except (CorruptCheckpoint, OSError) as exc:  # OSError: the storage, mid-read (deleted, ESTALE)
+            error = (
+                str(exc) if isinstance(exc, CorruptCheckpoint) else f"storage error: {exc.strerror or exc}"
+            )
             rows.append(
                 {
                     "step": step,
@@ -453,7 +456,7 @@ def cmd_checkpoints(args: argparse.Namespace) -> int:
                     "size": None,
                     "model_digest": None,
                     "verified": False,
-                    "error": str(exc),
+                    "error": error,
                 }
             )
     if args.json:

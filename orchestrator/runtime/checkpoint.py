@@ -20,6 +20,7 @@ import atexit
 import hashlib
 import io
 import os
+import pickle
 import random
 import signal
 import sys
@@ -50,6 +51,7 @@ from orchestrator.storage.ckpt_store import (
     make_token,
     step_dir_name,
 )
+from orchestrator.storage.faults import fault_point
 
 from . import heartbeat, preemption
 from .dist import DistContext
@@ -59,6 +61,15 @@ STATE_FILE = "state.pt"
 
 class CheckpointError(RuntimeError):
     """A checkpoint could not be saved or loaded; the message is one line."""
+
+
+class _Refused(Exception):
+    """This save must not be written (its error is already set)."""
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:500] if text else type(exc).__name__
 
 
 class StaleIncarnationError(CheckpointError):
@@ -126,22 +137,104 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+@dataclass(frozen=True)
+class _Chosen:
+    """The checkpoint rank 0 verified, as every rank loads it."""
+
+    step: int
+    manifest: dict[str, Any]
+    directory: str
+
+
+def _close_all(held: dict[str, Any]) -> None:
+    """Close the descriptors among `held` (open verified files nobody loaded)."""
+    for value in list(held.values()):
+        if isinstance(value, int):
+            os.close(value)
+    held.clear()
+
+
+class _LoadFailure(Exception):
+    """One file of a checkpoint could not be loaded; the message names the file and the class."""
+
+
+def load_failure(exc: BaseException) -> str:
+    """What kind of failure a load raised: the storage (the bytes could not be read), the
+    format (they are not a torch checkpoint, or not the one expected), or a refusal
+    (weights_only=True found more than tensors and plain containers)."""
+    if isinstance(exc, (OSError, CorruptCheckpoint)):
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else _one_line(exc)
+        return f"storage error: {reason}"
+    if isinstance(exc, pickle.UnpicklingError) and "weights only" in str(exc).lower():
+        return (
+            "refused to load: it holds more than tensors and plain containers"
+            f" (weights_only=True): {_one_line(exc)}"
+        )
+    return f"unreadable format ({type(exc).__name__}): {_one_line(exc)}"
+
+
 def _load(loader: Callable[[], Any], what: str) -> Any:
     try:
         return loader()
-    except Exception as exc:  # noqa: BLE001 - torch raises UnpicklingError and friends
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(
-            f"{what}: refused to load: it holds more than tensors and plain containers"
-            f" (weights_only=True): {first}"
-        ) from None
+    except Exception as exc:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError and friends
+        raise _LoadFailure(f"{what}: {load_failure(exc)}") from None
+
+
+def _check_archive(head: bytes, what: str) -> None:
+    """torch.save writes zip archives; anything else would reach torch's legacy unpickler,
+    whose error reads like a weights_only refusal."""
+    if head != b"PK\x03\x04":
+        raise _LoadFailure(f"{what}: unreadable format: not a torch checkpoint (no zip archive)")
+
+
+def _owned(obj: Any) -> Any:
+    """Tensors copied out of a memory-mapped checkpoint file, so that nothing kept after the
+    restore (optimizer state) depends on a file that retention will delete (on NFS, a read of
+    an unlinked mapped file can fail with ESTALE or SIGBUS)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.clone()
+    if isinstance(obj, dict):
+        return {k: _owned(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_owned(v) for v in obj)
+    return obj
+
+
+def synchronize_devices() -> None:
+    """Wait for every GPU's queued work, not only the current device's: a snapshot's
+    non-blocking copies may come from tensors on any device of this rank."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for device in range(torch.cuda.device_count()):
+            torch.cuda.synchronize(device)
+
+
+def unloadable_extra(extra: dict[str, Any] | None) -> str | None:
+    """Why an `extra` value would make the checkpoint impossible to restore, or None.
+
+    Restore loads with weights_only=True, which refuses anything but tensors, plain Python
+    values and containers of them (a numpy scalar, say). Found at save time, before anything
+    is written: committing it would replace loadable checkpoints with one no restart can load.
+    """
+    for key, value in (extra or {}).items():
+        buffer = io.BytesIO()
+        try:
+            torch.save(value, buffer)
+            buffer.seek(0)
+            torch.load(buffer, weights_only=True)
+        except Exception:  # noqa: BLE001 - pickling errors, weights_only refusals: all the same here
+            kind = f"{type(value).__module__}.{type(value).__qualname__}".removeprefix("builtins.")
+            return (
+                f"extra[{key!r}]: a {kind} cannot be restored with weights_only=True; save tensors or"
+                " plain Python values (float(x), x.tolist(), torch.tensor(x))"
+            )
+    return None
 
 
 def _warn(text: str) -> None:
     print(f"[orch.checkpoint] {text}", file=sys.stderr, flush=True)
 
 
-class _Snapshot:
+class Snapshot:
     """Copies of state tensors in reusable CPU buffers (an async save's only blocking work).
 
     Copying into buffers that already exist costs about a tenth of allocating fresh ones
@@ -149,9 +242,11 @@ class _Snapshot:
     """
 
     def __init__(self) -> None:
-        self._buffers: dict[str, torch.Tensor] = {}
+        # Keyed by the path of keys to each tensor, as a tuple: joined into one string, the
+        # paths ("a/b",) and ("a", "b") would share a buffer and one would overwrite the other.
+        self._buffers: dict[tuple[Any, ...], torch.Tensor] = {}
 
-    def take(self, obj: Any, key: str = "") -> Any:
+    def take(self, obj: Any, key: tuple[Any, ...] = ()) -> Any:
         if isinstance(obj, torch.Tensor):
             src = obj.detach()
             buf = self._buffers.get(key)
@@ -168,9 +263,9 @@ class _Snapshot:
             buf.copy_(src, non_blocking=src.is_cuda)
             return buf
         if isinstance(obj, dict):
-            return {k: self.take(v, f"{key}/{k}") for k, v in obj.items()}
+            return {k: self.take(v, (*key, k)) for k, v in obj.items()}
         if isinstance(obj, (list, tuple)):
-            return type(obj)(self.take(v, f"{key}/{i}") for i, v in enumerate(obj))
+            return type(obj)(self.take(v, (*key, i)) for i, v in enumerate(obj))
         return obj
 
 
@@ -222,9 +317,10 @@ class Checkpointer:
         # The stop vote runs on a third group: a background save may be using
         # self._group at the same moment, from another thread.
         self._vote_group = dist.new_group(backend="gloo") if dist.is_initialized() else None
-        self._snapshot = _Snapshot()
+        self._snapshot = Snapshot()
         self._pending: Future | None = None
-        self._verified_step: int | None = None
+        # Steps this process committed or verified: only those count toward `keep` (retention).
+        self._known_good: set[int] = set()
         self.last_saved_step: int | None = None
         self.last_save_s: float | None = None  # write + commit time of the last save
         self.last_block_s: float | None = None  # how long the last save blocked training
@@ -342,16 +438,17 @@ class Checkpointer:
             )
         app = self._app_state(step, epoch, extra) if self.ctx.is_main else None
         mine = self._rank_state()
+        # Refused before anything is written, but inside the protocol: every rank gets the error.
+        refused = unloadable_extra(extra) if self.ctx.is_main else None
         if self.async_save:
             app = self._snapshot.take(app) if app is not None else None
-            mine = self._snapshot.take(mine, "rank")
-            if torch.cuda.is_available() and torch.cuda.is_initialized():
-                torch.cuda.synchronize()  # the non_blocking device->host copies are done
+            mine = self._snapshot.take(mine, ("rank",))
+            synchronize_devices()  # the non_blocking device->host copies are done
             future: Future = Future()
             blocked = time.monotonic() - blocked_from
             thread = threading.Thread(
                 target=self._run_into,
-                args=(future, self._write_and_commit, step, epoch, token, app, mine, blocked),
+                args=(future, self._write_and_commit, step, epoch, token, app, mine, blocked, refused),
                 name="orch-ckpt-save",
                 daemon=True,
             )
@@ -361,7 +458,7 @@ class Checkpointer:
             self.last_saved_step = step
             heartbeat.beat(step, Phase.TRAIN)
             return
-        self._write_and_commit(step, epoch, token, app, mine)
+        self._write_and_commit(step, epoch, token, app, mine, None, refused)
         self.last_block_s = time.monotonic() - blocked_from
         self.last_saved_step = step
         heartbeat.beat(step, Phase.TRAIN)
@@ -381,15 +478,23 @@ class Checkpointer:
         app: dict[str, Any] | None,
         mine: dict[str, Any],
         blocked_s: float | None = None,
+        refused: str | None = None,
     ) -> None:
         """Write, gather, commit. `blocked_s`: how long training waited (async: the snapshot;
-        None for a synchronous save, which blocks for all of this)."""
+        None for a synchronous save, which blocks for all of this). `refused`: why this save
+        must not be written at all (rank 0's check of `extra`).
+
+        Every rank reaches the gather and the broadcast whatever fails before them (any
+        exception, not only OSError): a rank that left early would leave its peers blocked in
+        the collective until the group's timeout."""
         started = time.monotonic()
         tmp = ""
         entries: list[FileEntry] = []
-        error: str | None = None
+        error: str | None = f"rank {self.ctx.rank}: {refused}" if refused else None
         digest = None
         try:
+            if error is not None:
+                raise _Refused
             tmp = self.store.tmp_dir(step, token)
             entries.append(
                 self.store.write_stream(tmp, rank_file(self.ctx.rank), lambda fh: torch.save(mine, fh))
@@ -406,8 +511,12 @@ class Checkpointer:
                 finally:
                     hasher.join()
                 digest = digest_future.result()
+        except _Refused:
+            pass
         except OSError as exc:
             error = f"rank {self.ctx.rank}: {exc.strerror or exc}"
+        except Exception as exc:  # noqa: BLE001 - MemoryError, pickling, a client library's own errors
+            error = f"rank {self.ctx.rank}: {type(exc).__name__}: {_one_line(exc)}"
         gathered = self._all_gather((entries, error))
         errors = [err for _, err in gathered if err]
         result: tuple[str, str] | None = None
@@ -439,13 +548,20 @@ class Checkpointer:
                         "error",
                         f"checkpoint {step_dir_name(step)} not committed: {exc.strerror or exc}",
                     )
+                except Exception as exc:  # noqa: BLE001 - see the docstring
+                    result = (
+                        "error",
+                        f"checkpoint {step_dir_name(step)} not committed:"
+                        f" {type(exc).__name__}: {_one_line(exc)}",
+                    )
             if result is not None:
-                self._discard(tmp)
+                self._discard(tmp, step)
             else:
                 write_s = time.monotonic() - started
+                self._known_good.add(step)
                 self._record_commit(step, digest, write_s, write_s if blocked_s is None else blocked_s)
                 try:
-                    self.store.prune(self.keep, self.incarnation, protect=[step])
+                    self.store.prune(self.keep, self.incarnation, protect=[step], known_good=self._known_good)
                 except OSError as exc:  # retention is housekeeping: never fail a committed save
                     _warn(f"could not delete old checkpoints: {exc}")
         result = self._broadcast(result)
@@ -464,8 +580,10 @@ class Checkpointer:
             model_digest=digest,
         )
 
-    def _discard(self, tmp: str) -> None:
-        if not tmp:
+    def _discard(self, tmp: str, step: int) -> None:
+        """Delete a failed save's files, unless they are committed after all (a commit whose
+        reply was lost, or an error raised after the commit landed)."""
+        if not tmp or self.store.commits_dir(step, tmp):
             return
         try:
             self.store.fs.rm(tmp, recursive=True)
@@ -497,29 +615,52 @@ class Checkpointer:
 
     # ------------------------------------------------------------------ restore
 
-    def _pick_step(self) -> tuple[int | None, dict[str, bytearray]]:
-        """Rank 0 picks the newest checkpoint that verifies; every rank gets its choice.
+    def _pick_step(self, skip: set[int]) -> tuple[_Chosen | None, dict[str, Any]]:
+        """Rank 0 picks the newest checkpoint that verifies; every rank gets its choice with
+        the manifest and data directory rank 0 resolved, so that no rank resolves them again
+        (a displacement in between could give ranks different files).
 
-        Rank 0 keeps the verified bytes of the files it loads itself.
+        What rank 0 loads itself it keeps from the verification: the verified bytes (object
+        stores), or the open files it checked (filesystems).
         """
-        choice = None
-        cached: dict[str, bytearray] = {}
-        verified_here = None
+        choice: _Chosen | None = None
+        held: dict[str, Any] = {}
         if self.ctx.is_main:
+            own = (STATE_FILE, rank_file(0))  # what rank 0 loads, whatever the world size
             for step in self.store.committed_steps():
-                try:
-                    # Local files are loaded with mmap after this check; object-store bytes
-                    # are kept so they are fetched once.
-                    keep = () if self.store.renames else (STATE_FILE, rank_file(0))
-                    cached = self.store.verify(step, keep=keep).data
-                    verified_here = step
-                except CorruptCheckpoint as exc:
-                    _warn(f"skipping corrupt checkpoint: {exc}")
+                if step in skip:
                     continue
-                choice = step
+                fds: dict[str, int] = {}
+                try:
+                    if self.store.renames:
+                        info = self.store.verify(step, skip=own)
+                        where = step_dir_name(step)
+                        for name in own:
+                            if name in info.manifest["files"]:
+                                fds[name] = self.store.open_verified(
+                                    info.directory, name, info.manifest["files"][name], f"{where}/{name}"
+                                )
+                        held = fds
+                    else:
+                        info = self.store.verify(step, keep=own)
+                        held = dict(info.data)
+                except CorruptCheckpoint as exc:
+                    _close_all(fds)
+                    _warn(f"skipping corrupt checkpoint: {exc}")
+                    # Un-committed, so that retention never counts it as one of the `keep`.
+                    try:
+                        self.store.uncommit(step, self.incarnation)
+                    except OSError as uncommit_error:
+                        _warn(f"could not un-commit {step_dir_name(step)}: {uncommit_error}")
+                    continue
+                except OSError as exc:  # the storage, not the checkpoint: skip it, keep it
+                    _close_all(fds)
+                    _warn(f"skipping {step_dir_name(step)}: storage error: {exc.strerror or exc}")
+                    continue
+                choice = _Chosen(step=step, manifest=info.manifest, directory=info.directory)
+                self._known_good.add(step)
                 break
-        self._verified_step = verified_here
-        return self._broadcast(choice), cached
+        return self._broadcast(choice), held
 
     def restore(self) -> Progress | None:
         """Load the newest committed checkpoint that verifies into the registered objects."""
@@ -545,42 +686,39 @@ class Checkpointer:
             _warn(f"could not record {event}: {exc}")
 
     def _restore(self) -> Progress | None:
+        """Load the newest checkpoint that verifies and loads on every rank; any failure to
+        load one (storage, format, refusal) falls back to the next older, with a warning."""
         self.wait()
-        step, cached = self._pick_step()
-        if step is None:
-            return None
-        manifest = self.store.read_manifest(step)
-        files = manifest["files"]
-        where = step_dir_name(step)
-
-        def load(name: str) -> Any:
-            path = self.store.local_path(step, name)
-            if path is not None:
-                # Verified by streaming (rank 0 already did, in _pick_step), then mapped:
-                # no file-sized allocation, load_state_dict copies straight from the page cache.
-                if self._verified_step != step:
-                    self.store.read_file(step, name, files[name], keep=False)
-                return _load(
-                    lambda: torch.load(path, map_location="cpu", weights_only=True, mmap=True),
-                    f"{where}/{name}",
-                )
-            data = cached.pop(name, None) or self.store.read_file(step, name, files[name])
-            return _load(
-                lambda: torch.load(io.BytesIO(data), map_location="cpu", weights_only=True), f"{where}/{name}"
-            )
-
-        try:
-            same_world = int(manifest.get("world_size", -1)) == self.ctx.world_size
-            own = rank_file(self.ctx.rank) if same_world else rank_file(0)
-            rank_state = load(own)
-            app = load(STATE_FILE)
-        except (CorruptCheckpoint, KeyError) as exc:
-            raise CheckpointError(f"{where} changed while loading: {exc}") from None
-        unwrap(self.model).load_state_dict(app["model"])
+        skip: set[int] = set()
+        newest_failure: str | None = None
+        while True:
+            chosen, held = self._pick_step(skip)
+            if chosen is None:
+                if newest_failure is not None:
+                    raise CheckpointError(
+                        f"no committed checkpoint could be loaded; the newest: {newest_failure}"
+                    )
+                return None
+            step = chosen.step
+            try:
+                loaded, failure = self._load_step(chosen, held)
+            finally:
+                _close_all(held)
+            failures = self._all_gather(failure) if self._group is not None else [failure]
+            failure = next((f for f in failures if f), None)
+            if failure is None:
+                break
+            _warn(f"cannot load {step_dir_name(step)}, trying an older checkpoint: {failure}")
+            newest_failure = newest_failure or failure
+            skip.add(step)
+            self._known_good.discard(step)
+        assert loaded is not None
+        app, rank_state, same_world = loaded
+        unwrap(self.model).load_state_dict(app["model"])  # copies into the model's own tensors
         for name in ("optimizer", "scheduler", "scaler"):
             obj = getattr(self, name)
             if obj is not None and name in app:
-                obj.load_state_dict(app[name])
+                obj.load_state_dict(_owned(app[name]))  # optimizers keep what they are given
         if same_world:
             set_rng_state(rank_state["rng"])
         if self.sampler is not None and "sampler" in rank_state:
@@ -589,5 +727,66 @@ class Checkpointer:
         progress = app["progress"]
         self.last_saved_step = int(progress["step"])
         return Progress(
-            step=int(progress["step"]), epoch=int(progress["epoch"]), extra=dict(app.get("extra", {}))
+            step=int(progress["step"]), epoch=int(progress["epoch"]), extra=_owned(dict(app.get("extra", {})))
         )
+
+    def _load_step(
+        self, chosen: _Chosen, held: dict[str, Any]
+    ) -> tuple[tuple[dict[str, Any], dict[str, Any], bool] | None, str | None]:
+        """This rank's files of the chosen step, loaded: (app state, rank state, same world
+        size), or why not (one line naming the file and the failure's class). Each file is
+        checked against rank 0's manifest through the same open file (or bytes) it is loaded
+        from; rank 0's own were checked while it picked the step."""
+        step, manifest, directory = chosen.step, chosen.manifest, chosen.directory
+        where = step_dir_name(step)
+        files = manifest["files"]
+        try:
+
+            def load(name: str) -> Any:
+                if name not in files:
+                    raise _LoadFailure(f"{where}/{name}: unreadable format: not in the manifest")
+                try:
+                    return read_and_load(name)
+                except _LoadFailure:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - the storage, while reading this file
+                    raise _LoadFailure(f"{where}/{name}: {load_failure(exc)}") from None
+
+            def read_and_load(name: str) -> Any:
+                fault_point("ckpt.load")
+                if self.store.renames:
+                    fd = held.pop(name, None)
+                    if fd is None:
+                        fd = self.store.open_verified(directory, name, files[name], f"{where}/{name}")
+                    try:
+                        _check_archive(os.pread(fd, 4, 0), f"{where}/{name}")
+                        # Mapped through the descriptor that was verified: no file-sized
+                        # allocation, and the very bytes that were checked.
+                        return _load(
+                            lambda: torch.load(
+                                f"/proc/self/fd/{fd}", map_location="cpu", weights_only=True, mmap=True
+                            ),
+                            f"{where}/{name}",
+                        )
+                    finally:
+                        os.close(fd)
+                data = held.pop(name, None) or self.store.read_file(
+                    step, name, files[name], directory=directory
+                )
+                _check_archive(bytes(data[:4]), f"{where}/{name}")
+                return _load(
+                    lambda: torch.load(io.BytesIO(data), map_location="cpu", weights_only=True),
+                    f"{where}/{name}",
+                )
+
+            same_world = int(manifest.get("world_size", -1)) == self.ctx.world_size
+            rank_state = load(rank_file(self.ctx.rank) if same_world else rank_file(0))
+            app = load(STATE_FILE)
+            for key in ("model", "progress"):
+                if not isinstance(app, dict) or key not in app:
+                    raise _LoadFailure(f"{where}/{STATE_FILE}: unreadable format: no {key!r}")
+            return (app, rank_state, same_world), None
+        except _LoadFailure as exc:
+            return None, str(exc)
+        except Exception as exc:  # noqa: BLE001 - storage errors while reading: any rank, any kind
+            return None, f"{where}: {load_failure(exc)}"

@@ -59,7 +59,8 @@ def step_dir_name(step: int) -> str:
 
 
 def make_token(incarnation: int) -> str:
-    return f"i{incarnation:06d}-{secrets.token_hex(4)}"
+    # Never negative: "i-00001" would not match _TMP_DIR, and retention would never find it.
+    return f"i{max(incarnation, 0):06d}-{secrets.token_hex(4)}"
 
 
 def token_incarnation(token: str) -> int:
@@ -80,6 +81,7 @@ class CheckpointInfo:
     url: str
     manifest: dict[str, Any]
     data: dict[str, bytearray] = field(default_factory=dict, repr=False, compare=False)
+    directory: str = ""  # where the files were read (object stores: the prefix the marker named)
 
     @property
     def size(self) -> int:
@@ -244,7 +246,13 @@ class CheckpointStore:
             try:
                 self.fs.pipe_file(f"{final}/{COMMITTED}", marker, mode="create")
             except FileExistsError:
-                self._displace_marker(final, step, token, marker)
+                # A client that retried a PUT whose response was lost gets 412 for its own
+                # marker: then this commit did land. Only another commit may be displaced.
+                if not self.commits_dir(step, tmp):
+                    self._displace_marker(final, step, token, marker)
+            except OSError:
+                if not self.commits_dir(step, tmp):  # the PUT may have landed all the same
+                    raise
             fault_point("ckpt.after_commit")
         return final
 
@@ -326,6 +334,32 @@ class CheckpointStore:
                 steps.append(int(m.group(1)))
         return sorted(steps, reverse=True)
 
+    def commits_dir(self, step: int, directory: str) -> bool:
+        """Whether `step` is committed with `directory` as its data: true after a commit whose
+        reply was lost, which must then never be discarded as a failed save."""
+        if self.renames:
+            return False  # a committed directory was renamed away: `directory` is never it
+        self.fs.invalidate_cache()
+        try:
+            return self.data_dir(step) == directory
+        except CorruptCheckpoint:
+            return False
+
+    def uncommit(self, step: int, incarnation: int) -> None:
+        """Take a checkpoint out of the committed set, atomically (its files go after): what
+        restore does to one that failed verification, so that retention never counts it."""
+        name = step_dir_name(step)
+        if self.renames:
+            doomed = f"{self.path}/{name}.stale-{make_token(incarnation)}"
+            os.rename(f"{self.path}/{name}", doomed)
+            self._rm_quietly(doomed)
+            return
+        data = self._data_name_or_none(step)
+        self._rm_quietly(f"{self.path}/{name}/{COMMITTED}")
+        self._rm_quietly(f"{self.path}/{name}")
+        if data:
+            self._rm_quietly(f"{self.path}/{data}")
+
     def data_dir(self, step: int) -> str:
         """Where a committed checkpoint's files are."""
         final = f"{self.path}/{step_dir_name(step)}"
@@ -340,9 +374,9 @@ class CheckpointStore:
             raise CorruptCheckpoint(f"{step_dir_name(step)}: commit marker names {name!r}")
         return f"{self.path}/{name}"
 
-    def read_manifest(self, step: int) -> dict[str, Any]:
+    def read_manifest(self, step: int, directory: str | None = None) -> dict[str, Any]:
         try:
-            manifest = json.loads(self.fs.cat_file(f"{self.data_dir(step)}/{MANIFEST}"))
+            manifest = json.loads(self.fs.cat_file(f"{directory or self.data_dir(step)}/{MANIFEST}"))
         except (FileNotFoundError, ValueError, UnicodeDecodeError) as exc:
             raise CorruptCheckpoint(
                 f"{step_dir_name(step)}: manifest unreadable ({exc.__class__.__name__})"
@@ -359,8 +393,51 @@ class CheckpointStore:
         """The OS path of a committed file on a local filesystem (None on object stores)."""
         return f"{self.data_dir(step)}/{name}" if self.renames else None
 
+    def open_verified(self, directory: str, name: str, expect: dict[str, Any], where: str) -> int:
+        """Local filesystems: open `directory/name`, check its size and checksum through that
+        open file, and return the descriptor. A loader that maps /proc/self/fd/N then loads
+        exactly the bytes that were verified, even if the path is displaced meanwhile."""
+        try:
+            fd = os.open(f"{directory}/{name}", os.O_RDONLY)
+        except FileNotFoundError:
+            raise CorruptCheckpoint(f"{where}: missing") from None
+        try:
+            size = int(expect["size"])
+            buffers = [bytearray(min(max(size, 1), _READ_CHUNK)) for _ in range(2)]
+            digest = hashlib.sha256()
+            pending = None
+            pos = 0
+            while pos < size:
+                target = memoryview(buffers[(pos // _READ_CHUNK) % 2])[: min(_READ_CHUNK, size - pos)]
+                n = os.preadv(fd, [target], pos)
+                if not n:
+                    break
+                if pending is not None:
+                    pending.result()  # frees the other buffer for the next read
+                pending = HashingWriter._hasher().submit(digest.update, target[:n])
+                pos += n
+            if pending is not None:
+                pending.result()
+            longer = bool(os.pread(fd, 1, pos))
+            if pos != size or longer:
+                raise CorruptCheckpoint(
+                    f"{where}: size {'>' if longer else pos} != {size} (truncated or overwritten)"
+                )
+            if digest.hexdigest() != expect["sha256"]:
+                raise CorruptCheckpoint(f"{where}: checksum mismatch")
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
     def read_file(
-        self, step: int, name: str, expect: dict[str, Any] | None = None, *, keep: bool = True
+        self,
+        step: int,
+        name: str,
+        expect: dict[str, Any] | None = None,
+        *,
+        keep: bool = True,
+        directory: str | None = None,
     ) -> bytearray | None:
         """Read one file; with `expect` (its manifest entry) check size and checksum.
 
@@ -368,7 +445,7 @@ class CheckpointStore:
         so verification costs about one pass over the data. With keep=False only the check is
         done, through one small reused buffer (no page faults on a file-sized allocation).
         """
-        path = f"{self.data_dir(step)}/{name}"
+        path = f"{directory or self.data_dir(step)}/{name}"
         where = f"{step_dir_name(step)}/{name}"
         try:
             fh = self.fs.open(path, "rb")
@@ -407,21 +484,29 @@ class CheckpointStore:
             raise CorruptCheckpoint(f"{where}: checksum mismatch")
         return buffers[0] if keep else None
 
-    def verify(self, step: int, keep: Iterable[str] = ()) -> CheckpointInfo:
-        """Check every file of a committed checkpoint against its manifest.
+    def verify(self, step: int, keep: Iterable[str] = (), skip: Iterable[str] = ()) -> CheckpointInfo:
+        """Check every file of a committed checkpoint against its manifest (but `skip`, which
+        the caller checks itself), all in the data directory resolved once, at the start.
 
         The verified bytes of the files named in `keep` are returned in `info.data`, so a loader
-        does not read them twice.
+        does not read them twice; `info.directory` is where they were read.
         """
-        manifest = self.read_manifest(step)
-        wanted = set(keep)
+        directory = self.data_dir(step)
+        manifest = self.read_manifest(step, directory)
+        wanted, skipped = set(keep), set(skip)
         data = {}
         for name, entry in manifest["files"].items():
-            content = self.read_file(step, name, entry, keep=name in wanted)
+            if name in skipped:
+                continue
+            content = self.read_file(step, name, entry, keep=name in wanted, directory=directory)
             if content is not None:
                 data[name] = content
         return CheckpointInfo(
-            step=step, url=f"{self.url}/{step_dir_name(step)}", manifest=manifest, data=data
+            step=step,
+            url=f"{self.url}/{step_dir_name(step)}",
+            manifest=manifest,
+            data=data,
+            directory=directory,
         )
 
     def info(self, step: int) -> CheckpointInfo:
@@ -432,12 +517,28 @@ class CheckpointStore:
 
     # ------------------------------------------------------------------ retention
 
-    def prune(self, keep: int, incarnation: int, protect: Iterable[int] = ()) -> list[str]:
+    def prune(
+        self,
+        keep: int,
+        incarnation: int,
+        protect: Iterable[int] = (),
+        known_good: Iterable[int] | None = None,
+    ) -> list[str]:
         """Keep the newest `keep` committed checkpoints; delete older ones and leftovers of
-        incarnations older than `incarnation`. Never touches `protect` or live writers' files."""
+        incarnations older than `incarnation`. Never touches `protect` or live writers' files.
+
+        With `known_good` (steps this writer committed or verified), only those count toward
+        `keep`: a checkpoint nobody has verified since its commit may be corrupt, and counting
+        it could delete the only good one. Nothing is deleted until `keep` good ones exist.
+        """
         protected = set(protect)
         removed = []
         steps = self.committed_steps()
+        doomed = steps[keep:]
+        if known_good is not None:
+            good_set = set(known_good)
+            good = [s for s in steps if s in good_set]
+            doomed = [s for s in steps if len(good) >= keep and s < good[keep - 1]] if keep > 0 else []
         live_dirs = set()
         if not self.renames:
             for step in steps:
@@ -445,7 +546,7 @@ class CheckpointStore:
                     live_dirs.add(self.data_dir(step).rsplit("/", 1)[-1])
                 except CorruptCheckpoint:
                     pass
-        for step in steps[keep:]:
+        for step in doomed:
             if step in protected:
                 continue
             name = step_dir_name(step)

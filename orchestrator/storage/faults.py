@@ -2,7 +2,8 @@
 
 `ORCH_FAULT=<point>[@N][:<action>]` makes the N-th (default 1st) pass through `<point>` in this
 process crash (`exit`, the default: os._exit(86), like a kill at that instant), raise
-(`enospc`, `eio`) or stall (`sleep=SECONDS`, a slow disk). Unset, a point costs one dict lookup.
+(`enospc`, `eio`; `nomem` and `runtime` raise MemoryError and RuntimeError) or stall
+(`sleep=SECONDS`, a slow disk). Unset, a point costs one dict lookup.
 """
 
 from __future__ import annotations
@@ -23,6 +24,11 @@ def _parse(spec: str) -> tuple[str, int, str]:
     return point, int(nth or 1), action or "exit"
 
 
+def reset() -> None:
+    """Forget how often each point was passed (a test that sets ORCH_FAULT in-process)."""
+    _counts.clear()
+
+
 def fault_point(name: str) -> None:
     spec = os.environ.get(ENV_FAULT)
     if not spec:
@@ -39,6 +45,10 @@ def fault_point(name: str) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     if action == "eio":
         raise OSError(errno.EIO, os.strerror(errno.EIO))
+    if action == "nomem":  # not an OSError: the failures that used to skip the collectives
+        raise MemoryError("injected by ORCH_FAULT")
+    if action == "runtime":
+        raise RuntimeError("injected by ORCH_FAULT")
     if action.startswith("sleep="):
         time.sleep(float(action.split("=", 1)[1]))
         return

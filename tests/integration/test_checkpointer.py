@@ -8,7 +8,6 @@ import os
 import pickle
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 import pytest
@@ -19,28 +18,11 @@ from orchestrator import runtime
 from orchestrator.runtime.checkpoint import CheckpointError, StaleIncarnationError
 from orchestrator.storage.ckpt_store import CheckpointStore, make_token
 
-from ..conftest import S3_BUCKET
-
 
 @pytest.fixture(scope="module")
 def ctx():
     context = runtime.init(backend="gloo")
     yield context
-
-
-def _url(kind, tmp_path):
-    return {
-        "local": str(tmp_path / "ckpt"),
-        "memory": f"memory://ck-{uuid.uuid4().hex}",
-        "s3": f"s3://{S3_BUCKET}/ck-{uuid.uuid4().hex}",
-    }[kind]
-
-
-@pytest.fixture(params=["local", "memory", "s3"])
-def url(request, tmp_path):
-    if request.param == "s3":
-        request.getfixturevalue("s3_server")
-    return _url(request.param, tmp_path)
 
 
 def make_parts(seed=0):
@@ -118,7 +100,7 @@ def test_io_errors_during_save_leave_the_previous_checkpoint(ctx, tmp_path, monk
     monkeypatch.setenv("ORCH_FAULT", fault)
     from orchestrator.storage import faults
 
-    faults._counts.clear()
+    faults.reset()
     with pytest.raises(CheckpointError) as err:
         ckpt.save(20)
     message = str(err.value)
@@ -170,7 +152,7 @@ def test_async_save_returns_before_the_commit(ctx, url, monkeypatch):
     model, opt, *_ = make_parts()
     ckpt = runtime.Checkpointer(ctx, model=model, optimizer=opt, url=url, async_save=True)
     monkeypatch.setenv("ORCH_FAULT", "ckpt.manifest_written:sleep=1.5")
-    faults._counts.clear()
+    faults.reset()
     ckpt.save(10)
     store = CheckpointStore(url)
     assert store.committed_steps() == [], "save() waited for the commit"

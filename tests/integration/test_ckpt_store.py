@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 
 import pytest
 
@@ -23,7 +22,8 @@ from orchestrator.storage.ckpt_store import (
 )
 from orchestrator.storage.faults import CRASH_EXIT_CODE
 
-from ..conftest import S3_BUCKET, TEST_JOBS
+from ..conftest import TEST_JOBS
+from .conftest import storage_url
 
 BOUNDARIES = [
     "ckpt.tmp_created",
@@ -36,27 +36,11 @@ BOUNDARIES = [
 ]
 
 
-def _url(kind: str, tmp_path) -> str:
-    if kind == "local":
-        return str(tmp_path / "ckpt")
-    if kind == "memory":
-        return f"memory://ckpt-{uuid.uuid4().hex}"
-    return f"s3://{S3_BUCKET}/ckpt-{uuid.uuid4().hex}"
-
-
 @pytest.fixture(params=["local", "memory", "s3"])
 def store(request, tmp_path):
     if request.param == "s3":
         request.getfixturevalue("s3_server")
-    return CheckpointStore(_url(request.param, tmp_path))
-
-
-@pytest.fixture(params=["local", "s3"])
-def shared_url(request, tmp_path):
-    """Storage that a second process sees (memory:// is per process)."""
-    if request.param == "s3":
-        request.getfixturevalue("s3_server")
-    return _url(request.param, tmp_path)
+    return CheckpointStore(storage_url(request.param, tmp_path))
 
 
 def save(store, step, payload=b"weights", incarnation=0):

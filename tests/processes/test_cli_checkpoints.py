@@ -46,3 +46,17 @@ def test_status_json_has_newest_step_and_digest(tmp_path):
     st = json.loads(orch("status", str(run), "--json").stdout)
     assert st["newest_checkpoint"] == 20 and st["newest_checkpoint_digest"] == "digest20"
     assert "checkpoint step 20 (model digest digest20)" in orch("status", str(run)).stdout
+
+
+def test_verify_reports_a_storage_error_without_a_traceback(tmp_path):
+    # A file that cannot be read (here a directory where the file was: EISDIR, as an NFS
+    # ESTALE or a file deleted mid-read would be) is one row, not a crash.
+    run, _ = make_run(tmp_path)
+    target = run / "ckpt" / "step-00000020" / "state.pt"
+    target.unlink()
+    target.mkdir()
+    proc = orch("checkpoints", str(run), "--json", "--verify")
+    assert "Traceback" not in proc.stderr, proc.stderr
+    rows = json.loads(proc.stdout)
+    assert rows[0]["verified"] is False and rows[0]["error"] == "storage error: Is a directory"
+    assert rows[1]["verified"] is True
