@@ -5,6 +5,12 @@ sampler counts how many samples the whole world has consumed; a rank's share of 
 is every world_size-th index of the remainder, starting at its rank. So after k steps of batch
 B on W ranks the world has consumed exactly the first k*B*W indices of the order, and a resumed
 run (on W or on W' ranks) continues with the next unseen ones.
+
+Every rank must get as many samples as the others (DDP steps together). When the remainder does
+not divide by the world size, it is padded, as torch's DistributedSampler pads, with its own
+first indices (drop_last=False, the default): every sample of the epoch is still seen, a few
+twice. With drop_last=True the last (remainder mod world size) are skipped instead, at each
+resume: those samples are not seen in that epoch.
 """
 
 from __future__ import annotations
@@ -17,7 +23,14 @@ from torch.utils.data import Sampler
 
 class ResumableDistributedSampler(Sampler[int]):
     def __init__(
-        self, dataset_len: int, *, rank: int, world_size: int, seed: int = 0, shuffle: bool = True
+        self,
+        dataset_len: int,
+        *,
+        rank: int,
+        world_size: int,
+        seed: int = 0,
+        shuffle: bool = True,
+        drop_last: bool = False,
     ) -> None:
         if dataset_len <= 0:
             raise ValueError("dataset_len must be positive")
@@ -28,6 +41,7 @@ class ResumableDistributedSampler(Sampler[int]):
         self.world_size = world_size
         self.seed = seed
         self.shuffle = shuffle
+        self.drop_last = drop_last
         self.epoch = 0
         self.consumed = 0  # samples of this epoch consumed by the whole world
 
@@ -46,14 +60,23 @@ class ResumableDistributedSampler(Sampler[int]):
             self.consumed = 0
 
     def _remainder_len(self) -> int:
-        return max(0, self.dataset_len - self.consumed) // self.world_size
+        """Samples per rank left in this epoch."""
+        left = max(0, self.dataset_len - self.consumed)
+        if self.drop_last:
+            return left // self.world_size
+        return -(-left // self.world_size)  # ceil: padded
 
     def __len__(self) -> int:
         return self._remainder_len()
 
     def __iter__(self) -> Iterator[int]:
         per_rank = self._remainder_len()
-        remainder = self.global_order()[self.consumed : self.consumed + per_rank * self.world_size]
+        remainder = self.global_order()[self.consumed :]
+        wanted = per_rank * self.world_size
+        if len(remainder) < wanted:  # pad with the remainder's own first indices
+            repeats = -(-wanted // max(len(remainder), 1))
+            remainder = remainder.repeat(repeats)
+        remainder = remainder[:wanted]
         return iter(remainder[self.rank :: self.world_size].tolist())
 
     def advance(self, samples_per_rank: int) -> None:
@@ -70,6 +93,8 @@ class ResumableDistributedSampler(Sampler[int]):
             "consumed": self.consumed,
             "seed": self.seed,
             "dataset_len": self.dataset_len,
+            "shuffle": self.shuffle,
+            "drop_last": self.drop_last,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -80,3 +105,7 @@ class ResumableDistributedSampler(Sampler[int]):
         self.seed = int(state["seed"])
         self.epoch = int(state["epoch"])
         self.consumed = int(state["consumed"])
+        # The position counts into the saved epoch's order, which depends on these. (Checkpoints
+        # from before they were saved: shuffled, and the tail dropped.)
+        self.shuffle = bool(state.get("shuffle", True))
+        self.drop_last = bool(state.get("drop_last", True))

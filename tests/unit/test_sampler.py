@@ -22,7 +22,7 @@ def test_global_order_does_not_depend_on_world_size():
 
 
 def test_ranks_partition_the_epoch():
-    world = [ResumableDistributedSampler(103, rank=r, world_size=4, seed=1) for r in range(4)]
+    world = [ResumableDistributedSampler(103, rank=r, world_size=4, seed=1, drop_last=True) for r in range(4)]
     parts = [list(s) for s in world]
     assert len({len(p) for p in parts}) == 1
     flat = [i for p in parts for i in p]
@@ -58,3 +58,32 @@ def test_set_epoch_keeps_position_of_the_resumed_epoch_only():
     assert s.consumed == 4
     s.set_epoch(3)
     assert s.consumed == 0
+
+
+def test_padding_keeps_every_sample_of_an_uneven_epoch_across_a_world_size_change():
+    # 101 samples: 4 ranks consume 2 steps of 5 (40), then 3 ranks finish the remaining 61,
+    # which does not divide by 3: padded with the remainder's first indices, as torch's
+    # DistributedSampler pads. Every sample is seen; the extras are the padding alone.
+    before = [ResumableDistributedSampler(101, rank=r, world_size=4, seed=9) for r in range(4)]
+    first = consume(before, steps=2, batch=5)
+    state = before[0].state_dict()
+    after = [ResumableDistributedSampler(101, rank=r, world_size=3, seed=9) for r in range(3)]
+    for s in after:
+        s.load_state_dict(state)
+    parts = [list(s) for s in after]
+    assert {len(p) for p in parts} == {21}  # ceil(61 / 3): every rank steps alike
+    seen = first + [i for p in parts for i in p]
+    assert set(seen) == set(range(101)) and len(seen) == 101 + 2  # 2 padded, none lost
+    remainder = before[0].global_order()[40:].tolist()
+    assert sorted(seen)[:0] == [] and sorted(i for i in seen if seen.count(i) > 1) == sorted(
+        remainder[:2] * 2
+    )
+
+
+def test_drop_last_and_shuffle_are_saved_with_the_position():
+    s = ResumableDistributedSampler(50, rank=0, world_size=2, seed=1, shuffle=False, drop_last=True)
+    s.advance(3)
+    restored = ResumableDistributedSampler(50, rank=0, world_size=2, seed=1)  # defaults differ
+    restored.load_state_dict(s.state_dict())
+    assert (restored.shuffle, restored.drop_last, restored.consumed) == (False, True, 6)
+    assert list(restored) == list(s)
