@@ -128,6 +128,8 @@ def rank_files_env(log_dir: str, rank: int) -> dict[str, str]:
 PREEMPTED_TYPE = "Preempted"
 # The `type` a supervisor gives a rank its watchdog found silent.
 HANG_TYPE = "Hang"
+# The `type` of a rank's record when the checkpoint fence stopped it: a newer incarnation runs.
+STALE_TYPE = "StaleIncarnationError"
 
 
 def error_record(

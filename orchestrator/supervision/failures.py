@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from orchestrator.contract import HANG_TYPE, PREEMPTED_EXIT_CODE, PREEMPTED_TYPE
+from orchestrator.contract import HANG_TYPE, PREEMPTED_EXIT_CODE, PREEMPTED_TYPE, STALE_TYPE
 
 # Errors that fail the same way every time: restarting cannot help.
 NON_RETRYABLE_TYPES = frozenset(
@@ -64,6 +64,10 @@ HINTS = {
         " fix the code or the config and submit again"
     ),
     "hang": "the rank stopped making progress; its Python stacks were dumped into its log",
+    "stale": (
+        "a newer incarnation of this run has started (a requeued job, or a restart elsewhere); this one"
+        " stopped rather than write over its checkpoints"
+    ),
     "signal": (
         "the rank was killed by a signal from outside"
         " (the kernel's OOM killer sends SIGKILL; check `dmesg` and resources.memory)"
@@ -79,6 +83,7 @@ class FailureClass(StrEnum):
     USER_ERROR = "user_error"  # fails the same way every time
     HANG = "hang"
     SIGNAL = "signal"  # killed from outside
+    STALE = "stale"  # a newer incarnation of the run has started: this one must stop, for good
     ERROR = "error"
 
 
@@ -97,6 +102,8 @@ def classify(*, exitcode: int | None, error_type: str | None, message: str) -> C
     text = f"{error_type or ''}: {message or ''}"
     if exitcode == PREEMPTED_EXIT_CODE or error_type == PREEMPTED_TYPE:
         return Classified(FailureClass.PREEMPTED, True, None)
+    if error_type == STALE_TYPE:
+        return Classified(FailureClass.STALE, False, HINTS["stale"])
     if error_type == HANG_TYPE:
         return Classified(FailureClass.HANG, True, HINTS["hang"])
     if _OOM.search(text):

@@ -160,6 +160,9 @@ class Supervision:
                     f"attempt {attempt} failed: {outcome.root_cause.describe}"
                     + (f"\n[orch]   hint: {hint}" if hint else "")
                 )
+            if decision.action is Action.LEAVE:
+                self.hooks.say(decision.reason or "leaving")
+                self.run.append_event(Event.INCARNATION_ENDED, attempt=attempt, reason=decision.reason)
             if decision.action is Action.GIVE_UP:
                 self.hooks.say(decision.reason or "giving up")
                 self.run.append_event(Event.GIVING_UP, attempt=attempt, reason=decision.reason)

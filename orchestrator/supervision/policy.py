@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 from enum import StrEnum
 
 from orchestrator.spec.config import RestartSpec
-from orchestrator.supervision.failures import RankFailure
+from orchestrator.supervision.failures import FailureClass, RankFailure
 
 
 class AttemptState(StrEnum):
@@ -27,6 +27,7 @@ class Action(StrEnum):
     RESTART = "restart"  # a failed attempt: start again from the newest checkpoint after a backoff
     RESUME = "resume"  # a preempted attempt: continue at once (locally) or requeue (Slurm)
     GIVE_UP = "give_up"  # the run failed for good
+    LEAVE = "leave"  # this supervisor stops; a newer incarnation of the run goes on elsewhere
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,12 @@ def decide(
         if looping:
             return Decision(Action.GIVE_UP, state, "preempted repeatedly without a new checkpoint")
         return Decision(Action.RESUME, state, "preempted")
+    if root is not None and root.classified.kind is FailureClass.STALE:
+        # Terminal for this incarnation, never retried: a restart would take a higher number
+        # and fence the live one. Not the run's end either: the live incarnation writes that.
+        return Decision(
+            Action.LEAVE, state, "a newer incarnation of this run has started; leaving it the run"
+        )
     if root is not None and not root.classified.retryable:
         return Decision(
             Action.GIVE_UP,

@@ -27,7 +27,12 @@ SCRIPTED = TEST_JOBS / "scripted.py"
 FAKE_SLURM = TEST_JOBS / "fake_slurm.py"
 
 # What the supervisor does after each attempt, read back from its events.
-DECISION_EVENTS = {"restart_scheduled": "restart", "giving_up": "give_up", "requeued": "resume"}
+DECISION_EVENTS = {
+    "restart_scheduled": "restart",
+    "giving_up": "give_up",
+    "requeued": "resume",
+    "incarnation_ended": "leave",
+}
 
 
 def decisions(events: list[dict[str, Any]]) -> list[tuple[int, str, str]]:
@@ -188,3 +193,17 @@ def _free_port() -> int:
 @pytest.fixture(autouse=True)
 def _in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
+
+
+def test_a_fenced_incarnation_leaves_without_a_restart(tmp_path: Path) -> None:
+    # The checkpoint fence stopped rank 0 (a newer incarnation of the run has started): never
+    # retried, since a restart would take a higher number and fence the live incarnation.
+    timeline = [
+        fail(0, "StaleIncarnationError", "incarnation 0 is stale: incarnation 1 of this run has started")
+    ]
+    restart = {"max_restarts": 5, "backoff_s": 0.05}
+    _, local = run_local(tmp_path, timeline, restart=restart)
+    _, slurm = run_slurm(tmp_path, timeline, restart=restart)
+    assert decisions(local) == decisions(slurm) == [(0, "failed", "leave")]
+    assert root_causes(local) == root_causes(slurm) == [(0, 0, 0, "stale")]
+    assert not any(e["event"] == "run_finished" for e in slurm)  # the live incarnation ends the run

@@ -139,3 +139,10 @@ def test_exception_line_is_the_last_tracebacks_exception() -> None:
     ]
     assert exception_line(lines) == "KeyError: 'lr'"
     assert exception_line(["all good", "ValueError: no traceback here"]) == "ValueError: no traceback here"
+
+
+def test_a_fenced_incarnation_leaves_instead_of_restarting() -> None:
+    stale = failure(0, 1.0, "StaleIncarnationError", "incarnation 0 is stale")
+    assert stale.classified.kind is FailureClass.STALE and not stale.classified.retryable
+    decision = decide(RESTART, PolicyState(), AttemptState.FAILED, stale, None)
+    assert decision.action is Action.LEAVE and decision.state.restarts == 0

@@ -275,7 +275,9 @@ class Supervisor:
             wall_s=round(run_result.wall_s, 3),
             newest_checkpoint=result.newest_checkpoint,
             root_cause=cause.to_json() if cause else None,
-            reason=result.decision.reason if result.decision.action is Action.GIVE_UP else None,
+            reason=result.decision.reason
+            if result.decision.action in (Action.GIVE_UP, Action.LEAVE)
+            else None,
             exit_code=exit_code,
         )
         return run_result

@@ -287,8 +287,8 @@ def supervise(run_url: str) -> None:
     finally:
         check_lead_time(run, config)
     outcome, decision = result.outcome, result.decision
-    if decision.action is Action.RESUME:
-        return  # requeued: the next incarnation goes on
+    if decision.action in (Action.RESUME, Action.LEAVE):
+        return  # requeued, or a newer incarnation runs: the run goes on without this one
     if outcome.state is not AttemptState.SUCCEEDED and decision.action is not Action.GIVE_UP:
         # Slurm is ending this incarnation (cancel, requeue, node failure): no new step.
         run.append_event(
