@@ -330,7 +330,10 @@ class Checkpointer:
         self._next_vote_step = 0
         self._vote_started: tuple[int, float] | None = None  # (step, monotonic time) of the last vote
         if ctx.is_main:
-            self.store.register_incarnation(self.incarnation)
+            try:
+                self.store.register_incarnation(self.incarnation)
+            except StaleIncarnation as exc:  # terminal for this incarnation (failures: "stale")
+                raise StaleIncarnationError(str(exc)) from None
         preemption.install()
         atexit.register(self._wait_quietly)
 

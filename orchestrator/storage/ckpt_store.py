@@ -25,6 +25,7 @@ import json
 import os
 import re
 import secrets
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -40,6 +41,16 @@ _STEP_DIR = re.compile(r"^step-(\d{8,})$")
 _TMP_DIR = re.compile(r"^step-(\d{8,})\.(tmp|stale)-i(\d+)-([0-9a-f]+)$")
 _HASH_OVERLAP_MIN = 1 << 20
 _READ_CHUNK = 32 << 20
+_process_ids: dict[int, str] = {}
+
+
+def process_id() -> str:
+    """Who registers an incarnation: host, pid and a random part (pids are reused). Made per
+    pid, so that processes forked from one server (ranks) never share it."""
+    pid = os.getpid()
+    if pid not in _process_ids:
+        _process_ids[pid] = f"{socket.gethostname()}:{pid}:{secrets.token_hex(4)}"
+    return _process_ids[pid]
 
 
 class CorruptCheckpoint(Exception):
@@ -286,14 +297,36 @@ class CheckpointStore:
     # ------------------------------------------------------------------ fencing
 
     def register_incarnation(self, incarnation: int) -> None:
-        """Announce that `incarnation` is alive; older ones become stale from now on."""
+        """Announce that `incarnation` is alive; older ones become stale from now on.
+
+        Create-only, so a number is held by one process: a second process that registers the
+        same number (two incarnations that counted alike) is refused with StaleIncarnation
+        rather than share the fence with the first. The same process may register again.
+        """
         path = f"{self.path}/{INCARNATIONS}/{incarnation:010d}"
-        if self.renames:
-            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        body = f"{process_id()} {time.time()}".encode()
         try:
-            self.fs.pipe_file(path, str(time.time()).encode(), mode="create")
+            if self.renames:
+                os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+                # fsspec's local "create" mode checks, then writes: O_EXCL is the atomic form.
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                try:
+                    os.write(fd, body)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            else:
+                self.fs.pipe_file(path, body, mode="create")
         except FileExistsError:
-            pass
+            try:
+                holder = self.fs.cat_file(path).decode("utf-8", "replace").split(" ", 1)[0]
+            except (OSError, FileNotFoundError):
+                holder = "?"
+            if holder != process_id():
+                raise StaleIncarnation(
+                    f"incarnation {incarnation} is already registered by another process ({holder});"
+                    " two incarnations of this run counted alike"
+                ) from None
 
     def newest_incarnation(self) -> int:
         self.fs.invalidate_cache()

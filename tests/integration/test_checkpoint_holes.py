@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from orchestrator import runtime
-from orchestrator.runtime.checkpoint import CheckpointError
+from orchestrator.runtime.checkpoint import CheckpointError, StaleIncarnationError
 from orchestrator.storage.ckpt_store import AlreadyCommitted, CheckpointStore, make_token
 
 from ..conftest import REPO
@@ -331,3 +331,33 @@ def test_async_snapshot_waits_for_every_device(monkeypatch):
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(device))
     checkpoint.synchronize_devices()
     assert calls == [0, 1, 2]
+
+
+def test_two_processes_cannot_hold_one_incarnation_number(ctx, shared_url):
+    # Two incarnations that counted alike (the same number) used to share the fence silently;
+    # registration is create-only, so the second process is refused, and that is terminal.
+    store = CheckpointStore(shared_url)
+    store.register_incarnation(3)
+    store.register_incarnation(3)  # the same process again: fine
+    code = (
+        "import sys\n"
+        "from orchestrator.storage.ckpt_store import CheckpointStore, StaleIncarnation\n"
+        f"store = CheckpointStore({shared_url!r})\n"
+        "store.register_incarnation(4)\n"
+        "try:\n"
+        "    store.register_incarnation(3)\n"
+        "except StaleIncarnation as exc:\n"
+        "    print(exc)\n"
+        "    sys.exit(7)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert proc.returncode == 7, proc.stderr
+    assert "incarnation 3 is already registered by another process" in proc.stdout
+    with pytest.raises(StaleIncarnationError, match="incarnation 4 is already registered"):
+        runtime.Checkpointer(ctx, model=torch.nn.Linear(2, 2), url=shared_url, incarnation=4)

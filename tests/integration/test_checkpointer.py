@@ -188,9 +188,10 @@ ckpt.close()
 # ---------------------------------------------------------------------------- other world size
 
 
-def _sampler_rank(rank, world, url, port, steps, out):
+def _sampler_rank(rank, world, url, port, steps, out, incarnation):
     os.environ.update(
         {
+            "ORCH_INCARNATION": str(incarnation),
             "RANK": str(rank),
             "WORLD_SIZE": str(world),
             "LOCAL_RANK": str(rank),
@@ -220,13 +221,13 @@ def _sampler_rank(rank, world, url, port, steps, out):
     runtime.shutdown()
 
 
-def _spawn(world, url, steps, out):
+def _spawn(world, url, steps, out, incarnation):
     from orchestrator.launch.ports import lease_port
 
     with lease_port() as lease:
         mp.start_processes(
             _sampler_rank,
-            args=(world, url, lease.port, steps, out),
+            args=(world, url, lease.port, steps, out, incarnation),
             nprocs=world,
             start_method="spawn",
             join=True,
@@ -235,8 +236,8 @@ def _spawn(world, url, steps, out):
 
 def test_resume_on_another_world_size_sees_every_sample_once(tmp_path):
     url = str(tmp_path / "ckpt")
-    _spawn(4, url, 3, str(tmp_path))  # 4 ranks x 3 steps x 4 samples = 48 of 96
-    _spawn(2, url, 0, str(tmp_path))  # 2 ranks finish the epoch
+    _spawn(4, url, 3, str(tmp_path), 0)  # 4 ranks x 3 steps x 4 samples = 48 of 96
+    _spawn(2, url, 0, str(tmp_path), 1)  # the next incarnation: 2 ranks finish the epoch
     seen = []
     for path in tmp_path.glob("seen-*.txt"):
         seen += [int(x) for x in path.read_text().split()]
