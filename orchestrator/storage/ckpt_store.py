@@ -564,6 +564,8 @@ class CheckpointStore:
         `keep`: a checkpoint nobody has verified since its commit may be corrupt, and counting
         it could delete the only good one. Nothing is deleted until `keep` good ones exist.
         """
+        if self.newest_incarnation() > incarnation:
+            return []  # a stale writer (paused past the fence check) deletes nothing
         protected = set(protect)
         removed = []
         steps = self.committed_steps()
@@ -602,7 +604,18 @@ class CheckpointStore:
             if not m or name in live_dirs:
                 continue
             if m.group(2) == "stale" or int(m.group(3)) < incarnation:
-                self.fs.rm(f"{self.path}/{name}", recursive=True)
+                path = f"{self.path}/{name}"
+                if self.renames and m.group(2) == "tmp":
+                    # Moved aside first: a stale owner renaming it into a step at this moment
+                    # then fails (the directory is gone) instead of committing a directory
+                    # whose files are being deleted.
+                    aside = f"{self.path}/{step_dir_name(int(m.group(1)))}.stale-{make_token(incarnation)}"
+                    try:
+                        os.rename(path, aside)
+                    except FileNotFoundError:
+                        continue  # its owner renamed it into place (or deleted it) first
+                    path = aside
+                self._rm_quietly(path)
                 removed.append(name)
         return removed
 

@@ -361,3 +361,40 @@ def test_two_processes_cannot_hold_one_incarnation_number(ctx, shared_url):
     assert "incarnation 3 is already registered by another process" in proc.stdout
     with pytest.raises(StaleIncarnationError, match="incarnation 4 is already registered"):
         runtime.Checkpointer(ctx, model=torch.nn.Linear(2, 2), url=shared_url, incarnation=4)
+
+
+def test_a_stale_writer_prunes_nothing(url):
+    # A writer paused between its fence check and its retention pass must not delete steps
+    # that the newer incarnation counts on.
+    store = CheckpointStore(url)
+    for step in (10, 20, 30):
+        token = make_token(0)
+        tmp = store.tmp_dir(step, token)
+        store.commit(tmp, step, token, [store.write_file(tmp, "state.pt", b"w")], {})
+    store.register_incarnation(1)  # a restart began meanwhile
+    assert store.prune(1, 0, known_good=[30, 20, 10]) == []
+    assert store.committed_steps() == [30, 20, 10]
+
+
+def test_retention_moves_a_stale_tmp_dir_aside_before_deleting_it(tmp_path, monkeypatch):
+    # Its stale owner may be renaming it into a committed step at that very moment: the owner's
+    # rename must fail, not commit a directory whose files are being deleted.
+    store = CheckpointStore(str(tmp_path / "ckpt"))
+    token = make_token(0)
+    tmp = store.tmp_dir(40, token)
+    store.write_file(tmp, "state.pt", b"w")
+    owner_renames: list[str] = []
+    real_rm = store.fs.rm
+
+    def rm_while_the_owner_renames(path, *args, **kwargs):
+        try:
+            os.rename(tmp, f"{store.path}/step-00000040")  # the owner, racing retention
+            owner_renames.append("committed")
+        except FileNotFoundError:
+            owner_renames.append("refused")
+        return real_rm(path, *args, **kwargs)
+
+    monkeypatch.setattr(store.fs, "rm", rm_while_the_owner_renames)  # fsspec shares it: undone after
+    removed = store.prune(2, 1)
+    assert owner_renames == ["refused"] and any(name.endswith(token) for name in removed)
+    assert not os.path.exists(f"{store.path}/step-00000040")
