@@ -11,7 +11,7 @@ Object stores (s3://, memory://, ...), which cannot rename a prefix:
     ckpt/step-00000100/COMMITTED      created last and create-only; names the data prefix
 
 A checkpoint exists only when committed and its manifest verifies (every file present with the
-listed size and sha256). At most one commit per step: rename refuses an existing directory and
+listed size and checksum). At most one commit per step: rename refuses an existing directory and
 the marker is create-only. Incarnations (attempts, requeued Slurm jobs) register under
 `ckpt/incarnations/`; a writer that sees a newer one registered is stale and may not commit
 (fencing). The controller reads checkpoints through this module, so it never imports torch.
@@ -19,6 +19,7 @@ the marker is create-only. Incarnations (attempts, requeued Slurm jobs) register
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import hashlib
 import json
@@ -28,6 +29,7 @@ import secrets
 import socket
 import threading
 import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Iterable
@@ -40,6 +42,7 @@ INCARNATIONS = "incarnations"
 _STEP_DIR = re.compile(r"^step-(\d{8,})$")
 _TMP_DIR = re.compile(r"^step-(\d{8,})\.(tmp|stale)-i(\d+)-([0-9a-f]+)$")
 _HASH_OVERLAP_MIN = 1 << 20
+_SMALL_WRITES_MAX = 1 << 20
 _READ_CHUNK = 32 << 20
 _process_ids: dict[int, str] = {}
 
@@ -83,7 +86,34 @@ def token_incarnation(token: str) -> int:
 class FileEntry:
     name: str
     size: int
-    sha256: str
+    checksum: str
+    algorithm: str = "crc32"
+
+    def manifest_entry(self) -> dict[str, Any]:
+        return {"size": self.size, self.algorithm: self.checksum}
+
+
+class Crc32:
+    """zlib's CRC-32 as a hashlib-like object. It runs at ~3.8 GB/s on one core here (sha256:
+    ~1.7 GB/s, below the disk's fsync'd write speed) and releases the GIL on large buffers;
+    it detects the accidental damage a checkpoint can suffer (torn writes, flipped bits,
+    truncation). Manifests of format 1 list sha256 instead, and still verify."""
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def update(self, data: Any) -> None:
+        self.value = zlib.crc32(data, self.value)
+
+    def hexdigest(self) -> str:
+        return f"{self.value:08x}"
+
+
+def checksum_for(entry: dict[str, Any]) -> tuple[Any, str]:
+    """A fresh checksum object for a manifest entry, and the value it must reach."""
+    if "crc32" in entry:
+        return Crc32(), str(entry["crc32"])
+    return hashlib.sha256(), str(entry["sha256"])
 
 
 @dataclass(frozen=True)
@@ -116,10 +146,13 @@ def sha256_bytes(data: bytes | memoryview) -> str:
 
 
 class HashingWriter:
-    """A write-only file that computes size and sha256 as data passes through.
+    """A write-only file that computes size and checksum as data passes through.
 
-    Hashing a large buffer runs on a helper thread while the same buffer is written (both
-    release the GIL), so the checksum costs little extra time on big tensors.
+    The checksum of a large buffer runs on a helper thread while the same buffer is written
+    (both release the GIL), so it costs little extra time on big tensors. Small writes (a
+    serializer's headers) are gathered into one buffer instead of one syscall each. On a file
+    descriptor, the kernel is asked to start writing each large buffer back at once
+    (sync_file_range), so the final fsync finds little left to do.
     """
 
     _pool: ThreadPoolExecutor | None = None
@@ -129,8 +162,9 @@ class HashingWriter:
         self._raw = raw
         self._fd = fd
         self.name = name
-        self._hash = hashlib.sha256()
+        self._hash = Crc32()
         self.size = 0
+        self._small = bytearray()  # small writes not yet passed on
         # The first I/O error: serializers (torch.save) may wrap or mask it on their way out.
         self.error: OSError | None = None
 
@@ -154,14 +188,25 @@ class HashingWriter:
         view = memoryview(data).cast("B")
         n = len(view)
         if n >= _HASH_OVERLAP_MIN:
+            self._pass_small()
             pending = self._hasher().submit(self._hash.update, view)
+            start = self.size
             self._write_all(view)
             pending.result()
+            if self._fd is not None:
+                _start_writeback(self._fd, start, n)
         else:
             self._hash.update(view)
-            self._write_all(view)
+            self._small += view
+            if len(self._small) >= _SMALL_WRITES_MAX:
+                self._pass_small()
         self.size += n
         return n
+
+    def _pass_small(self) -> None:
+        if self._small:
+            self._write_all(memoryview(self._small))
+            self._small = bytearray()
 
     def _write_all(self, view: memoryview) -> None:
         fault_point("ckpt.write")
@@ -173,6 +218,7 @@ class HashingWriter:
             self._raw.write(view)
 
     def flush(self) -> None:
+        self._pass_small()
         if self._fd is None:
             self._raw.flush()
 
@@ -180,7 +226,7 @@ class HashingWriter:
         return True
 
     def entry(self) -> FileEntry:
-        return FileEntry(name=self.name, size=self.size, sha256=self._hash.hexdigest())
+        return FileEntry(name=self.name, size=self.size, checksum=self._hash.hexdigest())
 
 
 class CheckpointStore:
@@ -211,6 +257,7 @@ class CheckpointStore:
             try:
                 writer = HashingWriter(None, name, fd=fd)
                 _produce(writer, produce)
+                writer.flush()
                 fault_point("ckpt.before_fsync")
                 os.fsync(fd)
             finally:
@@ -219,6 +266,7 @@ class CheckpointStore:
             with self.fs.open(target, "wb") as raw:
                 writer = HashingWriter(raw, name)
                 _produce(writer, produce)
+                writer.flush()
         fault_point("ckpt.file_written")
         return writer.entry()
 
@@ -230,14 +278,12 @@ class CheckpointStore:
     ) -> str:
         """Write the manifest, check the fence, and make the checkpoint visible atomically."""
         manifest = {
-            "format": 1,
+            "format": 2,  # 1: sha256 per file; 2: crc32
             "step": step,
             "created": time.time(),
             "token": token,
             **meta,
-            "files": {
-                e.name: {"size": e.size, "sha256": e.sha256} for e in sorted(entries, key=lambda e: e.name)
-            },
+            "files": {e.name: e.manifest_entry() for e in sorted(entries, key=lambda e: e.name)},
         }
         body = json.dumps(manifest, indent=1, sort_keys=True).encode()
         self.write_file(tmp, MANIFEST, body)
@@ -437,7 +483,7 @@ class CheckpointStore:
         try:
             size = int(expect["size"])
             buffers = [bytearray(min(max(size, 1), _READ_CHUNK)) for _ in range(2)]
-            digest = hashlib.sha256()
+            digest, expected = checksum_for(expect)
             pending = None
             pos = 0
             while pos < size:
@@ -456,7 +502,7 @@ class CheckpointStore:
                 raise CorruptCheckpoint(
                     f"{where}: size {'>' if longer else pos} != {size} (truncated or overwritten)"
                 )
-            if digest.hexdigest() != expect["sha256"]:
+            if digest.hexdigest() != expected:
                 raise CorruptCheckpoint(f"{where}: checksum mismatch")
         except BaseException:
             os.close(fd)
@@ -489,7 +535,7 @@ class CheckpointStore:
                 return bytearray(fh.read())
             size = int(expect["size"])
             buffers = [bytearray(size)] if keep else [bytearray(min(size, _READ_CHUNK)) for _ in range(2)]
-            digest = hashlib.sha256()
+            digest, expected = checksum_for(expect)
             pending = None
             pos = 0
             chunk_no = 0
@@ -513,7 +559,7 @@ class CheckpointStore:
             raise CorruptCheckpoint(
                 f"{where}: size {'>' if longer else pos} != {size} (truncated or overwritten)"
             )
-        if digest.hexdigest() != expect["sha256"]:
+        if digest.hexdigest() != expected:
             raise CorruptCheckpoint(f"{where}: checksum mismatch")
         return buffers[0] if keep else None
 
@@ -639,6 +685,22 @@ def _produce(writer: HashingWriter, produce: Any) -> None:
         if writer.error is not None:
             raise writer.error from None
         raise
+
+
+try:
+    _libc = ctypes.CDLL(None, use_errno=True)
+    _sync_file_range = _libc.sync_file_range
+    _sync_file_range.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+except (OSError, AttributeError):  # pragma: no cover - not Linux/glibc
+    _sync_file_range = None
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def _start_writeback(fd: int, offset: int, nbytes: int) -> None:
+    """Ask the kernel to start writing this range to disk now, without waiting for it: the
+    write-back overlaps the rest of the save instead of all of it waiting for fsync."""
+    if _sync_file_range is not None:
+        _sync_file_range(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)
 
 
 def _fsync_dir(path: str) -> None:

@@ -398,3 +398,28 @@ def test_retention_moves_a_stale_tmp_dir_aside_before_deleting_it(tmp_path, monk
     removed = store.prune(2, 1)
     assert owner_renames == ["refused"] and any(name.endswith(token) for name in removed)
     assert not os.path.exists(f"{store.path}/step-00000040")
+
+
+def test_checkpoints_of_format_1_with_sha256_still_verify(url):
+    # Files are checksummed with CRC-32 now (format 2); manifests written before list sha256.
+    import hashlib
+    import json
+
+    store = CheckpointStore(url)
+    token = make_token(0)
+    tmp = store.tmp_dir(9, token)
+    entries = [store.write_file(tmp, "state.pt", b"weights" * 1000)]
+    assert entries[0].algorithm == "crc32"
+    final = store.commit(tmp, 9, token, entries, {})
+    directory = store.data_dir(9)
+    manifest = json.loads(store.fs.cat_file(f"{directory}/manifest.json"))
+    manifest["format"] = 1
+    manifest["files"]["state.pt"] = {"size": 7000, "sha256": hashlib.sha256(b"weights" * 1000).hexdigest()}
+    store.fs.pipe_file(f"{directory}/manifest.json", json.dumps(manifest).encode())
+    assert store.verify(9).manifest["format"] == 1 and final
+    manifest["files"]["state.pt"]["sha256"] = "0" * 64
+    store.fs.pipe_file(f"{directory}/manifest.json", json.dumps(manifest).encode())
+    from orchestrator.storage.ckpt_store import CorruptCheckpoint
+
+    with pytest.raises(CorruptCheckpoint, match="checksum mismatch"):
+        store.verify(9)
