@@ -25,40 +25,14 @@ import tempfile
 import time
 
 import torch
+from ckpt_bench import Blob, drop_caches, fsync_path  # this folder: the same state and helpers
 
 from orchestrator import runtime
 
 
-class Blob(torch.nn.Module):
-    """A model-shaped state of `mib` MiB of float32 in 32 MiB tensors."""
-
-    def __init__(self, mib: int) -> None:
-        super().__init__()
-        chunk = 32 * 1024 * 1024 // 4
-        total = mib * 1024 * 1024 // 4
-        self.params = torch.nn.ParameterList()
-        while total > 0:
-            n = min(chunk, total)
-            self.params.append(torch.nn.Parameter(torch.randn(n)))
-            total -= n
-
-
 def flush_page_cache() -> bool:
     os.sync()
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as fh:
-            fh.write("3\n")
-        return True
-    except OSError:
-        return False
-
-
-def fsync_path(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    return drop_caches()
 
 
 def bench_size(ctx: runtime.DistContext, base: str, mib: int, rounds: int) -> dict[str, float]:
