@@ -420,6 +420,11 @@ class Checkpointer:
         self._vote_every = max(1, int(-self._vote[1].item()))
         return bool(self._vote[0].item())
 
+    @property
+    def vote_every(self) -> int:
+        """Steps between two stop votes, as the last vote agreed (the same on every rank)."""
+        return self._vote_every
+
     def should_save(self, step: int) -> bool:
         return step > 0 and step % self.interval == 0 and step != self.last_saved_step
 

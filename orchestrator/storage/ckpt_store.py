@@ -395,7 +395,8 @@ class CheckpointStore:
 
     # ------------------------------------------------------------------ reading
 
-    def _names(self) -> list[str]:
+    def names(self) -> list[str]:
+        """The names in ckpt/, listed afresh."""
         # Object-store filesystems cache listings per process; a stale listing would hide new
         # commits and, worse, a newer incarnation's registration (fencing).
         self.fs.invalidate_cache()
@@ -407,7 +408,7 @@ class CheckpointStore:
     def committed_steps(self) -> list[int]:
         """Steps with a commit marker, newest first (not yet verified)."""
         steps = []
-        for name in self._names():
+        for name in self.names():
             m = _STEP_DIR.match(name)
             if m and self.fs.exists(f"{self.path}/{name}/{COMMITTED}"):
                 steps.append(int(m.group(1)))
@@ -645,7 +646,7 @@ class CheckpointStore:
                     self._rm_quietly(f"{self.path}/{data}")
                     live_dirs.discard(data)
             removed.append(name)
-        for name in self._names():
+        for name in self.names():
             m = _TMP_DIR.match(name)
             if not m or name in live_dirs:
                 continue

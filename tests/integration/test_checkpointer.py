@@ -278,7 +278,7 @@ def _vote_rank(rank, world, url, port, out):
             stopped = step
             break
     with open(os.path.join(out, f"vote-{rank}.json"), "w") as fh:
-        json.dump({"stopped": stopped, "vote_every": ckpt._vote_every, "saved": ckpt.last_saved_step}, fh)
+        json.dump({"stopped": stopped, "vote_every": ckpt.vote_every, "saved": ckpt.last_saved_step}, fh)
 
 
 def test_the_stop_vote_runs_every_period_and_stops_every_rank_at_the_same_step(tmp_path):

@@ -122,7 +122,7 @@ def test_retention_keeps_newest_k_and_never_the_one_being_written(store):
     removed = store.prune(2, incarnation=1)
     assert "step-00000020" in removed and "step-00000010" in removed
     assert store.committed_steps() == [40, 30]
-    names = set(store._names())
+    names = set(store.names())
     assert live.rsplit("/", 1)[-1] in names
     assert dead.rsplit("/", 1)[-1] not in names
     assert_all_committed_verify(store)
