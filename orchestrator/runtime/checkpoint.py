@@ -235,6 +235,8 @@ def unloadable_extra(extra: dict[str, Any] | None) -> str | None:
     is written: committing it would replace loadable checkpoints with one no restart can load.
     """
     for key, value in (extra or {}).items():
+        if isinstance(value, torch.Tensor):
+            continue  # always loadable; an EMA copy of the weights is not worth serializing twice
         buffer = io.BytesIO()
         try:
             torch.save(value, buffer)
@@ -731,7 +733,7 @@ class Checkpointer:
                 loaded, failure = self._load_step(chosen, held)
             finally:
                 _close_all(held)
-            failures = self._all_gather(failure) if self._group is not None else [failure]
+            failures = self._all_gather(failure)
             failure = next((f for f in failures if f), None)
             if failure is None:
                 break

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 from orchestrator.storage.faults import fault_point
+from orchestrator.storage.rundir import write_new_file
 
 MANIFEST = "manifest.json"
 COMMITTED = "COMMITTED"
@@ -355,12 +356,7 @@ class CheckpointStore:
             if self.renames:
                 os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
                 # fsspec's local "create" mode checks, then writes: O_EXCL is the atomic form.
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                try:
-                    os.write(fd, body)
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+                write_new_file(path, body)
             else:
                 self.fs.pipe_file(path, body, mode="create")
         except FileExistsError:

@@ -200,14 +200,21 @@ def safe_fs_ls(fs: Any, path: str) -> list[str]:
         return []
 
 
-def _write_local_atomic(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp-{secrets.token_hex(4)}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+def write_new_file(path: str, data: bytes) -> None:
+    """Create `path` (FileExistsError if it exists: O_EXCL, atomic), write `data`, fsync."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        os.write(fd, data)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _write_local_atomic(path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp-{secrets.token_hex(4)}"
+    write_new_file(tmp, data)
     os.replace(tmp, path)
 
 

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import signal
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -138,7 +139,8 @@ class Supervision:
     run: RunDir
     driver: AttemptDriver
     hooks: RunHooks
-    lease_port: Any  # (fixed: int | None) -> a context manager whose value has `.port`
+    # launch.ports.lease_port, passed in: supervision does not import launch (docs/design.md).
+    lease_port: Callable[[int | None], AbstractContextManager[Any]]
     poll_s: float = 0.05
     first_attempt: int = 0
 
@@ -148,22 +150,22 @@ class Supervision:
     def run_attempts(self) -> LoopResult:
         cfg = self.config
         attempt = self.first_attempt
-        state = PolicyState(last_checkpoint=newest_checkpoint(self.run))
+        newest = newest_checkpoint(self.run)
+        state = PolicyState(last_checkpoint=newest)
         while True:
-            outcome = self.run_attempt(attempt)
+            outcome = self.run_attempt(attempt, newest)
             newest = newest_checkpoint(self.run)
             decision = decide(cfg.restart, state, outcome.state, outcome.root_cause, newest)
             state = decision.state
             if outcome.state is AttemptState.FAILED and outcome.root_cause is not None:
                 hint = outcome.root_cause.classified.hint
-                self.hooks.say(
-                    f"attempt {attempt} failed: {outcome.root_cause.describe}"
-                    + (f"\n[orch]   hint: {hint}" if hint else "")
-                )
+                self.hooks.say(f"attempt {attempt} failed: {outcome.root_cause.describe}")
+                if hint:
+                    self.hooks.say(f"  hint: {hint}")
             if decision.action is Action.LEAVE:
                 self.hooks.say(decision.reason or "leaving")
                 self.run.append_event(Event.INCARNATION_ENDED, attempt=attempt, reason=decision.reason)
-            if decision.action is Action.GIVE_UP:
+            elif decision.action is Action.GIVE_UP:
                 self.hooks.say(decision.reason or "giving up")
                 self.run.append_event(Event.GIVING_UP, attempt=attempt, reason=decision.reason)
             elif decision.action is Action.RESUME and not self.hooks.stop_requested():
@@ -188,12 +190,12 @@ class Supervision:
                 outcome=outcome, decision=decision, attempts=attempt + 1, newest_checkpoint=newest
             )
 
-    def run_attempt(self, attempt: int) -> AttemptOutcome:
+    def run_attempt(self, attempt: int, checkpoint: int | None) -> AttemptOutcome:
+        """One attempt, which resumes from `checkpoint` (the newest committed step, or None)."""
         cfg = self.config
         fixed = cfg.distributed.master_port if isinstance(cfg.distributed.master_port, int) else None
         started_at = time.time()
         with self.lease_port(fixed) as lease:
-            checkpoint = newest_checkpoint(self.run)
             started = self.driver.start(attempt, lease.port)
             if started.notice:
                 self.run.append_event(
@@ -212,8 +214,7 @@ class Supervision:
             )
             how = "forked" if started.fields.get("launcher") == "fork" else "started"
             self.hooks.say(
-                f"attempt {attempt}: {how} {started.fields.get('ranks', len(started.heartbeats))} rank(s),"
-                f" MASTER_PORT={lease.port}"
+                f"attempt {attempt}: {how} {len(started.heartbeats)} rank(s), MASTER_PORT={lease.port}"
             )
             seen, hang = self._watch(started)
             stopped = self.hooks.stop_requested()

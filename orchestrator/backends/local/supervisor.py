@@ -112,7 +112,6 @@ class LocalAttempts:
         fields = {
             "launcher": group.launched_by,
             "pids": [r.pid for r in group.ranks],
-            "ranks": len(group.ranks),
         }
         return Started(fields=fields, heartbeats=beats, notice=group.notice)
 

@@ -133,7 +133,6 @@ class SrunAttempts:
             "job_id": self.job_id,
             "master_addr": self.master_addr,
             "launcher": "node-agent" if uses_node_agent(self.config) else "task-per-rank",
-            "ranks": world,
         }
         return Started(
             fields=fields, heartbeats={rank: rank_files(log_dir, rank)[1] for rank in range(world)}
