@@ -40,6 +40,7 @@ from orchestrator.storage.rundir import write_new_file
 MANIFEST = "manifest.json"
 COMMITTED = "COMMITTED"
 INCARNATIONS = "incarnations"
+_SEAL_SUFFIX = ".seal"
 _STEP_DIR = re.compile(r"^step-(\d{8,})$")
 _TMP_DIR = re.compile(r"^step-(\d{8,})\.(tmp|stale)-i(\d+)-([0-9a-f]+)$")
 _HASH_OVERLAP_MIN = 1 << 20
@@ -336,9 +337,13 @@ class CheckpointStore:
         self.fs.pipe_file(f"{final}/{COMMITTED}", marker)
 
     def _existing_incarnation(self, step: int) -> int:
+        """The incarnation that committed `step` (-1 when unreadable)."""
         try:
-            return token_incarnation(self.read_manifest(step).get("token", ""))
-        except CorruptCheckpoint:
+            if self.renames:
+                return token_incarnation(self.read_manifest(step).get("token", ""))
+            marker = json.loads(self.fs.cat_file(f"{self.path}/{step_dir_name(step)}/{COMMITTED}"))
+            return token_incarnation(str(marker["token"]))
+        except (CorruptCheckpoint, FileNotFoundError, ValueError, KeyError, TypeError):
             return -1
 
     # ------------------------------------------------------------------ fencing
@@ -353,12 +358,7 @@ class CheckpointStore:
         path = f"{self.path}/{INCARNATIONS}/{incarnation:010d}"
         body = f"{process_id()} {time.time()}".encode()
         try:
-            if self.renames:
-                os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-                # fsspec's local "create" mode checks, then writes: O_EXCL is the atomic form.
-                write_new_file(path, body)
-            else:
-                self.fs.pipe_file(path, body, mode="create")
+            self._create(path, body)
         except FileExistsError:
             try:
                 holder = self.fs.cat_file(path).decode("utf-8", "replace").split(" ", 1)[0]
@@ -369,17 +369,60 @@ class CheckpointStore:
                     f"incarnation {incarnation} is already registered by another process ({holder});"
                     " two incarnations of this run counted alike"
                 ) from None
+        self._seal(incarnation)
 
-    def newest_incarnation(self) -> int:
+    def _seal(self, incarnation: int) -> None:
+        """Record the commits that exist now that `incarnation` is registered.
+
+        The fence check and the commit are two steps with no lease between them: an older
+        incarnation paused after its check can still commit. Readers close that gap: a commit
+        by an older incarnation counts only if the first sealed incarnation after it lists it,
+        that is, if it landed before that incarnation could have looked for a checkpoint.
+        """
+        commits = {str(step): inc for step, inc in self._commit_records()}
+        try:
+            self._create(self._seal_path(incarnation), json.dumps({"commits": commits}).encode())
+        except FileExistsError:
+            pass  # this process sealed it already (a registration repeated)
+
+    def _seal_path(self, incarnation: int) -> str:
+        return f"{self.path}/{INCARNATIONS}/{incarnation:010d}{_SEAL_SUFFIX}"
+
+    def _create(self, path: str, body: bytes) -> None:
+        """Create-only write: FileExistsError when `path` exists."""
+        if self.renames:
+            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+            # fsspec's local "create" mode checks, then writes: O_EXCL is the atomic form.
+            write_new_file(path, body)
+        else:
+            self.fs.pipe_file(path, body, mode="create")
+
+    def _incarnation_names(self) -> list[str]:
         self.fs.invalidate_cache()
         try:
-            names = [
+            return [
                 p.rstrip("/").rsplit("/", 1)[-1]
                 for p in self.fs.ls(f"{self.path}/{INCARNATIONS}", detail=False)
             ]
         except FileNotFoundError:
-            return -1
-        return max((int(n) for n in names if n.isdigit()), default=-1)
+            return []
+
+    def _sealed_incarnations(self) -> list[int]:
+        return sorted(
+            int(n.removesuffix(_SEAL_SUFFIX))
+            for n in self._incarnation_names()
+            if n.endswith(_SEAL_SUFFIX) and n.removesuffix(_SEAL_SUFFIX).isdigit()
+        )
+
+    def _read_seal(self, incarnation: int) -> dict[str, int] | None:
+        try:
+            commits = json.loads(self.fs.cat_file(self._seal_path(incarnation)))["commits"]
+            return {str(k): int(v) for k, v in commits.items()}
+        except (FileNotFoundError, ValueError, KeyError, TypeError, AttributeError):
+            return None  # unreadable: as if that incarnation never sealed
+
+    def newest_incarnation(self) -> int:
+        return max((int(n) for n in self._incarnation_names() if n.isdigit()), default=-1)
 
     def check_fence(self, incarnation: int) -> None:
         newest = self.newest_incarnation()
@@ -402,13 +445,43 @@ class CheckpointStore:
             return []
 
     def committed_steps(self) -> list[int]:
-        """Steps with a commit marker, newest first (not yet verified)."""
-        steps = []
+        """Committed steps, newest first (not yet verified); without fenced commits."""
+        return self._split_fenced()[0]
+
+    def fenced_steps(self) -> list[int]:
+        """Commits a stale incarnation made after a newer one sealed: never loaded, and
+        removed by the newest incarnation's retention pass."""
+        return self._split_fenced()[1]
+
+    def _commit_records(self) -> list[tuple[int, int]]:
+        """(step, committing incarnation) for each step with a commit marker, newest first.
+        An unreadable manifest or marker reads as incarnation -1: restore's verification
+        deals with it, as with any corrupt checkpoint."""
+        records = []
         for name in self.names():
             m = _STEP_DIR.match(name)
             if m and self.fs.exists(f"{self.path}/{name}/{COMMITTED}"):
-                steps.append(int(m.group(1)))
-        return sorted(steps, reverse=True)
+                step = int(m.group(1))
+                records.append((step, self._existing_incarnation(step)))
+        return sorted(records, reverse=True)
+
+    def _split_fenced(self) -> tuple[list[int], list[int]]:
+        records = self._commit_records()
+        sealed = self._sealed_incarnations()
+        seals: dict[int, dict[str, int] | None] = {}
+        accepted, fenced = [], []
+        for step, by in records:
+            judge = next((j for j in sealed if j > by and self._seal_of(j, seals) is not None), None)
+            if by < 0 or judge is None or seals[judge].get(str(step)) == by:  # type: ignore[union-attr]
+                accepted.append(step)
+            else:
+                fenced.append(step)
+        return accepted, fenced
+
+    def _seal_of(self, incarnation: int, cache: dict[int, dict[str, int] | None]) -> dict[str, int] | None:
+        if incarnation not in cache:
+            cache[incarnation] = self._read_seal(incarnation)
+        return cache[incarnation]
 
     def commits_dir(self, step: int, directory: str) -> bool:
         """Whether `step` is committed with `directory` as its data: true after a commit whose
@@ -611,7 +684,10 @@ class CheckpointStore:
             return []  # a stale writer (paused past the fence check) deletes nothing
         protected = set(protect)
         removed = []
-        steps = self.committed_steps()
+        steps, fenced = self._split_fenced()
+        for step in fenced:  # a stale writer's late commit: never loaded, so never kept
+            self.uncommit(step, incarnation)
+            removed.append(step_dir_name(step))
         doomed = steps[keep:]
         if known_good is not None:
             good_set = set(known_good)

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -423,3 +424,78 @@ def test_checkpoints_of_format_1_with_sha256_still_verify(url):
 
     with pytest.raises(CorruptCheckpoint, match="checksum mismatch"):
         store.verify(9)
+
+
+def _commit(store: CheckpointStore, step: int, incarnation: int) -> None:
+    token = make_token(incarnation)
+    tmp = store.tmp_dir(step, token)
+    store.commit(tmp, step, token, [store.write_file(tmp, "state.pt", b"w")], {})
+
+
+def test_a_commit_that_lands_after_a_newer_incarnation_sealed_is_fenced(url, monkeypatch):
+    # The stale writer passes its fence check; a restart registers before its commit lands
+    # (no lease between check and commit). The late commit is never listed, never loaded, and
+    # the newer incarnation's retention removes it; what it committed before stays.
+    store = CheckpointStore(url)
+    _commit(store, 10, 0)
+    stale = CheckpointStore(url)
+    check = stale.check_fence
+    fired = []
+
+    def check_then_a_restart_begins(incarnation: int) -> None:
+        check(incarnation)
+        fired.append(incarnation)
+        CheckpointStore(url).register_incarnation(1)
+
+    monkeypatch.setattr(stale, "check_fence", check_then_a_restart_begins)
+    _commit(stale, 20, 0)
+    assert fired == [0], "the fence check ran before the restart registered"
+    assert stale.fs.exists(f"{stale.path}/step-00000020/COMMITTED"), "the late commit landed"
+    assert store.committed_steps() == [10] and store.fenced_steps() == [20]
+    _commit(store, 30, 1)
+    assert store.prune(2, 1, known_good=[30, 10]) == ["step-00000020"]
+    assert store.committed_steps() == [30, 10] and store.fenced_steps() == []
+
+
+def test_the_newer_incarnation_may_commit_the_step_a_fenced_commit_holds(url, monkeypatch):
+    store = CheckpointStore(url)
+    stale = CheckpointStore(url)
+    check = stale.check_fence
+    monkeypatch.setattr(
+        stale, "check_fence", lambda inc: (check(inc), CheckpointStore(url).register_incarnation(1))
+    )
+    _commit(stale, 20, 0)
+    assert store.committed_steps() == []
+    _commit(store, 20, 1)  # displaces the fenced commit: its incarnation is older
+    assert store.committed_steps() == [20] and store.fenced_steps() == []
+
+
+def test_a_paused_stale_writer_process_commits_nothing_anyone_loads(shared_url):
+    # The same with a real second process paused (a slow disk) right after its fence check.
+    store = CheckpointStore(shared_url)
+    _commit(store, 10, 0)
+    writer = subprocess.Popen(
+        [
+            sys.executable,
+            str(REPO / "tests" / "jobs" / "store_writer.py"),
+            "once",
+            shared_url,
+            "20",
+            "0",
+            "64",
+        ],
+        env={**os.environ, "PYTHONPATH": str(REPO), "ORCH_FAULT": "ckpt.before_commit:sleep=4"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 30
+    while not any(n.startswith("step-00000020.tmp-") for n in store.names()):
+        assert time.monotonic() < deadline and writer.poll() is None, writer.communicate()
+        time.sleep(0.05)
+    time.sleep(1.5)  # the manifest is written, the fence checked: it sleeps before the commit
+    store.register_incarnation(1)
+    assert store.committed_steps() == [10]
+    _, err = writer.communicate(timeout=60)
+    assert writer.returncode == 0, err  # it passed the fence check and committed
+    assert store.fenced_steps() == [20] and store.committed_steps() == [10]

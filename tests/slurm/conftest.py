@@ -76,10 +76,14 @@ def status(cfg: Path, run_id: str) -> dict:
 
 
 def wait_final(cfg: Path, run_id: str, timeout: float = 300) -> dict:
+    """Until both sides agree the run is over: the supervisor records its outcome a moment before
+    the batch script exits and Slurm leaves RUNNING, so a final state alone can still show the job
+    live in the scheduler."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         st = status(cfg, run_id)
-        if st["state"] in ("succeeded", "failed", "stopped", "cancelled"):
+        scheduler_live = st.get("slurm_state") in ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING")
+        if st["state"] in ("succeeded", "failed", "stopped", "cancelled") and not scheduler_live:
             return st
         time.sleep(1)
     raise AssertionError(f"run {run_id} did not finish in {timeout}s: {st}")
