@@ -84,6 +84,7 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     ctx = runtime.init()
+    runtime.declare_total_steps(args.steps)  # `orch status` shows an ETA
     torch.manual_seed(args.seed)  # same initial weights on every rank
 
     data = SyntheticImages(args.dataset_size)

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 from orchestrator import __version__
 from orchestrator.backends import backend_names
 from orchestrator.contract import Event
-from orchestrator.errors import OrchError
+from orchestrator.errors import OrchError, UsageError
 
 DEFAULT_CONFIG = "cluster.yaml"
 
@@ -28,18 +28,31 @@ def _config_args(p: argparse.ArgumentParser, positional: bool = True) -> None:
             "config",
             nargs="?",
             default=DEFAULT_CONFIG,
-            metavar="CONFIG",
-            help="cluster.yaml to use (default: ./cluster.yaml)",
+            metavar="CONFIG|SCRIPT",
+            help=(
+                "cluster.yaml to use (default: ./cluster.yaml), or a training script (.py) to run"
+                " without one, torchrun-style; its arguments follow `--`"
+            ),
         )
+        p.add_argument(
+            "-m",
+            dest="module",
+            metavar="MODULE",
+            help="run `python -m MODULE` without a cluster.yaml (its arguments follow `--`)",
+        )
+        p.add_argument(
+            "--nproc-per-node",
+            type=int,
+            metavar="N",
+            help="ranks per node (resources.ranks_per_node)",
+        )
+        p.add_argument("--nnodes", type=int, metavar="N", help="simulated nodes (resources.nodes)")
     p.add_argument("--backend", choices=backend_names(), help="override the config's top-level `backend`")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="PATH=VALUE",
-        help="override one field, e.g. --set resources.nodes=2 (repeatable)",
-    )
+    _set_arg(p, "override one field, e.g. --set resources.nodes=2 (repeatable)")
+
+
+def _set_arg(p: argparse.ArgumentParser, help: str) -> None:
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE", help=help)
 
 
 def _run_ref_args(p: argparse.ArgumentParser) -> None:
@@ -55,6 +68,19 @@ def _run_ref_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Wraps descriptions; keeps the line breaks of the examples (the epilog)."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if text.startswith("example"):
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+
+def _command(sub: Any, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+    return sub.add_parser(name, formatter_class=_HelpFormatter, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="orch",
@@ -66,24 +92,32 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"orch {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser(
+    p = _command(
+        sub,
         "render",
         help="print the launch spec without starting anything",
         description=(
             "Print each rank's node, argv and env (secrets redacted)."
             " Nothing is started; the output is stable across runs."
         ),
+        epilog="examples:\n  orch render\n  orch render cluster.yaml --backend slurm --set resources.nodes=3",
     )
     _config_args(p)
     p.add_argument("--run-id", help="render with this run id instead of a placeholder")
 
-    p = sub.add_parser(
+    p = _command(
+        sub,
         "run",
         help="run the job in the foreground on this machine, supervised",
         description=(
             "Start nodes x ranks processes on this machine, stream their logs,"
             " restart failed attempts from the newest checkpoint, and print a summary."
+            " Ranks' output goes to stdout, the orchestrator's lines to stderr."
             " Ctrl-C stops every rank."
+        ),
+        epilog=(
+            "examples:\n  orch run\n  orch run cluster.yaml --set resources.nodes=2 --ranks 0\n"
+            "  orch run --resume --run-id mnist-20261130-101500-ab12"
         ),
     )
     _config_args(p)
@@ -100,9 +134,39 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="show no rank output on the console, only the orchestrator's lines",
     )
-    p.add_argument("--json", action="store_true", help="print the final summary as JSON on stdout")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print the final summary as JSON on stdout (the ranks' output then goes to stderr)",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the existing run --run-id ID (as `orch resume ID`) instead of starting a new one",
+    )
 
-    p = sub.add_parser(
+    p = _command(
+        sub,
+        "resume",
+        help="continue a stopped, cancelled, failed or lost run from its newest checkpoint",
+        description=(
+            "Continue a run as its next attempt: same run id, same run directory, events and"
+            " goodput continued, from its newest committed checkpoint (exactly: the same result"
+            " as a run never stopped). Local runs continue in the foreground, as `orch run`;"
+            " Slurm runs are submitted again. The run keeps the config frozen in its run.yaml;"
+            " --set may change restart.*, resources.* (a new world size resumes exactly) and"
+            " job.args."
+        ),
+        epilog="example:\n  orch resume mnist-20261130-101500-ab12 --set resources.nodes=1",
+    )
+    _run_ref_args(p)
+    _set_arg(p, "change restart.*, resources.* or job.args for the rest of the run (repeatable)")
+    p.add_argument("--ranks", help="local runs: show only these ranks' output on the console, e.g. 0 or 0,3")
+    p.add_argument("--quiet", action="store_true", help="local runs: show no rank output on the console")
+    p.add_argument("--json", action="store_true", help="print the final summary (or the submission) as JSON")
+
+    p = _command(
+        sub,
         "submit",
         help="submit the job to Slurm from a login node",
         description=(
@@ -111,19 +175,50 @@ def build_parser() -> argparse.ArgumentParser:
             " The supervisor runs each attempt as one srun step, resumes from the newest checkpoint,"
             " and requeues on preemption."
         ),
+        epilog="example:\n  orch submit cluster.yaml --backend slurm --set resources.nodes=3",
     )
     _config_args(p)
     p.add_argument("--run-id", help="use this run id (default: <name>-<UTC time>-<random>)")
     p.add_argument("--json", action="store_true", help="print {run_id, job_id, run_dir} as JSON")
 
-    p = sub.add_parser("cancel", help="cancel a run (scancel for Slurm runs; SIGTERM to a local supervisor)")
+    p = _command(
+        sub,
+        "cancel",
+        help="cancel a run (scancel for Slurm runs; SIGTERM to a local supervisor)",
+        description=(
+            "Cancel a Slurm run (scancel), or ask a local run's supervisor to stop (SIGTERM):"
+            " ranks using the runtime checkpoint their step first; `orch resume RUN` continues."
+            " A pid that is no longer the run's supervisor is never signalled."
+        ),
+        epilog="example:\n  orch cancel mnist-20261130-101500-ab12",
+    )
     _run_ref_args(p)
 
-    p = sub.add_parser("status", help="show a run's state, attempts, newest checkpoint and root cause")
+    p = _command(
+        sub,
+        "status",
+        help="show a run's state, attempts, newest checkpoint and root cause",
+        description=(
+            "A run's state (pending, running, preempted-requeued, succeeded, failed, cancelled,"
+            " stopped, lost), attempts, wall time, newest checkpoint, goodput and root cause."
+        ),
+        epilog=(
+            "examples:\n  orch status mnist-20261130-101500-ab12\n"
+            "  orch status runs/mnist-20261130-101500-ab12 --json"
+        ),
+    )
     _run_ref_args(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
-    p = sub.add_parser("logs", help="print a run's rank logs")
+    p = _command(
+        sub,
+        "logs",
+        help="print a run's rank logs",
+        description=(
+            "Print the rank logs of a run's latest attempt (or --attempt N), each line prefixed [rank R]."
+        ),
+        epilog="examples:\n  orch logs mnist-20261130-101500-ab12 --rank 0 -f\n  orch logs RUN --attempt 0",
+    )
     _run_ref_args(p)
     p.add_argument("--rank", type=int, action="append", help="only this rank (repeatable; default: all)")
     p.add_argument("--attempt", type=int, help="this attempt (default: the latest)")
@@ -134,7 +229,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep printing new lines until the run finishes (local filesystems)",
     )
 
-    p = sub.add_parser("ls", help="list runs under storage.root")
+    p = _command(
+        sub,
+        "ls",
+        help="list runs under storage.root",
+        description="List the runs under storage.root of --config, newest first, with state and attempts.",
+        epilog="example:\n  orch ls --json",
+    )
     p.add_argument(
         "--config",
         default=DEFAULT_CONFIG,
@@ -142,7 +243,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
-    p = sub.add_parser("checkpoints", help="list a run's committed checkpoints")
+    p = _command(
+        sub,
+        "checkpoints",
+        help="list a run's committed checkpoints",
+        description=(
+            "List a run's committed checkpoints: step, time, size, model digest. --verify reads"
+            " every file against its checksum and exits 1 if any checkpoint is corrupt."
+        ),
+        epilog="example:\n  orch checkpoints mnist-20261130-101500-ab12 --verify",
+    )
     _run_ref_args(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--verify", action="store_true", help="read every file and check its checksum")
@@ -152,10 +262,34 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------------- commands
 
 
-def _load(args: argparse.Namespace) -> Any:
-    from orchestrator.spec.config import load_config
+def _is_quick_start(args: argparse.Namespace) -> bool:
+    """A script or module named on the command line, without a cluster.yaml."""
+    return bool(getattr(args, "module", None)) or str(args.config).endswith(".py")
 
-    return load_config(args.config, args.overrides, backend=args.backend)
+
+def _load(args: argparse.Namespace) -> Any:
+    from orchestrator.spec.config import load_config, quick_start_config
+
+    overrides = list(args.overrides)
+    # The torchrun-style flags and the arguments after `--` are overrides like --set, applied
+    # after it (JSON is YAML: quoted, each argument stays the text it was).
+    if getattr(args, "nproc_per_node", None) is not None:
+        overrides.append(f"resources.ranks_per_node={args.nproc_per_node}")
+    if getattr(args, "nnodes", None) is not None:
+        overrides.append(f"resources.nodes={args.nnodes}")
+    if getattr(args, "job_args", None) is not None:
+        overrides.append(f"job.args={json.dumps(args.job_args)}")
+    if _is_quick_start(args):
+        if args.module and args.config != DEFAULT_CONFIG:
+            raise UsageError(f"-m {args.module}: give a module or a script ({args.config}), not both")
+        return quick_start_config(
+            script=None if args.module else args.config,
+            module=args.module,
+            overrides=overrides,
+            backend=args.backend,
+            base_dir=os.getcwd(),
+        )
+    return load_config(args.config, overrides, backend=args.backend)
 
 
 def _load_for(args: argparse.Namespace, command: str) -> tuple[Any, Any]:
@@ -166,10 +300,10 @@ def _load_for(args: argparse.Namespace, command: str) -> tuple[Any, Any]:
     backend = get_backend(config.backend)
     hint = backend.foreground_hint if command == "run" else backend.submit_hint
     if hint is not None:
-        raise OrchError(hint)
+        raise UsageError(hint)
     missing = [n for n in config.job.pass_env if n not in os.environ]
     if missing:
-        raise OrchError(f"job.pass_env: {missing[0]} is not set in this environment")
+        raise UsageError(f"job.pass_env: {missing[0]} is not set in this environment")
     return config, backend
 
 
@@ -216,10 +350,10 @@ def _parse_ranks(text: str | None, world: int) -> tuple[int, ...] | None:
     try:
         ranks = tuple(sorted({int(x) for x in text.split(",") if x.strip()}))
     except ValueError:
-        raise OrchError(f"--ranks: expected comma-separated rank numbers, got {text!r}") from None
+        raise UsageError(f"--ranks: expected comma-separated rank numbers, got {text!r}") from None
     bad = [r for r in ranks if not 0 <= r < world]
     if bad:
-        raise OrchError(f"--ranks: rank {bad[0]} is outside the world of {world} ranks")
+        raise UsageError(f"--ranks: rank {bad[0]} is outside the world of {world} ranks")
     return ranks
 
 
@@ -231,27 +365,30 @@ def _create_run(args: argparse.Namespace, config: Any) -> Any:
 
     run_id = args.run_id or new_run_id(config.job_name)
     if not is_valid_run_id(run_id):
-        raise OrchError(f"--run-id: {run_id!r} may use letters, digits and _.+- only")
+        raise UsageError(f"--run-id: {run_id!r} may use letters, digits and _.+- only")
     run = RunDir(join_url(config.storage_root, run_id))
     frozen = {
         "run_id": run_id,
         "created": time.time(),
         "backend": config.backend,
-        "config_file": os.path.abspath(args.config),
+        "config_file": None if _is_quick_start(args) else os.path.abspath(args.config),
         "base_dir": config.base_dir,
         "config": config_to_dict(config),
     }
     try:
         run.create(frozen)
     except FileExistsError:
-        raise OrchError(f"--run-id: run {run_id} already exists at {run.url}") from None
+        raise UsageError(f"--run-id: run {run_id} already exists at {run.url}") from None
     return run
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
     config, backend = _load_for(args, "submit")
     backend.check_storage(config.storage_root)  # fails before creating anything
-    run = _create_run(args, config)
+    return _submit(args, config, backend, _create_run(args, config))
+
+
+def _submit(args: argparse.Namespace, config: Any, backend: Any, run: Any) -> int:
     submission = backend.submit(config, run, config.job.python or sys.executable)
     job_id = submission.job_id
     run.append_event(
@@ -281,12 +418,85 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    if args.resume:
+        from orchestrator.storage.rundir import RunDir, join_url
+
+        if not args.run_id:
+            raise UsageError("--resume: name the run to continue with --run-id ID")
+        run = RunDir(join_url(_load(args).storage_root, args.run_id))
+        if not run.exists():
+            raise UsageError(f"--resume: no run {args.run_id} at {run.url}")
+        return _resume(args, run)
+    config, backend = _load_for(args, "run")
+    show = _shown_ranks(args, config)  # bad input fails before the run directory exists
+    return _run_in_foreground(args, config, backend, _create_run(args, config), show)
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from orchestrator.storage.catalog import resolve_run
+
+    return _resume(args, resolve_run(args.run, _storage_root(args.config)))
+
+
+_RESUMABLE = ("created", "stopped", "cancelled", "failed", "lost")
+
+
+def _resume(args: argparse.Namespace, run: Any) -> int:
+    """The run's next attempt, from its newest checkpoint, with the config it was started with."""
+    from orchestrator.spec.config import config_for_resume, config_to_dict
+    from orchestrator.supervision.loop import next_attempt
+    from orchestrator.supervision.status import run_status
+
+    events = run.events()
+    backend = _run_backend(run, events)
+    st = run_status(run, events, backend.live_state(run, events))
+    if st.state == "succeeded":
+        raise UsageError(f"resume: run {run.run_id} succeeded; there is nothing to resume")
+    if st.state not in _RESUMABLE:
+        raise UsageError(
+            f"resume: run {run.run_id} is {st.state}; only a stopped, cancelled, failed or lost run"
+            f" resumes (`orch cancel {run.run_id}` first)"
+        )
+    record = run.read_run_config()
+    config = config_for_resume(record, args.overrides)
+    missing = [n for n in config.job.pass_env if n not in os.environ]
+    if missing:
+        raise UsageError(f"job.pass_env: {missing[0]} is not set in this environment")
+    show = _shown_ranks(args, config)  # bad input fails before anything changes
+    attempt = next_attempt(events)
+    if args.overrides:
+        run.replace_run_config(
+            {**record, "config": config_to_dict(config)}, keep_as=f"run-before-attempt-{attempt}.yaml"
+        )
+    run.append_event(
+        Event.RESUMED,
+        backend=backend.name,
+        from_state=st.state,
+        attempt=attempt,
+        newest_checkpoint=st.newest_checkpoint,
+        overrides=list(args.overrides),
+    )
+    print(
+        f"[orch] resuming run {run.run_id} ({st.state}) as attempt {attempt}, from "
+        + (f"checkpoint step {st.newest_checkpoint}" if st.newest_checkpoint is not None else "the start"),
+        file=sys.stderr,
+    )
+    if backend.name == "slurm":
+        backend.check_storage(config.storage_root)
+        return _submit(args, config, backend, run)
+    return _run_in_foreground(args, config, backend, run, show)
+
+
+def _shown_ranks(args: argparse.Namespace, config: Any) -> tuple[int, ...] | None:
+    return () if args.quiet else _parse_ranks(args.ranks, config.resources.world_size)
+
+
+def _run_in_foreground(
+    args: argparse.Namespace, config: Any, backend: Any, run: Any, show: tuple[int, ...] | None
+) -> int:
     from orchestrator.backends.api import RunOptions
 
-    config, backend = _load_for(args, "run")
-    show = () if args.quiet else _parse_ranks(args.ranks, config.resources.world_size)
-    run = _create_run(args, config)
-    result = backend.run(config, run, RunOptions(show_ranks=show))
+    result = backend.run(config, run, RunOptions(show_ranks=show, ranks_to_stdout=not args.json))
     ckpt = (
         f"; newest checkpoint step {result.newest_checkpoint}" if result.newest_checkpoint is not None else ""
     )
@@ -345,10 +555,12 @@ def cmd_logs(args: argparse.Namespace) -> int:
     )
     if not chosen:
         raise OrchError(f"no logs for attempt {attempt}" + (f" rank(s) {args.rank}" if args.rank else ""))
+    from orchestrator.launch.logstream import rank_line
+
     for rank, url in chosen:
         data = open(url, "rb").read() if run.is_local else _read_remote(url, run)
-        for line in data.decode("utf-8", "replace").splitlines():
-            print(f"[rank {rank}] {line}")
+        for line in data.splitlines():
+            print(rank_line(rank, line))
     return 0
 
 
@@ -358,7 +570,7 @@ def _follow_logs(run: Any, ranks: list[int] | None) -> int:
     from orchestrator.launch.logstream import LogStreamer
 
     if not run.is_local:
-        raise OrchError("logs -f: follows run directories on a filesystem; without -f it reads any storage")
+        raise UsageError("logs -f: follows run directories on a filesystem; without -f it reads any storage")
     streamer = LogStreamer(sys.stdout, ranks, interval_s=0.2)
     streamer.start()
     attempt = None
@@ -459,9 +671,11 @@ def cmd_checkpoints(args: argparse.Namespace) -> int:
                     "error": error,
                 }
             )
+    # Any checkpoint that fails verification fails the command: scripts check before they copy.
+    exit_status = 1 if any(r["verified"] is False for r in rows) else 0
     if args.json:
         print(json.dumps(rows, indent=1))
-        return 0
+        return exit_status
     if not rows:
         print(f"no committed checkpoints in {store.url}")
         return 0
@@ -474,13 +688,14 @@ def cmd_checkpoints(args: argparse.Namespace) -> int:
             f"{r['step']:>10} {created:19} {size:>12} {verified:8}"
             f" {(r['model_digest'] or r.get('error', ''))[:64]}"
         )
-    return 0
+    return exit_status
 
 
 COMMANDS = {
     "render": cmd_render,
     "run": cmd_run,
     "submit": cmd_submit,
+    "resume": cmd_resume,
     "cancel": cmd_cancel,
     "status": cmd_status,
     "logs": cmd_logs,
@@ -489,9 +704,21 @@ COMMANDS = {
 }
 
 
+_TAKES_JOB_ARGS = ("render", "run", "submit")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Everything after the first `--` is the job's own command line, passed as written.
+    job_args = None
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, job_args = argv[:cut], argv[cut + 1 :]
     args = build_parser().parse_args(argv)
+    args.job_args = job_args
     try:
+        if job_args is not None and args.command not in _TAKES_JOB_ARGS:
+            raise UsageError(f"{args.command}: takes no job arguments (after `--`)")
         return COMMANDS[args.command](args)
     except OrchError as exc:
         print(

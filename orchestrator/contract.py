@@ -33,12 +33,22 @@ CONTRACT_VARS: tuple[str, ...] = (
     "MASTER_ADDR",
     "MASTER_PORT",
     "TORCHELASTIC_RESTART_COUNT",
+    # the rest of what torchrun sets: frameworks detect a torchrun launch by these
+    # (torch.distributed.is_torchelastic_launched() checks TORCHELASTIC_RUN_ID)
+    "ROLE_RANK",
+    "ROLE_NAME",
+    "ROLE_WORLD_SIZE",
+    "GROUP_WORLD_SIZE",
+    "TORCHELASTIC_RUN_ID",
+    "TORCHELASTIC_MAX_RESTARTS",
+    "TORCHELASTIC_USE_AGENT_STORE",
     ENV_RUN_ID,
     ENV_RUN_DIR,
     ENV_ATTEMPT,
 )
 # The part of the contract that differs from rank to rank.
-PER_RANK_VARS: tuple[str, ...] = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK")
+PER_RANK_VARS: tuple[str, ...] = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "ROLE_RANK")
+ROLE_NAME = "default"  # torchrun's role when none is named
 
 # Settings the runtime reads; not part of the torchrun contract.
 ENV_CKPT_INTERVAL = "ORCH_CKPT_INTERVAL"
@@ -201,6 +211,7 @@ class Event(StrEnum):
     # the CLI
     SUBMITTED = "submitted"
     CANCEL_REQUESTED = "cancel_requested"
+    RESUMED = "resumed"  # `orch resume`: the run goes on from its newest checkpoint
     # supervisors
     RUN_STARTED = "run_started"  # local supervisor
     JOB_STARTED = "job_started"  # Slurm supervisor, once per incarnation of the job
@@ -217,5 +228,6 @@ class Event(StrEnum):
     RUN_FINISHED = "run_finished"
     # rank 0's runtime
     RESTORED = "restored"
+    TOTAL_STEPS = "total_steps"  # runtime.declare_total_steps: what an ETA counts toward
     TRAINING_STARTED = "training_started"
     CHECKPOINT_COMMITTED = "checkpoint_committed"

@@ -23,3 +23,9 @@ class ConfigError(OrchError):
 
 class RunNotFound(OrchError):
     exit_code = 2
+
+
+class UsageError(OrchError):
+    """A bad command line or a command that does not apply (exit status 2, like argparse)."""
+
+    exit_code = 2

@@ -22,6 +22,7 @@ class RunOptions:
     """How `orch run` shows a run in the foreground."""
 
     show_ranks: tuple[int, ...] | None = None  # None: every rank's output on the console
+    ranks_to_stdout: bool = True  # False: stdout is kept for a JSON summary (`--json`)
 
 
 @dataclass(frozen=True)

@@ -269,7 +269,10 @@ def _run_entrypoint(argv: list[str]) -> int:
         code = -signal.SIGINT
     except BaseException:  # noqa: BLE001 - print it as the interpreter would, exit 1
         exc_type, exc, tb = sys.exc_info()
-        sys.excepthook(exc_type, exc, tb.tb_next if tb is not None and tb.tb_next is not None else tb)
+        tb = _from_the_entrypoint(tb, runpy.__file__)
+        if exc is not None:
+            exc.__traceback__ = tb  # the interpreter prints the exception's own traceback
+        sys.excepthook(exc_type, exc, tb)
         code = 1
     # The interpreter's own shutdown: wait for non-daemon threads, run atexit, flush.
     try:
@@ -286,6 +289,18 @@ def _run_entrypoint(argv: list[str]) -> int:
         signal.signal(-code, signal.SIG_DFL)
         os.kill(os.getpid(), -code)
     return code & 0xFF
+
+
+def _from_the_entrypoint(tb: Any, runpy_file: str) -> Any:
+    """The traceback without its top frames from this file and runpy: what `python train.py`
+    prints, so a rank's error reads the same forked or not."""
+    ours = {os.path.abspath(__file__), os.path.abspath(runpy_file), "<frozen runpy>"}
+    while tb is not None and tb.tb_next is not None:
+        name = tb.tb_frame.f_code.co_filename
+        if name not in ours and os.path.abspath(name) not in ours:
+            break
+        tb = tb.tb_next
+    return tb
 
 
 def _exit_status(value: Any) -> int:

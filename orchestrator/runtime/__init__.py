@@ -6,6 +6,7 @@ from .checkpoint import Checkpointer, CheckpointError, Progress, state_digest
 from .dist import DistContext, init, shutdown, wrap_ddp
 from .errorfile import install_excepthook, write_error_file
 from .metrics import Metrics
+from .progress import declare_total_steps
 from .sampler import ResumableDistributedSampler
 
 __all__ = [
@@ -15,6 +16,7 @@ __all__ = [
     "Metrics",
     "Progress",
     "ResumableDistributedSampler",
+    "declare_total_steps",
     "init",
     "install_excepthook",
     "shutdown",

@@ -54,8 +54,12 @@ class JobSpec:
     module: str | None = _f(
         None, "Python module to run with `python -m` instead of a script.", pattern=_MODULE
     )
-    args: tuple[str, ...] = _f((), "Arguments passed to the entrypoint.")
-    env: Mapping[str, str] = _f(types.MappingProxyType({}), "Extra environment variables for every rank.")
+    args: tuple[str, ...] = _f(
+        (), "Arguments passed to the entrypoint, each the text as written (`on`, `0x10` stay as they are)."
+    )
+    env: Mapping[str, str] = _f(
+        types.MappingProxyType({}), "Extra environment variables for every rank (values as written)."
+    )
     pass_env: tuple[str, ...] = _f(
         (),
         "Names of variables copied from the launching environment at start; their values are never "
@@ -443,7 +447,8 @@ def parse_override(text: str, source: str = "--set") -> tuple[tuple[str, ...], A
     if not sep or not key or any(not part for part in key.split(".")):
         raise _error(source, key or text, "expected --set dotted.path=value")
     try:
-        value = _yaml_load(raw) if raw.strip() else ""
+        as_written = ((),) if tuple(key.split(".")) in _AS_WRITTEN else ()
+        value = _yaml_load(raw, as_written) if raw.strip() else ""
     except Exception:  # noqa: BLE001 - not YAML (a bad date, a huge integer...): the text itself
         value = raw
     return tuple(key.split(".")), value
@@ -532,8 +537,46 @@ class _StrictLoader(yaml.SafeLoader):
             ) from None
 
 
-def _yaml_load(text: str) -> Any:
-    return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+# Values that are command-line or environment text: kept as the user wrote them. YAML 1.1 would read `on` as
+# true and `0x10` as 16, and the job would receive "True" and "16".
+_AS_WRITTEN = (("job", "args"), ("job", "env"))
+_STR_TAG = "tag:yaml.org,2002:str"
+
+
+def _yaml_load(text: str, as_written: tuple[tuple[str, ...], ...] = _AS_WRITTEN) -> Any:
+    loader = _StrictLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        for path in as_written:
+            _keep_as_written(node, path)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _keep_as_written(node: yaml.Node, path: tuple[str, ...]) -> None:
+    """Tag the plain scalars of the sequence or mapping at `path` (`node` itself for an empty
+    path) as strings, so that they construct to their text."""
+    for key in path:
+        if not isinstance(node, yaml.MappingNode):
+            return
+        found = [v for k, v in node.value if isinstance(k, yaml.ScalarNode) and k.value == key]
+        if not found:
+            return
+        node = found[-1]
+    if isinstance(node, yaml.SequenceNode):
+        items = node.value
+    elif isinstance(node, yaml.MappingNode):
+        items = [v for _, v in node.value]
+    else:
+        return
+    for item in items:
+        if isinstance(item, yaml.ScalarNode) and item.style is None and item.tag != _STR_TAG:
+            if not item.value or item.value == "~":
+                continue  # an empty item stays null: the config says what is wrong with it
+            item.tag = _STR_TAG
 
 
 def _yaml_error(exc: BaseException, text: str) -> tuple[str, str]:
@@ -651,6 +694,39 @@ def config_from_run_record(record: Mapping[str, Any]) -> ClusterConfig:
     return parse_config(
         record["config"], source="run.yaml", base_dir=record.get("base_dir", "."), check_files=False
     )
+
+
+def quick_start_config(
+    *,
+    script: str | None,
+    module: str | None,
+    overrides: typing.Iterable[str] = (),
+    backend: str | None = None,
+    base_dir: str = ".",
+) -> ClusterConfig:
+    """The config of `orch run train.py` without a cluster.yaml: every default, the entrypoint,
+    and the command line's overrides. Errors name the command line as their source."""
+    job: dict[str, Any] = {"module": module} if module else {"script": script}
+    data = apply_overrides({"job": job}, overrides)
+    if backend is not None:
+        data["backend"] = backend
+    return parse_config(data, source="command line", base_dir=base_dir)
+
+
+RESUME_MAY_CHANGE = ("restart.", "resources.", "job.args")
+
+
+def config_for_resume(record: Mapping[str, Any], overrides: typing.Iterable[str]) -> ClusterConfig:
+    """A run's frozen config with the `--set` overrides a resume may apply: the restart policy,
+    the resources (a new world size resumes exactly) and the job's arguments. Anything else
+    would make the resumed run a different run."""
+    overrides = list(overrides)
+    for text in overrides:
+        key = text.partition("=")[0]
+        if not (key == "job.args" or key.startswith(RESUME_MAY_CHANGE[:2])):
+            raise _error("--set", key, "cannot change on resume (only restart.*, resources.* and job.args)")
+    data = apply_overrides(record["config"], overrides)
+    return parse_config(data, source="run.yaml", base_dir=record.get("base_dir", "."), check_files=False)
 
 
 def config_to_dict(config: ClusterConfig) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from orchestrator.contract import (
     ENV_RUN_DIR,
     ENV_RUN_ID,
     PER_RANK_VARS,
+    ROLE_NAME,
 )
 from orchestrator.spec.config import ClusterConfig
 
@@ -44,6 +45,7 @@ def shared_contract_env(
     attempt: int | str,
     run_id: str,
     run_dir: str,
+    max_restarts: int,
 ) -> dict[str, str]:
     """The part of the env contract that every rank of an attempt shares."""
     values = {
@@ -53,6 +55,13 @@ def shared_contract_env(
         "MASTER_ADDR": master_addr,
         "MASTER_PORT": master_port,
         "TORCHELASTIC_RESTART_COUNT": attempt,
+        # One role, so a role's ranks are the world's; a group is a node, as in torchrun.
+        "ROLE_NAME": ROLE_NAME,
+        "ROLE_WORLD_SIZE": nnodes * ranks_per_node,
+        "GROUP_WORLD_SIZE": nnodes,
+        "TORCHELASTIC_RUN_ID": run_id,
+        "TORCHELASTIC_MAX_RESTARTS": max_restarts,
+        "TORCHELASTIC_USE_AGENT_STORE": "False",  # ranks rendezvous through MASTER_ADDR:PORT
         ENV_RUN_ID: run_id,
         ENV_RUN_DIR: run_dir,
         ENV_ATTEMPT: attempt,
@@ -63,7 +72,13 @@ def shared_contract_env(
 def own_contract_env(*, rank: int, local_rank: int, node_rank: int) -> dict[str, str]:
     """The part of the env contract that differs from rank to rank (PER_RANK_VARS, in order)."""
     node = str(node_rank)
-    return {"RANK": str(rank), "LOCAL_RANK": str(local_rank), "NODE_RANK": node, "GROUP_RANK": node}
+    return {
+        "RANK": str(rank),
+        "LOCAL_RANK": str(local_rank),
+        "NODE_RANK": node,
+        "GROUP_RANK": node,
+        "ROLE_RANK": str(rank),
+    }
 
 
 def contract_env(*, rank: int, local_rank: int, node_rank: int, **shared: object) -> dict[str, str]:
@@ -110,6 +125,7 @@ def attempt_shared_env(
         attempt=attempt,
         run_id=run_id,
         run_dir=run_dir,
+        max_restarts=config.restart.max_restarts,
     )
     return {**config.job.env, **runtime_env(config), **(extra_env or {}), **contract}
 

@@ -2,14 +2,19 @@
 `orch status` and by rank 0's Metrics (TensorBoard `orch/goodput`), hence here beside the ledger.
 
 Per attempt (from `attempt_started` to `attempt_ended`):
-- start-up: until rank 0's first training step (`training_started`), minus the restore;
+- start-up: until rank 0's first training step (`training_started`), minus the restore; and
+  before a local run's first attempt, the launcher's warm-up (`run_started` to `attempt_started`);
 - restore: loading the checkpoint (`restored`);
 - checkpoint stall: how long saves blocked training (`checkpoint_committed.block_s`);
 - lost work: on a failure, the training since the last committed checkpoint, which the next
   attempt does again;
 - productive: the rest.
 Between attempts: backoff waits; before the first: queue wait (Slurm: `submitted` to
-`job_started`, and again for each requeue).
+`job_started`, and again for each requeue); stopped: from a stopped, failed or lost run's last
+event to its `orch resume`.
+
+An attempt that never ended (its supervisor died: the run is lost) ends at the run's last event,
+as a failure: what it trained since its last commit is lost work.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from typing import Any, Iterable
 
 from orchestrator.contract import Event
 
-CAUSES = ("queue", "startup", "restore", "checkpoint", "lost_work", "backoff", "other")
+CAUSES = ("queue", "startup", "restore", "checkpoint", "lost_work", "backoff", "stopped", "other")
 
 
 def ledger(events: Iterable[dict[str, Any]], now: float | None = None) -> dict[str, Any]:
@@ -29,12 +34,21 @@ def ledger(events: Iterable[dict[str, Any]], now: float | None = None) -> dict[s
     current: dict[str, Any] | None = None
     waiting_since: float | None = None  # submitted or requeued, not yet running
     backoff_since: float | None = None
+    launching_since: float | None = None
     first = last = None
     for ev in events:
         kind, t = ev.get("event"), float(ev.get("time", 0.0))
         first = t if first is None else first
+        if kind == Event.RESUMED:
+            if current is not None:  # the lost attempt: it ended with its last sign of life
+                attempts.append(_close(current, last if last is not None else t, "lost", lost))
+                productive += attempts[-1]["productive_s"]
+                current = None
+            lost["stopped"] += t - (last if last is not None else t)
         last = t
-        if kind in (Event.SUBMITTED, Event.REQUEUED):
+        if kind == Event.RUN_STARTED:
+            launching_since = t  # the launcher warms up (the fork server imports torch)
+        elif kind in (Event.SUBMITTED, Event.REQUEUED):
             waiting_since = t
         elif kind == Event.JOB_STARTED and waiting_since is not None:
             lost["queue"] += t - waiting_since
@@ -42,6 +56,9 @@ def ledger(events: Iterable[dict[str, Any]], now: float | None = None) -> dict[s
         elif kind == Event.RESTART_SCHEDULED:
             backoff_since = t
         elif kind == Event.ATTEMPT_STARTED:
+            if launching_since is not None:
+                lost["startup"] += t - launching_since
+                launching_since = None
             if backoff_since is not None:
                 lost["backoff"] += t - backoff_since
                 backoff_since = None
@@ -68,6 +85,9 @@ def ledger(events: Iterable[dict[str, Any]], now: float | None = None) -> dict[s
         attempts.append(_close(current, now, "running", lost))
         productive += attempts[-1]["productive_s"]
         last = now
+    elif current is not None and last is not None:  # lost: nothing runs, the clock has stopped
+        attempts.append(_close(current, last, "lost", lost))
+        productive += attempts[-1]["productive_s"]
     wall = (last - first) if first is not None and last is not None else 0.0
     accounted = productive + sum(lost.values())
     lost["other"] += max(0.0, wall - accounted)  # gaps the events do not explain
@@ -91,7 +111,7 @@ def _close(a: dict[str, Any], end: float, status: str, lost: dict[str, float]) -
     training = max(0.0, end - trained_from)
     stall = min(a["stall_s"], training)
     lost_work = 0.0
-    if status == "failed":
+    if status in ("failed", "lost"):
         since = a["last_commit"] if a["last_commit"] is not None else trained_from
         lost_work = max(0.0, end - max(since, trained_from))
     productive = max(0.0, training - stall - lost_work)

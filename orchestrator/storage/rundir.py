@@ -84,6 +84,19 @@ class RunDir:
             fs.makedirs(path, exist_ok=True)
             fs.pipe_file(f"{path}/run.yaml", _yaml().safe_dump(run_config, sort_keys=False).encode())
 
+    def replace_run_config(self, run_config: dict[str, Any], keep_as: str) -> None:
+        """A resume that changed the config: run.yaml becomes `run_config` (what every later
+        reader, the Slurm job included, runs with); the one it replaces is kept as `keep_as`."""
+        old = self.read_bytes("run.yaml")
+        new = _yaml().safe_dump(run_config, sort_keys=False).encode()
+        if self.is_local:
+            _write_local_atomic(os.path.join(self.local_path, keep_as), old)
+            _write_local_atomic(os.path.join(self.local_path, "run.yaml"), new)
+        else:
+            fs, path = url_to_fs(self.url)
+            fs.pipe_file(f"{path}/{keep_as}", old)
+            fs.pipe_file(f"{path}/run.yaml", new)  # one PUT: atomic on object stores
+
     def exists(self) -> bool:
         if self.is_local:
             return os.path.isfile(os.path.join(self.local_path, "run.yaml"))
@@ -146,13 +159,18 @@ class RunDir:
 
     # ------------------------------------------------------------------ logs
 
-    def logs_dir(self, attempt: int) -> str:
-        """Local directory for this attempt's rank logs (a staging dir for remote run dirs)."""
+    def logs_path(self, attempt: int) -> str:
+        """Local directory of this attempt's rank logs (a staging dir for remote run dirs: on
+        the supervisor's machine only)."""
         if self.is_local:
             base = os.path.join(self.local_path, "logs")
         else:
             base = os.path.join(tempfile.gettempdir(), f"orch-{os.getuid()}", self.run_id, "logs")
-        path = os.path.join(base, attempt_dir_name(attempt))
+        return os.path.join(base, attempt_dir_name(attempt))
+
+    def logs_dir(self, attempt: int) -> str:
+        """logs_path(attempt), created."""
+        path = self.logs_path(attempt)
         os.makedirs(path, mode=0o700, exist_ok=True)
         return path
 

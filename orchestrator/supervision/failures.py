@@ -45,6 +45,9 @@ _DEVICE_MISMATCH = re.compile(
     r"Expected all tensors to be on the same device|"
     r"Input type \(.*\) and weight type \(.*\) should be the same"
 )
+# argparse (and click, optparse) report a bad command line as "prog: error: ..." and exit 2.
+_USAGE_ERROR = re.compile(r"\S: error: ")
+USAGE_EXIT_CODE = 2
 
 HINTS = {
     "oom": (
@@ -62,6 +65,9 @@ HINTS = {
     "user_error": (
         "this error repeats on every attempt, so it was not retried:"
         " fix the code or the config and submit again"
+    ),
+    "usage": (
+        "the job rejected its own command line (exit 2, a usage error), so it was not retried: check job.args"
     ),
     "hang": "the rank stopped making progress; its Python stacks were dumped into its log",
     "stale": (
@@ -112,6 +118,8 @@ def classify(*, exitcode: int | None, error_type: str | None, message: str) -> C
         return Classified(FailureClass.DEVICE_MISMATCH, False, HINTS["device_mismatch"])
     if error_type in NON_RETRYABLE_TYPES:
         return Classified(FailureClass.USER_ERROR, False, HINTS["user_error"])
+    if error_type is None and exitcode == USAGE_EXIT_CODE and _USAGE_ERROR.search(message or ""):
+        return Classified(FailureClass.USER_ERROR, False, HINTS["usage"])
     if is_peer_loss(text):
         return Classified(FailureClass.COMMUNICATION, True, HINTS["communication"])
     if error_type is None and exitcode is not None and exitcode < 0:

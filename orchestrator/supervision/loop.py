@@ -34,6 +34,15 @@ WATCHDOG_PERIOD_S = 0.5
 STACK_DUMP_WAIT_S = 1.0
 
 
+def next_attempt(events: list[dict[str, Any]]) -> int:
+    """The number the run's next attempt takes: one past every attempt it has had, so a
+    requeued job or a resumed run continues the count (attempt numbers are also checkpoint
+    incarnations: they must only grow)."""
+    return 1 + max(
+        (int(e.get("attempt", 0)) for e in events if e.get("event") == Event.ATTEMPT_STARTED), default=-1
+    )
+
+
 @dataclass(frozen=True)
 class Started:
     """What a driver reports once an attempt's processes exist."""

@@ -86,7 +86,8 @@ def decide(
         return Decision(
             Action.GIVE_UP,
             state,
-            f"not restarting: {root.error_type} fails the same way on every attempt ({root.classified.hint})",
+            f"not restarting: {root.error_type or f'exit code {root.exitcode}'} fails the same way on every"
+            f" attempt ({root.classified.hint})",
         )
     if looping:
         return Decision(

@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from orchestrator.contract import Event
+from orchestrator.contract import Event, rank_heartbeat_name, rank_of_file, read_heartbeat
 from orchestrator.storage.ckpt_store import newest_committed
 from orchestrator.storage.goodput import format_goodput, ledger
-from orchestrator.storage.rundir import RunDir
+from orchestrator.storage.rundir import RunDir, safe_listdir
+
+FINAL_STATES = ("succeeded", "failed", "stopped", "cancelled")
 
 
 @dataclass(frozen=True)
 class RunStatus:
     run_id: str
     run_dir: str
-    state: str  # created | running | succeeded | failed | stopped | lost
+    state: str  # created | pending | running | preempted-requeued | lost | one of FINAL_STATES
     attempts: int
     current_attempt: int | None
     started: float | None
@@ -30,6 +33,7 @@ class RunStatus:
     slurm_state: str | None = None
     warnings: tuple[str, ...] = ()
     goodput: dict[str, Any] | None = None
+    progress: dict[str, Any] | None = None  # a running attempt: each rank's heartbeat, rate, ETA
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -56,10 +60,19 @@ def summarize(
     backend = None
     job_id = None
     warnings: list[str] = []
+    cancel_requested = False
+    last_event_time = None
     for ev in events:
         kind = ev.get("event")
-        if kind == Event.SUBMITTED:
-            state, started, backend, job_id = "pending", ev.get("time"), ev.get("backend"), ev.get("job_id")
+        last_event_time = ev.get("time", last_event_time)
+        if kind == Event.RESUMED:  # the run goes on: its earlier end no longer stands
+            finished, root, cancel_requested = None, None, False
+            state = "pending" if ev.get("backend") == "slurm" else "created"
+        elif kind == Event.SUBMITTED:
+            state, backend, job_id = "pending", ev.get("backend"), ev.get("job_id")
+            started = started if started is not None else ev.get("time")
+        elif kind == Event.CANCEL_REQUESTED:
+            cancel_requested = True
         elif kind == Event.JOB_STARTED:
             state = "running"
             backend = ev.get("backend", backend)
@@ -68,7 +81,8 @@ def summarize(
         elif kind == Event.WARNING:
             warnings.append(str(ev.get("message")))
         elif kind == Event.RUN_STARTED:
-            state, started, backend = "running", ev.get("time"), ev.get("backend")
+            state, backend = "running", ev.get("backend")
+            started = started if started is not None else ev.get("time")
         elif kind == Event.ATTEMPT_STARTED:
             attempts = max(attempts, int(ev.get("attempt", 0)) + 1)
             current = int(ev.get("attempt", 0))
@@ -79,12 +93,17 @@ def summarize(
                 root = ev["root_cause"]
         elif kind == Event.RUN_FINISHED:
             state = ev.get("status", "failed")
+            if state == "stopped" and cancel_requested:
+                state = "cancelled"
             finished = ev.get("time")
-            root = ev.get("root_cause") or (root if state != "succeeded" else None)
+            root = ev.get("root_cause") or (root if state == "failed" else None)
             current = None
-    if state == "running" and supervisor_alive is False:
+    if state in ("running", "preempted-requeued") and supervisor_alive is False:
         state = "lost"  # the supervisor died without writing run_finished
-    end = finished if finished is not None else (now if now is not None else time.time())
+    if state == "lost":
+        end = last_event_time  # nothing runs: the clock stops at the last sign of life
+    else:
+        end = finished if finished is not None else (now if now is not None else time.time())
     return {
         "state": state,
         "attempts": attempts,
@@ -103,7 +122,7 @@ def merge_scheduler_state(fields: dict[str, Any], mapped: str | None, raw: str |
     """Events are the truth for what the supervisor saw; the scheduler for what it could not
     write (still queued, requeued, or killed before it could record its end). Pure."""
     fields = dict(fields)
-    if fields["state"] in ("succeeded", "failed", "stopped", "cancelled") or mapped is None:
+    if fields["state"] in FINAL_STATES or mapped is None:
         return fields
     if mapped in ("pending", "preempted-requeued"):
         fields["state"] = mapped
@@ -120,12 +139,56 @@ def merge_scheduler_state(fields: dict[str, Any], mapped: str | None, raw: str |
     return fields
 
 
+def live_progress(
+    beats: dict[int, tuple[int, float, str, float]], total_steps: int | None, now: float
+) -> dict[str, Any] | None:
+    """Progress from the ranks' heartbeats (rank -> (step, time, phase, step-time EMA)). Pure.
+
+    The rate is rank 0's recent steps per second (its step-time average); the ETA counts the
+    steps rank 0 has left at that rate."""
+    if not beats:
+        return None
+    ranks = [
+        {"rank": r, "step": step, "phase": phase, "beat_age_s": round(max(0.0, now - t), 1)}
+        for r, (step, t, phase, _ema) in sorted(beats.items())
+    ]
+    lead = beats.get(0) or beats[min(beats)]
+    step, ema = lead[0], lead[3]
+    rate = round(1.0 / ema, 3) if ema > 0 else None
+    eta = None
+    if total_steps and rate:
+        eta = round(max(0, total_steps - step) / rate, 1)
+    return {"step": step, "total_steps": total_steps, "steps_per_s": rate, "eta_s": eta, "ranks": ranks}
+
+
+def attempt_beats(run: RunDir, attempt: int) -> dict[int, tuple[int, float, str, float]]:
+    """The heartbeats of an attempt's ranks, where this machine can read them (a local or
+    shared run directory; for a remote one, the supervisor host's staging folder)."""
+    folder = run.logs_path(attempt)
+    beats = {}
+    for name in safe_listdir(folder):
+        rank = rank_of_file(name)
+        if rank is not None and name == rank_heartbeat_name(rank):
+            beat = read_heartbeat(os.path.join(folder, name))
+            if beat is not None:
+                beats[rank] = beat
+    return beats
+
+
 def run_status(run: RunDir, events: list[dict[str, Any]], live: LiveState) -> RunStatus:
     fields = summarize(events, supervisor_alive=live.supervisor_alive)
     if live.scheduler_raw is not None or fields.get("job_id"):
         fields = merge_scheduler_state(fields, live.scheduler_state, live.scheduler_raw)
+    if fields["state"] in ("stopped", "cancelled"):
+        fields["root_cause"] = None  # stopped on request: no rank is to blame
     newest = newest_committed(run.child("ckpt"))
-    finished = fields["state"] in ("succeeded", "failed", "stopped", "cancelled")
+    finished = fields["state"] in FINAL_STATES + ("lost",)
+    progress = None
+    if fields["state"] == "running" and fields["current_attempt"] is not None:
+        totals = [e.get("total_steps") for e in events if e.get("event") == Event.TOTAL_STEPS]
+        progress = live_progress(
+            attempt_beats(run, fields["current_attempt"]), totals[-1] if totals else None, time.time()
+        )
     return RunStatus(
         goodput=ledger(events, now=None if finished else time.time()),
         run_id=run.run_id,
@@ -133,6 +196,7 @@ def run_status(run: RunDir, events: list[dict[str, Any]], live: LiveState) -> Ru
         newest_checkpoint=newest.step if newest else None,
         newest_checkpoint_digest=newest.model_digest if newest else None,
         slurm_state=live.scheduler_raw,
+        progress=progress,
         **fields,
     )
 
@@ -147,6 +211,8 @@ def format_status(st: RunStatus) -> str:
         lines.append(f"attempts   {st.attempts}")
     if st.wall_s is not None:
         lines.append(f"wall time  {st.wall_s:.1f}s")
+    if st.progress is not None:
+        lines.extend(format_progress(st.progress))
     if st.newest_checkpoint is not None:
         digest = (st.newest_checkpoint_digest or "")[:16]
         lines.append(
@@ -166,3 +232,43 @@ def format_status(st: RunStatus) -> str:
         lines.append(f"warning    {warning}")
     lines.append(f"run dir    {st.run_dir}")
     return "\n".join(lines)
+
+
+def progress_line(progress: dict[str, Any]) -> str:
+    """One line for a console: step, share, rate, ETA, ranks."""
+    total = progress["total_steps"]
+    text = f"step {progress['step']}" + (f"/{total} ({100 * progress['step'] / total:.0f}%)" if total else "")
+    if progress["steps_per_s"]:
+        text += f", {progress['steps_per_s']:.2f} steps/s"
+    if progress["eta_s"] is not None:
+        text += f", ETA {_duration(progress['eta_s'])}"
+    return text + f", {len(progress['ranks'])} rank(s) beating"
+
+
+def format_progress(progress: dict[str, Any]) -> list[str]:
+    total = progress["total_steps"]
+    line = f"progress   step {progress['step']}" + (
+        f"/{total} ({100 * progress['step'] / total:.0f}%)" if total else ""
+    )
+    if progress["steps_per_s"]:
+        line += f", {progress['steps_per_s']:.2f} steps/s"
+    if progress["eta_s"] is not None:
+        line += f", ETA {_duration(progress['eta_s'])}"
+    ranks = progress["ranks"]
+    stalest = max(ranks, key=lambda r: r["beat_age_s"])
+    steps = sorted({r["step"] for r in ranks})
+    span = str(steps[0]) if len(steps) == 1 else f"{steps[0]}-{steps[-1]}"
+    return [
+        line,
+        f"ranks      {len(ranks)} beating at step {span}; oldest beat {stalest['beat_age_s']:.1f}s ago"
+        f" (rank {stalest['rank']}, {stalest['phase']})",
+    ]
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"

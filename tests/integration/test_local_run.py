@@ -58,8 +58,9 @@ def test_two_nodes_by_two_ranks_complete(tmp_path: Path) -> None:
     tb.Reload()
     tags = set(tb.Tags()["scalars"])
     assert {"loss", "samples_per_s", "step_time_s", "lr", "orch/restarts", "orch/goodput"} <= tags, tags
-    # The console is one merged, rank-prefixed stream.
-    assert "[rank 0] step 40/40" in proc.stderr
+    # The ranks' console is one merged, rank-prefixed stream: on stderr with --json, whose
+    # summary is then all of stdout.
+    assert "[rank 0] step 40/40" in proc.stderr and json.loads(proc.stdout)["status"] == "succeeded"
     events = read_events(run_dir)
     supervisor_events = {
         "run_started",
@@ -109,11 +110,19 @@ def test_every_rank_sees_exactly_the_env_contract(tmp_path: Path, mode: str) -> 
             "MASTER_ADDR": "127.0.0.1",
             "MASTER_PORT": str(port),
             "TORCHELASTIC_RESTART_COUNT": "0",
+            "ROLE_RANK": str(rank),
+            "ROLE_NAME": "default",
+            "ROLE_WORLD_SIZE": "4",
+            "GROUP_WORLD_SIZE": "2",
+            "TORCHELASTIC_RUN_ID": "envrun",
+            "TORCHELASTIC_MAX_RESTARTS": "2",
+            "TORCHELASTIC_USE_AGENT_STORE": "False",
             "ORCH_RUN_ID": "envrun",
             "ORCH_RUN_DIR": str(run_dir),
             "ORCH_ATTEMPT": "0",
         }
         assert {k: seen[k] for k in CONTRACT_VARS} == expected
+        assert seen["torchelastic_launched"] is True
         assert seen["dist_rank"] == rank and seen["dist_world"] == 4
         assert seen["all_reduce"] == 1 + 2 + 3 + 4
         assert seen["argv"] == ["--flag", "value with space"]

@@ -29,16 +29,21 @@ def make_run(tmp_path):
 
 def test_checkpoints_lists_and_verifies(tmp_path):
     run, store = make_run(tmp_path)
-    rows = json.loads(orch("checkpoints", str(run), "--json", "--verify").stdout)
+    listed = orch("checkpoints", str(run), "--json", "--verify")
+    assert listed.returncode == 0, listed.stderr
+    rows = json.loads(listed.stdout)
     assert [(r["step"], r["size"], r["model_digest"], r["verified"]) for r in rows] == [
         (20, 200, "digest20", True),
         (10, 100, "digest10", True),
     ]
     (run / "ckpt" / "step-00000020" / "state.pt").write_bytes(b"c" * 200)
-    rows = json.loads(orch("checkpoints", str(run), "--json", "--verify").stdout)
+    listed = orch("checkpoints", str(run), "--json", "--verify")
+    assert listed.returncode == 1, "any corrupt checkpoint fails --verify"
+    rows = json.loads(listed.stdout)
     assert rows[0]["verified"] is False and "checksum mismatch" in rows[0]["error"]
-    table = orch("checkpoints", str(run), "--verify").stdout
-    assert "CORRUPT" in table and "digest10" in table
+    table = orch("checkpoints", str(run), "--verify")
+    assert "CORRUPT" in table.stdout and "digest10" in table.stdout and table.returncode == 1
+    assert orch("checkpoints", str(run)).returncode == 0  # listing alone reads no data
 
 
 def test_status_json_has_newest_step_and_digest(tmp_path):

@@ -99,4 +99,4 @@ def test_wheel_installs_and_runs_outside_the_checkout(tmp_path: Path) -> None:
 
     run = _run([str(orch), "run", "--run-id", "fromwheel"], tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "[rank 1] rank 1 of 2" in run.stderr and "run fromwheel succeeded" in run.stderr
+    assert "[rank 1] rank 1 of 2" in run.stdout and "run fromwheel succeeded" in run.stderr

@@ -13,7 +13,7 @@ import pytest
 
 from orchestrator.contract import CONTRACT_VARS
 
-from ..conftest import JOBS, TEST_JOBS, read_events, run_orch, wait_for, write_config
+from ..conftest import JOBS, TEST_JOBS, orch_cmd, read_events, run_orch, wait_for, write_config
 from .conftest import status, submit, wait_final
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("slurm_cluster")]
@@ -75,12 +75,20 @@ def test_multinode_ranks_see_the_same_contract_as_local(tmp_path, reference):
             "GROUP_RANK": str(node),
             "NNODES": "3",
             "TORCHELASTIC_RESTART_COUNT": "0",
+            "ROLE_RANK": str(rank),
+            "ROLE_NAME": "default",
+            "ROLE_WORLD_SIZE": "6",
+            "GROUP_WORLD_SIZE": "3",
+            "TORCHELASTIC_RUN_ID": "env",
+            "TORCHELASTIC_MAX_RESTARTS": "2",
+            "TORCHELASTIC_USE_AGENT_STORE": "False",
             "ORCH_RUN_ID": "env",
             "ORCH_RUN_DIR": str(run_dir),
             "ORCH_ATTEMPT": "0",
         }
         host_and_port = {"MASTER_ADDR", "MASTER_PORT"}
         assert {k: seen[k] for k in CONTRACT_VARS if k not in host_and_port} == expected
+        assert seen["torchelastic_launched"] is True
         assert seen["MASTER_ADDR"] == "n1" and int(seen["MASTER_PORT"]) > 0
         assert seen["all_reduce"] == sum(range(1, 7)) and seen["argv"] == ["--flag", "two words"]
         assert (
@@ -382,3 +390,56 @@ def test_hung_rank_inside_the_allocation_is_dumped_and_restarted(tmp_path):
     assert "most recent call first" in (run_dir / "logs" / "attempt-0" / "rank-3.log").read_text()
     ended = [e for e in read_events(run_dir) if e["event"] == "attempt_ended"]
     assert ended[0]["root_cause"]["error_type"] == "Hang"
+
+
+def test_a_cancelled_run_resumes_as_a_new_submission(tmp_path, reference):
+    # orch cancel -> status "cancelled" (no root cause) -> orch resume: a new Slurm job of the
+    # same run, from the checkpoint the cancel saved, ending in the uninterrupted weights.
+    cfg = slurm_config(tmp_path, JOBS / "train_ddp.py", TRAIN_ARGS)
+    first_job = submit(cfg, "again")
+    run_dir = tmp_path / "runs" / "again"
+    wait_for(lambda: rank0_step(run_dir) >= 30, 120, "training past step 30")
+    cancel = run_orch("cancel", "again", "--config", str(cfg))
+    assert cancel.returncode == 0, cancel.stderr
+    st = wait_final(cfg, "again")
+    assert st["state"] == "cancelled" and st["root_cause"] is None, st
+    stopped_at = st["newest_checkpoint"]
+    assert stopped_at is not None and stopped_at >= 20
+    resumed = run_orch("resume", "again", "--config", str(cfg), "--json")
+    assert resumed.returncode == 0, resumed.stderr
+    second_job = json.loads(resumed.stdout)["job_id"]
+    assert second_job != first_job
+    st = wait_final(cfg, "again")
+    assert st["state"] == "succeeded" and st["job_id"] == second_job, st
+    assert (st["newest_checkpoint"], st["newest_checkpoint_digest"]) == reference
+    restored = [e for e in read_events(run_dir) if e["event"] == "restored"]
+    assert restored[-1]["step"] == stopped_at
+
+
+def test_quick_start_submission_without_a_config_file(tmp_path):
+    # `orch submit` torchrun-style: a module, nodes and ranks per node on the command line, the
+    # job's own arguments after `--`; runs under ./runs of the working directory.
+    import shutil
+
+    shutil.copy(TEST_JOBS / "env_dump.py", tmp_path / "dump.py")
+    proc = subprocess.run(
+        orch_cmd(
+            "submit", "--backend", "slurm", "--nnodes", "2", "--nproc-per-node", "2",
+            "--set", "slurm.partition=debug", "--run-id", "quick", "-m", "dump", "--json",
+            "--", "--flag", "x y",
+        ),
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    run_dir = tmp_path / "runs" / "quick"
+    cfg = tmp_path / "none.yaml"  # no config: the runs are under ./runs
+    wait_for(lambda: (run_dir / "env-3.json").exists(), 240, "the four ranks' env files")
+    seen = json.loads((run_dir / "env-3.json").read_text())
+    assert seen["WORLD_SIZE"] == "4" and seen["NNODES"] == "2" and seen["argv"] == ["--flag", "x y"]
+    st = subprocess.run(
+        orch_cmd("status", "quick", "--config", str(cfg), "--json"),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert st.returncode == 0 and json.loads(st.stdout)["backend"] == "slurm", st.stderr

@@ -318,7 +318,7 @@ def write(tmp_path: Path, text: str | bytes, name: str = "cluster.yaml") -> str:
         ("backend: local\nresources:\n  nodes: 1\n bad: 2\n", "line 4, column 2", "expected <block end>"),
         ("job:\n  script: x.py\n  args: [\x07]\n", "line 3, column 10", "unacceptable character #x0007"),
         ("backend: local\nbackend: slurm\n", "line 2, column 1", "duplicate key 'backend'"),
-        ("job:\n  env: {A: 2020-13-01}\n", "line 2, column 12", "month must be in 1..12"),
+        ("job:\n  name: 2020-13-01\n", "line 2, column 9", "month must be in 1..12"),
         ("name: " + "1" * 5000 + "\n", "line 1, column 7", "Exceeds the limit"),
         ("x: !!int foo\n", "line 1, column 4", "invalid literal"),
         ("x: " + "[" * 600 + "]" * 600 + "\n", "<file>", "nested too deeply"),
@@ -796,3 +796,20 @@ def test_console_script_bad_file(tmp_path: Path, name: str) -> None:
 def test_time_limit_accepts_plain_minutes_as_sbatch_does():
     config = parse_config({"job": {"module": "m"}, "resources": {"time_limit": 90}}, check_files=False)
     assert config.resources.time_limit == "90" and config.resources.time_limit_minutes == 90
+
+
+def test_job_args_and_env_are_the_text_as_written(tmp_path: Path) -> None:
+    # YAML 1.1 reads `on` as true and `0x10` as 16; the job must get what the user typed.
+    path = tmp_path / "cluster.yaml"
+    path.write_text(
+        "job:\n  script: train.py\n  args: [--amp, on, --lr, 1e3, --mask, 0x10, --n, 010, '--q', 1.50]\n"
+        "  env: {FLAG: yes, NUM: 0x1}\n"
+    )
+    (tmp_path / "train.py").write_text("")
+    config = load_config(str(path))
+    assert config.job.args == ("--amp", "on", "--lr", "1e3", "--mask", "0x10", "--n", "010", "--q", "1.50")
+    assert dict(config.job.env) == {"FLAG": "yes", "NUM": "0x1"}
+    config = load_config(str(path), ["job.args=[--amp,on,--steps,10,0x10]"])
+    assert config.job.args == ("--amp", "on", "--steps", "10", "0x10")
+    # Everything else is still YAML: a number is a number.
+    assert load_config(str(path), ["resources.nodes=0x2"]).resources.nodes == 2

@@ -88,6 +88,13 @@ def test_env_contract_of_every_rank(nodes: int, per_node: int) -> None:
             "MASTER_ADDR": "10.0.0.7",
             "MASTER_PORT": "29512",
             "TORCHELASTIC_RESTART_COUNT": "2",
+            "ROLE_RANK": str(spec.rank),
+            "ROLE_NAME": "default",
+            "ROLE_WORLD_SIZE": str(nodes * per_node),
+            "GROUP_WORLD_SIZE": str(nodes),
+            "TORCHELASTIC_RUN_ID": "r-1",
+            "TORCHELASTIC_MAX_RESTARTS": str(config.restart.max_restarts),
+            "TORCHELASTIC_USE_AGENT_STORE": "False",
             "ORCH_RUN_ID": "r-1",
             "ORCH_RUN_DIR": "/runs/r-1",
             "ORCH_ATTEMPT": "2",
@@ -114,6 +121,7 @@ def test_contract_env_order_and_strings() -> None:
         attempt=0,
         run_id="i",
         run_dir="d",
+        max_restarts=3,
     )
     assert tuple(env) == CONTRACT_VARS
     assert (
@@ -364,6 +372,7 @@ def test_render_gives_every_rank_its_full_env_contract(nodes: int, per_node: int
             attempt=2,
             run_id="r-1",
             run_dir="/runs/r-1",
+            max_restarts=config.restart.max_restarts,
         )
         assert envs[spec.rank] == {**contract, **runtime_env(config), "EXTRA": "x", "MY_TOKEN": REDACTED}
         assert envs[spec.rank] == redact(spec.env)
@@ -388,6 +397,7 @@ argv:
 - --lr
 - '0.1'
 env:
+  GROUP_WORLD_SIZE: '1'
   LOCAL_WORLD_SIZE: '2'
   MASTER_ADDR: 127.0.0.1
   MASTER_PORT: '29512'
@@ -402,15 +412,20 @@ env:
   ORCH_RUN_DIR: /runs/r-1
   ORCH_RUN_ID: r-1
   PYTHONUNBUFFERED: '1'
+  ROLE_NAME: default
+  ROLE_WORLD_SIZE: '2'
+  TORCHELASTIC_MAX_RESTARTS: '3'
   TORCHELASTIC_RESTART_COUNT: '3'
+  TORCHELASTIC_RUN_ID: r-1
+  TORCHELASTIC_USE_AGENT_STORE: 'False'
   WANDB_API_KEY: <redacted>
   WORLD_SIZE: '2'
 nodes:
 - node_rank: 0
   ranks:
-  - {rank: 0, local_rank: 0, env: {RANK: '0', LOCAL_RANK: '0', NODE_RANK: '0', GROUP_RANK: '0'}}
-  - {rank: 1, local_rank: 1, env: {RANK: '1', LOCAL_RANK: '1', NODE_RANK: '0', GROUP_RANK: '0'}}
-"""
+  - {rank: 0, local_rank: 0, env: {RANK: '0', LOCAL_RANK: '0', NODE_RANK: '0', GROUP_RANK: '0', ROLE_RANK: '0'}}
+  - {rank: 1, local_rank: 1, env: {RANK: '1', LOCAL_RANK: '1', NODE_RANK: '0', GROUP_RANK: '0', ROLE_RANK: '1'}}
+"""  # noqa: E501 - the rendered text, as is
 
 
 def test_render_of_a_small_plan_reads_plainly() -> None:

@@ -193,9 +193,91 @@ def test_goodput_ledger_on_a_scripted_timeline():
         "checkpoint": 3.0,
         "lost_work": 7.0,
         "backoff": 1.0,
+        "stopped": 0.0,
         "other": 0.0,
     }
     # attempt 0: 17 s of training - 2 s stall - 7 s lost = 8; attempt 1: 12 - 1 = 11
     assert [a["productive_s"] for a in g["attempts"]] == [8.0, 11.0]
     assert g["productive_s"] == 19.0 and g["goodput"] == round(19 / 45, 4)
     assert g["productive_s"] + sum(g["lost_s"].values()) == g["wall_s"]
+
+
+def test_a_job_usage_error_is_not_retried() -> None:
+    from orchestrator.supervision.failures import FailureClass, classify
+
+    usage = classify(exitcode=2, error_type=None, message="train.py: error: unrecognized arguments: --bogus")
+    assert usage.kind is FailureClass.USER_ERROR and not usage.retryable and "job.args" in usage.hint
+    assert classify(exitcode=2, error_type=None, message="something else").retryable
+    assert classify(exitcode=1, error_type=None, message="train.py: error: x").retryable
+
+
+def test_log_stream_gives_each_line_one_prefix(tmp_path) -> None:
+    import io
+
+    from orchestrator.launch.logstream import LogStreamer
+
+    log = tmp_path / "rank-1.log"
+    log.write_text("[rank1]:[W1130 12:00:00] a torch warning\n[rank1]: Traceback\nplain\n[rank2]: other\n")
+    out, notes = io.StringIO(), io.StringIO()
+    stream = LogStreamer(out, notes=notes)
+    stream.follow(1, str(log))
+    stream.note("[orch] a note\n")
+    stream.flush()
+    assert out.getvalue().splitlines() == [
+        "[rank 1] [W1130 12:00:00] a torch warning",
+        "[rank 1] Traceback",
+        "[rank 1] plain",
+        "[rank 1] [rank2]: other",
+    ]
+    assert notes.getvalue() == "[orch] a note\n"
+
+
+def test_live_progress_from_heartbeats() -> None:
+    from orchestrator.supervision.status import format_progress, live_progress, progress_line
+
+    beats = {0: (120, 99.5, "train", 0.1), 1: (119, 97.0, "save", 0.1)}
+    progress = live_progress(beats, 300, now=100.0)
+    assert progress["step"] == 120 and progress["steps_per_s"] == 10.0 and progress["eta_s"] == 18.0
+    assert [r["beat_age_s"] for r in progress["ranks"]] == [0.5, 3.0]
+    assert progress_line(progress) == "step 120/300 (40%), 10.00 steps/s, ETA 18s, 2 rank(s) beating"
+    assert (
+        format_progress(progress)[1]
+        == "ranks      2 beating at step 119-120; oldest beat 3.0s ago (rank 1, save)"
+    )
+    assert live_progress(beats, None, now=100.0)["eta_s"] is None
+    assert live_progress({}, 300, now=100.0) is None
+
+
+class _Terminal:
+    def __init__(self, tty: bool) -> None:
+        self.text, self.tty = "", tty
+
+    def write(self, text: str) -> None:
+        self.text += text
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return self.tty
+
+
+def test_console_progress_is_one_redrawn_line_on_a_terminal_and_plain_lines_elsewhere(tmp_path) -> None:
+    from orchestrator.launch.logstream import LogStreamer
+
+    log = tmp_path / "rank-0.log"
+    log.write_text("hello\n")
+    for tty in (True, False):
+        term = _Terminal(tty)
+        stream = LogStreamer(term, notes=term, status=lambda: "step 5/10")
+        stream._status_due = 0  # due now
+        stream._refresh_status()
+        stream.follow(0, str(log))
+        stream.flush()
+        stream.stop()
+        if tty:  # drawn, cleared for the rank line, drawn again under it, cleared at the end
+            assert term.text == ("[orch] step 5/10\r\x1b[K[rank 0] hello\n[orch] step 5/10\r\x1b[K"), repr(
+                term.text
+            )
+        else:
+            assert term.text == "[orch] step 5/10\n[rank 0] hello\n"

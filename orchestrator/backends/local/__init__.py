@@ -11,10 +11,12 @@ from typing import Any, ClassVar
 
 from orchestrator.backends.api import RunOptions, Submission
 from orchestrator.contract import Event
-from orchestrator.errors import OrchError
+from orchestrator.errors import OrchError, UsageError
 from orchestrator.spec.config import ClusterConfig
 from orchestrator.storage.rundir import RunDir, this_host
 from orchestrator.supervision.status import LiveState
+
+from .liveness import supervisor_alive
 
 
 def _supervisor_start(events: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
@@ -22,14 +24,15 @@ def _supervisor_start(events: Sequence[dict[str, Any]]) -> dict[str, Any] | None
     return starts[-1] if starts else None
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def _finished_since_start(events: Sequence[dict[str, Any]]) -> bool:
+    """Whether the run's latest supervisor recorded its end (a resumed run starts anew)."""
+    finished = False
+    for e in events:
+        if e.get("event") == Event.RUN_STARTED:
+            finished = False
+        elif e.get("event") == Event.RUN_FINISHED:
+            finished = True
+    return finished
 
 
 class LocalBackend:
@@ -61,6 +64,7 @@ class LocalBackend:
             config=config,
             run=run,
             console=sys.stderr,
+            rank_console=sys.stdout if options.ranks_to_stdout else sys.stderr,
             show_ranks=options.show_ranks,
             launcher=ForkServerLauncher(config),
         )
@@ -71,21 +75,30 @@ class LocalBackend:
         return supervisor.run_all()
 
     def submit(self, config: ClusterConfig, run: RunDir, python: str) -> Submission:
-        raise OrchError(self.submit_hint or "submit: not offered by the local backend")
+        raise UsageError(self.submit_hint or "submit: not offered by the local backend")
 
     def live_state(self, run: RunDir, events: Sequence[dict[str, Any]]) -> LiveState:
         start = _supervisor_start(events)
         if start is None or start.get("host") != this_host() or not start.get("pid"):
             return LiveState()  # not started yet, or supervised on another machine
-        return LiveState(supervisor_alive=pid_alive(int(start["pid"])))
+        return LiveState(supervisor_alive=supervisor_alive(start))
 
     def cancel(self, run: RunDir, events: Sequence[dict[str, Any]]) -> str:
         start = _supervisor_start(events)
-        if start is None or any(e.get("event") == Event.RUN_FINISHED for e in events):
+        if start is None or _finished_since_start(events):
             raise OrchError(f"run {run.run_id} is not running")
         if start.get("host") != this_host():
             raise OrchError(f"run {run.run_id} is supervised on {start.get('host')}; cancel it there")
-        os.kill(int(start["pid"]), signal.SIGTERM)
+        gone = (
+            f"run {run.run_id} is not running: its supervisor (pid {start['pid']}) is gone;"
+            f" `orch resume {run.run_id}` continues it"
+        )
+        if not supervisor_alive(start):
+            raise OrchError(gone)  # never signal a pid that may now be someone else's process
+        try:
+            os.kill(int(start["pid"]), signal.SIGTERM)
+        except ProcessLookupError:
+            raise OrchError(gone) from None
         run.append_event(Event.CANCEL_REQUESTED, pid=start["pid"])
         return f"asked the supervisor of run {run.run_id} (pid {start['pid']}) to stop"
 

@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TextIO
 
+from orchestrator.backends.local.liveness import process_start_time
 from orchestrator.contract import (
     ENV_INCARNATION,
     Event,
@@ -34,8 +35,9 @@ from orchestrator.spec.config import ClusterConfig
 from orchestrator.spec.plan import build_local_plan
 from orchestrator.storage.rundir import RunDir, this_host
 from orchestrator.supervision.failures import RankFailure, exception_line
-from orchestrator.supervision.loop import Ended, Started, Supervision
+from orchestrator.supervision.loop import Ended, Started, Supervision, next_attempt
 from orchestrator.supervision.policy import Action, AttemptState
+from orchestrator.supervision.status import attempt_beats, live_progress, progress_line
 
 
 @dataclass(frozen=True)
@@ -90,8 +92,10 @@ class LocalAttempts:
         self.stream = stream
         self.group: AttemptGroup | None = None
         self.error_files: dict[int, str] = {}
+        self.attempt: int | None = None  # the attempt started last
 
     def start(self, attempt: int, master_port: int) -> Started:
+        self.attempt = attempt
         plan = build_local_plan(
             self.config,
             run_id=self.run.run_id,
@@ -170,13 +174,31 @@ class Supervisor:
 
     config: ClusterConfig
     run: RunDir
-    console: TextIO = sys.stderr
+    console: TextIO = sys.stderr  # the orchestrator's own lines
+    rank_console: TextIO = sys.stdout  # the ranks' output, prefixed
     show_ranks: tuple[int, ...] | None = None
     launcher: Launcher = field(default_factory=SubprocessLauncher)
     poll_s: float = 0.05
     _stop_requested: threading.Event = field(default_factory=threading.Event, init=False)
     _stop_signal: int | None = field(default=None, init=False)
     _attempts: LocalAttempts | None = field(default=None, init=False)
+    _total_steps: int | None = field(default=None, init=False)
+    _total_read_at: float = field(default=-1e9, init=False)
+
+    # ------------------------------------------------------------------ progress
+
+    def _progress_line(self) -> str | None:
+        """The console's progress line: the running attempt's heartbeats, and the total steps
+        the job declared (events re-read every 2 s until it has, then every 30 s)."""
+        attempts = self._attempts
+        if attempts is None or attempts.attempt is None:
+            return None
+        if time.monotonic() >= self._total_read_at + (2 if self._total_steps is None else 30):
+            self._total_read_at = time.monotonic()
+            totals = [e.get("total_steps") for e in self.run.events() if e.get("event") == Event.TOTAL_STEPS]
+            self._total_steps = totals[-1] if totals else None
+        progress = live_progress(attempt_beats(self.run, attempts.attempt), self._total_steps, time.time())
+        return progress_line(progress) if progress else None
 
     # ------------------------------------------------------------------ signals
 
@@ -196,7 +218,7 @@ class Supervisor:
     # ------------------------------------------------------------------ RunHooks
 
     def say(self, text: str) -> None:
-        self._stream.write(f"[orch] {text}\n")
+        self._stream.note(f"[orch] {text}\n")
 
     def stop_requested(self) -> bool:
         return self._stop_requested.is_set()
@@ -212,7 +234,9 @@ class Supervisor:
 
     def run_all(self) -> RunResult:
         started = time.time()
-        self._stream = LogStreamer(self.console, self.show_ranks)
+        self._stream = LogStreamer(
+            self.rank_console, self.show_ranks, notes=self.console, status=self._progress_line
+        )
         self._stream.start()
         cfg = self.config
         self.run.append_event(
@@ -220,6 +244,7 @@ class Supervisor:
             run_id=self.run.run_id,
             host=this_host(),
             pid=os.getpid(),
+            pid_started=process_start_time(os.getpid()),
             backend="local",
             launcher=self.launcher.name,
             world_size=cfg.resources.world_size,
@@ -238,6 +263,7 @@ class Supervisor:
             hooks=self,
             lease_port=lease_port,
             poll_s=self.poll_s,
+            first_attempt=next_attempt(self.run.events()),  # a resumed run continues the count
         )
         try:
             result = loop.run_attempts()

@@ -174,13 +174,13 @@ def render_slurm(config: ClusterConfig, *, run_id: str, run_dir: str, folder: st
             " forks its ranks from one fork server:"
         )
         lines.append(
-            "#      RANK=SLURM_NODEID*LOCAL_WORLD_SIZE+LOCAL_RANK NODE_RANK=GROUP_RANK=SLURM_NODEID,"
-            " SLURM_PROCID=RANK, SLURM_LOCALID=LOCAL_RANK"
+            "#      RANK=ROLE_RANK=SLURM_NODEID*LOCAL_WORLD_SIZE+LOCAL_RANK"
+            " NODE_RANK=GROUP_RANK=SLURM_NODEID, SLURM_PROCID=RANK, SLURM_LOCALID=LOCAL_RANK"
         )
     else:
         lines.append(
             "# ---- per rank (templates/slurm_task.sh):"
-            " RANK=SLURM_PROCID LOCAL_RANK=SLURM_LOCALID NODE_RANK=GROUP_RANK=SLURM_NODEID"
+            " RANK=ROLE_RANK=SLURM_PROCID LOCAL_RANK=SLURM_LOCALID NODE_RANK=GROUP_RANK=SLURM_NODEID"
         )
     res = config.resources
     for node in range(res.nodes):

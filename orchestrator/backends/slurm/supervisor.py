@@ -28,7 +28,7 @@ from orchestrator.launch.ports import lease_port
 from orchestrator.spec.config import ClusterConfig, config_from_run_record
 from orchestrator.storage.rundir import RunDir
 from orchestrator.supervision.failures import RankFailure, exception_line
-from orchestrator.supervision.loop import Ended, Started, Supervision
+from orchestrator.supervision.loop import Ended, Started, Supervision, next_attempt
 from orchestrator.supervision.policy import Action, AttemptState
 
 # srun must not inherit the batch step's own task layout.
@@ -254,7 +254,7 @@ def supervise(run_url: str) -> None:
     signal.signal(
         signal.SIGTERM, lambda _signum, _frame: incarnation.terminated.set()
     )  # replaces submitit's "bypass" handler
-    attempt = sum(1 for e in run.events() if e.get("event") == Event.ATTEMPT_STARTED)
+    attempt = next_attempt(run.events())
     run.append_event(
         Event.JOB_STARTED,
         job_id=job_id,
