@@ -277,3 +277,26 @@ def test_logs_of_a_run_as_a_user_reads_them(tmp_path):
     assert all(line.startswith("[rank 1] ") for line in first.stdout.splitlines())
     none = run_orch("logs", "g", "--config", str(cfg), "--attempt", "7")
     assert none.returncode == 1 and "no logs for attempt 7" in one_line(none.stderr)
+
+
+def test_an_unmodified_lightning_fabric_script_runs_on_two_nodes(tmp_path):
+    # Fabric picks its launcher from the environment: with torchrun's whole variable set it
+    # takes the ranks as they are (TorchElasticEnvironment) instead of spawning its own.
+    import shutil
+
+    shutil.copy(TEST_JOBS / "fabric_train.py", tmp_path / "fabric_train.py")
+    proc = subprocess.run(
+        orch_cmd("run", "--nproc-per-node", "2", "--nnodes", "2", "fabric_train.py", "--quiet"),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    reports = [json.loads((tmp_path / f"fabric-{rank}.json").read_text()) for rank in range(4)]
+    for rank, report in enumerate(reports):
+        assert report["environment"] == "TorchElasticEnvironment"
+        assert (report["global_rank"], report["world_size"]) == (rank, 4)
+        assert (report["node_rank"], report["local_rank"]) == divmod(rank, 2)
+        assert report["all_reduce"] == 1 + 2 + 3 + 4
+    assert len({r["weight"] for r in reports}) == 1, "DDP kept the replicas equal"
