@@ -138,9 +138,10 @@ def test_forked_ranks_see_what_one_task_per_rank_sees(tmp_path):
     for forked, task in zip(seen["auto"], seen["subprocess"], strict=True):
         drop = lambda env: {k: v for k, v in env.items() if k not in PER_STEP_VARS}  # noqa: E731
         assert drop(forked["slurm"]) == drop(task["slurm"])
-        assert {
-            k: forked[k] for k in CONTRACT_VARS if k not in ("MASTER_PORT", "ORCH_RUN_ID", "ORCH_RUN_DIR")
-        } == {k: task[k] for k in CONTRACT_VARS if k not in ("MASTER_PORT", "ORCH_RUN_ID", "ORCH_RUN_DIR")}
+        per_run = ("MASTER_PORT", "ORCH_RUN_ID", "ORCH_RUN_DIR", "TORCHELASTIC_RUN_ID")
+        assert {k: forked[k] for k in CONTRACT_VARS if k not in per_run} == {
+            k: task[k] for k in CONTRACT_VARS if k not in per_run
+        }
 
 
 def _interrupt_and_check(tmp_path, reference, run_id, interrupt, **sections) -> dict:
@@ -369,6 +370,14 @@ def test_logs_and_cancel_from_the_login_node(tmp_path):
     assert run_orch("cancel", "cancelme", "--config", str(cfg)).returncode == 0
     st = wait_final(cfg, "cancelme", timeout=120)
     assert st["state"] == "cancelled" and st["slurm_state"] == "CANCELLED", st
+    # Slurm's SIGTERM for a cancel looks like a preemption's: the supervisor must not requeue.
+    events = wait_for(
+        lambda: [e for e in read_events(run_dir) if e["event"] == "run_finished"] and read_events(run_dir),
+        60,
+        "the supervisor's run_finished",
+    )
+    assert "requeued" not in [e["event"] for e in events]
+    assert [e["status"] for e in events if e["event"] == "run_finished"] == ["cancelled"]
 
 
 def test_hung_rank_inside_the_allocation_is_dumped_and_restarted(tmp_path):

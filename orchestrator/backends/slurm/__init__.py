@@ -63,8 +63,10 @@ class SlurmBackend:
         job_id = _job_id(events)
         if job_id is None:
             raise OrchError(f"run {run.run_id} was never submitted to Slurm")
-        cancel(job_id)
+        # Recorded first: the supervisor reads it when the SIGTERM arrives, to tell a cancel
+        # from a preemption (which it would requeue).
         run.append_event(Event.CANCEL_REQUESTED, job_id=job_id)
+        cancel(job_id)
         return f"cancelled Slurm job {job_id} of run {run.run_id}"
 
 

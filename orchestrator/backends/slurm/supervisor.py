@@ -200,8 +200,22 @@ class SlurmIncarnation:
         return not self.terminated.wait(seconds)
 
     def resume(self, attempt: int, newest_checkpoint: int | None) -> bool:
-        """Requeue the job; the next incarnation resumes from the checkpoint."""
+        """Requeue the job; the next incarnation resumes from the checkpoint. Not when the
+        SIGTERM was `orch cancel`'s scancel: Slurm sends the same signal for a cancel as for a
+        preemption, and a requeue would bring the cancelled job back."""
         run, job_id = self.run, self.job_id
+        if any(
+            e.get("event") == Event.CANCEL_REQUESTED and str(e.get("job_id")) == job_id for e in run.events()
+        ):
+            run.append_event(
+                Event.RUN_FINISHED,
+                status="cancelled",
+                job_id=job_id,
+                newest_checkpoint=newest_checkpoint,
+                exit_code=128 + signal.SIGTERM,
+            )
+            _log(f"cancelled (orch cancel); checkpointed at step {newest_checkpoint}; not requeued")
+            return False
         run.append_event(Event.PREEMPTED, job_id=job_id, checkpoint=newest_checkpoint)
         if self.restart_count >= self.config.slurm.max_requeues:
             raise NoRequeuesLeft(
