@@ -465,6 +465,12 @@ class Checkpointer:
             raise CheckpointError(
                 f"rank {self.ctx.rank} saves step {step} but rank 0 saves step {agreed_step}"
             )
+        if step == self.last_saved_step:
+            # Saved already (a periodic save, then the script's own final save of the same
+            # step): committed, or its error raised by wait() above. Nothing changes by saving
+            # it again, and the commit would be refused as a duplicate.
+            heartbeat.beat(step, Phase.TRAIN)
+            return
         app = self._app_state(step, epoch, extra) if self.ctx.is_main else None
         mine = self._rank_state()
         # Refused before anything is written, but inside the protocol: every rank gets the error.
@@ -571,7 +577,10 @@ class Checkpointer:
                 except StaleIncarnation as exc:
                     result = ("stale", str(exc))
                 except AlreadyCommitted as exc:
-                    result = ("stale", f"checkpoint {step_dir_name(step)} not committed: {exc}")
+                    # By a newer incarnation: fenced. By this one: a step saved twice with other
+                    # saves in between (the same step again in a row is a no-op, see save()).
+                    kind = "stale" if exc.incarnation > self.incarnation else "error"
+                    result = (kind, f"checkpoint {step_dir_name(step)} not committed: {exc}")
                 except OSError as exc:
                     result = (
                         "error",

@@ -67,7 +67,11 @@ class StaleIncarnation(Exception):
 
 
 class AlreadyCommitted(Exception):
-    pass
+    """The step is committed by this incarnation or a newer one: not ours to displace."""
+
+    def __init__(self, step: int, incarnation: int) -> None:
+        super().__init__(f"{step_dir_name(step)} is already committed by incarnation {incarnation}")
+        self.incarnation = incarnation
 
 
 def step_dir_name(step: int) -> str:
@@ -326,14 +330,14 @@ class CheckpointStore:
         # it slipped in before our registration made it stale.
         existing = self._existing_incarnation(step)
         if existing >= token_incarnation(token):
-            raise AlreadyCommitted(f"{step_dir_name(step)} is already committed by incarnation {existing}")
+            raise AlreadyCommitted(step, existing)
         os.rename(final, f"{self.path}/{step_dir_name(step)}.stale-{make_token(existing)}")
         os.rename(tmp, final)
 
     def _displace_marker(self, final: str, step: int, token: str, marker: bytes) -> None:
         existing = self._existing_incarnation(step)
         if existing >= token_incarnation(token):
-            raise AlreadyCommitted(f"{step_dir_name(step)} is already committed by incarnation {existing}")
+            raise AlreadyCommitted(step, existing)
         self.fs.pipe_file(f"{final}/{COMMITTED}", marker)
 
     def _existing_incarnation(self, step: int) -> int:

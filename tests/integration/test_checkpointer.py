@@ -303,3 +303,25 @@ def test_the_stop_vote_runs_every_period_and_stops_every_rank_at_the_same_step(t
     stopped = {r["stopped"] for r in results}
     assert len(stopped) == 1 and 60 < stopped.pop() <= 60 + 2 * every.pop() + 1, results
     assert {r["saved"] for r in results} == {results[0]["stopped"]}
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_saving_the_step_just_saved_again_is_a_no_op(ctx, url, async_save):
+    # A periodic save at the last step, then the script's own final save of the same step:
+    # that used to fail the run as a "stale incarnation".
+    model, opt, sched, sampler = make_parts()
+    ckpt = runtime.Checkpointer(
+        ctx, model=model, optimizer=opt, url=url, incarnation=0, async_save=async_save
+    )
+    ckpt.save(10)
+    ckpt.save(10)
+    ckpt.wait()
+    store = CheckpointStore(url)
+    assert store.committed_steps() == [10]
+    ckpt.save(20)
+    with pytest.raises(CheckpointError) as err:  # not StaleIncarnationError: nothing is fenced
+        ckpt.save(10)
+        ckpt.wait()
+    assert not isinstance(err.value, StaleIncarnationError)
+    assert "already committed by incarnation 0" in str(err.value)
+    assert store.committed_steps() == [20, 10]
