@@ -379,6 +379,9 @@ def _create_run(args: argparse.Namespace, config: Any) -> Any:
         run.create(frozen)
     except FileExistsError:
         raise UsageError(f"--run-id: run {run_id} already exists at {run.url}") from None
+    except Exception as exc:  # noqa: BLE001 - any storage's error (OSError, botocore's own): one line
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else f"{type(exc).__name__}: {exc}"
+        raise UsageError(f"storage.root: cannot create the run directory {run.url}: {reason}") from None
     return run
 
 

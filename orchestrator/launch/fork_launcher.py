@@ -223,11 +223,24 @@ class ForkServer:
             self.proc.kill()
 
     def _send(self, message: dict[str, Any]) -> None:
-        try:
-            self.sock.sendall(json.dumps(message).encode() + b"\n")
-        except OSError as exc:
-            self._lost()
-            raise ForkServerError(f"the fork server is gone ({exc})") from None
+        """Send without ever blocking while the server may be blocked sending to us: whenever
+        the socket has no room, read (and dispatch) what the server sent, then try again."""
+        data = memoryview(json.dumps(message).encode() + b"\n")
+        while data:
+            if not self.alive:
+                raise ForkServerError("the fork server is gone")
+            readable, writable, _ = select.select([self.sock], [self.sock], [], 1.0)
+            if readable:
+                self.drain()
+            if writable and self.alive:
+                try:
+                    sent = self.sock.send(data, socket.MSG_DONTWAIT)
+                except (BlockingIOError, InterruptedError):
+                    continue
+                except OSError as exc:
+                    self._lost()
+                    raise ForkServerError(f"the fork server is gone ({exc})") from None
+                data = data[sent:]
 
     # -------------------------------------------------------------- operations
 

@@ -89,12 +89,33 @@ def preload(modules: list[str]) -> tuple[list[str], str | None, str | None]:
 
 
 class _Channel:
+    """The server's end. It never blocks on a send: replies wait in an outbox that the main
+    loop writes out when the socket has room, while it goes on reading requests. (Blocking
+    sends deadlocked with a supervisor that was itself blocked sending spawn requests: 256
+    ranks that exit at once fill both directions.)"""
+
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.buffer = b""
+        self.outbox = bytearray()
 
     def send(self, message: dict[str, Any]) -> None:
-        self.sock.sendall(json.dumps(message).encode() + b"\n")
+        self.outbox += json.dumps(message).encode() + b"\n"
+        self.flush()
+
+    def flush(self) -> None:
+        """Write as much of the outbox as the socket takes now."""
+        while self.outbox:
+            try:
+                sent = self.sock.send(self.outbox, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return
+            del self.outbox[:sent]
+
+    def flush_all(self) -> None:
+        """Write the whole outbox, waiting for room (before the loop: the client is reading)."""
+        self.sock.sendall(self.outbox)
+        self.outbox.clear()
 
     def receive(self) -> list[dict[str, Any]] | None:
         """The complete messages now readable; None at EOF."""
@@ -123,6 +144,7 @@ def serve(sock: socket.socket, modules: list[str]) -> None:
         reason = fork_hazard()
     if reason is not None:
         channel.send({"ready": False, "reason": reason, "module": module, "preloaded": imported})
+        channel.flush_all()
         return
     import_s = time.perf_counter() - t0
     print(
@@ -131,6 +153,7 @@ def serve(sock: socket.socket, modules: list[str]) -> None:
         flush=True,
     )
     channel.send({"ready": True, "preloaded": imported, "import_s": round(import_s, 3), "pid": os.getpid()})
+    channel.flush_all()
 
     # SIGCHLD wakes the loop through a pipe, so no thread is ever needed to reap.
     wake_r, wake_w = os.pipe()
@@ -139,7 +162,9 @@ def serve(sock: socket.socket, modules: list[str]) -> None:
     signal.signal(signal.SIGCHLD, lambda *_: None)
     children: set[int] = set()
     while True:
-        readable, _, _ = select.select([sock, wake_r], [], [])
+        readable, writable, _ = select.select([sock, wake_r], [sock] if channel.outbox else [], [])
+        if writable:
+            channel.flush()
         if wake_r in readable:
             os.read(wake_r, 4096)
         _reap(channel, children)

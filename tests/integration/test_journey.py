@@ -61,6 +61,8 @@ def reference(tmp_path_factory) -> str:
     cfg = config(tmp)
     proc = run_orch("run", str(cfg), "--run-id", "ref", "--quiet")
     assert proc.returncode == 0, proc.stderr
+    assert "[rank " not in proc.stdout + proc.stderr, "--quiet shows no rank output"
+    assert "[orch] run ref succeeded" in proc.stderr
     return status(cfg, "ref")["newest_checkpoint_digest"]
 
 

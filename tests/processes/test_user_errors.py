@@ -85,3 +85,23 @@ def test_cancel_of_a_gone_supervisor_is_one_line(tmp_path):
     run = _fake_run(tmp_path, gone.pid, time.time() - 31)
     assert "is not running" in one_line_exit(run_orch("cancel", str(run)), 1)
     assert json.loads(run_orch("status", str(run), "--json").stdout)["state"] == "lost"
+
+
+def test_a_run_directory_that_cannot_be_created_is_one_line(cfg):
+    line = one_line_exit(run_orch("run", str(cfg), "--set", "storage.root=/proc/nope"), 2)
+    assert (
+        line.startswith("storage.root: cannot create the run directory /proc/nope/")
+        and "No such file" in line
+    )
+    no_credentials = {
+        "AWS_ACCESS_KEY_ID": "",
+        "AWS_SECRET_ACCESS_KEY": "",
+        "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
+        "AWS_CONFIG_FILE": "/nonexistent",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+    line = one_line_exit(
+        run_orch("run", str(cfg), "--set", "storage.root=s3://orch-no-bucket/runs", env=no_credentials), 2
+    )
+    assert "storage.root: cannot create the run directory s3://orch-no-bucket/runs/" in line
+    assert "NoCredentialsError" in line
