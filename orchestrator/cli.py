@@ -267,18 +267,23 @@ def _is_quick_start(args: argparse.Namespace) -> bool:
     return bool(getattr(args, "module", None)) or str(args.config).endswith(".py")
 
 
-def _load(args: argparse.Namespace) -> Any:
-    from orchestrator.spec.config import load_config, quick_start_config
-
+def _overrides(args: argparse.Namespace) -> list[str]:
+    """--set, then the torchrun-style flags and the arguments after `--`, as overrides of the
+    same kind (JSON is YAML: quoted, each argument stays the text it was)."""
     overrides = list(args.overrides)
-    # The torchrun-style flags and the arguments after `--` are overrides like --set, applied
-    # after it (JSON is YAML: quoted, each argument stays the text it was).
     if getattr(args, "nproc_per_node", None) is not None:
         overrides.append(f"resources.ranks_per_node={args.nproc_per_node}")
     if getattr(args, "nnodes", None) is not None:
         overrides.append(f"resources.nodes={args.nnodes}")
     if getattr(args, "job_args", None) is not None:
         overrides.append(f"job.args={json.dumps(args.job_args)}")
+    return overrides
+
+
+def _load(args: argparse.Namespace) -> Any:
+    from orchestrator.spec.config import load_config, quick_start_config
+
+    overrides = _overrides(args)
     if _is_quick_start(args):
         if args.module and args.config != DEFAULT_CONFIG:
             raise UsageError(f"-m {args.module}: give a module or a script ({args.config}), not both")
@@ -301,10 +306,14 @@ def _load_for(args: argparse.Namespace, command: str) -> tuple[Any, Any]:
     hint = backend.foreground_hint if command == "run" else backend.submit_hint
     if hint is not None:
         raise UsageError(hint)
+    _check_pass_env(config)
+    return config, backend
+
+
+def _check_pass_env(config: Any) -> None:
     missing = [n for n in config.job.pass_env if n not in os.environ]
     if missing:
         raise UsageError(f"job.pass_env: {missing[0]} is not set in this environment")
-    return config, backend
 
 
 def _run_backend(run: Any, events: list[dict[str, Any]]) -> Any:
@@ -461,13 +470,12 @@ def _resume(args: argparse.Namespace, run: Any) -> int:
             f" resumes (`orch cancel {run.run_id}` first)"
         )
     record = run.read_run_config()
-    config = config_for_resume(record, args.overrides)
-    missing = [n for n in config.job.pass_env if n not in os.environ]
-    if missing:
-        raise UsageError(f"job.pass_env: {missing[0]} is not set in this environment")
+    overrides = _overrides(args)
+    config = config_for_resume(record, overrides)
+    _check_pass_env(config)
     show = _shown_ranks(args, config)  # bad input fails before anything changes
     attempt = next_attempt(events)
-    if args.overrides:
+    if overrides:
         run.replace_run_config(
             {**record, "config": config_to_dict(config)}, keep_as=f"run-before-attempt-{attempt}.yaml"
         )
@@ -477,7 +485,7 @@ def _resume(args: argparse.Namespace, run: Any) -> int:
         from_state=st.state,
         attempt=attempt,
         newest_checkpoint=st.newest_checkpoint,
-        overrides=list(args.overrides),
+        overrides=overrides,
     )
     print(
         f"[orch] resuming run {run.run_id} ({st.state}) as attempt {attempt}, from "
@@ -707,7 +715,7 @@ COMMANDS = {
 }
 
 
-_TAKES_JOB_ARGS = ("render", "run", "submit")
+_TAKES_JOB_ARGS = ("render", "run", "submit", "resume")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -713,6 +713,7 @@ def quick_start_config(
     return parse_config(data, source="command line", base_dir=base_dir)
 
 
+# What `orch resume --set` may change: a section (ending in ".") or one field.
 RESUME_MAY_CHANGE = ("restart.", "resources.", "job.args")
 
 
@@ -723,7 +724,7 @@ def config_for_resume(record: Mapping[str, Any], overrides: typing.Iterable[str]
     overrides = list(overrides)
     for text in overrides:
         key = text.partition("=")[0]
-        if not (key == "job.args" or key.startswith(RESUME_MAY_CHANGE[:2])):
+        if not any(key == p or (p.endswith(".") and key.startswith(p)) for p in RESUME_MAY_CHANGE):
             raise _error("--set", key, "cannot change on resume (only restart.*, resources.* and job.args)")
     data = apply_overrides(record["config"], overrides)
     return parse_config(data, source="run.yaml", base_dir=record.get("base_dir", "."), check_files=False)

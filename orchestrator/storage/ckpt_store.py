@@ -475,8 +475,9 @@ class CheckpointStore:
         seals: dict[int, dict[str, int] | None] = {}
         accepted, fenced = [], []
         for step, by in records:
-            judge = next((j for j in sealed if j > by and self._seal_of(j, seals) is not None), None)
-            if by < 0 or judge is None or seals[judge].get(str(step)) == by:  # type: ignore[union-attr]
+            # The first incarnation after the committer that sealed judges: listed, it counts.
+            seal = next((s for j in sealed if j > by and (s := self._seal_of(j, seals)) is not None), None)
+            if by < 0 or seal is None or seal.get(str(step)) == by:
                 accepted.append(step)
             else:
                 fenced.append(step)

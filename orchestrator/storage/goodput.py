@@ -40,11 +40,12 @@ def ledger(events: Iterable[dict[str, Any]], now: float | None = None) -> dict[s
         kind, t = ev.get("event"), float(ev.get("time", 0.0))
         first = t if first is None else first
         if kind == Event.RESUMED:
-            if current is not None:  # the lost attempt: it ended with its last sign of life
-                attempts.append(_close(current, last if last is not None else t, "lost", lost))
+            stopped_at = last if last is not None else t  # the run's last sign of life
+            if current is not None:  # the lost attempt ended there
+                attempts.append(_close(current, stopped_at, "lost", lost))
                 productive += attempts[-1]["productive_s"]
                 current = None
-            lost["stopped"] += t - (last if last is not None else t)
+            lost["stopped"] += t - stopped_at
         last = t
         if kind == Event.RUN_STARTED:
             launching_since = t  # the launcher warms up (the fork server imports torch)

@@ -161,6 +161,12 @@ def live_progress(
     return {"step": step, "total_steps": total_steps, "steps_per_s": rate, "eta_s": eta, "ranks": ranks}
 
 
+def declared_total_steps(events: list[dict[str, Any]]) -> int | None:
+    """What the job last declared with runtime.declare_total_steps, if anything."""
+    totals = [e.get("total_steps") for e in events if e.get("event") == Event.TOTAL_STEPS]
+    return totals[-1] if totals else None
+
+
 def attempt_beats(run: RunDir, attempt: int) -> dict[int, tuple[int, float, str, float]]:
     """The heartbeats of an attempt's ranks, where this machine can read them (a local or
     shared run directory; for a remote one, the supervisor host's staging folder)."""
@@ -185,9 +191,8 @@ def run_status(run: RunDir, events: list[dict[str, Any]], live: LiveState) -> Ru
     finished = fields["state"] in FINAL_STATES + ("lost",)
     progress = None
     if fields["state"] == "running" and fields["current_attempt"] is not None:
-        totals = [e.get("total_steps") for e in events if e.get("event") == Event.TOTAL_STEPS]
         progress = live_progress(
-            attempt_beats(run, fields["current_attempt"]), totals[-1] if totals else None, time.time()
+            attempt_beats(run, fields["current_attempt"]), declared_total_steps(events), time.time()
         )
     return RunStatus(
         goodput=ledger(events, now=None if finished else time.time()),
@@ -234,26 +239,24 @@ def format_status(st: RunStatus) -> str:
     return "\n".join(lines)
 
 
-def progress_line(progress: dict[str, Any]) -> str:
-    """One line for a console: step, share, rate, ETA, ranks."""
+def _step_text(progress: dict[str, Any]) -> str:
+    """`step 120/300 (40%), 10.00 steps/s, ETA 18s`, as far as the progress knows."""
     total = progress["total_steps"]
     text = f"step {progress['step']}" + (f"/{total} ({100 * progress['step'] / total:.0f}%)" if total else "")
     if progress["steps_per_s"]:
         text += f", {progress['steps_per_s']:.2f} steps/s"
     if progress["eta_s"] is not None:
         text += f", ETA {_duration(progress['eta_s'])}"
-    return text + f", {len(progress['ranks'])} rank(s) beating"
+    return text
+
+
+def progress_line(progress: dict[str, Any]) -> str:
+    """One line for a console: step, share, rate, ETA, ranks."""
+    return f"{_step_text(progress)}, {len(progress['ranks'])} rank(s) beating"
 
 
 def format_progress(progress: dict[str, Any]) -> list[str]:
-    total = progress["total_steps"]
-    line = f"progress   step {progress['step']}" + (
-        f"/{total} ({100 * progress['step'] / total:.0f}%)" if total else ""
-    )
-    if progress["steps_per_s"]:
-        line += f", {progress['steps_per_s']:.2f} steps/s"
-    if progress["eta_s"] is not None:
-        line += f", ETA {_duration(progress['eta_s'])}"
+    line = f"progress   {_step_text(progress)}"
     ranks = progress["ranks"]
     stalest = max(ranks, key=lambda r: r["beat_age_s"])
     steps = sorted({r["step"] for r in ranks})

@@ -12,6 +12,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import yaml
 
 from ..conftest import JOBS, TEST_JOBS, orch_cmd, read_events, run_orch, wait_for, write_config
 
@@ -143,9 +144,14 @@ def test_resume_on_another_world_size_sees_every_sample_once(tmp_path):
     proc.communicate(timeout=120)
     stopped_at = status(cfg, "w")["newest_checkpoint"]
     assert stopped_at is not None
-    resumed = run_orch("resume", "w", "--config", str(cfg), "--set", "resources.ranks_per_node=3", "--quiet")
+    resumed = run_orch(
+        "resume", "w", "--config", str(cfg), "--set", "resources.ranks_per_node=3", "--quiet",
+        "--", "--dataset-size", str(n), "--batch", "2", "--step-sleep", "0.05",
+    )  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr
     assert (run_dir / "run-before-attempt-1.yaml").exists()
+    frozen = yaml.safe_load((run_dir / "run.yaml").read_text())["config"]
+    assert frozen["resources"]["ranks_per_node"] == 3 and frozen["job"]["args"][-1] == "0.05"
 
     def seen(attempt: int, ranks: int, keep) -> list[int]:
         out = []

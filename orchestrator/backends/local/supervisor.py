@@ -37,7 +37,7 @@ from orchestrator.storage.rundir import RunDir, this_host
 from orchestrator.supervision.failures import RankFailure, exception_line
 from orchestrator.supervision.loop import Ended, Started, Supervision, next_attempt
 from orchestrator.supervision.policy import Action, AttemptState
-from orchestrator.supervision.status import attempt_beats, live_progress, progress_line
+from orchestrator.supervision.status import attempt_beats, declared_total_steps, live_progress, progress_line
 
 
 @dataclass(frozen=True)
@@ -195,8 +195,7 @@ class Supervisor:
             return None
         if time.monotonic() >= self._total_read_at + (2 if self._total_steps is None else 30):
             self._total_read_at = time.monotonic()
-            totals = [e.get("total_steps") for e in self.run.events() if e.get("event") == Event.TOTAL_STEPS]
-            self._total_steps = totals[-1] if totals else None
+            self._total_steps = declared_total_steps(self.run.events())
         progress = live_progress(attempt_beats(self.run, attempts.attempt), self._total_steps, time.time())
         return progress_line(progress) if progress else None
 
