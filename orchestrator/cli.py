@@ -492,7 +492,7 @@ def _resume(args: argparse.Namespace, run: Any) -> int:
         + (f"checkpoint step {st.newest_checkpoint}" if st.newest_checkpoint is not None else "the start"),
         file=sys.stderr,
     )
-    if backend.name == "slurm":
+    if backend.foreground_hint is not None:  # a scheduler's backend: the next attempt is a new job
         backend.check_storage(config.storage_root)
         return _submit(args, config, backend, run)
     return _run_in_foreground(args, config, backend, run, show)

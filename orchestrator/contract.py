@@ -140,6 +140,9 @@ PREEMPTED_TYPE = "Preempted"
 HANG_TYPE = "Hang"
 # The `type` of a rank's record when the checkpoint fence stopped it: a newer incarnation runs.
 STALE_TYPE = "StaleIncarnationError"
+# The `type` of a failure of our own process between supervisor and ranks (a fork server or a
+# node agent that died or was stopped): the ranks it held count as its victims.
+LAUNCHER_TYPE = "LauncherFailed"
 
 
 def error_record(

@@ -5,8 +5,9 @@ Falls back to fresh interpreters (SubprocessLauncher) whenever forking is not sa
 why in the attempt's `notice`, which the supervisor logs:
 - `launch.mode: subprocess` (the user's opt-out);
 - `job.python` names another interpreter than the one the server would run;
-- the server found threads or a CUDA context after its imports, or could not start;
-- the server died during the run.
+- the server found threads or a CUDA context after its imports, or could not start.
+A server that dies or is stopped during an attempt is that attempt's failure (`failure()`, which
+the supervisor polls, names it); the next attempt starts a fresh server.
 A preloaded job import that starts a thread (or fails) is dropped from the preload list and
 the server restarted without it, so one unsafe library does not cost the whole speed-up.
 
@@ -37,6 +38,7 @@ from orchestrator.launch.processes import (
     RankProcess,
     SubprocessLauncher,
     _set_parent_death_signal,
+    process_state,
     start_reaper,
 )
 from orchestrator.spec.config import ClusterConfig
@@ -282,6 +284,31 @@ class ForkServer:
             pids.append(pid)
         return pids
 
+    def failure(self) -> str | None:
+        """Why this server can no longer report its ranks' exits, or None: it is gone (its ranks
+        died with it), or stopped (SIGSTOP: ranks may run on, but no exit would be reaped)."""
+        if not self.alive:
+            code = self.proc.poll()
+            if code is not None and code < 0:
+                how = f"was killed by {signal.Signals(-code).name}"
+            else:
+                how = "exited" if code is None else f"exited with code {code}"
+            return f"the fork server (pid {self.proc.pid}) {how}; its ranks died with it"
+        if process_state(self.proc.pid) == "T":
+            return (
+                f"the fork server (pid {self.proc.pid}) was stopped (SIGSTOP); its ranks could not be watched"
+            )
+        return None
+
+    def kill(self) -> None:
+        """SIGKILL (which also ends a stopped process): its ranks die with it and count as killed."""
+        try:
+            self.proc.kill()
+        except ProcessLookupError:  # pragma: no cover - already reaped
+            pass
+        self.sock.close()
+        self._lost()
+
     def close(self) -> None:
         try:
             self.sock.close()  # EOF: the server returns, and its remaining ranks die with it
@@ -346,14 +373,16 @@ class ForkServerLauncher:
         self, specs: Sequence[RankSpec], log_paths: Sequence[str], extra_env: Sequence[Mapping[str, str]]
     ) -> AttemptGroup:
         notes = []
-        if self.refusal is None and (self.server is None or not self.server.alive):
-            if self.server is not None:
-                self.refusal = "the fork server died during the run"
-            else:
-                log = self.server_log or os.path.join(
-                    os.path.dirname(log_paths[0]), os.pardir, "forkserver.log"
-                )
-                notes.extend(self._start_server(specs[0], log))
+        if self.refusal is None and self.server is not None and self.server.failure() is not None:
+            # A server killed or stopped mid-attempt was that attempt's root cause; this one
+            # gets a fresh server (if the next one cannot start, ranks start as interpreters).
+            notes.append(f"starting a fresh fork server: {self.server.failure()}")
+            self.server.kill()
+            self.server.close()
+            self.server = None
+        if self.refusal is None and self.server is None:
+            log = self.server_log or os.path.join(os.path.dirname(log_paths[0]), os.pardir, "forkserver.log")
+            notes.extend(self._start_server(specs[0], log))
         if self.refusal is not None:
             group = self.fallback.start_attempt(specs, log_paths, extra_env)
             if not self._notice_given:
@@ -425,6 +454,14 @@ class ForkServerLauncher:
             return notes
         self.refusal = "too many preloaded modules were unsafe to fork"
         return notes
+
+    def failure(self) -> str | None:
+        server = self.server
+        return server.failure() if server is not None and self.refusal is None else None
+
+    def abandon(self) -> None:
+        if self.server is not None:
+            self.server.kill()
 
     def close(self) -> None:
         if self.server is not None:

@@ -31,6 +31,17 @@ except OSError:  # pragma: no cover - non-glibc platforms
 # and the other stop signals ignored (_ignore_stop_signals), so a graceful stop of the group
 # leaves it in place to finish the job with SIGKILL.
 _REAPER_SCRIPT = "while read -r _; do :; done; kill -KILL 0"
+# How long AttemptGroup.close waits, in all, for the reaper and then for the ranks' exit statuses.
+CLOSE_WAIT_S = 5.0
+
+
+def process_state(pid: int) -> str | None:
+    """The one-letter state from /proc/PID/stat (R, S, D, T, Z...), or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return fh.read().rsplit(b")", 1)[1].split()[0].decode()
+    except (OSError, IndexError):
+        return None
 
 
 class ProcessHandle(Protocol):
@@ -93,20 +104,23 @@ class AttemptGroup:
         self.close()
 
     def close(self) -> None:
-        """Kill whatever is left of the group and reap the reaper."""
+        """Kill whatever is left of the group and reap the reaper. Waits at most
+        CLOSE_WAIT_S in all for the ranks' exit statuses (one wait per rank would add up to
+        minutes on a wedged fork server or ranks stuck in D state)."""
         if self.reaper_pipe >= 0:
             os.close(self.reaper_pipe)  # EOF: the reaper kills the group, itself included
             self.reaper_pipe = -1
         try:
-            self.reaper.wait(timeout=5)
+            self.reaper.wait(timeout=CLOSE_WAIT_S)
         except subprocess.TimeoutExpired:
             self.signal_all(signal.SIGKILL)
             self.reaper.wait()
         self.signal_all(signal.SIGKILL)  # in case the reaper could not
+        deadline = time.monotonic() + CLOSE_WAIT_S
         for r in self.ranks:
             try:
-                r.popen.wait(timeout=5)
-            except subprocess.TimeoutExpired:  # pragma: no cover - unkillable (D state)
+                r.popen.wait(timeout=max(0.01, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:  # unkillable (D state), or nobody left to report it
                 pass
             r.poll()
 
@@ -119,6 +133,13 @@ class Launcher(Protocol):
     def start_attempt(
         self, specs: Sequence[RankSpec], log_paths: Sequence[str], extra_env: Sequence[Mapping[str, str]]
     ) -> AttemptGroup: ...
+
+    def failure(self) -> str | None:
+        """Why the launcher itself can no longer run or watch this attempt's ranks (a fork server
+        that died or was stopped), or None. The supervisor asks on every poll."""
+
+    def abandon(self) -> None:
+        """Give up on what failure() named: kill it, so its ranks die and count as killed."""
 
     def close(self) -> None:
         """Release what outlives attempts (a fork server); called once when the run ends."""
@@ -199,6 +220,12 @@ class SubprocessLauncher:
             group.close()
             raise
         return group
+
+    def failure(self) -> str | None:
+        return None  # each rank is our own child: nothing stands between us and its exit
+
+    def abandon(self) -> None:
+        pass
 
     def close(self) -> None:
         pass

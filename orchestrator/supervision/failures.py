@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from orchestrator.contract import HANG_TYPE, PREEMPTED_EXIT_CODE, PREEMPTED_TYPE, STALE_TYPE
+from orchestrator.contract import HANG_TYPE, LAUNCHER_TYPE, PREEMPTED_EXIT_CODE, PREEMPTED_TYPE, STALE_TYPE
 
 # Errors that fail the same way every time: restarting cannot help.
 NON_RETRYABLE_TYPES = frozenset(
@@ -148,6 +148,8 @@ class RankFailure:
 
     @property
     def describe(self) -> str:
+        if self.error_type == LAUNCHER_TYPE:  # the message names the process and what happened
+            return self.message
         if self.error_type == HANG_TYPE:
             how = "hung"
         elif self.exitcode < 0:

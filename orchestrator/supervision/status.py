@@ -67,7 +67,7 @@ def summarize(
         last_event_time = ev.get("time", last_event_time)
         if kind == Event.RESUMED:  # the run goes on: its earlier end no longer stands
             finished, root, cancel_requested = None, None, False
-            state = "pending" if ev.get("backend") == "slurm" else "created"
+            state = "created"  # until the next attempt is submitted or started
         elif kind == Event.SUBMITTED:
             state, backend, job_id = "pending", ev.get("backend"), ev.get("job_id")
             started = started if started is not None else ev.get("time")

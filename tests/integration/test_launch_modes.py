@@ -34,9 +34,13 @@ def test_a_rank_cannot_tell_how_it_was_started(tmp_path: Path, mode: str) -> Non
         args=["--flag", "a b"],
         launch={"mode": mode},
         resources={"cpus_per_rank": 2},
-        job={"script": str(STATE_JOB), "env": {"PROCESS_EXIT": "atexit", "PROCESS_SECRET": "s3cr3t"}},
+        job={
+            "script": str(STATE_JOB),
+            "env": {"PROCESS_EXIT": "atexit"},
+            "pass_env": ["PROCESS_SECRET"],  # a secret reaches the ranks from the submitting env
+        },
     )
-    proc = run_orch("run", str(cfg), "--run-id", "state", "--json")
+    proc = run_orch("run", str(cfg), "--run-id", "state", "--json", env={"PROCESS_SECRET": "s3cr3t"})
     assert proc.returncode == 0, proc.stderr
     run_dir = tmp_path / "runs" / "state"
     assert _launchers(run_dir) == [LAUNCHED_BY[mode]]

@@ -22,6 +22,7 @@ from typing import TextIO
 from orchestrator.backends.local.liveness import process_start_time
 from orchestrator.contract import (
     ENV_INCARNATION,
+    LAUNCHER_TYPE,
     Event,
     rank_files,
     rank_files_env,
@@ -30,7 +31,13 @@ from orchestrator.contract import (
 )
 from orchestrator.launch.logstream import LogStreamer, tail_lines
 from orchestrator.launch.ports import lease_port
-from orchestrator.launch.processes import AttemptGroup, Launcher, RankProcess, SubprocessLauncher
+from orchestrator.launch.processes import (
+    AttemptGroup,
+    Launcher,
+    RankProcess,
+    SubprocessLauncher,
+    process_state,
+)
 from orchestrator.spec.config import ClusterConfig
 from orchestrator.spec.plan import build_local_plan
 from orchestrator.storage.rundir import RunDir, this_host
@@ -38,6 +45,10 @@ from orchestrator.supervision.failures import RankFailure, exception_line
 from orchestrator.supervision.loop import Ended, Started, Supervision, next_attempt
 from orchestrator.supervision.policy import Action, AttemptState
 from orchestrator.supervision.status import attempt_beats, declared_total_steps, live_progress, progress_line
+
+# After a stop request, how long past restart.stop_grace_s the run may take to end before it is
+# killed outright (issue 13: stoppable within the grace + 5 s, whatever it waits on).
+STOP_DEADLINE_S = 4.0
 
 
 @dataclass(frozen=True)
@@ -73,15 +84,6 @@ def describe_failure(proc: RankProcess, error_file: str) -> RankFailure:
     )
 
 
-def process_state(pid: int) -> str | None:
-    """The one-letter state from /proc/PID/stat (R, S, D, T, Z...)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            return fh.read().rsplit(b")", 1)[1].split()[0].decode()
-    except (OSError, IndexError):
-        return None
-
-
 class LocalAttempts:
     """The AttemptDriver of the local backend: one process group per attempt on this machine."""
 
@@ -93,9 +95,11 @@ class LocalAttempts:
         self.group: AttemptGroup | None = None
         self.error_files: dict[int, str] = {}
         self.attempt: int | None = None  # the attempt started last
+        self.launcher_failure: RankFailure | None = None  # our own process failed this attempt
 
     def start(self, attempt: int, master_port: int) -> Started:
         self.attempt = attempt
+        self.launcher_failure = None
         plan = build_local_plan(
             self.config,
             run_id=self.run.run_id,
@@ -122,13 +126,35 @@ class LocalAttempts:
     def poll(self) -> Ended | None:
         assert self.group is not None
         running = 0
+        first_failed = None
         for proc in self.group.ranks:
             code = proc.poll()
             if code is None:
                 running += 1
-            elif code != 0:
-                return Ended(failed=True, first_seen=proc.spec.rank)
+            elif code != 0 and first_failed is None:
+                first_failed = proc.spec.rank
+        # Asked after the ranks: a dead server's ranks all read as killed, and it is the cause.
+        if self._launcher_failed():
+            return Ended(failed=True)
+        if first_failed is not None:
+            return Ended(failed=True, first_seen=first_failed)
         return None if running else Ended(failed=False)
+
+    def _launcher_failed(self) -> bool:
+        """Whether the launcher (the fork server) failed this attempt; records it once."""
+        if self.launcher_failure is None:
+            reason = self.launcher.failure()
+            if reason is None:
+                return False
+            self.launcher_failure = RankFailure(
+                rank=None,
+                node_rank=None,
+                exitcode=-signal.SIGKILL,
+                time=time.time(),
+                error_type=LAUNCHER_TYPE,
+                message=reason,
+            )
+        return True
 
     def signal_ranks(self, signum: int) -> None:
         """To each rank, not its children (DataLoader workers have no handlers for these)."""
@@ -148,6 +174,8 @@ class LocalAttempts:
     def stop(self, grace_s: float) -> Ended:
         group = self.group
         assert group is not None
+        if self._launcher_failed():
+            self.launcher.abandon()  # its ranks die with it; none could report an exit anyway
         group.stop(grace_s)  # nothing alive: only closes the group
         self.stream.flush()
         codes = {str(r.spec.rank): r.popen.returncode for r in group.ranks}
@@ -157,11 +185,15 @@ class LocalAttempts:
         group = self.group
         assert group is not None
         self.group = None
-        return [
+        failed = [
             describe_failure(r, self.error_files[r.spec.rank])
             for r in group.ranks
             if r.popen.returncode not in (0, None)
         ]
+        if self.launcher_failure is None:
+            return failed
+        # The ranks it took down left no record; one that failed on its own before did.
+        return [self.launcher_failure, *(f for f in failed if f.error_type is not None)]
 
     def kill_all(self) -> None:
         if self.group is not None:
@@ -181,6 +213,7 @@ class Supervisor:
     poll_s: float = 0.05
     _stop_requested: threading.Event = field(default_factory=threading.Event, init=False)
     _stop_signal: int | None = field(default=None, init=False)
+    _stop_deadline: threading.Timer | None = field(default=None, init=False)
     _attempts: LocalAttempts | None = field(default=None, init=False)
     _total_steps: int | None = field(default=None, init=False)
     _total_read_at: float = field(default=-1e9, init=False)
@@ -202,11 +235,36 @@ class Supervisor:
     # ------------------------------------------------------------------ signals
 
     def request_stop(self, signum: int) -> None:
-        """What SIGINT/SIGTERM to `orch run` does: stop every rank, then return."""
-        if self._stop_requested.is_set() and self._attempts is not None:
-            self._attempts.kill_all()  # second Ctrl-C: no more grace
+        """What SIGINT/SIGTERM to `orch run` does: stop every rank, then return. The loop stops
+        the ranks with restart.stop_grace_s of grace; whatever it may be stuck on (a stalled
+        storage call, a wedged fork server), the run ends STOP_DEADLINE_S later at the latest,
+        and at once on a second signal."""
+        if self._stop_requested.is_set():
+            self._force_stop(signum, "a second stop signal")
+            return
         self._stop_signal = signum
         self._stop_requested.set()
+        limit = self.config.restart.stop_grace_s + STOP_DEADLINE_S
+        why = f"not stopped {limit:.0f}s after the signal"
+        self._stop_deadline = threading.Timer(limit, self._force_stop, (signum, why))
+        self._stop_deadline.daemon = True
+        self._stop_deadline.start()
+
+    def _force_stop(self, signum: int, why: str) -> None:
+        """Kill every process of the run and leave now. The run's end is not recorded (its
+        storage may be what hangs): `orch status` shows it as lost, `orch resume` continues it
+        from its newest committed checkpoint."""
+        try:
+            if self._attempts is not None:
+                self._attempts.kill_all()
+            self.launcher.abandon()
+            print(
+                f"[orch] {why}: killed every rank; `orch resume {self.run.run_id}` continues the run",
+                file=self.console,
+                flush=True,
+            )
+        finally:
+            os._exit(128 + signum)
 
     def request_preemption(self, signum: int = signal.SIGUSR2) -> None:
         """What SIGUSR2 to `orch run` does: forward it to every rank (not their children), so
@@ -292,7 +350,7 @@ class Supervisor:
             newest_checkpoint=result.newest_checkpoint,
             exit_code=exit_code,
         )
-        self.run.append_event(
+        self.run.append_event(  # may hang on stalled storage: the stop deadline still holds
             Event.RUN_FINISHED,
             status=status,
             attempts=run_result.attempts,
@@ -304,4 +362,6 @@ class Supervisor:
             else None,
             exit_code=exit_code,
         )
+        if self._stop_deadline is not None:
+            self._stop_deadline.cancel()  # ended in time
         return run_result
