@@ -34,6 +34,16 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}\Z")
 _MODULE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*\Z")
 # A YAML integer this long is refused as a string value: str() of one past ~4300 digits raises.
 _MAX_INT_BITS = 4000
+# A name that looks like it holds a secret: anywhere in the name (WANDB_API_KEY, HFTOKEN...), or
+# as a whole `_`-separated word (OPENAI_KEY, DB_PASS, BASIC_AUTH). TOKEN followed by a letter
+# names tokens, not a token (TOKENIZERS_PARALLELISM, MAX_TOKENS). Such a name in job.env is
+# refused and its value redacted wherever shown: listing a harmless name in job.pass_env costs a
+# line, a secret stored in clear in a run directory cannot be taken back.
+_SECRET_NAME = re.compile(
+    r"(SECRET|TOKEN(?![A-Z])|PASSWORD|PASSWD|CREDENTIAL|API_?KEY|ACCESS_?KEY|PRIVATE)"
+    r"|(?<![A-Z0-9])(KEY|PASS|PWD|AUTH)(?![A-Z0-9])",
+    re.IGNORECASE,
+)
 
 
 def _f(default: Any, doc: str, **checks: Any) -> Any:
@@ -58,12 +68,20 @@ class JobSpec:
         (), "Arguments passed to the entrypoint, each the text as written (`on`, `0x10` stay as they are)."
     )
     env: Mapping[str, str] = _f(
-        types.MappingProxyType({}), "Extra environment variables for every rank (values as written)."
+        types.MappingProxyType({}),
+        (
+            "Extra environment variables for every rank (values as written; stored in run.yaml)."
+            " Secret-looking names (`*TOKEN*`, `*SECRET*`, `*PASSWORD*`, `*API_KEY*`, `*_KEY`, ...;"
+            " not `TOKENIZERS_*`) are refused: export the variable and list it in job.pass_env."
+        ),
     )
     pass_env: tuple[str, ...] = _f(
         (),
-        "Names of variables copied from the launching environment at start; their values are never "
-        "written to run.yaml, scripts or logs (use this for secrets).",
+        (
+            "Names of variables copied from the environment of `orch run` / `orch submit` to every"
+            " rank; their values are never written to run.yaml, events, logs or scripts"
+            " (use this for secrets). Each must be set when the run starts or resumes."
+        ),
         item_pattern=ENV_NAME,
     )
     python: str | None = _f(None, "Interpreter for the ranks (default: the one running orch).")
@@ -192,13 +210,18 @@ class SlurmSpec:
         (),
         (
             "Shell lines run in the batch script before the launch (module load ...);"
-            " not #SBATCH lines (use extra_flags)."
+            " not #SBATCH, #PBS or #BSUB lines, which sbatch would read as options (use extra_flags)."
         ),
-        item_pattern=re.compile(r"^(?!\s*#\s*SBATCH)", re.IGNORECASE),
+        item_pattern=re.compile(r"^(?!\s*#\s*(SBATCH|PBS|BSUB))", re.IGNORECASE),
     )
     extra_flags: tuple[str, ...] = _f(
         (),
-        "Extra sbatch flags, each as `--flag=value`.",
+        (
+            "Extra sbatch flags, each `--flag` or `--flag=value` (e.g. `--constraint=a100|h100`)."
+            " Refused: backslashes, quotes, backticks and `$ ; < > #` in values, and the flags orch"
+            " sets itself or relies on (`--nodes`, `--time`, `--output`, `--export`, `--wrap`, ...;"
+            " the error names the field to use instead)."
+        ),
         item_pattern=re.compile(r"^--[a-z][a-z0-9-]*(=.*)?\Z"),
     )
 
@@ -616,6 +639,7 @@ def parse_config(
     for name in job.pass_env:
         if name in job.env:
             raise _error(source, "job.pass_env", f"{name} is also set in job.env; set it in one place")
+    _check_env_secrets(job, source)
     from orchestrator.contract import CONTRACT_VARS, RUNTIME_VARS
 
     # The orchestrator sets these for every rank and would silently override the user's value.
@@ -639,7 +663,90 @@ def parse_config(
         and config.backend == "slurm"
     ):
         raise _error(source, "distributed.backend", "nccl needs resources.gpus_per_node >= 1")
+    _check_extra_flags(config.slurm.extra_flags, source)
+    if config.backend == "slurm" and "\\" in config.storage.root:
+        # The batch log's path goes into an #SBATCH line, where sbatch reads a backslash as an
+        # escape even inside quotes: sbatch aborts on the quoting, or records another path.
+        raise _error(
+            source, "storage.root", "contains a backslash, which sbatch misreads; not allowed on slurm"
+        )
     return config
+
+
+def is_secret_name(name: str) -> bool:
+    """Whether an environment variable's name looks like it holds a secret (_SECRET_NAME)."""
+    return bool(_SECRET_NAME.search(name))
+
+
+def _check_env_secrets(job: JobSpec, source: str) -> None:
+    """job.env is frozen into run.yaml, which travels with the run directory (shared storage,
+    object stores): a secret must come from the launching environment instead (job.pass_env)."""
+    for name in job.env:
+        if is_secret_name(name):
+            raise _error(
+                source,
+                f"job.env.{name}",
+                "looks like a secret and job.env is stored in clear in run.yaml;"
+                f" export {name} and list it in job.pass_env instead",
+            )
+
+
+# sbatch options that orch sets from one of its own fields, or relies on; the text says which.
+_SBATCH_OWNED: Mapping[str, str] = types.MappingProxyType(
+    {
+        "job-name": "set it with name",
+        "nodes": "set it with resources.nodes",
+        "ntasks": "set it with resources.nodes and resources.ranks_per_node",
+        "ntasks-per-node": "set it with resources.ranks_per_node",
+        "cpus-per-task": "set it with resources.cpus_per_rank",
+        "gres": "set it with resources.gpus_per_node",
+        "mem": "set it with resources.memory",
+        "time": "set it with resources.time_limit",
+        "partition": "set it with slurm.partition",
+        "account": "set it with slurm.account",
+        "qos": "set it with slurm.qos",
+        "signal": "set it with slurm.signal_lead_s",
+        "requeue": "orch always sets it; slurm.max_requeues bounds the requeues",
+        "no-requeue": "orch requeues preempted jobs; slurm.max_requeues bounds the requeues",
+        "output": "orch keeps the batch log in the run directory",
+        "error": "orch keeps the batch log in the run directory",
+        "input": "the batch step reads no input",
+        "open-mode": "orch appends to the batch log across requeues",
+        "export": "ranks get the submitting environment, job.env and job.pass_env as orch passes them",
+        "export-file": "ranks get the submitting environment, job.env and job.pass_env as orch passes them",
+        "wrap": "it would replace the batch script orch submits",
+        "array": "a run is one job",
+        "wait": "orch submit would block until the job ends",
+        "parsable": "orch reads sbatch's usual reply",
+        "test-only": "nothing would be submitted (orch render shows what would be)",
+    }
+)
+# In an sbatch flag's value: characters a shell or sbatch's own #SBATCH parser gives a meaning
+# (quotes, escapes, comments, substitutions, redirections) and that no sbatch option needs.
+# Kept: | & ! * ( ) [ ] of Slurm's feature and node expressions, and spaces (quoted as one word).
+_SBATCH_UNSAFE = re.compile(r"[\\'\"`$;<>#]")
+
+
+def _check_extra_flags(flags: tuple[str, ...], source: str) -> None:
+    """Each flag reaches sbatch as one #SBATCH option, and none overrides what orch sets."""
+    seen: set[str] = set()
+    for i, flag in enumerate(flags):
+        path = f"slurm.extra_flags[{i}]"
+        name, eq, value = flag[2:].partition("=")
+        bad = _SBATCH_UNSAFE.search(value)
+        if bad:
+            raise _error(source, path, f"{flag!r} contains {bad.group()!r}; not allowed in an sbatch flag")
+        if eq and not value:
+            raise _error(source, path, f"{flag!r} has an empty value; write --{name} without '='")
+        # sbatch takes any unambiguous prefix of a long option, as getopt_long does: --out is --output.
+        owned = [o for o in _SBATCH_OWNED if o.startswith(name)]
+        if owned:
+            full = name if name in owned else min(owned, key=len)
+            said = f"--{name}" if full == name else f"--{name} (short for --{full})"
+            raise _error(source, path, f"{said} is not allowed: {_SBATCH_OWNED.get(full, 'orch sets it')}")
+        if name in seen:
+            raise _error(source, path, f"--{name} is given twice")
+        seen.add(name)
 
 
 _RUNTIME_SOURCES = {

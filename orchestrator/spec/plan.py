@@ -7,7 +7,6 @@ Slurm the node agent or templates/slurm_task.sh maps SLURM_* onto the per-rank p
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -24,15 +23,10 @@ from orchestrator.contract import (
     PER_RANK_VARS,
     ROLE_NAME,
 )
-from orchestrator.spec.config import ClusterConfig
+from orchestrator.spec.config import ClusterConfig, is_secret_name
 
-# Anywhere in the name (WANDB_API_KEY, HF_TOKEN...), or as a whole `_`-separated word (OPENAI_KEY,
-# DB_PASS, BASIC_AUTH): hiding a harmless value costs little, printing a secret cannot be undone.
-_SECRET_NAME = re.compile(
-    r"(SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|API_?KEY|ACCESS_?KEY|PRIVATE)"
-    r"|(?<![A-Z0-9])(KEY|PASS|PWD|AUTH)(?![A-Z0-9])",
-    re.IGNORECASE,
-)
+# What renders show in place of a secret-looking or passed-through value. The config refuses
+# secret-looking names in job.env; redact() still hides them wherever else they come from.
 REDACTED = "<redacted>"
 
 
@@ -128,10 +122,6 @@ def attempt_shared_env(
         max_restarts=config.restart.max_restarts,
     )
     return {**config.job.env, **runtime_env(config), **(extra_env or {}), **contract}
-
-
-def is_secret_name(name: str) -> bool:
-    return bool(_SECRET_NAME.search(name))
 
 
 def is_redacted(name: str, pass_env: tuple[str, ...] = ()) -> bool:

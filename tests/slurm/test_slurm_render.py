@@ -1,8 +1,11 @@
-"""`orch render --backend slurm`: golden output, and hostile values rejected or inert."""
+"""`orch render --backend slurm`: golden output, and hostile values rejected or inert: in bash
+(stand-ins for srun and python) and in the real sbatch of the test cluster, which parses the
+#SBATCH lines itself."""
 
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import subprocess
 from pathlib import Path
@@ -26,8 +29,8 @@ def golden_config():
             "job": {
                 "module": "pkg.train",
                 "args": ["--lr", "3e-4", "two words"],
-                "env": {"WANDB_API_KEY": "s3cret", "MODE": "fast"},
-                "pass_env": ["HF_TOKEN"],
+                "env": {"MODE": "fast"},
+                "pass_env": ["HF_TOKEN", "WANDB_API_KEY"],
             },
             "resources": {
                 "nodes": 3,
@@ -52,7 +55,8 @@ def golden_config():
     )
 
 
-def test_render_matches_golden_file():
+def test_render_matches_golden_file(monkeypatch):
+    monkeypatch.setenv("WANDB_API_KEY", "s3cret")  # pass_env values are read at launch, never rendered
     text = render_slurm(
         golden_config(),
         run_id="golden-run",
@@ -87,21 +91,20 @@ def test_render_matches_golden_file():
     assert "s3cret" not in text and "WANDB_API_KEY=<redacted>" in text and "HF_TOKEN=<redacted>" in text
 
 
-HOSTILE = st.sampled_from(
-    [
-        "$(touch {m})",
-        "`touch {m}`",
-        "'; touch {m}; '",
-        '"; touch {m}; "',
-        "a;touch {m}",
-        "x\ntouch {m}",
-        "x\rtouch {m}",
-        "$(touch {m})\n#SBATCH --x",
-        "${{IFS}}touch${{IFS}}{m}",
-        "|touch {m}",
-        "&& touch {m}",
-    ]
-)
+HOSTILE_TEMPLATES = [
+    "$(touch {m})",
+    "`touch {m}`",
+    "'; touch {m}; '",
+    '"; touch {m}; "',
+    "a;touch {m}",
+    "x\ntouch {m}",
+    "x\rtouch {m}",
+    "$(touch {m})\n#SBATCH --x",
+    "${{IFS}}touch${{IFS}}{m}",
+    "|touch {m}",
+    "&& touch {m}",
+]
+HOSTILE = st.sampled_from(HOSTILE_TEMPLATES)
 FIELDS = st.sampled_from(
     [
         "name",
@@ -190,3 +193,80 @@ def test_setup_lines_cannot_smuggle_sbatch_directives():
         parse_config(
             {"job": {"module": "m"}, "slurm": {"setup": ["#SBATCH --partition=other"]}}, check_files=False
         )
+
+
+# ---------------------------------------------------------------------------- the real sbatch
+
+# What differs between two held submissions of the same script.
+_VOLATILE = re.compile(r"\b(JobId|SubmitTime|EligibleTime|AccrueTime|StartTime|EndTime|LastSchedEval)=\S+")
+
+
+def _held_submission(config, work: Path, folder: str) -> str:
+    """The batch script of `config` submitted held (it never runs), as `scontrol show job -o`
+    shows what Slurm recorded, with the job's own id and times masked; the job is cancelled."""
+    script = work / "batch.sh"
+    script.write_text(batch_script(config, folder, "/opt/venv/bin/python"))
+    proc = subprocess.run(
+        ["sbatch", "--hold", "--parsable", str(script)], capture_output=True, text=True, timeout=60, cwd=work
+    )
+    assert proc.returncode == 0, proc.stderr
+    job_id = proc.stdout.strip().split(";")[0]
+    try:
+        shown = subprocess.run(
+            ["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=60
+        ).stdout.strip()
+    finally:
+        subprocess.run(["scancel", job_id], capture_output=True, timeout=60)
+    return _VOLATILE.sub(r"\1=*", shown.replace(f"/{job_id}_0_log.out", "/<id>_0_log.out"))
+
+
+@pytest.mark.integration
+def test_hostile_values_reach_the_real_sbatch_as_exactly_one_value(slurm_cluster, tmp_path):
+    """sbatch reads every #SBATCH line with its own parser (words, quotes, backslash escapes, #
+    comments), not bash. Each hostile value that the config accepts in a field that lands in an
+    #SBATCH line (an extra flag's value, the batch log's path under storage.root) must be
+    recorded by Slurm as exactly that text, with nothing else of the job changed: no option
+    smuggled in, no option lost."""
+    marker = tmp_path / "INJECTED"
+
+    def config_with(comment: str, root: Path):
+        data = {
+            "backend": "slurm",
+            "job": {"module": "pkg.train"},
+            "resources": {"nodes": 1, "ranks_per_node": 1, "time_limit": "5"},
+            "storage": {"root": str(root)},
+            "slurm": {"partition": "debug", "extra_flags": ["--exclusive", f"--comment={comment}"]},
+        }
+        return parse_config(data, check_files=False, base_dir=str(tmp_path))
+
+    def folder(root: Path) -> str:
+        return f"{root}/r/slurm"
+
+    base_root = tmp_path / "base"
+    baseline = _held_submission(config_with("BASELINE", base_root), tmp_path, folder(base_root))
+    assert " Comment=BASELINE " in f" {baseline} " and " Partition=debug " in f" {baseline} "
+    assert f" StdOut={base_root}/r/slurm/<id>_0_log.out " in f" {baseline} "
+    values = [t.format(m=marker) for t in HOSTILE_TEMPLATES] + [
+        "two words --partition=urgent --nodes=3",  # quoted by submitit: one word for sbatch too
+        "x,--wrap=id",
+        "a #b --partition=urgent",  # quoted, a # starts no comment
+        # sbatch reads a backslash as an escape even inside quotes: the quoting would come apart.
+        "\\'x'y --partition=urgent",
+    ]
+    accepted = 0
+    for value in values:
+        for field in ("slurm.extra_flags", "storage.root"):
+            root = tmp_path / value.replace("/", "_") if field == "storage.root" else base_root
+            try:
+                config = config_with(value if field == "slurm.extra_flags" else "BASELINE", root)
+            except ConfigError as exc:
+                assert "\n" not in str(exc) and field.split(".")[-1] in str(exc)
+                continue
+            accepted += 1
+            shown = _held_submission(config, tmp_path, folder(root))
+            expected = baseline.replace(str(base_root), str(root))
+            if field == "slurm.extra_flags":
+                expected = expected.replace("Comment=BASELINE", f"Comment={value}")
+            assert shown == expected, f"{field}={value!r}"
+    assert accepted >= 10  # most of the list reaches sbatch; the rest is refused by the config
+    assert not marker.exists()

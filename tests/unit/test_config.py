@@ -511,6 +511,116 @@ def test_nccl_without_gpus_rejected_on_slurm_only() -> None:
     )
 
 
+# ---------------------------------------------------------------------------- secrets
+
+
+@pytest.mark.parametrize(
+    "name", ["WANDB_API_KEY", "HF_TOKEN", "AWS_SECRET_ACCESS_KEY", "DB_PASSWORD", "OPENAI_KEY", "my_token"]
+)
+def test_secret_in_job_env_is_refused_with_the_way_out(name: str) -> None:
+    exc = parse_error(with_value("job.env", {"MODE": "fast", name: "s3cret-value"}))
+    problem = assert_one_line(exc, "cluster.yaml", f"job.env.{name}")
+    assert problem == (
+        "looks like a secret and job.env is stored in clear in run.yaml;"
+        f" export {name} and list it in job.pass_env instead"
+    )
+    assert "s3cret-value" not in str(exc)
+    # The way out the message names is accepted.
+    config = parse_config(with_value("job.pass_env", [name], with_value("job.env", {"MODE": "fast"})))
+    assert config.job.pass_env == (name,) and dict(config.job.env) == {"MODE": "fast"}
+
+
+def test_secret_in_job_env_is_refused_from_the_command_line_too() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(str(DEFAULT), ["job.env.HF_TOKEN=hf_abc"])
+    assert assert_one_line(info.value, str(DEFAULT), "job.env.HF_TOKEN").startswith("looks like a secret")
+
+
+def test_token_words_that_are_not_tokens_stay_allowed_in_job_env() -> None:
+    env = {"TOKENIZERS_PARALLELISM": "false", "MAX_TOKENS": "2048", "KEYBOARD": "us"}
+    assert dict(parse_config(with_value("job.env", env), check_files=False).job.env) == env
+
+
+# ---------------------------------------------------------------------------- sbatch flags
+
+GOOD_FLAGS = [
+    "--exclusive",
+    "--constraint=[rack1*2&rack2*2]|a100",
+    "--nodelist=n[1-3],n7",
+    "--mail-type=END,FAIL",
+    "--mail-user=me@example.org",
+    "--comment=two words --partition=other",  # one quoted value: sbatch reads no second option
+    "--dependency=afterok:123:124",
+    "--mem-per-cpu=2G",
+    "--time-min=30",
+    "--ntasks-per-core=1",
+    "--hold",
+]
+
+
+def test_ordinary_sbatch_flags_are_accepted() -> None:
+    config = parse_config(with_value("slurm.extra_flags", GOOD_FLAGS), check_files=False)
+    assert config.slurm.extra_flags == tuple(GOOD_FLAGS)
+
+
+@pytest.mark.parametrize("char", list("\\'\"`$;<>#"))
+def test_sbatch_flag_value_with_a_shell_or_sbatch_metacharacter_is_refused(char: str) -> None:
+    flag = f"--comment=a{char}b"
+    exc = parse_error(with_value("slurm.extra_flags", ["--exclusive", flag]))
+    problem = assert_one_line(exc, "cluster.yaml", "slurm.extra_flags[1]")
+    assert problem == f"{flag!r} contains {char!r}; not allowed in an sbatch flag"
+
+
+@pytest.mark.parametrize(
+    "flag, problem",
+    [
+        ("--export=NONE", "--export is not allowed: ranks get the submitting environment"),
+        ("--export-file=/tmp/env", "--export-file is not allowed: ranks get the submitting environment"),
+        ("--wrap=hostname", "--wrap is not allowed: it would replace the batch script orch submits"),
+        ("--output=/tmp/x.log", "--output is not allowed: orch keeps the batch log in the run directory"),
+        ("--error=/tmp/x.log", "--error is not allowed: orch keeps the batch log in the run directory"),
+        ("--open-mode=truncate", "--open-mode is not allowed: orch appends to the batch log"),
+        ("--nodes=4", "--nodes is not allowed: set it with resources.nodes"),
+        ("--time=10", "--time is not allowed: set it with resources.time_limit"),
+        ("--partition=x", "--partition is not allowed: set it with slurm.partition"),
+        ("--job-name=x", "--job-name is not allowed: set it with name"),
+        ("--signal=USR1@10", "--signal is not allowed: set it with slurm.signal_lead_s"),
+        ("--no-requeue", "--no-requeue is not allowed: orch requeues preempted jobs"),
+        ("--array=0-3", "--array is not allowed: a run is one job"),
+        ("--wait", "--wait is not allowed: orch submit would block"),
+        # sbatch, like getopt_long, takes an unambiguous prefix of a long option.
+        ("--expo=NONE", "--expo (short for --export) is not allowed"),
+        ("--out=/tmp/x", "--out (short for --output) is not allowed"),
+        ("--wra=id", "--wra (short for --wrap) is not allowed"),
+        ("--part=x", "--part (short for --partition) is not allowed"),
+        ("--comment=", "'--comment=' has an empty value; write --comment without '='"),
+    ],
+)
+def test_sbatch_flags_that_would_undo_what_orch_sets_are_refused(flag: str, problem: str) -> None:
+    exc = parse_error(with_value("slurm.extra_flags", ["--exclusive", flag]))
+    assert assert_one_line(exc, "cluster.yaml", "slurm.extra_flags[1]").startswith(problem)
+
+
+def test_sbatch_flag_given_twice_is_refused() -> None:
+    exc = parse_error(with_value("slurm.extra_flags", ["--constraint=a", "--exclusive", "--constraint=b"]))
+    assert assert_one_line(exc, "cluster.yaml", "slurm.extra_flags[2]") == "--constraint is given twice"
+
+
+@pytest.mark.parametrize("line", ["#SBATCH --partition=x", "#PBS -N x", " # bsub -J x"])
+def test_setup_lines_cannot_be_directives_sbatch_reads(line: str) -> None:
+    exc = parse_error(with_value("slurm.setup", ["module load cuda", line]))
+    assert assert_one_line(exc, "cluster.yaml", "slurm.setup[1]").startswith(f"{line!r} is not valid")
+
+
+def test_backslash_in_storage_root_is_refused_on_slurm_only() -> None:
+    data = with_value("storage.root", "/shared/a\\b")
+    assert parse_config(data, check_files=False).storage.root == "/shared/a\\b"
+    exc = parse_error(with_value("backend", "slurm", data))
+    assert assert_one_line(exc, "cluster.yaml", "storage.root") == (
+        "contains a backslash, which sbatch misreads; not allowed on slurm"
+    )
+
+
 # ---------------------------------------------------------------------------- property tests
 
 _TRICKY_TEXT = [

@@ -7,7 +7,10 @@ node agent per node (`templates/slurm_node.sh` starts orchestrator/backends/slur
 which forks the node's ranks), or with `launch.mode: subprocess` one task per rank
 (`templates/slurm_task.sh` maps SLURM_* onto the env contract). Every value from cluster.yaml
 was validated by orchestrator/spec/config.py (no control characters; names and flags match
-strict patterns) before it gets here, and submitit quotes each #SBATCH value.
+strict patterns; no backslash, which sbatch's own #SBATCH parser reads as an escape even inside
+quotes) before it gets here, and submitit quotes each #SBATCH value, so sbatch reads each as one
+word. No secret is rendered: job.env refuses secret-looking names, and job.pass_env values reach
+the batch step through sbatch's environment, never through this script.
 """
 
 from __future__ import annotations

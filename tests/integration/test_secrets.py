@@ -1,0 +1,117 @@
+"""Secrets are never at rest in clear: a secret-looking name in job.env is refused before anything
+is written, and a job.pass_env value reaches every rank but no file of the run directory (on
+local disk or on the S3 API server on 127.0.0.1), nor orch's own output."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+
+from orchestrator.storage.rundir import RunDir
+
+from ..conftest import S3_BUCKET, run_orch, write_config
+
+pytestmark = pytest.mark.integration
+
+SECRET_NAME = "ORCH_TEST_API_KEY"
+SECRET = "sk-live-5ecre7-9f1c2b7d"  # what must never be found at rest
+DIGEST = hashlib.sha256(SECRET.encode()).hexdigest()
+
+# Prints a digest of the variable, never the value. Rank 1 fails its first attempt, so that error
+# records, a restart and a second attempt's events and logs are written too.
+JOB = f"""\
+import hashlib, os, sys
+value = os.environ.get({SECRET_NAME!r}, "")
+print(f"rank {{os.environ['RANK']}} sees digest {{hashlib.sha256(value.encode()).hexdigest()}}", flush=True)
+if os.environ["RANK"] == "1" and os.environ["ORCH_ATTEMPT"] == "0":
+    raise RuntimeError("failing once on purpose")
+"""
+
+
+def job_config(tmp_path: Path, **sections) -> Path:
+    script = tmp_path / "show_digest.py"
+    script.write_text(JOB)
+    return write_config(tmp_path, script, **sections)
+
+
+def assert_not_at_rest(files: dict[str, bytes], *outputs: str) -> None:
+    assert files, "no run directory files to check"
+    for name, data in files.items():
+        assert SECRET.encode() not in data, f"{name} holds the secret in clear"
+    for text in outputs:
+        assert SECRET not in text
+
+
+@pytest.mark.parametrize("command", ["run", "render", "submit"])
+def test_secret_in_job_env_is_refused_before_anything_is_written(tmp_path, command):
+    cfg = job_config(tmp_path, job={"env": {"WANDB_API_KEY": SECRET, "MODE": "fast"}})
+    proc = run_orch(command, str(cfg), "--run-id", "refused")
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"{cfg}: job.env.WANDB_API_KEY: looks like a secret and job.env is stored in clear in run.yaml;"
+        " export WANDB_API_KEY and list it in job.pass_env instead"
+    ]
+    assert SECRET not in proc.stdout + proc.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_secret_set_on_the_command_line_is_refused(tmp_path):
+    cfg = job_config(tmp_path)
+    proc = run_orch("run", str(cfg), "--set", f"job.env.HF_TOKEN={SECRET}")
+    assert proc.returncode == 2 and "job.env.HF_TOKEN: looks like a secret" in proc.stderr
+    assert SECRET not in proc.stdout + proc.stderr and not (tmp_path / "runs").exists()
+
+
+def _local_files(root: Path) -> dict[str, bytes]:
+    return {str(p): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def _s3_files(url: str) -> dict[str, bytes]:
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(url)
+    fs.invalidate_cache()
+    return {name: fs.cat_file(name) for name in fs.find(path)}
+
+
+@pytest.mark.parametrize("where, mode", [("local", "auto"), ("s3", "subprocess")])
+def test_pass_env_secret_reaches_every_rank_and_no_file(tmp_path, request, where, mode):
+    if where == "s3":
+        request.getfixturevalue("s3_server")
+        root = f"s3://{S3_BUCKET}/secrets-{os.getpid()}-{tmp_path.name}"
+    else:
+        root = str(tmp_path / "runs")
+    cfg = job_config(
+        tmp_path,
+        job={"pass_env": [SECRET_NAME], "env": {"MODE": "fast"}},
+        storage={"root": root},
+        launch={"mode": mode},
+    )
+    env = {SECRET_NAME: SECRET}
+    proc = run_orch("run", str(cfg), "--run-id", "passed", env=env)
+    assert proc.returncode == 0, proc.stderr
+    logs = run_orch("logs", "passed", "--config", str(cfg), env=env)
+    assert logs.returncode == 0, logs.stderr
+    for rank in (0, 1):
+        assert f"[rank {rank}] rank {rank} sees digest {DIGEST}" in logs.stdout
+    assert "failing once on purpose" in logs.stdout + proc.stdout + proc.stderr  # a restart happened
+    run_url = f"{root}/passed"
+    files = _s3_files(run_url) if where == "s3" else _local_files(Path(run_url))
+    assert any(name.endswith("run.yaml") for name in files)
+    assert any("events" in name for name in files) and any(name.endswith(".log") for name in files)
+    # Staged logs of a remote run directory are files at rest too.
+    staging = Path(RunDir(run_url).logs_path(0)).parent
+    staged = _local_files(staging) if where == "s3" and staging.exists() else {}
+    assert_not_at_rest({**files, **staged}, proc.stdout, proc.stderr, logs.stdout, logs.stderr)
+
+
+def test_staged_logs_of_two_remote_runs_with_one_id_stay_apart():
+    # A rank log is staged locally and uploaded at the end of each attempt; staged by run id
+    # alone, a second run with the same id under another root appended to the first one's logs
+    # and uploaded them (whatever they held) into its own run directory.
+    one, other = RunDir(f"s3://{S3_BUCKET}/a/run-1"), RunDir(f"s3://{S3_BUCKET}/b/run-1")
+    assert one.run_id == other.run_id and one.logs_path(0) != other.logs_path(0)
+    assert RunDir(f"s3://{S3_BUCKET}/a/run-1/").logs_path(0) == one.logs_path(0)
