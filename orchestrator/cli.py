@@ -389,8 +389,11 @@ def _create_run(args: argparse.Namespace, config: Any) -> Any:
     except FileExistsError:
         raise UsageError(f"--run-id: run {run_id} already exists at {run.url}") from None
     except Exception as exc:  # noqa: BLE001 - any storage's error (OSError, botocore's own): one line
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else f"{type(exc).__name__}: {exc}"
-        raise UsageError(f"storage.root: cannot create the run directory {run.url}: {reason}") from None
+        from orchestrator.storage.ckpt_store import storage_cause
+
+        raise UsageError(
+            f"storage.root: cannot create the run directory {run.url}: {storage_cause(exc)}"
+        ) from None
     return run
 
 
@@ -441,6 +444,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return _resume(args, run)
     config, backend = _load_for(args, "run")
     show = _shown_ranks(args, config)  # bad input fails before the run directory exists
+    backend.check_storage(config.storage_root)  # so does storage that cannot take the run
     return _run_in_foreground(args, config, backend, _create_run(args, config), show)
 
 
@@ -474,6 +478,7 @@ def _resume(args: argparse.Namespace, run: Any) -> int:
     config = config_for_resume(record, overrides)
     _check_pass_env(config)
     show = _shown_ranks(args, config)  # bad input fails before anything changes
+    backend.check_storage(config.storage_root)  # so does storage that cannot take writes
     attempt = next_attempt(events)
     if overrides:
         run.replace_run_config(
@@ -493,7 +498,6 @@ def _resume(args: argparse.Namespace, run: Any) -> int:
         file=sys.stderr,
     )
     if backend.foreground_hint is not None:  # a scheduler's backend: the next attempt is a new job
-        backend.check_storage(config.storage_root)
         return _submit(args, config, backend, run)
     return _run_in_foreground(args, config, backend, run, show)
 

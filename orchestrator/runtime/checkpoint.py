@@ -51,6 +51,7 @@ from orchestrator.storage.ckpt_store import (
     StaleIncarnation,
     make_token,
     step_dir_name,
+    storage_cause,
 )
 from orchestrator.storage.faults import fault_point
 
@@ -548,10 +549,9 @@ class Checkpointer:
                 digest = digest_future.result()
         except _Refused:
             pass
-        except OSError as exc:
-            error = f"rank {self.ctx.rank}: {exc.strerror or exc}"
         except Exception as exc:  # noqa: BLE001 - MemoryError, pickling, a client library's own errors
-            error = f"rank {self.ctx.rank}: {type(exc).__name__}: {_one_line(exc)}"
+            # A storage failure is named in words ("storage full"): it becomes the run's root cause.
+            error = f"rank {self.ctx.rank}: {storage_cause(exc)}"
         gathered = self._all_gather((entries, error))
         errors = [err for _, err in gathered if err]
         result: tuple[str, str] | None = None
@@ -581,17 +581,9 @@ class Checkpointer:
                     # saves in between (the same step again in a row is a no-op, see save()).
                     kind = "stale" if exc.incarnation > self.incarnation else "error"
                     result = (kind, f"checkpoint {step_dir_name(step)} not committed: {exc}")
-                except OSError as exc:
-                    result = (
-                        "error",
-                        f"checkpoint {step_dir_name(step)} not committed: {exc.strerror or exc}",
-                    )
                 except Exception as exc:  # noqa: BLE001 - see the docstring
-                    result = (
-                        "error",
-                        f"checkpoint {step_dir_name(step)} not committed:"
-                        f" {type(exc).__name__}: {_one_line(exc)}",
-                    )
+                    cause = storage_cause(exc)
+                    result = ("error", f"checkpoint {step_dir_name(step)} not committed: {cause}")
             if result is not None:
                 self._discard(tmp, step)
             else:
@@ -600,8 +592,8 @@ class Checkpointer:
                 self._record_commit(step, digest, write_s, write_s if blocked_s is None else blocked_s)
                 try:
                     self.store.prune(self.keep, self.incarnation, protect=[step], known_good=self._known_good)
-                except OSError as exc:  # retention is housekeeping: never fail a committed save
-                    _warn(f"could not delete old checkpoints: {exc}")
+                except Exception as exc:  # noqa: BLE001 - housekeeping: never fail a committed save
+                    _warn(f"could not delete old checkpoints: {storage_cause(exc)}")
         result = self._broadcast(result)
         if result is not None:
             kind, message = result
@@ -620,13 +612,18 @@ class Checkpointer:
 
     def _discard(self, tmp: str, step: int) -> None:
         """Delete a failed save's files, unless they are committed after all (a commit whose
-        reply was lost, or an error raised after the commit landed)."""
-        if not tmp or self.store.commits_dir(step, tmp):
-            return
+        reply was lost, or an error raised after the commit landed).
+
+        Never raises: it runs between rank 0's gather and its broadcast, and storage that just
+        failed the save (unreachable, full) often fails this too. Files left behind are a
+        dead save's; retention deletes them later."""
         try:
+            if not tmp or self.store.commits_dir(step, tmp):
+                return
+            fault_point("ckpt.discard")
             self.store.fs.rm(tmp, recursive=True)
-        except (OSError, FileNotFoundError):
-            pass
+        except Exception as exc:  # noqa: BLE001 - any storage client's error; see the docstring
+            _warn(f"could not delete the failed save's files {tmp}: {storage_cause(exc)}")
 
     def _finish_vote(self) -> None:
         """Complete an in-flight stop vote before other collectives use the group."""
@@ -720,8 +717,8 @@ class Checkpointer:
 
         try:
             RunDir(self.ctx.run_dir).append_event(event, attempt=self.ctx.attempt, **fields)
-        except OSError as exc:  # the ledger is bookkeeping: never fail training for it
-            _warn(f"could not record {event}: {exc}")
+        except Exception as exc:  # noqa: BLE001 - bookkeeping (any client's error): never fail training
+            _warn(f"could not record {event}: {storage_cause(exc)}")
 
     def _restore(self) -> Progress | None:
         """Load the newest checkpoint that verifies and loads on every rank; any failure to

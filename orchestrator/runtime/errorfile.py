@@ -3,6 +3,7 @@ root cause (type, message, traceback, time) instead of guessing from exit codes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -24,8 +25,32 @@ def write_error_file(exc: BaseException, path: str | None = None) -> None:
     )
 
 
+# Blank bytes the error file holds from the rank's start (blank reads as "no record"): when the
+# run directory's disk is full at the moment of failure, often because of that failure, the
+# record is written over them instead of being lost with the root cause it names.
+RESERVED_BYTES = 8192
+
+
+def reserve(path: str | None = None) -> None:
+    """Allocate this rank's error file now, as blank space, unless it exists."""
+    path = path or os.environ.get(ENV_ERROR_FILE)
+    if not path:
+        return
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError:
+        return  # there already (a record, or reserved by an earlier call), or no directory
+    try:
+        os.write(fd, b" " * RESERVED_BYTES)
+    except OSError:
+        pass  # already full: the record then has only the usual way in
+    finally:
+        os.close(fd)
+
+
 def write_record(kind: str, message: str, *, path: str | None = None, **extra: object) -> None:
-    """Write this rank's exit record (an error, or a preemption) atomically."""
+    """Write this rank's exit record (an error, or a preemption) atomically; on a full disk,
+    over the space reserved for it."""
     path = path or os.environ.get(ENV_ERROR_FILE)
     if not path:
         return
@@ -38,7 +63,30 @@ def write_record(kind: str, message: str, *, path: str | None = None, **extra: o
             json.dump(record, fh)
         os.replace(tmp, path)
     except OSError:
-        pass  # the traceback still reaches the rank's log
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        _write_in_reserved_space(path, record)
+
+
+def _write_in_reserved_space(path: str, record: dict[str, object]) -> None:
+    """Overwrite the blank space `reserve` allocated (no new blocks needed), without the
+    traceback (it also reaches the rank's log) and with the message cut to fit."""
+    fitted = {k: v for k, v in record.items() if k != "traceback"}
+    fitted["message"] = str(record.get("message", ""))[: RESERVED_BYTES // 2]
+    body = json.dumps(fitted).encode()
+    try:
+        size = os.path.getsize(path)
+        if size < len(body):
+            return  # not reserved, or holding a longer record: nothing fits safely
+        fd = os.open(path, os.O_WRONLY)
+    except OSError:
+        return  # the traceback still reaches the rank's log
+    try:
+        os.pwrite(fd, body.ljust(size, b" "), 0)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def install_excepthook() -> None:
@@ -46,6 +94,7 @@ def install_excepthook() -> None:
     global _installed
     if _installed:
         return
+    reserve()
     previous = sys.excepthook
 
     def hook(exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:

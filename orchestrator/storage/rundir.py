@@ -9,9 +9,11 @@ event is one object under events/ and readers merge them in name order.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import secrets
+import shutil
 import socket
 import tempfile
 import time
@@ -71,12 +73,17 @@ class RunDir:
             root = self.local_path
             os.makedirs(os.path.dirname(root) or ".", exist_ok=True)
             os.makedirs(root, mode=0o700, exist_ok=False)
-            os.chmod(root, 0o700)  # umask may have widened it
-            for sub in ("ckpt", "logs", "tb"):
-                os.makedirs(os.path.join(root, sub), mode=0o700, exist_ok=True)
-            _write_local_atomic(
-                os.path.join(root, "run.yaml"), _yaml().safe_dump(run_config, sort_keys=False).encode()
-            )
+            try:
+                os.chmod(root, 0o700)  # umask may have widened it
+                for sub in ("ckpt", "logs", "tb"):
+                    os.makedirs(os.path.join(root, sub), mode=0o700, exist_ok=True)
+                _write_local_atomic(
+                    os.path.join(root, "run.yaml"), _yaml().safe_dump(run_config, sort_keys=False).encode()
+                )
+            except BaseException:
+                # No half-made run directory (a full disk): the id stays free for the next try.
+                shutil.rmtree(root, ignore_errors=True)
+                raise
         else:
             fs, path = url_to_fs(self.url)
             if fs.exists(f"{path}/run.yaml"):
@@ -165,7 +172,12 @@ class RunDir:
         if self.is_local:
             base = os.path.join(self.local_path, "logs")
         else:
-            base = os.path.join(tempfile.gettempdir(), f"orch-{os.getuid()}", self.run_id, "logs")
+            # Named by the run directory's URL too: two runs with one id under two roots must
+            # not append to one another's staged logs, which publish_logs would then upload
+            # into the wrong run.
+            digest = hashlib.sha256(self.url.rstrip("/").encode()).hexdigest()[:12]
+            staging = f"{self.run_id}-{digest}"
+            base = os.path.join(tempfile.gettempdir(), f"orch-{os.getuid()}", staging, "logs")
         return os.path.join(base, attempt_dir_name(attempt))
 
     def logs_dir(self, attempt: int) -> str:

@@ -502,3 +502,30 @@ def test_a_paused_stale_writer_process_commits_nothing_anyone_loads(shared_url):
     _, err = writer.communicate(timeout=60)
     assert writer.returncode == 0, err  # it passed the fence check and committed
     assert store.fenced_steps() == [20] and store.committed_steps() == [10]
+
+
+@pytest.mark.parametrize("fault", ["ckpt.write:enospc", "ckpt.file_written:eio"])
+def test_a_failed_save_whose_clean_up_fails_too_names_the_first_failure(ctx, url, fault, monkeypatch):
+    # Storage that fails a save (full, broken) often fails deleting its files as well: the
+    # clean-up runs between rank 0's gather and its broadcast, so it must not raise.
+    from orchestrator.storage import faults
+
+    model = torch.nn.Linear(4, 4)
+    ckpt = runtime.Checkpointer(ctx, model=model, url=url, keep=2)
+    ckpt.save(10)
+    good = runtime.state_digest(model.state_dict())
+    monkeypatch.setenv("ORCH_FAULT", f"{fault},ckpt.discard:eio")
+    faults.reset()
+    with pytest.raises(CheckpointError) as err:
+        ckpt.save(20)
+    assert faults.fired() == [f"{fault.split(':')[0]}@1", "ckpt.discard@1"]
+    words = {"enospc": "storage full: No space left on device", "eio": "storage I/O error"}
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("checkpoint step-00000020 not saved: rank 0: ")
+    assert words[fault.split(":")[1]] in message
+    monkeypatch.delenv("ORCH_FAULT")
+    assert CheckpointStore(url).committed_steps() == [10]
+    fresh = torch.nn.Linear(4, 4)
+    progress = runtime.Checkpointer(ctx, model=fresh, url=url).restore()
+    assert progress is not None and progress.step == 10
+    assert runtime.state_digest(fresh.state_dict()) == good

@@ -103,5 +103,6 @@ def test_a_run_directory_that_cannot_be_created_is_one_line(cfg):
     line = one_line_exit(
         run_orch("run", str(cfg), "--set", "storage.root=s3://orch-no-bucket/runs", env=no_credentials), 2
     )
-    assert "storage.root: cannot create the run directory s3://orch-no-bucket/runs/" in line
+    # Refused by the backend's storage probe or by creating the run directory: either names both.
+    assert line.startswith("storage.root: ") and "s3://orch-no-bucket/runs" in line
     assert "NoCredentialsError" in line

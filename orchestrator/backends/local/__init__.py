@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import tempfile
+import threading
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -13,7 +15,8 @@ from orchestrator.backends.api import RunOptions, Submission
 from orchestrator.contract import Event
 from orchestrator.errors import OrchError, UsageError
 from orchestrator.spec.config import ClusterConfig
-from orchestrator.storage.rundir import RunDir, this_host
+from orchestrator.storage.ckpt_store import storage_cause
+from orchestrator.storage.rundir import RunDir, is_local_url, this_host, url_to_fs
 from orchestrator.supervision.status import LiveState
 
 from .liveness import supervisor_alive
@@ -35,6 +38,48 @@ def _finished_since_start(events: Sequence[dict[str, Any]]) -> bool:
     return finished
 
 
+# How long an object store may take to answer one listing. A client's own retries against an
+# endpoint that accepts connections and never answers take minutes (botocore's read timeout
+# times its attempts, times s3fs's), which a user would take for a hang.
+STORAGE_PROBE_S = 10.0
+
+
+def probe_storage(url: str, timeout_s: float) -> None:
+    """List `url` once, in a thread given `timeout_s`; a failure is one UsageError line."""
+    outcome: dict[str, BaseException] = {}
+
+    def probe() -> None:
+        try:
+            fs, path = url_to_fs(url)
+            fs.ls(path, detail=False)
+        except FileNotFoundError:
+            pass  # nothing there yet: the run directory is created next
+        except BaseException as exc:  # noqa: BLE001 - any client's error, reported below
+            outcome["error"] = exc
+
+    # A daemon thread: a client stuck on a silent endpoint must not hold up orch's exit.
+    thread = threading.Thread(target=probe, name="orch-storage-probe", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        raise UsageError(
+            f"storage.root: {url} did not answer within {timeout_s:g}s (storage unreachable);"
+            " check the endpoint (AWS_ENDPOINT_URL) and the network"
+        )
+    if "error" in outcome:
+        raise UsageError(f"storage.root: cannot reach {url}: {storage_cause(outcome['error'])}")
+
+
+def probe_local_root(root: str) -> None:
+    """Create a nameless file in `root` (O_TMPFILE: nothing is left behind); a failure is one
+    UsageError line. Root ignores permissions, so only trying finds a read-only mount."""
+    try:
+        with tempfile.TemporaryFile(dir=root):
+            pass
+    except OSError as exc:
+        raise UsageError(f"storage.root: cannot write to {root}: {storage_cause(exc)}") from None
+
+
 class LocalBackend:
     name: ClassVar[str] = "local"
     foreground_hint: ClassVar[str | None] = None
@@ -54,7 +99,14 @@ class LocalBackend:
         return render_local(plan)
 
     def check_storage(self, storage_root: str) -> None:
-        pass  # any fsspec URL: logs are staged locally and uploaded per attempt
+        """Any fsspec URL works (logs are staged locally and uploaded per attempt), but the
+        storage must take writes: an object store must answer one listing, bounded in time, so
+        that a wrong endpoint or missing credentials stop `orch` in one line before anything
+        starts; an existing local root must take a file (read-only, or refused)."""
+        if not is_local_url(storage_root):
+            probe_storage(storage_root, STORAGE_PROBE_S)
+        elif os.path.isdir(root := storage_root.removeprefix("file://")):
+            probe_local_root(root)
 
     def run(self, config: ClusterConfig, run: RunDir, options: RunOptions) -> Any:
         from orchestrator.backends.local.supervisor import Supervisor
