@@ -8,6 +8,7 @@ import os
 import pickle
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -147,19 +148,28 @@ def test_stale_incarnation_cannot_commit(ctx, url):
 
 
 def test_async_save_returns_before_the_commit(ctx, url, monkeypatch):
-    from orchestrator.storage import faults
+    # The background save writes nothing until the test lets it go (no fixed window to race):
+    # save() must return while it waits, and what training does meanwhile must not reach the
+    # checkpoint.
+    go = threading.Event()
+    write_stream = CheckpointStore.write_stream
 
+    def gated(store, *args, **kwargs):
+        assert threading.current_thread() is not threading.main_thread(), "save() wrote in the caller"
+        assert go.wait(60), "the test never let the save go on"
+        return write_stream(store, *args, **kwargs)
+
+    monkeypatch.setattr(CheckpointStore, "write_stream", gated)
     model, opt, *_ = make_parts()
     ckpt = runtime.Checkpointer(ctx, model=model, optimizer=opt, url=url, async_save=True)
-    monkeypatch.setenv("ORCH_FAULT", "ckpt.manifest_written:sleep=1.5")
-    faults.reset()
     ckpt.save(10)
     store = CheckpointStore(url)
-    assert store.committed_steps() == [], "save() waited for the commit"
+    assert store.committed_steps() == []
     before = runtime.state_digest(model.state_dict())
     with torch.no_grad():
         for p in model.parameters():
             p.add_(1.0)  # training goes on; the snapshot must not see it
+    go.set()
     ckpt.close()
     assert store.committed_steps() == [10]
     assert store.info(10).model_digest == before

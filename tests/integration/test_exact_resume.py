@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from ..conftest import JOBS, S3_BUCKET, orch_cmd, read_events, run_orch, wait_for, write_config
+from ..conftest import JOBS, S3_BUCKET, TEST_JOBS, orch_cmd, read_events, run_orch, wait_for, write_config
 
 pytestmark = pytest.mark.integration
 
@@ -44,10 +44,13 @@ def _attempt_log(run_dir: Path, attempt: int) -> str:
 def test_three_random_kills_end_in_the_uninterrupted_weights(tmp_path, reference, seed):
     rng = random.Random(seed)
     kill_steps = sorted(rng.sample(range(5, STEPS - 5), 3))
+    # The example job, held at its last step in the attempts to be killed: a kill that comes
+    # late (a loaded machine) still lands in a live attempt instead of after its end.
     cfg = write_config(
         tmp_path,
-        JOBS / "train_ddp.py",
+        TEST_JOBS / "held_train.py",
         args=ARGS,
+        job={"env": {"HOLD_STEP": str(STEPS), "HOLD_ATTEMPTS": str(len(kill_steps))}},
         storage={"checkpoint_interval": 10},
         restart={"max_restarts": 3, "backoff_s": 0.1, "crash_loop_attempts": 0},
     )  # kills may land between two checkpoints

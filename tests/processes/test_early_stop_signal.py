@@ -21,17 +21,23 @@ from orchestrator.spec.plan import RankSpec
 
 from ..conftest import REPO
 
-# Stands in for a job: says it is alive, "imports" for a while, then installs the runtime's
-# handler and reports what it was asked.
-JOB = """
-import sys, time
-print("importing", flush=True)
-time.sleep(1.0)
-from orchestrator.runtime import preemption
-preemption.install()
-time.sleep(0.05)  # the pending signal is handled at the next bytecode boundary
-print(f"requested={preemption.requested()}", flush=True)
+# Stands in for a job: says it is alive, "imports" until the warning has arrived (pending: held
+# blocked, as both launchers start ranks), then installs the runtime's handler and reports what
+# it was asked. Waiting for the warning, not for a fixed time, makes it land before the handler.
+WAIT_FOR_WARNING = """
+import signal, time
+deadline = time.monotonic() + 20
+while signal.SIGUSR2 not in signal.sigpending():
+    assert time.monotonic() < deadline, "the warning never became pending"
+    time.sleep(0.01)
 """
+JOB = (
+    'print("importing", flush=True)\n'
+    + WAIT_FOR_WARNING
+    + "from orchestrator.runtime import preemption\n"
+    + "preemption.install()  # unblocks: the pending warning reaches the handler at once\n"
+    + 'print(f"requested={preemption.requested()}", flush=True)\n'
+)
 
 
 def _wait_line(stream, timeout: float = 30) -> str:
@@ -89,7 +95,7 @@ def test_a_job_without_the_runtime_is_not_killed_by_the_warning() -> None:
         "SLURM_NODEID": "0",
         "ORCH_LOG_DIR": "/tmp",
     }
-    plain = "import time; print('up', flush=True); time.sleep(0.5); print('done', flush=True)"
+    plain = "print('up', flush=True)\n" + WAIT_FOR_WARNING + "print('done', flush=True)\n"
     proc = subprocess.Popen(
         ["/bin/bash", str(REPO / "templates" / "slurm_task.sh"), sys.executable, "-c", plain],
         env=env,
