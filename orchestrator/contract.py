@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from enum import StrEnum
 from typing import Any
 
@@ -104,6 +105,42 @@ def node_log_name(node: int | str) -> str:
     return f"node-{node}.log"
 
 
+def node_agent_record_name(node: int | str) -> str:
+    """Under Slurm: a node agent's sign of life (write_agent_record), in the attempt's log folder."""
+    return f"node-{node}.agent.json"
+
+
+class AgentState(StrEnum):
+    STARTING = "starting"  # starting its fork server and ranks (the ranks' start-up limit applies)
+    RUNNING = "running"  # rewritten every AGENT_BEAT_S while the agent watches its ranks
+    FAILED = "failed"  # its fork server died or was stopped: `reason` says how
+    EXITED = "exited"  # left with `code`
+
+
+# How often a node agent renews its record, and how long the supervisor lets it go stale before
+# it names the agent as lost (SIGSTOPped, or its node gone): many renewals, so a loaded shared
+# filesystem's delays do not count.
+AGENT_BEAT_S = 1.0
+AGENT_SILENCE_S = 10.0
+
+
+def write_agent_record(path: str, *, state: AgentState, pid: int, host: str, **extra: object) -> None:
+    """Atomically (a reader never sees half a record): the agent's state, pid, host and time."""
+    tmp = f"{path}.tmp-{pid}"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump({"state": state.value, "pid": pid, "host": host, "time": time.time(), **extra}, fh)
+    os.replace(tmp, path)
+
+
+def read_agent_record(path: str) -> dict[str, Any] | None:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def rank_error_name(rank: int | str) -> str:
     return f"rank-{rank}.error.json"
 
@@ -183,6 +220,7 @@ class Phase(StrEnum):
 
     INIT = "init"  # until the first step
     TRAIN = "train"
+    SYNC = "sync"  # in a collective (DDP's gradient all-reduce): its silence waits on a peer
     SAVE = "save"  # writing a checkpoint
     EXIT = "exit"  # shutting down: no limit
 

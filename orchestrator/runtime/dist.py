@@ -116,4 +116,31 @@ def wrap_ddp(model: torch.nn.Module, ctx: DistContext, **kwargs: object) -> torc
     kwargs.setdefault("find_unused_parameters", ctx.world_size > 2)
     if ctx.device.type == "cuda":
         kwargs.setdefault("device_ids", [ctx.local_rank])
-    return DistributedDataParallel(model, **kwargs)  # type: ignore[arg-type]
+    ddp = DistributedDataParallel(model, **kwargs)  # type: ignore[arg-type]
+    ddp.register_forward_hook(_mark_backward)
+    return ddp
+
+
+def _mark_backward(_module: torch.nn.Module, _inputs: object, output: object) -> None:
+    """Once backward reaches this output, the rank waits in DDP's gradient all-reduce for
+    every peer: its heartbeat says so (phase sync), so a hang is blamed on the rank that
+    never got there."""
+    tensor = _first_tensor_with_grad(output)
+    if tensor is not None:
+        tensor.register_hook(_entered_backward)
+
+
+def _first_tensor_with_grad(output: object) -> torch.Tensor | None:
+    if isinstance(output, torch.Tensor):
+        return output if output.requires_grad else None
+    if isinstance(output, dict):
+        output = list(output.values())
+    for item in output if isinstance(output, (list, tuple)) else ():
+        found = _first_tensor_with_grad(item)
+        if found is not None:
+            return found
+    return None
+
+
+def _entered_backward(_grad: torch.Tensor) -> None:
+    heartbeat.waiting_for_peers()

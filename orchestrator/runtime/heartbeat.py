@@ -2,12 +2,15 @@
 
 One fixed-size record rewritten in place (one pwrite, no fsync: the supervisor reads the page
 cache on the same node): `step wall_time phase step_time_ema`. Phases: `init` until the first
-step, `train`, `save` while a checkpoint is written (a longer allowance), `exit` once the job
-shuts down (no limit). A change of phase is written at once; while training, at most one
-record per WRITE_EVERY_S (a pwrite right after a step costs ~30-50 us on a busy CPU, ~0.4% of
-a 10 ms step when every step wrote), so a record is never older than WRITE_EVERY_S plus one
-step, far below any hang limit (>= 1 s). The supervisor's watchdog reads these files; see
-orchestrator/supervision/watchdog.py; the record's format is in orchestrator/contract.py.
+step, `train`, `sync` once backward (and with it DDP's gradient all-reduce) starts, `save`
+while a checkpoint is written (a longer allowance), `exit` once the job shuts down (no limit).
+A change of phase is written at once; while training, at most one record per WRITE_EVERY_S
+(a pwrite right after a step costs ~30-50 us on a busy CPU, ~0.4% of a 10 ms step when every
+step wrote), so a record is never older than WRITE_EVERY_S plus one step, far below any hang
+limit (>= 1 s). With `wrap_ddp` a step writes twice (train -> sync -> train): the price of
+naming the right rank when one hangs and the others wait for it inside the all-reduce. The
+supervisor's watchdog reads these files; see orchestrator/supervision/watchdog.py; the record's
+format is in orchestrator/contract.py.
 
 SIGUSR1 dumps every thread's Python stack into the rank's log (faulthandler works from C, so
 it also reaches a rank stuck inside a collective).
@@ -58,3 +61,9 @@ def beat(step: int, phase: str = Phase.TRAIN) -> None:
         return
     os.pwrite(_fd, encode_heartbeat(step, now, phase, _ema), 0)
     _written_at, _written_phase = now, phase
+
+
+def waiting_for_peers() -> None:
+    """Record that this rank entered a collective (DDP's backward): silent from here, it waits
+    for a peer, and the watchdog blames a silent rank that is not waiting."""
+    beat(_last_step or 0, Phase.SYNC)

@@ -14,20 +14,22 @@ cause, restart, backoff, crash loop, hang handling, the ledger's events) is made
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from orchestrator.contract import HANG_TYPE, Event, read_heartbeat
 from orchestrator.spec.config import ClusterConfig
+from orchestrator.spec.plan import REDACTED
 from orchestrator.storage.ckpt_store import newest_committed
 from orchestrator.storage.rundir import RunDir
 from orchestrator.supervision.failures import RankFailure, root_cause
 from orchestrator.supervision.policy import Action, AttemptState, Decision, PolicyState, decide
-from orchestrator.supervision.watchdog import Silence, silent_ranks
+from orchestrator.supervision.watchdog import Silence, silent_ranks, stopped_ranks
 
 # How often the watchdog reads heartbeats, and how long stacks get to reach the logs.
 WATCHDOG_PERIOD_S = 0.5
@@ -140,6 +142,18 @@ def hang_failure(silence: Silence, node_rank: int | None) -> RankFailure:
     )
 
 
+def without_secrets(failure: RankFailure, pass_env: tuple[str, ...]) -> RankFailure:
+    """The failure with every job.pass_env value in its message replaced: a job that puts its
+    token in an exception must not put it in events.jsonl (values under 4 characters are left:
+    replacing every "1" would garble the message and hide nothing)."""
+    message = failure.message
+    for name in pass_env:
+        value = os.environ.get(name, "")
+        if len(value) >= 4 and value in message:
+            message = message.replace(value, REDACTED)
+    return failure if message == failure.message else replace(failure, message=message)
+
+
 @dataclass
 class Supervision:
     """One run's (or one Slurm incarnation's) loop over attempts."""
@@ -225,7 +239,7 @@ class Supervision:
             self.hooks.say(
                 f"attempt {attempt}: {how} {len(started.heartbeats)} rank(s), MASTER_PORT={lease.port}"
             )
-            seen, hang = self._watch(started)
+            seen, hang = self._watch(started, attempt)
             stopped = self.hooks.stop_requested()
             if stopped:
                 self.hooks.say("stopping every rank")
@@ -235,6 +249,8 @@ class Supervision:
         first_seen = seen.first_seen if seen is not None else None
         failures = self.driver.failures(ended) if ended.failed else []
         root = hang or root_cause(failures, first_seen)
+        if root is not None:
+            root = without_secrets(root, self.config.job.pass_env)
         if stopped:
             state = AttemptState.STOPPED
         elif root is not None and root.is_stop_on_request:
@@ -256,7 +272,7 @@ class Supervision:
         self.run.publish_logs(attempt)  # a run directory on an object store gets the staged logs
         return AttemptOutcome(attempt=attempt, state=state, root_cause=root, duration_s=duration)
 
-    def _watch(self, started: Started) -> tuple[Ended | None, RankFailure | None]:
+    def _watch(self, started: Started, attempt: int) -> tuple[Ended | None, RankFailure | None]:
         """Until the attempt ends on its own (its Ended), a rank hangs (its failure), or a stop
         is asked (neither)."""
         next_check = time.monotonic() + WATCHDOG_PERIOD_S
@@ -266,23 +282,30 @@ class Supervision:
                 return ended, None
             if time.monotonic() >= next_check:
                 next_check = time.monotonic() + WATCHDOG_PERIOD_S
-                hang = self._check_hang(started.heartbeats)
+                hang = self._check_hang(started.heartbeats, attempt)
                 if hang is not None:
                     return None, hang
             time.sleep(self.poll_s)
         return None, None
 
-    def _check_hang(self, heartbeats: Mapping[int, str]) -> RankFailure | None:
-        silent = silent_ranks(
-            self.config.watchdog, {r: read_heartbeat(p) for r, p in heartbeats.items()}, time.time()
-        )
+    def _check_hang(self, heartbeats: Mapping[int, str], attempt: int) -> RankFailure | None:
+        beats = {r: read_heartbeat(p) for r, p in heartbeats.items()}
+        now = time.time()
+        silent = silent_ranks(self.config.watchdog, beats, now)
+        # A stopped process (state T) is certainly the culprit, in any phase: a rank stopped
+        # while saving or starting has a long allowance (save_timeout_s, startup_timeout_s)
+        # meant for slow work, not for a process that cannot run at all. Otherwise the ranks'
+        # own order (one not waiting in a collective, then the longest silent).
+        stopped = [
+            x
+            for x in stopped_ranks(self.config.watchdog, beats, now)
+            if self.driver.process_state(x.rank) == "T"
+        ]
+        silent += [x for x in stopped if x.rank not in {y.rank for y in silent}]
         if not silent:
             return None
-        # A stopped process (state T) is certainly the culprit; otherwise the longest silent
-        # one, since ranks waiting in a collective for it went quiet a moment later.
-        stopped = [x for x in silent if self.driver.process_state(x.rank) == "T"]
         culprit = (stopped or silent)[0]
-        self.run.append_event(Event.HANG_DETECTED, **culprit.event(silent))
+        self.run.append_event(Event.HANG_DETECTED, attempt=attempt, **culprit.event(silent))
         self.hooks.say(
             f"rank {culprit.rank} silent for {culprit.silent_s:.1f}s at step {culprit.step} "
             f"({culprit.phase}; limit {culprit.limit_s:.1f}s): dumping stacks, restarting"

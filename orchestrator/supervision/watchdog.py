@@ -59,8 +59,9 @@ def limit_for(spec: WatchdogSpec, step: int, phase: str, ema_s: float) -> float 
 def silent_ranks(
     spec: WatchdogSpec, heartbeats: Mapping[int, tuple[int, float, str, float] | None], now: float
 ) -> list[Silence]:
-    """Ranks past their limit, the longest-silent first (that one is the likely culprit:
-    the others are usually blocked in a collective waiting for it)."""
+    """Ranks past their limit, the likely culprit first: ranks waiting in a collective (phase
+    sync) are its victims, so a rank that is not waiting comes first; among equals, the
+    longest silent (the others are usually blocked waiting for it)."""
     out = []
     for rank, record in heartbeats.items():
         if record is None:
@@ -69,4 +70,26 @@ def silent_ranks(
         limit = limit_for(spec, step, phase, ema)
         if limit is not None and now - when > limit:
             out.append(Silence(rank=rank, step=step, phase=phase, silent_s=now - when, limit_s=limit))
-    return sorted(out, key=lambda s: (-s.silent_s, s.step, s.rank))
+    return sorted(out, key=lambda s: (s.phase == Phase.SYNC, -s.silent_s, s.step, s.rank))
+
+
+def stopped_ranks(
+    spec: WatchdogSpec, heartbeats: Mapping[int, tuple[int, float, str, float] | None], now: float
+) -> list[Silence]:
+    """Ranks silent past the limit they would have while training, whatever phase they are in:
+    the candidates to look at when a rank may be stopped (SIGSTOP) in a phase whose own limit
+    is long (saving) or absent (starting). The caller checks which are really stopped."""
+    out = []
+    for rank, record in heartbeats.items():
+        if record is None:
+            continue
+        step, when, phase, ema = record
+        if phase == Phase.EXIT:
+            continue
+        fixed = spec.hang_timeout_s
+        limit = (
+            float(fixed) if isinstance(fixed, (int, float)) else max(spec.min_hang_s, spec.hang_factor * ema)
+        )
+        if now - when > limit:
+            out.append(Silence(rank=rank, step=step, phase=phase, silent_s=now - when, limit_s=limit))
+    return sorted(out, key=lambda s: (-s.silent_s, s.rank))

@@ -17,7 +17,9 @@ from ..conftest import JOBS, TEST_JOBS, orch_cmd, read_events, run_orch, wait_fo
 pytestmark = pytest.mark.integration
 
 
-@pytest.mark.parametrize("how,mode", [("stop", "auto"), ("sleep", "auto"), ("stop", "subprocess")])
+@pytest.mark.parametrize(
+    "how,mode", [("stop", "auto"), ("sleep", "auto"), ("stop", "subprocess"), ("stop-saving", "auto")]
+)
 def test_hung_rank_is_detected_dumped_and_restarted(tmp_path: Path, how: str, mode: str) -> None:
     cfg = write_config(
         tmp_path,
@@ -37,8 +39,9 @@ def test_hung_rank_is_detected_dumped_and_restarted(tmp_path: Path, how: str, mo
     events = read_events(run_dir)
     hang = [e for e in events if e["event"] == "hang_detected"]
     assert len(hang) == 1 and hang[0]["step"] == 10 and 1 in hang[0]["silent_ranks"]
-    if how == "stop":
-        assert hang[0]["rank"] == 1  # a stopped process is identified for certain
+    # a stopped process is identified for certain; a sleeping one because the rank waiting
+    # for it in the all-reduce says so in its heartbeat (phase sync)
+    assert hang[0]["rank"] == 1, hang[0]
     assert 3 <= hang[0]["silent_s"] < 3 + 4, hang[0]  # one watchdog period (0.5 s) plus scheduling slack
     ended = [e for e in events if e["event"] == "attempt_ended"]
     assert ended[0]["status"] == "failed" and ended[0]["root_cause"]["class"] == "hang"
@@ -57,6 +60,30 @@ def test_hung_rank_is_detected_dumped_and_restarted(tmp_path: Path, how: str, mo
         f"hang ({how}) detected after {hang[0]['silent_s']:.2f}s of silence (limit 3s);"
         f" run took {time.monotonic() - t0:.1f}s"
     )
+
+
+def test_rank_hung_before_a_collective_is_blamed_not_the_ranks_waiting_in_it(tmp_path: Path) -> None:
+    # Rank 1 of 3 sleeps before step 11's gradient all-reduce; ranks 0 and 2 wait inside it,
+    # so their heartbeats go stale too, at the same step and the same moment.
+    cfg = write_config(
+        tmp_path,
+        TEST_JOBS / "hang.py",
+        job={"env": {"HANG_HOW": "sleep", "HANG_STEP": "10", "HANG_RANK": "1"}},
+        resources={"nodes": 1, "ranks_per_node": 3},
+        storage={"checkpoint_interval": 5},
+        watchdog={"hang_timeout_s": 3},
+        restart={"max_restarts": 0},
+    )
+    proc = run_orch("run", str(cfg), "--run-id", "hung", "--quiet")
+    assert proc.returncode == 1, proc.stderr
+    run_dir = tmp_path / "runs" / "hung"
+    (hang,) = [e for e in read_events(run_dir) if e["event"] == "hang_detected"]
+    assert sorted(hang["silent_ranks"]) == [0, 1, 2], hang
+    logs = {r: (run_dir / "logs" / "attempt-0" / f"rank-{r}.log").read_text() for r in range(3)}
+    assert all(" in backward" in logs[r] for r in (0, 2)), logs  # their dumps: inside the all-reduce
+    assert hang["rank"] == 1, hang
+    status = json.loads(run_orch("status", "hung", "--config", str(cfg), "--json").stdout)
+    assert status["root_cause"]["rank"] == 1 and status["root_cause"]["class"] == "hang", status
 
 
 def test_sigusr2_to_supervisor_checkpoints_and_resumes_without_counting_a_failure(tmp_path: Path) -> None:

@@ -1,6 +1,7 @@
 """A small training loop under the runtime; in attempt 0, rank HANG_RANK stops making progress
 at step HANG_STEP: HANG_HOW=sleep sleeps before the step's collective (the other ranks then
-wait inside it), HANG_HOW=stop SIGSTOPs itself."""
+wait inside it), HANG_HOW=stop SIGSTOPs itself, HANG_HOW=stop-saving does so with its heartbeat
+in the save phase (whose own allowance, save_timeout_s, is long)."""
 
 import os
 import signal
@@ -9,6 +10,8 @@ import time
 import torch
 
 from orchestrator import runtime
+from orchestrator.contract import Phase
+from orchestrator.runtime import heartbeat
 
 ctx = runtime.init()
 torch.manual_seed(0)
@@ -22,6 +25,9 @@ hang_step, hang_rank = int(os.environ.get("HANG_STEP", "10")), int(os.environ.ge
 while step < int(os.environ.get("STEPS", "40")):
     if ctx.attempt == 0 and ctx.rank == hang_rank and step == hang_step:
         if os.environ.get("HANG_HOW", "sleep") == "stop":
+            os.kill(os.getpid(), signal.SIGSTOP)
+        elif os.environ.get("HANG_HOW") == "stop-saving":  # stopped while its heartbeat says save
+            heartbeat.beat(step, Phase.SAVE)
             os.kill(os.getpid(), signal.SIGSTOP)
         else:
             time.sleep(1000)

@@ -132,6 +132,10 @@ def test_watchdog_limits_by_phase_and_step_time():
     assert [(h.rank, h.limit_s) for h in hung] == [(1, 20.0)]
     fixed = WatchdogSpec(hang_timeout_s=3.0)
     assert [h.rank for h in silent_ranks(fixed, beats, now=1005.0)] == [1, 2, 0]  # longest silence first
+    # Ranks waiting inside a collective (phase sync) are victims: the one not waiting comes first,
+    # even when a waiting rank went quiet a moment earlier.
+    waiting = {0: (10, 990.0, "sync", 0.1), 1: (10, 990.05, "train", 0.1), 2: (10, 989.99, "sync", 0.1)}
+    assert [h.rank for h in silent_ranks(fixed, waiting, now=1005.0)] == [1, 2, 0]
 
 
 def test_failure_classes_and_hints():
@@ -281,3 +285,22 @@ def test_console_progress_is_one_redrawn_line_on_a_terminal_and_plain_lines_else
             )
         else:
             assert term.text == "[orch] step 5/10\n[rank 0] hello\n"
+
+
+def test_a_pass_env_value_never_reaches_a_recorded_failure(monkeypatch):
+    from orchestrator.supervision.loop import without_secrets
+
+    monkeypatch.setenv("WANDB_API_KEY", "k-123456")
+    monkeypatch.setenv("SHORT", "1")
+    failure = RankFailure(
+        rank=0,
+        node_rank=0,
+        exitcode=1,
+        time=1.0,
+        error_type="ValueError",
+        message="ValueError: bad key k-123456 (1)",
+    )
+    clean = without_secrets(failure, ("WANDB_API_KEY", "SHORT", "UNSET"))
+    assert clean.message == "ValueError: bad key <redacted> (1)"
+    assert "k-123456" not in json.dumps(clean.to_json())
+    assert without_secrets(failure, ()) is failure
