@@ -97,6 +97,9 @@ def job_imports(script: str | None) -> list[str]:
 # torch._dynamo (~2.4 s of CPU here, ~800 modules), in every fresh rank.
 FIRST_USE_IMPORTS = {
     "optim": "torch._dynamo",
+    # Constructing DistributedDataParallel imports torch._dynamo too (822 modules, ~5.8 s here).
+    "DistributedDataParallel": "torch._dynamo",
+    "wrap_ddp": "torch._dynamo",
     "SummaryWriter": "torch.utils.tensorboard",
     "Metrics": "torch.utils.tensorboard",  # orchestrator.runtime.Metrics writes TensorBoard
 }
@@ -364,6 +367,7 @@ class ForkServerLauncher:
         self.preload = preload_list(config)
         self.skipped: list[str] = []
         self._notice_given = False
+        self._forked_this_attempt = False  # the running attempt's ranks are the server's children
 
     @property
     def name(self) -> str:
@@ -373,6 +377,7 @@ class ForkServerLauncher:
         self, specs: Sequence[RankSpec], log_paths: Sequence[str], extra_env: Sequence[Mapping[str, str]]
     ) -> AttemptGroup:
         notes = []
+        self._forked_this_attempt = False
         if self.refusal is None and self.server is not None and self.server.failure() is not None:
             # A server killed or stopped mid-attempt was that attempt's root cause; this one
             # gets a fresh server (if the next one cannot start, ranks start as interpreters).
@@ -411,6 +416,14 @@ class ForkServerLauncher:
                 group.ranks.append(
                     RankProcess(spec=spec, popen=self.server.handles[pid], log_path=log, started=started)
                 )
+            self._forked_this_attempt = True
+        except ForkServerError as exc:
+            # The server died between its start and its replies (the OOM killer, a kill from
+            # outside): this attempt's ranks start as fresh interpreters, the next attempt
+            # tries a fresh server (failure() names the dead one).
+            group.close()
+            group = self.fallback.start_attempt(specs, log_paths, extra_env)
+            notes.append(f"starting ranks as fresh interpreters for this attempt: {exc}")
         except BaseException:
             group.close()
             raise
@@ -457,7 +470,7 @@ class ForkServerLauncher:
 
     def failure(self) -> str | None:
         server = self.server
-        return server.failure() if server is not None and self.refusal is None else None
+        return server.failure() if server is not None and self._forked_this_attempt else None
 
     def abandon(self) -> None:
         if self.server is not None:

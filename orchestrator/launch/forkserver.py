@@ -26,6 +26,7 @@ The server exits when the socket closes (the supervisor is gone) or on its paren
 from __future__ import annotations
 
 import ctypes
+import gc
 import importlib
 import io
 import json
@@ -147,6 +148,12 @@ def serve(sock: socket.socket, modules: list[str]) -> None:
         channel.flush_all()
         return
     import_s = time.perf_counter() - t0
+    # Everything imported so far goes to the collector's permanent generation: a rank's garbage
+    # collections then never walk (and so never write to) those objects, whose pages stay
+    # shared with this server instead of being copied into every rank (measured: 141 MiB of
+    # private pages per rank of a small DDP job without this).
+    gc.collect()
+    gc.freeze()
     print(
         f"[forkserver] pid {os.getpid()}: imported {', '.join(imported)} in {import_s:.2f}s; ready",
         file=sys.stderr,

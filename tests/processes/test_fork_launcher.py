@@ -82,6 +82,9 @@ def test_modules_torch_imports_on_first_use_are_preloaded_when_the_job_will_use_
     assert first_use_imports(str(script)) == []
     script.write_text("from torch import optim\n")
     assert first_use_imports(str(script)) == ["torch._dynamo"]
+    # DistributedDataParallel's constructor imports torch._dynamo as well
+    script.write_text("from orchestrator import runtime\nddp = runtime.wrap_ddp(model, ctx)\n")
+    assert first_use_imports(str(script)) == ["torch._dynamo"]
 
 
 def test_fork_refusals() -> None:

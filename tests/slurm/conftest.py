@@ -28,7 +28,7 @@ def slurm_cluster(tmp_path_factory):
             "the Slurm tests need root and scripts/slurm/install.sh (the README's test command runs it)"
         )
     state = Path("/tmp") / f"orch-slurm-test-{os.getpid()}"
-    env = {**os.environ, "SLURMLAB_NODES": "3", "SLURMLAB_CTLD_PORT": "17817", "SLURMLAB_CPUS": "8"}
+    env = {**os.environ, "SLURMLAB_NODES": "3", "SLURMLAB_CTLD_PORT": "17817", "SLURMLAB_CPUS": "256"}
     t0 = time.monotonic()
     proc = subprocess.run(
         ["bash", str(SCRIPTS / "start.sh"), str(state)], env=env, capture_output=True, text=True, timeout=300

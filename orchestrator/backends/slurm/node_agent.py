@@ -27,11 +27,22 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import sys
 import time
 from typing import Mapping, Sequence
 
-from orchestrator.contract import ENV_LOG_DIR, ENV_RUN_DIR, PREEMPTED_EXIT_CODE, rank_files_env, rank_log_name
+from orchestrator.contract import (
+    AGENT_BEAT_S,
+    ENV_LOG_DIR,
+    ENV_RUN_DIR,
+    PREEMPTED_EXIT_CODE,
+    AgentState,
+    node_agent_record_name,
+    rank_files_env,
+    rank_log_name,
+    write_agent_record,
+)
 from orchestrator.launch.fork_launcher import ForkServerLauncher
 from orchestrator.launch.processes import AttemptGroup, RankProcess
 from orchestrator.spec.config import ClusterConfig, config_from_run_record
@@ -45,6 +56,8 @@ POLL_S = 0.05
 # this long after SIGTERM to write their error records and flush, then SIGKILL, so that the
 # step ends (and the restart begins) without waiting out restart.stop_grace_s.
 FAILURE_STOP_GRACE_S = 2.0
+# The node's exit status when its fork server failed (the agent's record says how): not a rank's.
+LAUNCHER_FAILED_EXIT_CODE = 70
 
 
 def tasks_per_node(ranks_per_node: int, nodes: int) -> str:
@@ -106,6 +119,19 @@ class NodeAgent:
         self.log_dir = env[ENV_LOG_DIR]
         self.group: AttemptGroup | None = None
         self.early_signals: list[int] = []  # arrived before the ranks existed, in order
+        self.record_path = os.path.join(self.log_dir, node_agent_record_name(self.node_rank))
+        self.launcher: ForkServerLauncher | None = None
+        self.failure: str | None = None  # what failed the node's fork server, if it failed
+
+    def _record(self, state: AgentState, **extra: object) -> None:
+        """The agent's sign of life for the supervisor (contract.write_agent_record); a shared
+        filesystem that fails for a moment must not fail the node."""
+        try:
+            write_agent_record(
+                self.record_path, state=state, pid=os.getpid(), host=socket.gethostname(), **extra
+            )
+        except OSError as exc:
+            self._say(f"could not write {self.record_path}: {exc}")
 
     def _say(self, text: str) -> None:
         print(f"[orch.node {self.node_rank}] {time.strftime('%H:%M:%S')} {text}", flush=True)
@@ -123,7 +149,8 @@ class NodeAgent:
             signal.signal(sig, self._forward)
         # templates/slurm_node.sh held these blocked: what arrived meanwhile is delivered now.
         signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED_SIGNALS)
-        launcher = ForkServerLauncher(
+        self._record(AgentState.STARTING)
+        launcher = self.launcher = ForkServerLauncher(
             self.config,
             python=sys.executable,
             server_log=os.path.join(self.log_dir, f"node-{self.node_rank}.log"),
@@ -168,15 +195,30 @@ class NodeAgent:
         self._say(
             f"exit {code} (rank exit codes {[r.popen.returncode for r in group.ranks] if group else []})"
         )
+        if self.failure is None:
+            self._record(AgentState.EXITED, code=code)
         return code
 
     def _wait(self, group: AttemptGroup) -> int:
-        """Until every rank exits; after the first failure (not a stop on request), stop the rest."""
+        """Until every rank exits; after the first failure (not a stop on request), stop the rest.
+        A fork server that dies or is stopped fails the node: its ranks die with it."""
+        next_beat = 0.0
         while group.alive():
+            failure = self.launcher.failure() if self.launcher is not None else None
+            if failure is not None and self.launcher is not None:
+                self._say(failure)
+                self.failure = failure
+                self._record(AgentState.FAILED, reason=failure)
+                self.launcher.abandon()
+                group.stop(0)
+                return LAUNCHER_FAILED_EXIT_CODE
             codes = [r.popen.returncode for r in group.ranks]
             if any(c not in (0, None, PREEMPTED_EXIT_CODE) for c in codes):
                 group.stop(min(self.config.restart.stop_grace_s, FAILURE_STOP_GRACE_S))
                 break
+            if time.monotonic() >= next_beat:
+                next_beat = time.monotonic() + AGENT_BEAT_S
+                self._record(AgentState.RUNNING)
             time.sleep(POLL_S)
         return exit_status(group.ranks)
 

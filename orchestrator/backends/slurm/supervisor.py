@@ -23,11 +23,22 @@ from typing import Any
 
 from orchestrator.backends.slurm.hostlist import expand_hostlist
 from orchestrator.backends.slurm.render import step_argv, step_env, uses_node_agent
-from orchestrator.contract import Event, rank_files, rank_of_file, read_error_record
+from orchestrator.contract import (
+    AGENT_BEAT_S,
+    AGENT_SILENCE_S,
+    LAUNCHER_TYPE,
+    AgentState,
+    Event,
+    node_agent_record_name,
+    rank_files,
+    rank_of_file,
+    read_agent_record,
+    read_error_record,
+)
 from orchestrator.launch.ports import lease_port
 from orchestrator.spec.config import ClusterConfig, config_from_run_record
 from orchestrator.storage.rundir import RunDir
-from orchestrator.supervision.failures import RankFailure, exception_line
+from orchestrator.supervision.failures import RankFailure, exception_line, is_peer_loss
 from orchestrator.supervision.loop import Ended, Started, Supervision, next_attempt
 from orchestrator.supervision.policy import Action, AttemptState
 
@@ -92,6 +103,39 @@ def step_failures(log_dir: str, step_code: int, ranks_per_node: int) -> list[Ran
     ]
 
 
+def agent_failure(record: dict[str, Any], node: int, silent_s: float | None = None) -> RankFailure:
+    """A node agent that failed as a launcher: lost (no sign of life for `silent_s`), dead
+    without exiting, or failed by its fork server (its record's reason)."""
+    who = f"the node agent of node {node} (pid {record.get('pid')} on {record.get('host')})"
+    if silent_s is not None:
+        message = (
+            f"{who} stopped answering: no sign of life for {silent_s:.0f}s (stopped, or its node is lost)"
+        )
+    elif record.get("state") == AgentState.FAILED:
+        message = f"node {node}: {record.get('reason')}"
+    else:
+        message = f"{who} died without exiting (killed by a signal); its ranks died with it"
+    return RankFailure(
+        rank=None,
+        node_rank=node,
+        exitcode=-signal.SIGKILL,
+        time=float(record.get("time") or time.time()),
+        error_type=LAUNCHER_TYPE,
+        message=message[:500],
+    )
+
+
+def dead_agents(log_dir: str, nodes: int) -> list[RankFailure]:
+    """After the step: every agent whose record says it failed, or still says running (it never
+    got to record its exit: killed), oldest record first."""
+    found = []
+    for node in range(nodes):
+        record = read_agent_record(os.path.join(log_dir, node_agent_record_name(node)))
+        if record and record.get("state") in (AgentState.STARTING, AgentState.RUNNING, AgentState.FAILED):
+            found.append(agent_failure(record, node))
+    return sorted(found, key=lambda f: f.time)
+
+
 def checkpoint_seconds(run: RunDir) -> float | None:
     """The longest checkpoint write this run has recorded."""
     times = [
@@ -112,9 +156,15 @@ class SrunAttempts:
         self.master_addr = master_addr
         self.proc: subprocess.Popen | None = None
         self.log_dir = ""
+        self.lost_agent: RankFailure | None = None
+        # node -> (the record's time last seen, when it last changed here): the agent's own
+        # clock is never compared with ours.
+        self.agent_beats: dict[int, tuple[float, float]] = {}
+        self.next_agent_check = 0.0
 
     def start(self, attempt: int, master_port: int) -> Started:
         self.log_dir = log_dir = self.run.logs_dir(attempt)
+        self.lost_agent, self.agent_beats = None, {}
         shared = step_env(
             self.config,
             run_id=self.run.run_id,
@@ -141,7 +191,30 @@ class SrunAttempts:
     def poll(self) -> Ended | None:
         assert self.proc is not None
         code = self.proc.poll()
-        return None if code is None else Ended(failed=code != 0, fields={"exit_code": code})
+        if code is not None:
+            return Ended(failed=code != 0, fields={"exit_code": code})
+        if uses_node_agent(self.config) and time.monotonic() >= self.next_agent_check:
+            self.next_agent_check = time.monotonic() + AGENT_BEAT_S
+            self.lost_agent = self._silent_agent()
+            if self.lost_agent is not None:
+                return Ended(failed=True)
+        return None
+
+    def _silent_agent(self) -> RankFailure | None:
+        """A running agent whose record has not changed for AGENT_SILENCE_S (SIGSTOPped, or
+        its node lost): its ranks may run on, but nobody would see them end."""
+        now = time.monotonic()
+        for node in range(self.config.resources.nodes):
+            record = read_agent_record(os.path.join(self.log_dir, node_agent_record_name(node)))
+            if not record or record.get("state") != AgentState.RUNNING:
+                continue
+            seen = float(record.get("time", 0))
+            last, changed = self.agent_beats.get(node, (None, now))
+            if seen != last:
+                self.agent_beats[node] = (seen, now)
+            elif now - changed > AGENT_SILENCE_S:
+                return agent_failure(record, node, silent_s=now - changed)
+        return None
 
     def _step_id(self) -> str:
         """JOB.STEP of our srun (the newest running step of this job)."""
@@ -163,7 +236,9 @@ class SrunAttempts:
         proc = self.proc
         assert proc is not None
         if proc.poll() is None:
-            subprocess.run(["scancel", self._step_id()], capture_output=True, timeout=30)
+            # A lost agent cannot pass a graceful stop on: its node's ranks are killed outright.
+            how = ["--signal=KILL"] if self.lost_agent is not None else []
+            subprocess.run(["scancel", *how, self._step_id()], capture_output=True, timeout=30)
             try:
                 proc.wait(timeout=grace_s + 30)
             except subprocess.TimeoutExpired:
@@ -173,9 +248,21 @@ class SrunAttempts:
         return Ended(failed=code != 0, fields={"exit_code": code})
 
     def failures(self, ended: Ended) -> list[RankFailure]:
-        return step_failures(
+        failed = step_failures(
             self.log_dir, int(ended.fields.get("exit_code", 1)), self.config.resources.ranks_per_node
         )
+        # A rank's own failure is the cause even when agents die after it (srun ends the step's
+        # other tasks); without one, an agent that failed or was killed took its ranks down,
+        # which then left no record, or a peer loss, or the stop record of a step being ended.
+        own = [
+            f
+            for f in failed
+            if f.rank is not None and not f.is_stop_on_request and not is_peer_loss(f.message)
+        ]
+        if self.lost_agent is not None:
+            return [self.lost_agent, *own]
+        agents = [] if own else dead_agents(self.log_dir, self.config.resources.nodes)
+        return agents[:1] if agents else failed
 
 
 class SlurmIncarnation:

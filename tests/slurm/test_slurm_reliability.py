@@ -1,0 +1,85 @@
+"""Our own processes under Slurm fail loudly and recover (issue 13, point 3): a node agent
+killed or stopped mid-attempt is that attempt's root cause, named with its node, and the next
+attempt (a new srun step) starts fresh agents. The test checks that its signal reached the
+agent (its pid from the agent's own record) before judging the outcome."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+
+from ..conftest import TEST_JOBS, read_events, wait_for, write_config
+from .conftest import submit, wait_final
+
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("slurm_cluster")]
+
+
+def _agent_record(run_dir, attempt: int, node: int) -> dict | None:
+    try:
+        return json.loads((run_dir / "logs" / f"attempt-{attempt}" / f"node-{node}.agent.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGSTOP"])
+def test_a_node_agent_killed_or_stopped_mid_attempt_is_the_root_cause(tmp_path, how):
+    cfg = write_config(
+        tmp_path,
+        TEST_JOBS / "brief.py",
+        args=["--live-s", "25"],
+        backend="slurm",
+        resources={"nodes": 3, "ranks_per_node": 2, "cpus_per_rank": 1, "time_limit": "10"},
+        restart={"max_restarts": 1, "backoff_s": 0.2, "stop_grace_s": 3},
+        slurm={"partition": "debug"},
+    )
+    run_id = f"agent-{how.lower()}"
+    submit(cfg, run_id)
+    run_dir = tmp_path / "runs" / run_id
+    record = wait_for(
+        lambda: (r := _agent_record(run_dir, 0, 1)) and r["state"] == "running" and r,
+        120,
+        "node 1's agent to run its ranks",
+    )
+    os.kill(int(record["pid"]), getattr(signal, how))  # every node of the test cluster is this machine
+    st = wait_final(cfg, run_id, timeout=240)
+    assert st["state"] == "succeeded" and st["attempts"] == 2, st
+    ended = [e for e in read_events(run_dir) if e["event"] == "attempt_ended"]
+    assert [e["status"] for e in ended] == ["failed", "succeeded"], ended
+    cause = ended[0]["root_cause"]
+    what = "died without exiting" if how == "SIGKILL" else "stopped answering"
+    assert cause["error_type"] == "LauncherFailed" and cause["node_rank"] == 1, cause
+    assert cause["message"].startswith(f"the node agent of node 1 (pid {record['pid']} on "), cause
+    assert what in cause["message"], cause
+    # the next attempt's agents are new processes, and each recorded its clean exit
+    for node in range(3):
+        fresh = _agent_record(run_dir, 1, node)
+        assert fresh and fresh["state"] == "exited" and fresh["code"] == 0 and fresh["pid"] != record["pid"]
+
+
+@pytest.mark.parametrize("live_s", ["0", "3"], ids=["exit-at-once", "live-a-while"])
+def test_512_ranks_through_node_agents_finish(tmp_path, live_s):
+    # Issue 13, point 1: the node agent talks to its fork server as the local supervisor does;
+    # 256 ranks per node that exit at once must not wedge the two (the test cluster's nodes
+    # advertise 256 CPUs).
+    cfg = write_config(
+        tmp_path,
+        TEST_JOBS / "brief.py",
+        args=["--live-s", live_s],
+        backend="slurm",
+        resources={"nodes": 2, "ranks_per_node": 256, "cpus_per_rank": 1, "time_limit": "10"},
+        restart={"max_restarts": 0},
+        slurm={"partition": "debug"},
+    )
+    run_id = f"many-{live_s}"
+    submit(cfg, run_id)
+    st = wait_final(cfg, run_id, timeout=400)
+    assert st["state"] == "succeeded" and st["attempts"] == 1, st
+    logs = tmp_path / "runs" / run_id / "logs" / "attempt-0"
+    assert sorted(int(p.stem.split("-")[1]) for p in logs.glob("rank-*.log")) == list(range(512))
+    assert (logs / "rank-511.log").read_text() == "rank 511 of 512\n"
+    for node in range(2):
+        record = _agent_record(tmp_path / "runs" / run_id, 0, node)
+        assert record and record["state"] == "exited" and record["code"] == 0, record
