@@ -118,10 +118,10 @@ class AgentState(StrEnum):
 
 
 # How often a node agent renews its record, and how long the supervisor lets it go stale before
-# it names the agent as lost (SIGSTOPped, or its node gone): many renewals, so a loaded shared
-# filesystem's delays do not count.
+# it names the agent as lost (SIGSTOPped, or its node gone): twenty renewals, so a shared
+# filesystem's metadata stalls (seconds, on a busy Lustre or NFS) do not count.
 AGENT_BEAT_S = 1.0
-AGENT_SILENCE_S = 10.0
+AGENT_SILENCE_S = 20.0
 
 
 def write_agent_record(path: str, *, state: AgentState, pid: int, host: str, **extra: object) -> None:

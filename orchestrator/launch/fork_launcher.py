@@ -46,6 +46,7 @@ from orchestrator.spec.plan import RankSpec
 
 READY_TIMEOUT_S = 120.0  # importing torch on a loaded 2-core machine can take ~10 s
 MAX_PRELOAD_RETRIES = 3
+STOPPED_FOR_S = 2.0  # a fork server in state T this long is failed (see ForkServer.failure)
 
 
 def _parse(script: str | None) -> ast.Module | None:
@@ -180,6 +181,7 @@ class ForkServer:
         self.replies: dict[int, dict[str, Any]] = {}
         self.hello: dict[str, Any] | None = None
         self._next_id = 0
+        self.stopped_since: float | None = None  # first seen in state T (time.monotonic)
 
     # -------------------------------------------------------------- messages
 
@@ -290,6 +292,8 @@ class ForkServer:
     def failure(self) -> str | None:
         """Why this server can no longer report its ranks' exits, or None: it is gone (its ranks
         died with it), or stopped (SIGSTOP: ranks may run on, but no exit would be reaped)."""
+        if self.alive and self.proc.poll() is not None:
+            self.drain()  # it died while nobody read its socket (between attempts): EOF now
         if not self.alive:
             code = self.proc.poll()
             if code is not None and code < 0:
@@ -297,11 +301,16 @@ class ForkServer:
             else:
                 how = "exited" if code is None else f"exited with code {code}"
             return f"the fork server (pid {self.proc.pid}) {how}; its ranks died with it"
-        if process_state(self.proc.pid) == "T":
-            return (
-                f"the fork server (pid {self.proc.pid}) was stopped (SIGSTOP); its ranks could not be watched"
-            )
-        return None
+        if process_state(self.proc.pid) != "T":
+            self.stopped_since = None
+            return None
+        # Stopped for STOPPED_FOR_S on end, not at one glance: a job suspended and resumed by
+        # Slurm gets SIGCONT process by process, and the server may wake a moment after us.
+        now = time.monotonic()
+        self.stopped_since = self.stopped_since or now
+        if now - self.stopped_since < STOPPED_FOR_S:
+            return None
+        return f"the fork server (pid {self.proc.pid}) was stopped (SIGSTOP); its ranks could not be watched"
 
     def kill(self) -> None:
         """SIGKILL (which also ends a stopped process): its ranks die with it and count as killed."""

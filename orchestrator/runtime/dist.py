@@ -125,6 +125,8 @@ def _mark_backward(_module: torch.nn.Module, _inputs: object, output: object) ->
     """Once backward reaches this output, the rank waits in DDP's gradient all-reduce for
     every peer: its heartbeat says so (phase sync), so a hang is blamed on the rank that
     never got there."""
+    if torch.compiler.is_compiling():  # a hook on an intermediate would break a full graph
+        return
     tensor = _first_tensor_with_grad(output)
     if tensor is not None:
         tensor.register_hook(_entered_backward)

@@ -65,5 +65,7 @@ def beat(step: int, phase: str = Phase.TRAIN) -> None:
 
 def waiting_for_peers() -> None:
     """Record that this rank entered a collective (DDP's backward): silent from here, it waits
-    for a peer, and the watchdog blames a silent rank that is not waiting."""
-    beat(_last_step or 0, Phase.SYNC)
+    for a peer, and the watchdog blames a silent rank that is not waiting. Not before the first
+    step: the first backward (lazy communicator set-up, slow peers) keeps start-up's allowance."""
+    if _last_step is not None:
+        beat(_last_step, Phase.SYNC)

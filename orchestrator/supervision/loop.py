@@ -147,8 +147,8 @@ def without_secrets(failure: RankFailure, pass_env: tuple[str, ...]) -> RankFail
     token in an exception must not put it in events.jsonl (values under 4 characters are left:
     replacing every "1" would garble the message and hide nothing)."""
     message = failure.message
-    for name in pass_env:
-        value = os.environ.get(name, "")
+    # Longest first: a secret that contains another must not be left half-replaced.
+    for value in sorted((os.environ.get(name, "") for name in pass_env), key=len, reverse=True):
         if len(value) >= 4 and value in message:
             message = message.replace(value, REDACTED)
     return failure if message == failure.message else replace(failure, message=message)

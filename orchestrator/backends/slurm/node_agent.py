@@ -145,6 +145,17 @@ class NodeAgent:
             group.signal_all(signum)
 
     def run(self) -> int:
+        try:
+            return self._run()
+        except Exception as exc:
+            # The traceback goes to the node's log (node_agent_error reads it); the record says
+            # the agent failed, not that it vanished.
+            self._record(
+                AgentState.FAILED, reason=f"the node agent failed: {type(exc).__name__}: {exc}"[:500]
+            )
+            raise
+
+    def _run(self) -> int:
         for sig in FORWARDED_SIGNALS:
             signal.signal(sig, self._forward)
         # templates/slurm_node.sh held these blocked: what arrived meanwhile is delivered now.

@@ -27,6 +27,7 @@ from orchestrator.contract import (
     AGENT_BEAT_S,
     AGENT_SILENCE_S,
     LAUNCHER_TYPE,
+    PREEMPTED_EXIT_CODE,
     AgentState,
     Event,
     node_agent_record_name,
@@ -125,15 +126,30 @@ def agent_failure(record: dict[str, Any], node: int, silent_s: float | None = No
     )
 
 
-def dead_agents(log_dir: str, nodes: int) -> list[RankFailure]:
-    """After the step: every agent whose record says it failed, or still says running (it never
-    got to record its exit: killed), oldest record first."""
-    found = []
+# A node's exit status when its ranks succeeded, or stopped because they were told to (srun
+# ending the step passes SIGTERM on): anything else is a failure of its own.
+STOPPED_CODES = (0, PREEMPTED_EXIT_CODE, 128 + signal.SIGTERM)
+
+
+def dead_agents(log_dir: str, nodes: int) -> tuple[list[RankFailure], list[RankFailure]]:
+    """After the step: the agents that recorded a failure, and those whose record still says
+    starting or running (they never recorded an exit: killed, oldest record first). The second
+    list is empty when some agent recorded a failed exit of its own (a rank killed by the OOM
+    killer leaves no record): srun then ended the others itself (--kill-on-bad-exit), and
+    their silence says nothing."""
+    failed, vanished, bad_exit = [], [], False
     for node in range(nodes):
         record = read_agent_record(os.path.join(log_dir, node_agent_record_name(node)))
-        if record and record.get("state") in (AgentState.STARTING, AgentState.RUNNING, AgentState.FAILED):
-            found.append(agent_failure(record, node))
-    return sorted(found, key=lambda f: f.time)
+        state = record.get("state") if record else None
+        if record is None:
+            continue
+        if state == AgentState.FAILED:
+            failed.append(agent_failure(record, node))
+        elif state in (AgentState.STARTING, AgentState.RUNNING):
+            vanished.append(agent_failure(record, node))
+        elif state == AgentState.EXITED and record.get("code") not in STOPPED_CODES:
+            bad_exit = True
+    return failed, [] if bad_exit else sorted(vanished, key=lambda f: f.time)
 
 
 def checkpoint_seconds(run: RunDir) -> float | None:
@@ -261,8 +277,10 @@ class SrunAttempts:
         ]
         if self.lost_agent is not None:
             return [self.lost_agent, *own]
-        agents = [] if own else dead_agents(self.log_dir, self.config.resources.nodes)
-        return agents[:1] if agents else failed
+        failed_agents, vanished = dead_agents(self.log_dir, self.config.resources.nodes)
+        if failed_agents:  # said so itself: root_cause orders it with the ranks' own failures
+            return [*failed_agents, *own]
+        return vanished[:1] if vanished and not own else failed
 
 
 class SlurmIncarnation:
