@@ -43,6 +43,11 @@ from typing import Any, Callable
 
 import yaml
 
+if __package__:  # imported as bench.chaos (the tests)
+    from .slurm_bench import cluster_up, start_cluster
+else:  # run as bench/chaos.py: this folder is sys.path[0]
+    from slurm_bench import cluster_up, start_cluster
+
 REPO = Path(__file__).resolve().parent.parent
 WRAPPER = REPO / "tests" / "jobs" / "chaos_train.py"
 PRELOAD = [  # what the fork server preloads for jobs/train_ddp.py itself (the wrapper imports none)
@@ -492,11 +497,10 @@ def write_config(work: Path, backend: str, shape: JobShape, arm_file: Path | Non
         "resources": {"nodes": shape.nodes, "ranks_per_node": shape.ranks_per_node, "cpus_per_rank": 1},
         "storage": {"root": str(work / "runs"), "checkpoint_interval": shape.checkpoint_interval, "keep": 2},
         # Every fault may land between two checkpoints, so no crash-loop limit; a fixed hang
-        # limit so a SIGSTOPped rank is found in seconds, not after `min_hang_s`. A rank stopped
-        # in the middle of a save is judged by save_timeout_s alone (default 30 min, although
-        # /proc shows it stopped), so that too is short here: saves take well under 1 s.
+        # limit so a SIGSTOPped rank is found in seconds (in any phase, saving included), not
+        # after `min_hang_s`.
         "restart": {"max_restarts": 50, "backoff_s": 0.1, "crash_loop_attempts": 0, "stop_grace_s": 5},
-        "watchdog": {"hang_timeout_s": 4, "save_timeout_s": 20},
+        "watchdog": {"hang_timeout_s": 4},
         "launch": {"preload": PRELOAD},
     }
     if arm_file is not None:
@@ -777,21 +781,10 @@ def kinds_for(backend: str, with_agents: bool, only: str | None) -> tuple[str, .
 
 def slurm_cluster(work: Path) -> Path | None:
     """The cluster SLURM_CONF names if it answers, else a new one (returns its state folder)."""
-    if os.environ.get("SLURM_CONF"):
-        if subprocess.run(["sinfo", "-h"], capture_output=True, timeout=30).returncode == 0:
-            return None
+    if cluster_up():
+        return None
     state = work / "slurm-cluster"  # not work / "slurm": the episodes live there, and stop.sh wipes it
-    env = {**os.environ, "SLURMLAB_NODES": "3", "SLURMLAB_CTLD_PORT": "19817", "SLURMLAB_CPUS": "8"}
-    proc = subprocess.run(
-        ["bash", str(REPO / "scripts" / "slurm" / "start.sh"), str(state)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    if proc.returncode != 0:
-        sys.exit(f"scripts/slurm/start.sh failed: {proc.stderr[-2000:]}")
-    os.environ["SLURM_CONF"] = str(state / "etc" / "slurm.conf")
+    start_cluster(state, nodes=3)
     return state
 
 

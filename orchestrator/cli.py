@@ -389,7 +389,7 @@ def _create_run(args: argparse.Namespace, config: Any) -> Any:
     except FileExistsError:
         raise UsageError(f"--run-id: run {run_id} already exists at {run.url}") from None
     except Exception as exc:  # noqa: BLE001 - any storage's error (OSError, botocore's own): one line
-        from orchestrator.storage.ckpt_store import storage_cause
+        from orchestrator.storage.causes import storage_cause
 
         raise UsageError(
             f"storage.root: cannot create the run directory {run.url}: {storage_cause(exc)}"

@@ -87,13 +87,9 @@ def _free_port() -> int:
 S3_BUCKET = "orch-test"
 
 
-@pytest.fixture(scope="session")
-def s3_server():
-    """A real S3 API server (moto in server mode) on 127.0.0.1 with one bucket.
-
-    Yields the env that points s3fs/botocore at it; the fixture also sets that env in this
-    process so s3:// URLs work in-process and in every subprocess a test starts.
-    """
+def start_moto(bucket: str) -> tuple[subprocess.Popen, dict[str, str]]:
+    """A real S3 API server (moto in server mode) on a free port of 127.0.0.1 with one bucket:
+    its process, and the env that points s3fs/botocore at it."""
     import shutil
     import urllib.request
 
@@ -120,11 +116,28 @@ def s3_server():
         "AWS_ENDPOINT_URL": endpoint,
         "FSSPEC_S3_ENDPOINT_URL": endpoint,
     }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
     import boto3
 
-    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket=S3_BUCKET)
+    boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    ).create_bucket(Bucket=bucket)
+    return proc, env
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """The session's S3 API server (start_moto) with the bucket S3_BUCKET.
+
+    Yields the env that points s3fs/botocore at it; the fixture also sets that env in this
+    process so s3:// URLs work in-process and in every subprocess a test starts.
+    """
+    proc, env = start_moto(S3_BUCKET)
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
     try:
         yield env
     finally:

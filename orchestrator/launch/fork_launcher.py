@@ -387,10 +387,11 @@ class ForkServerLauncher:
     ) -> AttemptGroup:
         notes = []
         self._forked_this_attempt = False
-        if self.refusal is None and self.server is not None and self.server.failure() is not None:
+        failed = self.server.failure() if self.refusal is None and self.server is not None else None
+        if failed is not None and self.server is not None:
             # A server killed or stopped mid-attempt was that attempt's root cause; this one
             # gets a fresh server (if the next one cannot start, ranks start as interpreters).
-            notes.append(f"starting a fresh fork server: {self.server.failure()}")
+            notes.append(f"starting a fresh fork server: {failed}")
             self.server.kill()
             self.server.close()
             self.server = None

@@ -43,6 +43,7 @@ from orchestrator.contract import (
     Event,
     Phase,
 )
+from orchestrator.storage.causes import storage_cause
 from orchestrator.storage.ckpt_store import (
     AlreadyCommitted,
     CheckpointStore,
@@ -51,7 +52,6 @@ from orchestrator.storage.ckpt_store import (
     StaleIncarnation,
     make_token,
     step_dir_name,
-    storage_cause,
 )
 from orchestrator.storage.faults import fault_point
 

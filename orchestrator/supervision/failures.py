@@ -180,6 +180,19 @@ class RankFailure:
         }
 
     @classmethod
+    def launcher_failed(cls, message: str, *, node_rank: int | None, time: float) -> RankFailure:
+        """Our own process between supervisor and ranks (a fork server, a node agent) failed:
+        `message` names it and what happened; the ranks it held are its victims."""
+        return cls(
+            rank=None,
+            node_rank=node_rank,
+            exitcode=-signal.SIGKILL,
+            time=time,
+            error_type=LAUNCHER_TYPE,
+            message=message[:500],
+        )
+
+    @classmethod
     def from_record(
         cls, record: dict[str, Any], *, rank: int | None, node_rank: int | None, exitcode: int, time: float
     ) -> RankFailure:

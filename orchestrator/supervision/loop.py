@@ -301,7 +301,8 @@ class Supervision:
             for x in stopped_ranks(self.config.watchdog, beats, now)
             if self.driver.process_state(x.rank) == "T"
         ]
-        silent += [x for x in stopped if x.rank not in {y.rank for y in silent}]
+        named = {x.rank for x in silent}
+        silent += [x for x in stopped if x.rank not in named]
         if not silent:
             return None
         culprit = (stopped or silent)[0]

@@ -10,7 +10,7 @@ fixed or derived from the rank's own step time after a warm-up.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Callable, Mapping
 
 from orchestrator.contract import Phase
 from orchestrator.spec.config import WatchdogSpec
@@ -42,6 +42,16 @@ class Silence:
         }
 
 
+Heartbeats = Mapping[int, tuple[int, float, str, float] | None]
+
+
+def training_limit(spec: WatchdogSpec, ema_s: float) -> float:
+    """How long a training rank may be silent: fixed, or from its own step time."""
+    if isinstance(spec.hang_timeout_s, (int, float)):
+        return float(spec.hang_timeout_s)
+    return max(spec.min_hang_s, spec.hang_factor * ema_s)
+
+
 def limit_for(spec: WatchdogSpec, step: int, phase: str, ema_s: float) -> float | None:
     if phase == Phase.EXIT:
         return None  # finished training; the supervisor waits for the exit code
@@ -49,47 +59,39 @@ def limit_for(spec: WatchdogSpec, step: int, phase: str, ema_s: float) -> float 
         return spec.startup_timeout_s
     if phase == Phase.SAVE:
         return spec.save_timeout_s
-    if isinstance(spec.hang_timeout_s, (int, float)):
-        return float(spec.hang_timeout_s)
-    if step < WARMUP_STEPS or ema_s <= 0:
+    if not isinstance(spec.hang_timeout_s, (int, float)) and (step < WARMUP_STEPS or ema_s <= 0):
         return spec.startup_timeout_s  # still warming up: no step time to judge by yet
-    return max(spec.min_hang_s, spec.hang_factor * ema_s)
+    return training_limit(spec, ema_s)
 
 
-def silent_ranks(
-    spec: WatchdogSpec, heartbeats: Mapping[int, tuple[int, float, str, float] | None], now: float
+def _past_limit(
+    heartbeats: Heartbeats, now: float, limit: Callable[[int, str, float], float | None]
 ) -> list[Silence]:
+    """Every rank silent longer than `limit(step, phase, ema)` allows (None: no limit)."""
+    out = []
+    for rank, record in heartbeats.items():
+        if record is None:
+            continue
+        step, when, phase, ema = record
+        allowed = limit(step, phase, ema)
+        if allowed is not None and now - when > allowed:
+            out.append(Silence(rank=rank, step=step, phase=phase, silent_s=now - when, limit_s=allowed))
+    return out
+
+
+def silent_ranks(spec: WatchdogSpec, heartbeats: Heartbeats, now: float) -> list[Silence]:
     """Ranks past their limit, the likely culprit first: ranks waiting in a collective (phase
     sync) are its victims, so a rank that is not waiting comes first; among equals, the
     longest silent (the others are usually blocked waiting for it)."""
-    out = []
-    for rank, record in heartbeats.items():
-        if record is None:
-            continue  # no heartbeats (a script without the runtime): nothing to judge
-        step, when, phase, ema = record
-        limit = limit_for(spec, step, phase, ema)
-        if limit is not None and now - when > limit:
-            out.append(Silence(rank=rank, step=step, phase=phase, silent_s=now - when, limit_s=limit))
+    out = _past_limit(heartbeats, now, lambda step, phase, ema: limit_for(spec, step, phase, ema))
     return sorted(out, key=lambda s: (s.phase == Phase.SYNC, -s.silent_s, s.step, s.rank))
 
 
-def stopped_ranks(
-    spec: WatchdogSpec, heartbeats: Mapping[int, tuple[int, float, str, float] | None], now: float
-) -> list[Silence]:
+def stopped_ranks(spec: WatchdogSpec, heartbeats: Heartbeats, now: float) -> list[Silence]:
     """Ranks silent past the limit they would have while training, whatever phase they are in:
     the candidates to look at when a rank may be stopped (SIGSTOP) in a phase whose own limit
     is long (saving) or absent (starting). The caller checks which are really stopped."""
-    out = []
-    for rank, record in heartbeats.items():
-        if record is None:
-            continue
-        step, when, phase, ema = record
-        if phase == Phase.EXIT:
-            continue
-        fixed = spec.hang_timeout_s
-        limit = (
-            float(fixed) if isinstance(fixed, (int, float)) else max(spec.min_hang_s, spec.hang_factor * ema)
-        )
-        if now - when > limit:
-            out.append(Silence(rank=rank, step=step, phase=phase, silent_s=now - when, limit_s=limit))
+    out = _past_limit(
+        heartbeats, now, lambda _step, phase, ema: None if phase == Phase.EXIT else training_limit(spec, ema)
+    )
     return sorted(out, key=lambda s: (-s.silent_s, s.rank))

@@ -14,6 +14,7 @@ import time
 
 import pytest
 
+from orchestrator.storage.causes import storage_cause
 from orchestrator.storage.ckpt_store import (
     AlreadyCommitted,
     CheckpointStore,
@@ -21,7 +22,6 @@ from orchestrator.storage.ckpt_store import (
     StaleIncarnation,
     make_token,
     newest_committed,
-    storage_cause,
 )
 from orchestrator.storage.faults import CRASH_EXIT_CODE, ENV_FAULT_RECORD, read_record
 

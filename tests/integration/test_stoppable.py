@@ -9,18 +9,15 @@ process it stopped was in state T, the one it killed is gone) before judging the
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import psutil
 import pytest
 
-from ..conftest import TEST_JOBS, orch_cmd, read_events, wait_for, write_config
+from ..conftest import TEST_JOBS, orch_cmd, read_events, start_moto, wait_for, write_config
 
 pytestmark = pytest.mark.integration
 
@@ -35,6 +32,17 @@ def _start(cfg: Path, run_id: str) -> subprocess.Popen:
         stderr=subprocess.PIPE,
         text=True,
     )
+
+
+def _start_long_run(tmp_path: Path, run_id: str) -> tuple[subprocess.Popen, Path, dict]:
+    """Two ranks that would live for two minutes, started: `orch run`, its run dir, and its
+    attempt_started event."""
+    cfg = write_config(
+        tmp_path, TEST_JOBS / "brief.py", args=["--live-s", "120"], restart={"stop_grace_s": GRACE_S}
+    )
+    orch = _start(cfg, run_id)
+    run_dir = tmp_path / "runs" / run_id
+    return orch, run_dir, wait_for(lambda: _attempt_started(run_dir), 120, "attempt 0 to start")
 
 
 def _attempt_started(run_dir: Path, attempt: int = 0) -> dict | None:
@@ -87,12 +95,7 @@ def _stopped(proc: psutil.Process) -> bool:
 
 
 def test_sigterm_stops_a_run_whose_fork_server_is_stopped(tmp_path):
-    cfg = write_config(
-        tmp_path, TEST_JOBS / "brief.py", args=["--live-s", "120"], restart={"stop_grace_s": GRACE_S}
-    )
-    orch = _start(cfg, "wedged")
-    run_dir = tmp_path / "runs" / "wedged"
-    started = wait_for(lambda: _attempt_started(run_dir), 120, "attempt 0 to start")
+    orch, run_dir, started = _start_long_run(tmp_path, "wedged")
     server = _fork_server(orch)
     server.send_signal(signal.SIGSTOP)
     wait_for(lambda: _stopped(server), 5, "the fork server to be stopped")
@@ -103,12 +106,7 @@ def test_sigterm_stops_a_run_whose_fork_server_is_stopped(tmp_path):
 
 
 def test_sigterm_stops_a_run_with_a_stopped_rank(tmp_path):
-    cfg = write_config(
-        tmp_path, TEST_JOBS / "brief.py", args=["--live-s", "120"], restart={"stop_grace_s": GRACE_S}
-    )
-    orch = _start(cfg, "halted")
-    run_dir = tmp_path / "runs" / "halted"
-    started = wait_for(lambda: _attempt_started(run_dir), 120, "attempt 0 to start")
+    orch, run_dir, started = _start_long_run(tmp_path, "halted")
     rank = psutil.Process(started["pids"][1])
     rank.send_signal(signal.SIGSTOP)
     wait_for(lambda: _stopped(rank), 5, "rank 1 to be stopped")
@@ -143,46 +141,13 @@ def test_a_second_sigterm_stops_at_once(tmp_path):
 
 
 @pytest.fixture
-def private_s3(tmp_path):
+def private_s3():
     """An S3 API server of this test's own (the session's is shared: it must not be stopped)."""
-    sock = __import__("socket").socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    exe = shutil.which("moto_server") or str(Path(sys.executable).parent / "moto_server")
-    proc = subprocess.Popen(
-        [exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    endpoint = f"http://127.0.0.1:{port}"
-    wait_for(lambda: _answers(endpoint), 30, "moto_server to answer")
-    env = {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_ENDPOINT_URL": endpoint,
-        "FSSPEC_S3_ENDPOINT_URL": endpoint,
-    }
-    import boto3
-
-    boto3.client(
-        "s3",
-        endpoint_url=endpoint,
-        region_name="us-east-1",
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    ).create_bucket(Bucket="stall")
+    proc, env = start_moto("stall")
     yield proc, env
     proc.send_signal(signal.SIGCONT)
     proc.kill()
     proc.wait()
-
-
-def _answers(endpoint: str) -> bool:
-    try:
-        urllib.request.urlopen(endpoint, timeout=1)
-        return True
-    except Exception:  # noqa: BLE001 - not up yet
-        return False
 
 
 def test_sigterm_stops_a_run_whose_storage_server_is_stopped(tmp_path, private_s3):

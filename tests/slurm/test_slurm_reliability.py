@@ -5,12 +5,14 @@ agent (its pid from the agent's own record) before judging the outcome."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
 
 import pytest
+
+from orchestrator.contract import node_agent_record_name, read_agent_record
+from orchestrator.launch.processes import process_state
 
 from ..conftest import TEST_JOBS, read_events, run_orch, wait_for, write_config
 from .conftest import status, submit, wait_final
@@ -19,31 +21,37 @@ pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("slurm_cluster")]
 
 
 def _agent_record(run_dir, attempt: int, node: int) -> dict | None:
-    try:
-        return json.loads((run_dir / "logs" / f"attempt-{attempt}" / f"node-{node}.agent.json").read_text())
-    except (OSError, ValueError):
-        return None
+    return read_agent_record(str(run_dir / "logs" / f"attempt-{attempt}" / node_agent_record_name(node)))
+
+
+def _brief_on_slurm(tmp_path, live_s: str, nodes: int, ranks_per_node: int, **restart) -> object:
+    """The config of ranks that say hello and live `live_s` seconds, on the test cluster."""
+    return write_config(
+        tmp_path,
+        TEST_JOBS / "brief.py",
+        args=["--live-s", live_s],
+        backend="slurm",
+        resources={"nodes": nodes, "ranks_per_node": ranks_per_node, "cpus_per_rank": 1, "time_limit": "10"},
+        restart=restart,
+        slurm={"partition": "debug"},
+    )
+
+
+def _running_agent(run_dir, node: int) -> dict:
+    return wait_for(
+        lambda: (r := _agent_record(run_dir, 0, node)) and r["state"] == "running" and r,
+        120,
+        f"node {node}'s agent to run its ranks",
+    )
 
 
 @pytest.mark.parametrize("how", ["SIGKILL", "SIGSTOP"])
 def test_a_node_agent_killed_or_stopped_mid_attempt_is_the_root_cause(tmp_path, how):
-    cfg = write_config(
-        tmp_path,
-        TEST_JOBS / "brief.py",
-        args=["--live-s", "25"],
-        backend="slurm",
-        resources={"nodes": 3, "ranks_per_node": 2, "cpus_per_rank": 1, "time_limit": "10"},
-        restart={"max_restarts": 1, "backoff_s": 0.2, "stop_grace_s": 3},
-        slurm={"partition": "debug"},
-    )
+    cfg = _brief_on_slurm(tmp_path, "25", 3, 2, max_restarts=1, backoff_s=0.2, stop_grace_s=3)
     run_id = f"agent-{how.lower()}"
     submit(cfg, run_id)
     run_dir = tmp_path / "runs" / run_id
-    record = wait_for(
-        lambda: (r := _agent_record(run_dir, 0, 1)) and r["state"] == "running" and r,
-        120,
-        "node 1's agent to run its ranks",
-    )
+    record = _running_agent(run_dir, 1)
     os.kill(int(record["pid"]), getattr(signal, how))  # every node of the test cluster is this machine
     st = wait_final(cfg, run_id, timeout=240)
     assert st["state"] == "succeeded" and st["attempts"] == 2, st
@@ -65,15 +73,7 @@ def test_512_ranks_through_node_agents_finish(tmp_path, live_s):
     # Issue 13, point 1: the node agent talks to its fork server as the local supervisor does;
     # 256 ranks per node that exit at once must not wedge the two (the test cluster's nodes
     # advertise 256 CPUs).
-    cfg = write_config(
-        tmp_path,
-        TEST_JOBS / "brief.py",
-        args=["--live-s", live_s],
-        backend="slurm",
-        resources={"nodes": 2, "ranks_per_node": 256, "cpus_per_rank": 1, "time_limit": "10"},
-        restart={"max_restarts": 0},
-        slurm={"partition": "debug"},
-    )
+    cfg = _brief_on_slurm(tmp_path, live_s, 2, 256, max_restarts=0)
     run_id = f"many-{live_s}"
     submit(cfg, run_id)
     st = wait_final(cfg, run_id, timeout=400)
@@ -91,22 +91,12 @@ def test_orch_cancel_stops_a_run_whose_node_agent_is_stopped(tmp_path):
     # ends within restart.stop_grace_s + 5 s of `orch cancel` (Slurm wakes the job's processes
     # with SIGCONT before its SIGTERM).
     grace = 3
-    cfg = write_config(
-        tmp_path,
-        TEST_JOBS / "brief.py",
-        args=["--live-s", "300"],
-        backend="slurm",
-        resources={"nodes": 2, "ranks_per_node": 2, "cpus_per_rank": 1, "time_limit": "10"},
-        restart={"max_restarts": 0, "stop_grace_s": grace},
-        slurm={"partition": "debug"},
-    )
+    cfg = _brief_on_slurm(tmp_path, "300", 2, 2, max_restarts=0, stop_grace_s=grace)
     submit(cfg, "frozen")
     run_dir = tmp_path / "runs" / "frozen"
-    record = wait_for(
-        lambda: (r := _agent_record(run_dir, 0, 1)) and r["state"] == "running" and r, 120, "node 1's agent"
-    )
+    record = _running_agent(run_dir, 1)
     os.kill(int(record["pid"]), signal.SIGSTOP)
-    wait_for(lambda: _state(int(record["pid"])) == "T", 10, "the agent to be stopped")
+    wait_for(lambda: process_state(int(record["pid"])) == "T", 10, "the agent to be stopped")
     t0 = time.monotonic()
     assert run_orch("cancel", "frozen", "--config", str(cfg)).returncode == 0
     st = wait_for(
@@ -117,11 +107,3 @@ def test_orch_cancel_stops_a_run_whose_node_agent_is_stopped(tmp_path):
     took = time.monotonic() - t0
     assert took <= grace + 5, f"took {took:.1f}s: {st}"
     assert st["slurm_state"] == "CANCELLED", st
-
-
-def _state(pid: int) -> str | None:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            return fh.read().rsplit(b")", 1)[1].split()[0].decode()
-    except OSError:
-        return None

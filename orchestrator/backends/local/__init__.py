@@ -15,7 +15,7 @@ from orchestrator.backends.api import RunOptions, Submission
 from orchestrator.contract import Event
 from orchestrator.errors import OrchError, UsageError
 from orchestrator.spec.config import ClusterConfig
-from orchestrator.storage.ckpt_store import storage_cause
+from orchestrator.storage.causes import storage_cause
 from orchestrator.storage.rundir import RunDir, is_local_url, this_host, url_to_fs
 from orchestrator.supervision.status import LiveState
 

@@ -22,7 +22,6 @@ from typing import TextIO
 from orchestrator.backends.local.liveness import process_start_time
 from orchestrator.contract import (
     ENV_INCARNATION,
-    LAUNCHER_TYPE,
     Event,
     rank_files,
     rank_files_env,
@@ -146,14 +145,7 @@ class LocalAttempts:
             reason = self.launcher.failure()
             if reason is None:
                 return False
-            self.launcher_failure = RankFailure(
-                rank=None,
-                node_rank=None,
-                exitcode=-signal.SIGKILL,
-                time=time.time(),
-                error_type=LAUNCHER_TYPE,
-                message=reason,
-            )
+            self.launcher_failure = RankFailure.launcher_failed(reason, node_rank=None, time=time.time())
         return True
 
     def signal_ranks(self, signum: int) -> None:

@@ -120,7 +120,6 @@ class NodeAgent:
         self.group: AttemptGroup | None = None
         self.early_signals: list[int] = []  # arrived before the ranks existed, in order
         self.record_path = os.path.join(self.log_dir, node_agent_record_name(self.node_rank))
-        self.launcher: ForkServerLauncher | None = None
         self.failure: str | None = None  # what failed the node's fork server, if it failed
 
     def _record(self, state: AgentState, **extra: object) -> None:
@@ -161,7 +160,7 @@ class NodeAgent:
         # templates/slurm_node.sh held these blocked: what arrived meanwhile is delivered now.
         signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED_SIGNALS)
         self._record(AgentState.STARTING)
-        launcher = self.launcher = ForkServerLauncher(
+        launcher = ForkServerLauncher(
             self.config,
             python=sys.executable,
             server_log=os.path.join(self.log_dir, f"node-{self.node_rank}.log"),
@@ -196,7 +195,7 @@ class NodeAgent:
             )
             for signum in self.early_signals:  # what arrived while the ranks were being started
                 self.group.signal_all(signum)
-            code = self._wait(self.group)
+            code = self._wait(self.group, launcher)
         finally:
             # No forwarding to a group that is being torn down (its id may be reused after).
             group, self.group = self.group, None
@@ -210,17 +209,17 @@ class NodeAgent:
             self._record(AgentState.EXITED, code=code)
         return code
 
-    def _wait(self, group: AttemptGroup) -> int:
+    def _wait(self, group: AttemptGroup, launcher: ForkServerLauncher) -> int:
         """Until every rank exits; after the first failure (not a stop on request), stop the rest.
         A fork server that dies or is stopped fails the node: its ranks die with it."""
         next_beat = 0.0
         while group.alive():
-            failure = self.launcher.failure() if self.launcher is not None else None
-            if failure is not None and self.launcher is not None:
+            failure = launcher.failure()
+            if failure is not None:
                 self._say(failure)
                 self.failure = failure
                 self._record(AgentState.FAILED, reason=failure)
-                self.launcher.abandon()
+                launcher.abandon()
                 group.stop(0)
                 return LAUNCHER_FAILED_EXIT_CODE
             codes = [r.popen.returncode for r in group.ranks]

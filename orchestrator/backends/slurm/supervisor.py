@@ -26,7 +26,6 @@ from orchestrator.backends.slurm.render import step_argv, step_env, uses_node_ag
 from orchestrator.contract import (
     AGENT_BEAT_S,
     AGENT_SILENCE_S,
-    LAUNCHER_TYPE,
     PREEMPTED_EXIT_CODE,
     AgentState,
     Event,
@@ -116,14 +115,7 @@ def agent_failure(record: dict[str, Any], node: int, silent_s: float | None = No
         message = f"node {node}: {record.get('reason')}"
     else:
         message = f"{who} died without exiting (killed by a signal); its ranks died with it"
-    return RankFailure(
-        rank=None,
-        node_rank=node,
-        exitcode=-signal.SIGKILL,
-        time=float(record.get("time") or time.time()),
-        error_type=LAUNCHER_TYPE,
-        message=message[:500],
-    )
+    return RankFailure.launcher_failed(message, node_rank=node, time=float(record.get("time") or time.time()))
 
 
 # A node's exit status when its ranks succeeded, or stopped because they were told to (srun
@@ -140,9 +132,9 @@ def dead_agents(log_dir: str, nodes: int) -> tuple[list[RankFailure], list[RankF
     failed, vanished, bad_exit = [], [], False
     for node in range(nodes):
         record = read_agent_record(os.path.join(log_dir, node_agent_record_name(node)))
-        state = record.get("state") if record else None
         if record is None:
             continue
+        state = record.get("state")
         if state == AgentState.FAILED:
             failed.append(agent_failure(record, node))
         elif state in (AgentState.STARTING, AgentState.RUNNING):
