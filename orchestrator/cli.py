@@ -400,6 +400,7 @@ def _create_run(args: argparse.Namespace, config: Any) -> Any:
 def cmd_submit(args: argparse.Namespace) -> int:
     config, backend = _load_for(args, "submit")
     backend.check_storage(config.storage_root)  # fails before creating anything
+    backend.check_host(config)
     return _submit(args, config, backend, _create_run(args, config))
 
 
@@ -445,6 +446,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     config, backend = _load_for(args, "run")
     show = _shown_ranks(args, config)  # bad input fails before the run directory exists
     backend.check_storage(config.storage_root)  # so does storage that cannot take the run
+    backend.check_host(config)  # and a host without the GPUs it asks for
     return _run_in_foreground(args, config, backend, _create_run(args, config), show)
 
 
@@ -479,6 +481,7 @@ def _resume(args: argparse.Namespace, run: Any) -> int:
     _check_pass_env(config)
     show = _shown_ranks(args, config)  # bad input fails before anything changes
     backend.check_storage(config.storage_root)  # so does storage that cannot take writes
+    backend.check_host(config)
     attempt = next_attempt(events)
     if overrides:
         run.replace_run_config(

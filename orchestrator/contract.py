@@ -56,6 +56,10 @@ ENV_CKPT_INTERVAL = "ORCH_CKPT_INTERVAL"
 ENV_CKPT_KEEP = "ORCH_CKPT_KEEP"
 ENV_CKPT_ASYNC = "ORCH_CKPT_ASYNC"
 ENV_DIST_BACKEND = "ORCH_DIST_BACKEND"
+ENV_COLLECTIVE_TIMEOUT = "ORCH_COLLECTIVE_TIMEOUT_S"  # distributed.timeout_s
+ENV_DETERMINISTIC = "ORCH_DETERMINISTIC"  # job.deterministic: "1" or "0"
+# Set per node by the local backend from resources.gpus_per_node (under Slurm, by Slurm).
+ENV_VISIBLE_GPUS = "CUDA_VISIBLE_DEVICES"
 ENV_ERROR_FILE = "ORCH_ERROR_FILE"
 ENV_ELASTIC_ERROR_FILE = "TORCHELASTIC_ERROR_FILE"  # torch elastic's @record writes here
 ENV_HEARTBEAT_FILE = "ORCH_HEARTBEAT_FILE"
@@ -67,6 +71,9 @@ RUNTIME_VARS: tuple[str, ...] = (
     ENV_CKPT_KEEP,
     ENV_CKPT_ASYNC,
     ENV_DIST_BACKEND,
+    ENV_COLLECTIVE_TIMEOUT,
+    ENV_DETERMINISTIC,
+    ENV_VISIBLE_GPUS,
     ENV_ERROR_FILE,
     ENV_INCARNATION,
     ENV_HEARTBEAT_FILE,
@@ -147,6 +154,14 @@ def rank_error_name(rank: int | str) -> str:
 
 def rank_heartbeat_name(rank: int | str) -> str:
     return f"rank-{rank}.heartbeat"
+
+
+# The flight recorder's dumps: torch appends the rank to this prefix (orchestrator.runtime.nccl).
+FLIGHT_RECORDER_PREFIX = "nccl-trace-rank-"
+
+
+def flight_recorder_prefix(log_dir: str) -> str:
+    return os.path.join(log_dir, FLIGHT_RECORDER_PREFIX)
 
 
 def rank_of_file(name: str) -> int | None:

@@ -42,6 +42,9 @@ class Backend(Protocol):
     def check_storage(self, storage_root: str) -> None:
         """Refuse (OrchError) a storage root this backend cannot use, before a run dir exists."""
 
+    def check_host(self, config: ClusterConfig) -> None:
+        """Refuse (OrchError) what this machine cannot give the run (GPUs), before anything starts."""
+
     def run(self, config: ClusterConfig, run: RunDir, options: RunOptions) -> Any:
         """Supervise the run in the foreground until it ends (`orch run`); its RunResult."""
 

@@ -128,7 +128,10 @@ def save_state(obj: Any, fh: Any) -> None:
         torch.serialization.set_crc32_options(previous)
 
 
-def rng_state() -> dict[str, Any]:
+def rng_state(device: torch.device | None = None) -> dict[str, Any]:
+    """Every random generator a step may draw from: Python's, numpy's, torch's CPU one and, on a
+    GPU rank, that of the rank's own device (only it: another device's generator belongs to the
+    rank that trains there, and reading it would start a CUDA context on it)."""
     version, internal, gauss = random.getstate()
     np_state = np.random.get_state()
     state: dict[str, Any] = {
@@ -142,19 +145,24 @@ def rng_state() -> dict[str, Any]:
         ],
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device is not None and device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any], device: torch.device | None = None) -> None:
+    """Restore rng_state()'s generators; the saved device generator goes to this rank's device,
+    whatever its index was when saved (a resumed rank may see its GPU under another index)."""
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    saved = state.get("cuda")
+    if saved is not None and device is not None and device.type == "cuda":
+        if isinstance(saved, (list, tuple)):  # older checkpoints: every device's generator
+            saved = saved[device.index if device.index is not None and device.index < len(saved) else 0]
+        torch.cuda.set_rng_state(saved, device)
 
 
 @dataclass(frozen=True)
@@ -444,7 +452,7 @@ class Checkpointer:
         return state
 
     def _rank_state(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"rng": rng_state(), "world_size": self.ctx.world_size}
+        state: dict[str, Any] = {"rng": rng_state(self.ctx.device), "world_size": self.ctx.world_size}
         if self.sampler is not None:
             state["sampler"] = dict(self.sampler.state_dict())
         return state
@@ -755,7 +763,7 @@ class Checkpointer:
             if obj is not None and name in app:
                 obj.load_state_dict(_owned(app[name]))  # optimizers keep what they are given
         if same_world:
-            set_rng_state(rank_state["rng"])
+            set_rng_state(rank_state["rng"], self.ctx.device)
         if self.sampler is not None and "sampler" in rank_state:
             # The consumed count is global, so any rank's file gives the position of the world.
             self.sampler.load_state_dict(rank_state["sampler"])

@@ -10,10 +10,24 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from orchestrator.contract import ENV_ATTEMPT, ENV_DIST_BACKEND, ENV_RUN_DIR, ENV_RUN_ID, Phase
+from orchestrator.contract import (
+    ENV_ATTEMPT,
+    ENV_COLLECTIVE_TIMEOUT,
+    ENV_DETERMINISTIC,
+    ENV_DIST_BACKEND,
+    ENV_ERROR_FILE,
+    ENV_LOG_DIR,
+    ENV_RUN_DIR,
+    ENV_RUN_ID,
+    Phase,
+)
 
-from . import heartbeat
+from . import heartbeat, nccl
+from .determinism import make_deterministic
+from .device import rank_device
 from .errorfile import install_excepthook
+
+DEFAULT_TIMEOUT_S = 600.0  # torch's own default for NCCL
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -48,11 +62,17 @@ def choose_backend(requested: str | None = None) -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
-def init(backend: str | None = None, timeout_s: float = 600.0) -> DistContext:
+def init(
+    backend: str | None = None, timeout_s: float | None = None, deterministic: bool | None = None
+) -> DistContext:
     """Join the process group described by the env contract and pick this rank's device.
 
     Without the contract (a plain `python train.py`) it starts a one-rank group, so the same
-    script runs anywhere.
+    script runs anywhere. `timeout_s` (default: distributed.timeout_s, else 600) bounds every
+    collective; `deterministic` (default: job.deterministic) turns on deterministic kernels.
+    With NCCL, the rank's GPU comes from what it sees (orchestrator.runtime.device), the
+    communicators are created eagerly on it (device_id), and NCCL's error handling and flight
+    recorder are set up (orchestrator.runtime.nccl).
     """
     install_excepthook()
     heartbeat.install()
@@ -60,20 +80,35 @@ def init(backend: str | None = None, timeout_s: float = 600.0) -> DistContext:
     rank = _env_int("RANK", 0)
     world = _env_int("WORLD_SIZE", 1)
     local_rank = _env_int("LOCAL_RANK", 0)
+    if deterministic if deterministic is not None else os.environ.get(ENV_DETERMINISTIC) == "1":
+        make_deterministic()  # before any CUDA work: cuBLAS reads its workspace setting once
+    if timeout_s is None:
+        timeout_s = float(os.environ.get(ENV_COLLECTIVE_TIMEOUT) or DEFAULT_TIMEOUT_S)
+    nccl.configure(backend=backend, log_dir=_log_dir(), rank=rank)
     if backend == "nccl":
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
+        device = torch.device("cuda", rank_device())
+        torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
     if not dist.is_initialized():
         timeout = timedelta(seconds=timeout_s)
+        # device_id: NCCL communicators are created now, on this rank's GPU, instead of lazily
+        # at the first collective on a device torch would have to guess.
+        device_id = device if backend == "nccl" else None
         if "MASTER_ADDR" in os.environ and "WORLD_SIZE" in os.environ:
             dist.init_process_group(
-                backend, init_method="env://", rank=rank, world_size=world, timeout=timeout
+                backend,
+                init_method="env://",
+                rank=rank,
+                world_size=world,
+                timeout=timeout,
+                device_id=device_id,
             )
         else:
             store = dist.FileStore(tempfile.mktemp(prefix="orch-store-"), 1)
-            dist.init_process_group(backend, store=store, rank=0, world_size=1, timeout=timeout)
+            dist.init_process_group(
+                backend, store=store, rank=0, world_size=1, timeout=timeout, device_id=device_id
+            )
     return DistContext(
         rank=rank,
         local_rank=local_rank,
@@ -87,6 +122,12 @@ def init(backend: str | None = None, timeout_s: float = 600.0) -> DistContext:
         run_dir=os.environ.get(ENV_RUN_DIR),
         attempt=_env_int(ENV_ATTEMPT, _env_int("TORCHELASTIC_RESTART_COUNT", 0)),
     )
+
+
+def _log_dir() -> str | None:
+    """The rank's attempt log folder: where its error file lives (ORCH_LOG_DIR under Slurm)."""
+    error_file = os.environ.get(ENV_ERROR_FILE)
+    return os.path.dirname(error_file) if error_file else os.environ.get(ENV_LOG_DIR) or None
 
 
 def shutdown() -> None:
@@ -115,7 +156,7 @@ def wrap_ddp(model: torch.nn.Module, ctx: DistContext, **kwargs: object) -> torc
 
     kwargs.setdefault("find_unused_parameters", ctx.world_size > 2)
     if ctx.device.type == "cuda":
-        kwargs.setdefault("device_ids", [ctx.local_rank])
+        kwargs.setdefault("device_ids", [ctx.device.index])
     ddp = DistributedDataParallel(model, **kwargs)  # type: ignore[arg-type]
     ddp.register_forward_hook(_mark_backward)
     return ddp

@@ -85,6 +85,13 @@ class JobSpec:
         item_pattern=ENV_NAME,
     )
     python: str | None = _f(None, "Interpreter for the ranks (default: the one running orch).")
+    deterministic: bool = _f(
+        False,
+        (
+            "Bitwise-reproducible kernels: torch.use_deterministic_algorithms, cuDNN deterministic"
+            " and no autotuning, a fixed cuBLAS workspace (slower on GPUs; see docs/runtime.md)."
+        ),
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -124,6 +131,12 @@ class DistributedSpec:
     )
     master_port: int | Literal["auto"] = _f(
         "auto", "Rendezvous port: auto picks one no other run uses, or a fixed port.", min=1024, max=65535
+    )
+    timeout_s: float = _f(
+        600.0,
+        "Collective timeout: a collective waiting this long fails (NCCL aborts it and the rank exits).",
+        min=1.0,
+        max=86400.0,
     )
 
 
@@ -657,12 +670,7 @@ def parse_config(
                 f"job.pass_env[{i}]",
                 f"{name} is set by the orchestrator{_runtime_hint(name)}; remove it",
             )
-    if (
-        config.distributed.backend == "nccl"
-        and config.resources.gpus_per_node == 0
-        and config.backend == "slurm"
-    ):
-        raise _error(source, "distributed.backend", "nccl needs resources.gpus_per_node >= 1")
+    _check_gpus(config, source)
     _check_extra_flags(config.slurm.extra_flags, source)
     if config.backend == "slurm" and "\\" in config.storage.root:
         # The batch log's path goes into an #SBATCH line, where sbatch reads a backslash as an
@@ -671,6 +679,25 @@ def parse_config(
             source, "storage.root", "contains a backslash, which sbatch misreads; not allowed on slurm"
         )
     return config
+
+
+def _check_gpus(config: ClusterConfig, source: str) -> None:
+    """NCCL gives each rank a GPU of its own (two ranks on one GPU abort with "Duplicate GPU
+    detected"): it needs at least as many GPUs per node as ranks. `auto` picks NCCL wherever the
+    ranks see a GPU, so with GPUs it is held to the same rule; gloo may share them."""
+    res, backend = config.resources, config.distributed.backend
+    if backend == "nccl" and res.gpus_per_node == 0:
+        raise _error(
+            source, "distributed.backend", "nccl needs GPUs: set resources.gpus_per_node >= 1 (or use gloo)"
+        )
+    if backend in ("nccl", "auto") and 0 < res.gpus_per_node < res.ranks_per_node:
+        raise _error(
+            source,
+            "resources.ranks_per_node",
+            f"{res.ranks_per_node} ranks per node with {res.gpus_per_node} GPU(s) per node:"
+            f" {'nccl' if backend == 'nccl' else 'auto (nccl on GPUs)'} needs a GPU per rank;"
+            " lower ranks_per_node, raise gpus_per_node, or set distributed.backend: gloo",
+        )
 
 
 def is_secret_name(name: str) -> bool:
@@ -755,6 +782,9 @@ _RUNTIME_SOURCES = {
     "ORCH_CKPT_KEEP": "storage.keep",
     "ORCH_CKPT_ASYNC": "storage.async_save",
     "ORCH_DIST_BACKEND": "distributed.backend",
+    "ORCH_COLLECTIVE_TIMEOUT_S": "distributed.timeout_s",
+    "ORCH_DETERMINISTIC": "job.deterministic",
+    "CUDA_VISIBLE_DEVICES": "resources.gpus_per_node (per node; under Slurm, Slurm sets it)",
 }
 
 

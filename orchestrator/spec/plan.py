@@ -17,9 +17,12 @@ from orchestrator.contract import (
     ENV_CKPT_ASYNC,
     ENV_CKPT_INTERVAL,
     ENV_CKPT_KEEP,
+    ENV_COLLECTIVE_TIMEOUT,
+    ENV_DETERMINISTIC,
     ENV_DIST_BACKEND,
     ENV_RUN_DIR,
     ENV_RUN_ID,
+    ENV_VISIBLE_GPUS,
     PER_RANK_VARS,
     ROLE_NAME,
 )
@@ -93,6 +96,8 @@ def runtime_env(config: ClusterConfig) -> dict[str, str]:
         ENV_CKPT_KEEP: str(config.storage.keep),
         ENV_CKPT_ASYNC: "1" if config.storage.async_save else "0",
         ENV_DIST_BACKEND: config.distributed.backend,
+        ENV_COLLECTIVE_TIMEOUT: f"{config.distributed.timeout_s:g}",
+        ENV_DETERMINISTIC: "1" if config.job.deterministic else "0",
         "OMP_NUM_THREADS": str(config.resources.cpus_per_rank),
         "PYTHONUNBUFFERED": "1",
     }
@@ -222,6 +227,15 @@ class LaunchPlan:
         return self.nnodes * self.ranks_per_node
 
 
+def node_gpus(host_gpus: tuple[str, ...], *, nodes: int, gpus_per_node: int) -> list[str] | None:
+    """Each simulated node's CUDA_VISIBLE_DEVICES: consecutive slices of the host's GPUs, or
+    None when nodes have no GPUs. The caller checked that the host has enough."""
+    if gpus_per_node == 0:
+        return None
+    assert len(host_gpus) >= nodes * gpus_per_node, "checked by LocalBackend.check_host"
+    return [",".join(host_gpus[k * gpus_per_node : (k + 1) * gpus_per_node]) for k in range(nodes)]
+
+
 def build_local_plan(
     config: ClusterConfig,
     *,
@@ -232,8 +246,12 @@ def build_local_plan(
     python: str,
     master_addr: str = "127.0.0.1",
     extra_env: Mapping[str, str] | None = None,
+    host_gpus: tuple[str, ...] = (),
 ) -> LaunchPlan:
-    """Every rank of every simulated node on this machine."""
+    """Every rank of every simulated node on this machine. `host_gpus` (the host's GPU ids, as
+    CUDA_VISIBLE_DEVICES names them) is sliced among the nodes, resources.gpus_per_node each:
+    every rank of node k sees node k's GPUs, as on a cluster; with gpus_per_node 0 no rank sees
+    any (a CPU node)."""
     res = config.resources
     argv = entrypoint_argv(config, config.job.python or python)
     merged = attempt_shared_env(
@@ -245,6 +263,9 @@ def build_local_plan(
         master_port=master_port,
         extra_env=extra_env,
     )
+    per_node_gpus = node_gpus(host_gpus, nodes=res.nodes, gpus_per_node=res.gpus_per_node)
+    if per_node_gpus is None:
+        merged[ENV_VISIBLE_GPUS] = ""  # the same on every rank: stays in the shared part
     # extra_env may name a per-rank variable; each rank's own value replaces it.
     shared = MappingProxyType({k: v for k, v in merged.items() if k not in PER_RANK_VARS})
     ranks = []
@@ -252,6 +273,8 @@ def build_local_plan(
         for local in range(res.ranks_per_node):
             rank = node * res.ranks_per_node + local
             own = own_contract_env(rank=rank, local_rank=local, node_rank=node)
+            if per_node_gpus is not None:
+                own[ENV_VISIBLE_GPUS] = per_node_gpus[node]
             ranks.append(
                 RankSpec(rank=rank, local_rank=local, node_rank=node, argv=argv, env=RankEnv(shared, own))
             )

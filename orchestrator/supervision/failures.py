@@ -29,14 +29,22 @@ NON_RETRYABLE_TYPES = frozenset(
         "FileNotFoundError",
         "KeyError",
         "NotImplementedError",
+        "DeviceError",  # orchestrator.runtime.device: the rank cannot get a GPU of its own
     }
 )
 
 _PEER_LOSS = re.compile(
     r"(Connection closed by peer|Connection reset by peer|Broken pipe|connection refused|"
     r"DistNetworkError|DistStoreError|DistBackendError|Socket Timeout|timed out|Timeout|"
-    r"NCCL communicator was aborted|Gloo connectFullMesh failed|ECONNRESET|EPIPE)",
+    r"NCCL communicator was aborted|Watchdog caught collective operation timeout|NCCL error|"
+    r"Gloo connectFullMesh failed|ECONNRESET|EPIPE)",
     re.IGNORECASE,
+)
+# NCCL's own words: an error code, its watchdog's timeout, a communicator aborted on a peer's
+# failure (TORCH_NCCL_ASYNC_ERROR_HANDLING=1 ends the process with one of these).
+_NCCL = re.compile(
+    r"(NCCL error|nccl(Unhandled\w*Error|SystemError|InternalError|InvalidUsage|RemoteError)|"
+    r"Watchdog caught collective operation timeout|NCCL communicator)"
 )
 _OOM = re.compile(
     r"(OutOfMemoryError|out of memory|MemoryError|CUBLAS_STATUS_ALLOC_FAILED|std::bad_alloc)", re.IGNORECASE
@@ -61,6 +69,12 @@ HINTS = {
     "communication": (
         "a peer was lost or a collective timed out: this rank is usually a victim;"
         " look at the other ranks' errors (and the hang watchdog) for the first failure"
+    ),
+    "nccl": (
+        "an NCCL collective failed or timed out: usually a victim of a peer that died, hung or lost"
+        " its network; the flight recorder's dumps (nccl-trace-rank-N in the attempt's log folder,"
+        " read with `python -m torch.distributed.flight_recorder.fr_trace`) show which collective"
+        " each rank was in; NCCL_DEBUG=INFO in job.env logs more"
     ),
     "user_error": (
         "this error repeats on every attempt, so it was not retried:"
@@ -120,6 +134,8 @@ def classify(*, exitcode: int | None, error_type: str | None, message: str) -> C
         return Classified(FailureClass.USER_ERROR, False, HINTS["user_error"])
     if error_type is None and exitcode == USAGE_EXIT_CODE and _USAGE_ERROR.search(message or ""):
         return Classified(FailureClass.USER_ERROR, False, HINTS["usage"])
+    if _NCCL.search(text):
+        return Classified(FailureClass.COMMUNICATION, True, HINTS["nccl"])
     if is_peer_loss(text):
         return Classified(FailureClass.COMMUNICATION, True, HINTS["communication"])
     if error_type is None and exitcode is not None and exitcode < 0:
@@ -244,6 +260,15 @@ def root_cause(failures: Sequence[RankFailure], first_seen: int | None = None) -
             return min(stops, key=lambda f: f.time)  # a coordinated stop; peer losses follow it
         primary = real
     return min(primary, key=lambda f: f.time)
+
+
+def abort_line(lines: Sequence[str]) -> str:
+    """Why a process aborted itself (SIGABRT): NCCL's watchdog ends a rank with std::abort after
+    logging the collective that failed; else the usual exception line."""
+    for line in reversed(lines):
+        if _NCCL.search(line):
+            return line.strip()[:500]
+    return exception_line(lines)
 
 
 def exception_line(lines: Sequence[str]) -> str:

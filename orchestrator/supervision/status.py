@@ -7,7 +7,13 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from orchestrator.contract import Event, rank_heartbeat_name, rank_of_file, read_heartbeat
+from orchestrator.contract import (
+    FLIGHT_RECORDER_PREFIX,
+    Event,
+    rank_heartbeat_name,
+    rank_of_file,
+    read_heartbeat,
+)
 from orchestrator.storage.ckpt_store import newest_committed
 from orchestrator.storage.goodput import format_goodput, ledger
 from orchestrator.storage.rundir import RunDir, safe_listdir
@@ -34,6 +40,8 @@ class RunStatus:
     warnings: tuple[str, ...] = ()
     goodput: dict[str, Any] | None = None
     progress: dict[str, Any] | None = None  # a running attempt: each rank's heartbeat, rate, ETA
+    # The flight recorder's dumps (a collective timed out, or the watchdog found a hang).
+    flight_recorder_dumps: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -181,6 +189,17 @@ def attempt_beats(run: RunDir, attempt: int) -> dict[int, tuple[int, float, str,
     return beats
 
 
+def flight_recorder_dumps(run: RunDir, attempts: int) -> tuple[str, ...]:
+    """Every attempt's flight recorder dumps that this machine can read, oldest attempt first."""
+    found = []
+    for attempt in range(attempts):
+        folder = run.logs_path(attempt)
+        for name in sorted(safe_listdir(folder)):
+            if name.startswith(FLIGHT_RECORDER_PREFIX) and name[len(FLIGHT_RECORDER_PREFIX) :].isdecimal():
+                found.append(os.path.join(folder, name))
+    return tuple(found)
+
+
 def run_status(run: RunDir, events: list[dict[str, Any]], live: LiveState) -> RunStatus:
     fields = summarize(events, supervisor_alive=live.supervisor_alive)
     if live.scheduler_raw is not None or fields.get("job_id"):
@@ -202,6 +221,7 @@ def run_status(run: RunDir, events: list[dict[str, Any]], live: LiveState) -> Ru
         newest_checkpoint_digest=newest.model_digest if newest else None,
         slurm_state=live.scheduler_raw,
         progress=progress,
+        flight_recorder_dumps=flight_recorder_dumps(run, fields["attempts"]),
         **fields,
     )
 
@@ -231,6 +251,8 @@ def format_status(st: RunStatus) -> str:
         if rc.get("node_rank") is not None:
             who += f" (node {rc['node_rank']})"
         lines.append(f"root cause {who}: exit {rc.get('exitcode')} {rc.get('message') or ''}".rstrip())
+    for path in st.flight_recorder_dumps:
+        lines.append(f"nccl trace {path}")
     if st.goodput is not None:
         lines.append(format_goodput(st.goodput))
     for warning in st.warnings:

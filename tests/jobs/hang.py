@@ -15,7 +15,7 @@ from orchestrator.runtime import heartbeat
 
 ctx = runtime.init()
 torch.manual_seed(0)
-model = torch.nn.Linear(16, 16)
+model = torch.nn.Linear(16, 16).to(ctx.device)  # a GPU under NCCL (scripts/gpu-check.sh)
 ddp = runtime.wrap_ddp(model, ctx)
 opt = torch.optim.SGD(model.parameters(), lr=0.01)
 ckpt = runtime.Checkpointer(ctx, model=model, optimizer=opt)
@@ -31,7 +31,7 @@ while step < int(os.environ.get("STEPS", "40")):
             os.kill(os.getpid(), signal.SIGSTOP)
         else:
             time.sleep(1000)
-    loss = ddp(torch.randn(8, 16)).pow(2).mean()
+    loss = ddp(torch.randn(8, 16).to(ctx.device)).pow(2).mean()
     opt.zero_grad()
     loss.backward()
     opt.step()

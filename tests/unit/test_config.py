@@ -501,13 +501,29 @@ def test_backend_argument_overrides_file_and_set() -> None:
     assert assert_one_line(info.value, str(DEFAULT), "backend").startswith("expected one of 'local', 'slurm'")
 
 
-def test_nccl_without_gpus_rejected_on_slurm_only() -> None:
-    assert load_config(str(DEFAULT), ["distributed.backend=nccl"]).distributed.backend == "nccl"
+@pytest.mark.parametrize("backend", ["local", "slurm"])
+def test_nccl_without_gpus_is_rejected_on_both_backends(backend: str) -> None:
+    # The local backend gives each simulated node resources.gpus_per_node GPUs: 0 is a CPU node.
     with pytest.raises(ConfigError) as info:
-        load_config(str(DEFAULT), ["distributed.backend=nccl"], backend="slurm")
+        load_config(str(DEFAULT), ["distributed.backend=nccl"], backend=backend)
     assert (
         assert_one_line(info.value, str(DEFAULT), "distributed.backend")
-        == "nccl needs resources.gpus_per_node >= 1"
+        == "nccl needs GPUs: set resources.gpus_per_node >= 1 (or use gloo)"
+    )
+
+
+@pytest.mark.parametrize("backend", ["nccl", "auto"])
+def test_more_ranks_than_gpus_per_node_is_rejected_unless_gloo(backend: str) -> None:
+    over = ["resources.ranks_per_node=4", "resources.gpus_per_node=2", f"distributed.backend={backend}"]
+    with pytest.raises(ConfigError) as info:
+        load_config(str(DEFAULT), over)
+    message = assert_one_line(info.value, str(DEFAULT), "resources.ranks_per_node")
+    assert message.startswith("4 ranks per node with 2 GPU(s) per node:") and "a GPU per rank" in message
+    # gloo may share GPUs (or not use them); as many GPUs as ranks, or more, is fine
+    assert load_config(str(DEFAULT), [*over[:2], "distributed.backend=gloo"]).resources.ranks_per_node == 4
+    assert (
+        load_config(str(DEFAULT), [over[0], "resources.gpus_per_node=8", over[2]]).resources.gpus_per_node
+        == 8
     )
 
 

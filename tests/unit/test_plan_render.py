@@ -102,8 +102,10 @@ def test_env_contract_of_every_rank(nodes: int, per_node: int) -> None:
         assert tuple(expected) == CONTRACT_VARS  # the test names every contract variable, no more
         assert {k: env[k] for k in CONTRACT_VARS} == expected
         assert spec.rank == spec.node_rank * per_node + spec.local_rank
-        # Nothing besides the contract, the runtime settings and job.env.
-        assert set(env) == set(CONTRACT_VARS) | set(runtime_env(config)) | {"EXTRA"}
+        # Nothing besides the contract, the runtime settings, job.env and the node's GPUs
+        # (none: gpus_per_node is 0, a CPU node).
+        assert set(env) == set(CONTRACT_VARS) | set(runtime_env(config)) | {"EXTRA", "CUDA_VISIBLE_DEVICES"}
+        assert env["CUDA_VISIBLE_DEVICES"] == ""
         assert env["EXTRA"] == "x" and env["OMP_NUM_THREADS"] == "1" and env["PYTHONUNBUFFERED"] == "1"
         assert all(isinstance(v, str) for v in env.values())
     assert sorted(int(s.env["RANK"]) for s in plan.ranks) == list(range(nodes * per_node))
@@ -138,6 +140,8 @@ def test_runtime_env_follows_config() -> None:
         "storage.keep=5",
         "storage.async_save=true",
         "distributed.backend=gloo",
+        "distributed.timeout_s=90.5",
+        "job.deterministic=true",
     )
     env = runtime_env(config)
     assert set(env) <= set(RUNTIME_VARS)
@@ -146,6 +150,8 @@ def test_runtime_env_follows_config() -> None:
         "ORCH_CKPT_KEEP": "5",
         "ORCH_CKPT_ASYNC": "1",
         "ORCH_DIST_BACKEND": "gloo",
+        "ORCH_COLLECTIVE_TIMEOUT_S": "90.5",
+        "ORCH_DETERMINISTIC": "1",
         "OMP_NUM_THREADS": "4",
         "PYTHONUNBUFFERED": "1",
     }
@@ -378,7 +384,13 @@ def test_render_gives_every_rank_its_full_env_contract(nodes: int, per_node: int
             run_dir="/runs/r-1",
             max_restarts=config.restart.max_restarts,
         )
-        assert envs[spec.rank] == {**contract, **runtime_env(config), "EXTRA": "x", "MY_TOKEN": REDACTED}
+        assert envs[spec.rank] == {
+            **contract,
+            **runtime_env(config),
+            "EXTRA": "x",
+            "MY_TOKEN": REDACTED,
+            "CUDA_VISIBLE_DEVICES": "",  # a CPU node
+        }
         assert envs[spec.rank] == redact(spec.env)
 
 
@@ -402,6 +414,7 @@ argv:
 - --lr
 - '0.1'
 env:
+  CUDA_VISIBLE_DEVICES: ''
   GROUP_WORLD_SIZE: '1'
   LOCAL_WORLD_SIZE: '2'
   MASTER_ADDR: 127.0.0.1
@@ -413,6 +426,8 @@ env:
   ORCH_CKPT_ASYNC: '0'
   ORCH_CKPT_INTERVAL: '500'
   ORCH_CKPT_KEEP: '2'
+  ORCH_COLLECTIVE_TIMEOUT_S: '600'
+  ORCH_DETERMINISTIC: '0'
   ORCH_DIST_BACKEND: auto
   ORCH_RUN_DIR: /runs/r-1
   ORCH_RUN_ID: r-1

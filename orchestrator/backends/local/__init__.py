@@ -93,8 +93,19 @@ class LocalBackend:
         from orchestrator.spec.render import render_local
 
         port = config.distributed.master_port if isinstance(config.distributed.master_port, int) else "<auto>"
+        from orchestrator.launch.gpus import host_gpus
+
+        gpu_ids = host_gpus()
+        if len(gpu_ids) < config.resources.nodes * config.resources.gpus_per_node:  # show the slices anyway
+            gpu_ids = tuple(str(i) for i in range(config.resources.nodes * config.resources.gpus_per_node))
         plan = build_local_plan(
-            config, run_id=run_id, run_dir=run_dir, attempt=0, master_port=port, python=python
+            config,
+            run_id=run_id,
+            run_dir=run_dir,
+            attempt=0,
+            master_port=port,
+            python=python,
+            host_gpus=gpu_ids,
         )
         return render_local(plan)
 
@@ -107,6 +118,23 @@ class LocalBackend:
             probe_storage(storage_root, STORAGE_PROBE_S)
         elif os.path.isdir(root := storage_root.removeprefix("file://")):
             probe_local_root(root)
+
+    def check_host(self, config: ClusterConfig) -> None:
+        """The simulated nodes' GPUs come from this host: it must have nodes x gpus_per_node."""
+        from orchestrator.launch import gpus
+
+        res = config.resources
+        have = gpus.host_gpus()
+        if config.distributed.backend == "nccl" and not have:
+            raise UsageError(
+                f"distributed.backend: nccl needs CUDA, and this host has no GPU ({gpus.describe()})"
+            )
+        need = res.nodes * res.gpus_per_node
+        if need > len(have):
+            raise UsageError(
+                f"resources.gpus_per_node: {res.nodes} node(s) x {res.gpus_per_node} GPU(s) = {need},"
+                f" but this host has {len(have)} ({gpus.describe()})"
+            )
 
     def run(self, config: ClusterConfig, run: RunDir, options: RunOptions) -> Any:
         from orchestrator.backends.local.supervisor import Supervisor

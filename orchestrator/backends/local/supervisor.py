@@ -28,6 +28,7 @@ from orchestrator.contract import (
     rank_log_name,
     read_error_record,
 )
+from orchestrator.launch.gpus import host_gpus
 from orchestrator.launch.logstream import LogStreamer, tail_lines
 from orchestrator.launch.ports import lease_port
 from orchestrator.launch.processes import (
@@ -40,7 +41,7 @@ from orchestrator.launch.processes import (
 from orchestrator.spec.config import ClusterConfig
 from orchestrator.spec.plan import build_local_plan
 from orchestrator.storage.rundir import RunDir, this_host
-from orchestrator.supervision.failures import RankFailure, exception_line
+from orchestrator.supervision.failures import RankFailure, abort_line, exception_line
 from orchestrator.supervision.loop import Ended, Started, Supervision, next_attempt
 from orchestrator.supervision.policy import Action, AttemptState
 from orchestrator.supervision.status import attempt_beats, declared_total_steps, live_progress, progress_line
@@ -72,7 +73,10 @@ def describe_failure(proc: RankProcess, error_file: str) -> RankFailure:
         return RankFailure.from_record(
             record, rank=proc.spec.rank, node_rank=proc.spec.node_rank, exitcode=code, time=when
         )
-    message = "" if code < 0 else exception_line(tail_lines(proc.log_path))
+    if code == -signal.SIGABRT:  # it aborted itself (NCCL's watchdog does): its log says why
+        message = abort_line(tail_lines(proc.log_path))
+    else:
+        message = "" if code < 0 else exception_line(tail_lines(proc.log_path))
     return RankFailure(
         rank=proc.spec.rank,
         node_rank=proc.spec.node_rank,
@@ -95,6 +99,8 @@ class LocalAttempts:
         self.error_files: dict[int, str] = {}
         self.attempt: int | None = None  # the attempt started last
         self.launcher_failure: RankFailure | None = None  # our own process failed this attempt
+        # Read once: LocalBackend.check_host found enough of them for resources.gpus_per_node.
+        self.host_gpus = host_gpus()
 
     def start(self, attempt: int, master_port: int) -> Started:
         self.attempt = attempt
@@ -106,6 +112,7 @@ class LocalAttempts:
             attempt=attempt,
             master_port=master_port,
             python=sys.executable,
+            host_gpus=self.host_gpus,
         )
         logs = self.run.logs_dir(attempt)
         log_paths = [os.path.join(logs, rank_log_name(s.rank)) for s in plan.ranks]

@@ -37,6 +37,10 @@ class SlurmBackend:
 
         submitit_folder(storage_root)  # refuses object-store roots before anything is created
 
+    def check_host(self, config: ClusterConfig) -> None:
+        """Nothing to check here: the GPUs are the compute nodes', and Slurm itself refuses a
+        gres request that no node can satisfy."""
+
     def run(self, config: ClusterConfig, run: RunDir, options: RunOptions) -> Any:
         raise OrchError(self.foreground_hint or "run: not offered by the slurm backend")
 
