@@ -120,11 +120,12 @@ def _dump_on_sigusr1(path: str) -> None:
     try:
         previous = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
     except ValueError:  # pragma: no cover - not the main thread
-        os.close(read_fd), os.close(write_fd)
-        return
+        previous = None
     if previous != -1:  # the job's own event loop owns the wakeup fd: leave it, dump on timeouts only
-        signal.set_wakeup_fd(previous)
-        os.close(read_fd), os.close(write_fd)
+        if previous is not None:
+            signal.set_wakeup_fd(previous)
+        os.close(read_fd)
+        os.close(write_fd)
         return
     # The wakeup fd is written by Python's C-level handler, so SIGUSR1 needs a Python handler;
     # faulthandler (Python stacks into the log) runs first and chains to it.

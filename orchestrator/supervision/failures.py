@@ -14,7 +14,14 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from orchestrator.contract import HANG_TYPE, LAUNCHER_TYPE, PREEMPTED_EXIT_CODE, PREEMPTED_TYPE, STALE_TYPE
+from orchestrator.contract import (
+    FLIGHT_RECORDER_PREFIX,
+    HANG_TYPE,
+    LAUNCHER_TYPE,
+    PREEMPTED_EXIT_CODE,
+    PREEMPTED_TYPE,
+    STALE_TYPE,
+)
 
 # Errors that fail the same way every time: restarting cannot help.
 NON_RETRYABLE_TYPES = frozenset(
@@ -72,7 +79,7 @@ HINTS = {
     ),
     "nccl": (
         "an NCCL collective failed or timed out: usually a victim of a peer that died, hung or lost"
-        " its network; the flight recorder's dumps (nccl-trace-rank-N in the attempt's log folder,"
+        f" its network; the flight recorder's dumps ({FLIGHT_RECORDER_PREFIX}N in the attempt's log folder,"
         " read with `python -m torch.distributed.flight_recorder.fr_trace`) show which collective"
         " each rank was in; NCCL_DEBUG=INFO in job.env logs more"
     ),
