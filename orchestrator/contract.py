@@ -65,6 +65,9 @@ ENV_ELASTIC_ERROR_FILE = "TORCHELASTIC_ERROR_FILE"  # torch elastic's @record wr
 ENV_HEARTBEAT_FILE = "ORCH_HEARTBEAT_FILE"
 ENV_INCARNATION = "ORCH_INCARNATION"
 ENV_LOG_DIR = "ORCH_LOG_DIR"  # Slurm: the attempt's log folder, where each rank finds its files
+# Slurm, node agent: the batch step bound GPUs per task (--gpus-per-task, --gpu-bind), so the
+# agent gives each rank it forks this many of the node's GPUs, as srun would give each task.
+ENV_GPUS_PER_RANK = "ORCH_GPUS_PER_RANK"
 ENV_FAULT = "ORCH_FAULT"  # failpoints for fault-injection tests (orchestrator.storage.faults)
 RUNTIME_VARS: tuple[str, ...] = (
     ENV_CKPT_INTERVAL,

@@ -7,7 +7,7 @@ Slurm the node agent or templates/slurm_task.sh maps SLURM_* onto the per-rank p
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 
@@ -227,13 +227,19 @@ class LaunchPlan:
         return self.nnodes * self.ranks_per_node
 
 
+def gpu_slices(ids: Sequence[str], *, parts: int, each: int) -> list[str]:
+    """CUDA_VISIBLE_DEVICES values for `parts` consumers of `each` GPUs: consecutive slices of
+    `ids`. A slice past the end is empty (that consumer sees no GPU and says so). Pure."""
+    return [",".join(ids[k * each : (k + 1) * each]) for k in range(parts)]
+
+
 def node_gpus(host_gpus: tuple[str, ...], *, nodes: int, gpus_per_node: int) -> list[str] | None:
     """Each simulated node's CUDA_VISIBLE_DEVICES: consecutive slices of the host's GPUs, or
     None when nodes have no GPUs. The caller checked that the host has enough."""
     if gpus_per_node == 0:
         return None
     assert len(host_gpus) >= nodes * gpus_per_node, "checked by LocalBackend.check_host"
-    return [",".join(host_gpus[k * gpus_per_node : (k + 1) * gpus_per_node]) for k in range(nodes)]
+    return gpu_slices(host_gpus, parts=nodes, each=gpus_per_node)
 
 
 def build_local_plan(

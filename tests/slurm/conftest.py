@@ -1,7 +1,8 @@
 """A real Slurm cluster for the tests: slurmctld, slurmdbd + MariaDB (sacct works) and three
-slurmd daemons as nodes n1..n3, started by the project's own scripts/slurm/start.sh and stopped
-(and wiped) after the session. Needs root and the packages of scripts/slurm/install.sh, which
-the README's test command installs. ORCH_SKIP_SLURM=1 skips this group explicitly."""
+slurmd daemons as nodes n1..n3 with 4 fake GPUs each (gres/gpu on dummy devices), started by
+the project's own scripts/slurm/start.sh and stopped (and wiped) after the session. Needs root
+and the packages of scripts/slurm/install.sh, which the README's test command installs.
+ORCH_SKIP_SLURM=1 skips this group explicitly."""
 
 from __future__ import annotations
 
@@ -28,7 +29,15 @@ def slurm_cluster(tmp_path_factory):
             "the Slurm tests need root and scripts/slurm/install.sh (the README's test command runs it)"
         )
     state = Path("/tmp") / f"orch-slurm-test-{os.getpid()}"
-    env = {**os.environ, "SLURMLAB_NODES": "3", "SLURMLAB_CTLD_PORT": "17817", "SLURMLAB_CPUS": "256"}
+    env = {
+        **os.environ,
+        **{
+            "SLURMLAB_NODES": "3",
+            "SLURMLAB_CTLD_PORT": "17817",
+            "SLURMLAB_CPUS": "256",
+            "SLURMLAB_GPUS": "4",
+        },
+    }
     t0 = time.monotonic()
     proc = subprocess.run(
         ["bash", str(SCRIPTS / "start.sh"), str(state)], env=env, capture_output=True, text=True, timeout=300

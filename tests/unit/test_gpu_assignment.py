@@ -14,10 +14,12 @@ import sys
 import pytest
 import torch
 
+from orchestrator.backends.slurm.render import gpus_per_rank, srun_environ
 from orchestrator.launch.gpus import host_gpus, visible_ids
 from orchestrator.runtime import checkpoint, nccl
 from orchestrator.runtime.device import DeviceError, cuda_index
-from orchestrator.spec.plan import node_gpus
+from orchestrator.spec.config import parse_config
+from orchestrator.spec.plan import gpu_slices, node_gpus
 from orchestrator.supervision.failures import FailureClass, abort_line, classify
 
 from ..conftest import REPO
@@ -61,6 +63,48 @@ def test_simulated_nodes_get_consecutive_slices_of_the_host_gpus() -> None:
     assert node_gpus(host, nodes=2, gpus_per_node=2) == ["3,1", "GPU-aa,0"]
     assert node_gpus(host, nodes=5, gpus_per_node=1) == list(host)
     assert node_gpus(host, nodes=3, gpus_per_node=0) is None  # CPU nodes: CUDA_VISIBLE_DEVICES=""
+
+
+def _slurm_config(mode: str = "auto", gpus_per_node: int = 4, ranks_per_node: int = 2):
+    raw = {
+        "backend": "slurm",
+        "job": {"script": "train.py"},
+        "resources": {"nodes": 2, "ranks_per_node": ranks_per_node, "gpus_per_node": gpus_per_node},
+        "distributed": {"backend": "gloo"},
+        "launch": {"mode": mode},
+    }
+    return parse_config(raw, check_files=False)
+
+
+@pytest.mark.parametrize(
+    "batch_env,gpus_per_node,each",
+    [
+        ({}, 4, None),  # no binding: every rank sees the node's GPUs
+        ({"SLURM_GPUS_PER_TASK": "1"}, 4, 1),
+        ({"SLURM_GPUS_PER_TASK": "a100:2"}, 4, 2),  # `[type:]count`
+        ({"SLURM_GPU_BIND": "single:1"}, 4, 2),  # srun's binding: an equal share per task
+        ({"SLURM_GPU_BIND": "verbose,none"}, 4, None),
+        ({"SLURM_GPU_BIND": "closest"}, 1, None),  # fewer GPUs than ranks: nothing to share out
+    ],
+)
+def test_per_task_gpu_binding_of_the_batch_step_gives_each_rank_a_share(
+    batch_env, gpus_per_node, each
+) -> None:
+    assert gpus_per_rank(batch_env, _slurm_config(gpus_per_node=gpus_per_node)) == each
+
+
+def test_a_node_agent_step_drops_per_task_gpu_options_and_applies_them_itself() -> None:
+    batch = {"SLURM_NTASKS": "4", "SLURM_GPUS_PER_TASK": "1", "SLURM_GPU_BIND": "single:1", "HOME": "/h"}
+    # srun refuses one task per node with a per-task GPU count, or binds the agent to one GPU
+    assert srun_environ(batch, _slurm_config("auto")) == {"HOME": "/h", "ORCH_GPUS_PER_RANK": "1"}
+    # one task per rank: srun binds each task itself
+    assert srun_environ(batch, _slurm_config("subprocess")) == {
+        "SLURM_GPUS_PER_TASK": "1",
+        "SLURM_GPU_BIND": "single:1",
+        "HOME": "/h",
+    }
+    assert gpu_slices(("2", "3", "5"), parts=2, each=2) == ["2,3", "5"]
+    assert gpu_slices(("2",), parts=2, each=1) == ["2", ""]  # the second rank sees none, and says so
 
 
 def test_host_gpus_read_cuda_visible_devices_as_cuda_does() -> None:

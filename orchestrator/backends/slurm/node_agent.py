@@ -10,6 +10,8 @@ What a rank sees is what a task of a one-task-per-rank step would see:
 - Slurm's per-task variables rewritten to describe the rank as a task of such a step
   (SLURM_PROCID, SLURM_LOCALID, SLURM_NTASKS, ...), for libraries that read those instead;
 - its own log, error file and heartbeat under ORCH_LOG_DIR, as before;
+- the node's GPUs (the agent's CUDA_VISIBLE_DEVICES), or, when the batch step binds GPUs per
+  task (--gpus-per-task, --gpu-bind), its own share of them, as srun gives each task;
 - SIGUSR2 blocked until the runtime's handler is installed (both launchers do that).
 
 Signals: Slurm signals the step's tasks (the agents) and, with proctrack/linuxproc or cgroup,
@@ -34,8 +36,10 @@ from typing import Mapping, Sequence
 
 from orchestrator.contract import (
     AGENT_BEAT_S,
+    ENV_GPUS_PER_RANK,
     ENV_LOG_DIR,
     ENV_RUN_DIR,
+    ENV_VISIBLE_GPUS,
     PREEMPTED_EXIT_CODE,
     AgentState,
     node_agent_record_name,
@@ -44,9 +48,10 @@ from orchestrator.contract import (
     write_agent_record,
 )
 from orchestrator.launch.fork_launcher import ForkServerLauncher
+from orchestrator.launch.gpus import visible_ids
 from orchestrator.launch.processes import AttemptGroup, RankProcess
 from orchestrator.spec.config import ClusterConfig, config_from_run_record
-from orchestrator.spec.plan import RankSpec, own_contract_env
+from orchestrator.spec.plan import RankSpec, gpu_slices, own_contract_env
 from orchestrator.storage.rundir import RunDir
 
 # Slurm's signals that the ranks act on: stop (USR2, TERM, INT), stack dumps (USR1), wake-up.
@@ -117,6 +122,15 @@ class NodeAgent:
         self.nodes = int(env["NNODES"])
         self.ranks_per_node = int(env["LOCAL_WORLD_SIZE"])
         self.log_dir = env[ENV_LOG_DIR]
+        # Per-task GPU binding asked of the batch step: each rank gets its own share of the
+        # node's GPUs, as srun gives each task (render.srun_environ explains why the agent does it).
+        self.rank_gpus: list[str] | None = None
+        if env.get(ENV_GPUS_PER_RANK):
+            self.rank_gpus = gpu_slices(
+                visible_ids(env.get(ENV_VISIBLE_GPUS, "")),
+                parts=self.ranks_per_node,
+                each=int(env[ENV_GPUS_PER_RANK]),
+            )
         self.group: AttemptGroup | None = None
         self.early_signals: list[int] = []  # arrived before the ranks existed, in order
         self.record_path = os.path.join(self.log_dir, node_agent_record_name(self.node_rank))
@@ -173,16 +187,17 @@ class NodeAgent:
                 RankSpec(rank=rank, local_rank=local, node_rank=self.node_rank, argv=self.job_argv, env={})
             )
             logs.append(os.path.join(self.log_dir, rank_log_name(rank)))
-            extra.append(
-                rank_env(
-                    node_rank=self.node_rank,
-                    local_rank=local,
-                    ranks_per_node=self.ranks_per_node,
-                    nodes=self.nodes,
-                    cpus_per_rank=res.cpus_per_rank,
-                    log_dir=self.log_dir,
-                )
+            own = rank_env(
+                node_rank=self.node_rank,
+                local_rank=local,
+                ranks_per_node=self.ranks_per_node,
+                nodes=self.nodes,
+                cpus_per_rank=res.cpus_per_rank,
+                log_dir=self.log_dir,
             )
+            if self.rank_gpus is not None:
+                own[ENV_VISIBLE_GPUS] = self.rank_gpus[local]
+            extra.append(own)
         t0 = time.perf_counter()
         try:
             self.group = launcher.start_attempt(specs, logs, extra)

@@ -16,11 +16,12 @@ the batch step through sbatch's environment, never through this script.
 from __future__ import annotations
 
 import shlex
+from collections.abc import Mapping
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
-from orchestrator.contract import ENV_ATTEMPT, ENV_INCARNATION, ENV_LOG_DIR
+from orchestrator.contract import ENV_ATTEMPT, ENV_GPUS_PER_RANK, ENV_INCARNATION, ENV_LOG_DIR
 from orchestrator.spec.config import ClusterConfig
 from orchestrator.spec.plan import REDACTED, attempt_shared_env, entrypoint_argv, redact
 
@@ -113,6 +114,46 @@ def step_argv(config: ClusterConfig, *, log_dir: str, attempt: int, python: str)
     if uses_node_agent(config):
         return [*argv, "/bin/bash", str(NODE_SCRIPT), python, "--", *job_argv]
     return [*argv, "/bin/bash", str(TASK_SCRIPT), *job_argv]
+
+
+# srun must not inherit the batch step's own task layout: each attempt's step states its own.
+BATCH_LAYOUT_VARS = (
+    "SLURM_NTASKS",
+    "SLURM_NPROCS",
+    "SLURM_TASKS_PER_NODE",
+    "SLURM_NTASKS_PER_NODE",
+    "SLURM_CPUS_PER_TASK",
+)
+# What sbatch's --gpus-per-task and --gpu-bind leave in the batch step's environment, where srun
+# reads them as its own options. A one-task-per-rank step keeps them (each task gets its GPUs).
+# A node agent's step is one task per node holding all the node's GPUs, which srun refuses
+# alongside a per-task GPU count; the agent applies the binding to its ranks instead
+# (ENV_GPUS_PER_RANK). SLURM_TRES_PER_TASK (Slurm 23.11+) carries the same request.
+GPU_BINDING_VARS = ("SLURM_GPUS_PER_TASK", "SLURM_GPU_BIND", "SLURM_TRES_PER_TASK")
+
+
+def gpus_per_rank(environ: Mapping[str, str], config: ClusterConfig) -> int | None:
+    """How many GPUs each rank gets when the batch step binds GPUs per task, else None (every
+    rank sees all of its node's GPUs). Pure."""
+    per_task = environ.get("SLURM_GPUS_PER_TASK", "").rpartition(":")[2]  # `[type:]count`
+    if per_task.isdecimal() and int(per_task) > 0:
+        return int(per_task)
+    bind = environ.get("SLURM_GPU_BIND", "")
+    res = config.resources
+    if bind and "none" not in bind.split(",") and res.gpus_per_node >= res.ranks_per_node:
+        return res.gpus_per_node // res.ranks_per_node  # srun's binding: an equal share per task
+    return None
+
+
+def srun_environ(environ: Mapping[str, str], config: ClusterConfig) -> dict[str, str]:
+    """The batch step's environment as an attempt's srun gets it, before step_env is added. Pure."""
+    env = {k: v for k, v in environ.items() if k not in BATCH_LAYOUT_VARS}
+    if uses_node_agent(config):
+        per_rank = gpus_per_rank(environ, config)
+        env = {k: v for k, v in env.items() if k not in GPU_BINDING_VARS}
+        if per_rank is not None:
+            env[ENV_GPUS_PER_RANK] = str(per_rank)
+    return env
 
 
 def step_env(

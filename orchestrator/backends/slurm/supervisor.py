@@ -22,7 +22,7 @@ import time
 from typing import Any
 
 from orchestrator.backends.slurm.hostlist import expand_hostlist
-from orchestrator.backends.slurm.render import step_argv, step_env, uses_node_agent
+from orchestrator.backends.slurm.render import srun_environ, step_argv, step_env, uses_node_agent
 from orchestrator.contract import (
     AGENT_BEAT_S,
     AGENT_SILENCE_S,
@@ -41,15 +41,6 @@ from orchestrator.storage.rundir import RunDir
 from orchestrator.supervision.failures import RankFailure, exception_line, is_peer_loss
 from orchestrator.supervision.loop import Ended, Started, Supervision, next_attempt
 from orchestrator.supervision.policy import Action, AttemptState
-
-# srun must not inherit the batch step's own task layout.
-BATCH_LAYOUT_VARS = (
-    "SLURM_NTASKS",
-    "SLURM_NPROCS",
-    "SLURM_TASKS_PER_NODE",
-    "SLURM_NTASKS_PER_NODE",
-    "SLURM_CPUS_PER_TASK",
-)
 
 
 def _log(text: str) -> None:
@@ -182,7 +173,7 @@ class SrunAttempts:
             master_port=master_port,
             log_dir=log_dir,
         )
-        env = {k: v for k, v in os.environ.items() if k not in BATCH_LAYOUT_VARS}
+        env = srun_environ(os.environ, self.config)
         env.update(shared)
         argv = step_argv(self.config, log_dir=log_dir, attempt=attempt, python=sys.executable)
         self.proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL)
