@@ -191,9 +191,32 @@ class RunDir:
         if self.is_local:
             return
         fs, path = url_to_fs(self.url)
-        local = self.logs_dir(attempt)
+        local = self.logs_path(attempt)
+        if not os.path.isdir(local):
+            return  # published already
         for name in sorted(os.listdir(local)):
             fs.put_file(os.path.join(local, name), f"{path}/logs/{attempt_dir_name(attempt)}/{name}")
+        # Every file is in the run directory now: the staged copy goes (an upload that failed
+        # above raised first and kept it).
+        shutil.rmtree(local, ignore_errors=True)
+
+    def publish_run_logs(self) -> None:
+        """At the end of a remote run: upload the logs that span attempts (logs/forkserver.log),
+        then remove the run's staging folder once nothing in it is left unpublished."""
+        if self.is_local:
+            return
+        fs, path = url_to_fs(self.url)
+        logs = os.path.dirname(self.logs_path(0))
+        for name in sorted(safe_listdir(logs)):
+            local = os.path.join(logs, name)
+            if attempt_number(name) is None and os.path.isfile(local):
+                fs.put_file(local, f"{path}/logs/{name}")
+                os.unlink(local)
+        for folder in (logs, os.path.dirname(logs)):
+            try:
+                os.rmdir(folder)
+            except OSError:
+                return  # not empty: an attempt whose upload failed is still staged there
 
     def log_files(self, attempt: int | None = None) -> dict[tuple[int, int], str]:
         """{(attempt, rank): url} of every rank log in the run directory."""

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.storage.rundir import RunDir
+
 from ..conftest import JOBS, S3_BUCKET, TEST_JOBS, orch_cmd, read_events, run_orch, wait_for, write_config
 
 pytestmark = pytest.mark.integration
@@ -104,6 +106,8 @@ def test_run_with_its_run_directory_on_s3(tmp_path, s3_server, reference):
     proc = run_orch("run", str(cfg), "--run-id", "ons3", "--quiet")
     assert proc.returncode == 0, proc.stderr
     assert final_digest("ons3", cfg) == reference  # same job, same weights, other storage
+    staged = Path(RunDir(f"{root}/ons3").logs_path(0))
+    assert not staged.parent.parent.exists(), "the staged logs were uploaded, then removed"
     logs = run_orch("logs", "ons3", "--config", str(cfg), "--rank", "0")
     assert logs.returncode == 0 and f"[rank 0] done: {STEPS} steps" in logs.stdout
     listing = run_orch("checkpoints", f"{root}/ons3", "--verify", "--json")

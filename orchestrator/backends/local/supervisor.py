@@ -326,6 +326,11 @@ class Supervisor:
         finally:
             self.launcher.close()
             self._stream.stop()
+            try:
+                self.run.publish_run_logs()  # the fork server's log, once it has stopped writing
+            except Exception as exc:  # noqa: BLE001 - storage down: the staged copy stays, named
+                kept = os.path.dirname(self.run.logs_path(0))
+                self.say(f"could not upload the fork server's log ({type(exc).__name__}); it stays in {kept}")
         outcome = result.outcome
         if outcome.state is AttemptState.SUCCEEDED:
             status = "succeeded"
