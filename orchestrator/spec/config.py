@@ -65,7 +65,12 @@ class JobSpec:
         None, "Python module to run with `python -m` instead of a script.", pattern=_MODULE
     )
     args: tuple[str, ...] = _f(
-        (), "Arguments passed to the entrypoint, each the text as written (`on`, `0x10` stay as they are)."
+        (),
+        (
+            "Arguments passed to the entrypoint, each the text as written (`on`, `0x10` stay as they are;"
+            " stored in run.yaml). An option that carries a secret (`--api-key=...`, `--hf-token X`) is"
+            " refused: have the script read it from a variable listed in job.pass_env."
+        ),
     )
     env: Mapping[str, str] = _f(
         types.MappingProxyType({}),
@@ -700,6 +705,16 @@ def _check_gpus(config: ClusterConfig, source: str) -> None:
         )
 
 
+# A command-line option of job.args that carries a secret (`--api-key=...`, `--hf-token X`).
+# Stricter than _SECRET_NAME: bare KEY/PASS/AUTH are common option words (`--sort-key`), and an
+# option naming where a secret is kept (`--api-key-file`, `--token-env`) carries none.
+_SECRET_OPTION = re.compile(
+    r"^--?[\w-]*(SECRET|TOKEN(?![A-Z])|PASSWORD|PASSWD|CREDENTIAL|API[_-]?KEY|ACCESS[_-]?KEY|PRIVATE[_-]?KEY)"
+    r"(?![\w-]*[_-](FILE|PATH|ENV|VAR|DIR)$)",
+    re.IGNORECASE,
+)
+
+
 def is_secret_name(name: str) -> bool:
     """Whether an environment variable's name looks like it holds a secret (_SECRET_NAME)."""
     return bool(_SECRET_NAME.search(name))
@@ -715,6 +730,17 @@ def _check_env_secrets(job: JobSpec, source: str) -> None:
                 f"job.env.{name}",
                 "looks like a secret and job.env is stored in clear in run.yaml;"
                 f" export {name} and list it in job.pass_env instead",
+            )
+    # job.args are stored in run.yaml too; an option's value is the next item or after `=`.
+    for index, arg in enumerate(job.args):
+        option, has_value, _ = arg.partition("=")
+        follows = index + 1 < len(job.args) and not job.args[index + 1].startswith("-")
+        if _SECRET_OPTION.match(option) and (has_value or follows):
+            raise _error(
+                source,
+                f"job.args[{index}]",
+                f"{option} looks like it carries a secret and job.args is stored in clear in run.yaml;"
+                " have the script read it from an environment variable listed in job.pass_env",
             )
 
 

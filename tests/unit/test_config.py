@@ -552,6 +552,40 @@ def test_secret_in_job_env_is_refused_from_the_command_line_too() -> None:
     assert assert_one_line(info.value, str(DEFAULT), "job.env.HF_TOKEN").startswith("looks like a secret")
 
 
+@pytest.mark.parametrize(
+    "args,index",
+    [
+        (["--steps", "10", "--api-key=sk-live"], 2),
+        (["--hf_token", "hf_abc", "--steps", "10"], 0),
+        (["-wandb-api-key", "x"], 0),
+        (["--db-password=hunter2"], 0),
+    ],
+)
+def test_a_secret_in_job_args_is_refused_without_echoing_it(args: list[str], index: int) -> None:
+    exc = parse_error(with_value("job.args", args))
+    problem = assert_one_line(exc, "cluster.yaml", f"job.args[{index}]")
+    assert problem.endswith(
+        "looks like it carries a secret and job.args is stored in clear in run.yaml;"
+        " have the script read it from an environment variable listed in job.pass_env"
+    )
+    assert not any(secret in str(exc) for secret in ("sk-live", "hf_abc", "hunter2"))
+
+
+def test_option_words_that_carry_no_secret_stay_allowed_in_job_args() -> None:
+    args = [
+        "--max-tokens",
+        "2048",
+        "--tokenizer",
+        "gpt2",
+        "--sort-key",
+        "loss",
+        "--api-key-file=/run/k",
+        "--hf-token",
+    ]
+    # a flag without a value (the last) is a switch; `--api-key-file` names where a secret is kept
+    assert parse_config(with_value("job.args", args), check_files=False).job.args == tuple(args)
+
+
 def test_token_words_that_are_not_tokens_stay_allowed_in_job_env() -> None:
     env = {"TOKENIZERS_PARALLELISM": "false", "MAX_TOKENS": "2048", "KEYBOARD": "us"}
     assert dict(parse_config(with_value("job.env", env), check_files=False).job.env) == env
