@@ -14,4 +14,10 @@ if [ "${ORCH_SKIP_SLURM:-0}" != 1 ]; then
   fi
 fi
 scripts/lint.sh
-exec .venv/bin/python -m pytest -q "$@"
+# Two workers (pytest-xdist): the Slurm group, which mostly waits on the scheduler, runs beside
+# everything else (tests/conftest.py makes the units). ORCH_TEST_WORKERS=0 runs in one process.
+workers=${ORCH_TEST_WORKERS:-2}
+if [ "$workers" = 0 ]; then
+  exec .venv/bin/python -m pytest -q "$@"
+fi
+exec .venv/bin/python -m pytest -q -n "$workers" --dist loadgroup "$@"

@@ -16,6 +16,18 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 JOBS = REPO / "jobs"
 TEST_JOBS = Path(__file__).resolve().parent / "jobs"
+SLURM_TESTS = "tests/slurm/"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Units of work for `pytest -n 2 --dist loadgroup` (scripts/test.sh): the whole Slurm group
+    is one unit (one test cluster, started once), scheduled first because it is the longest and
+    mostly waits on the scheduler, so the other worker runs every other module meanwhile; any
+    other module is one unit, so its module-scoped fixtures (reference runs) are built once."""
+    items.sort(key=lambda item: not item.nodeid.startswith(SLURM_TESTS))  # stable: keeps the rest's order
+    for item in items:
+        group = "slurm" if item.nodeid.startswith(SLURM_TESTS) else item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group(group))
 
 
 def write_config(
