@@ -19,6 +19,7 @@ TEST_JOBS = Path(__file__).resolve().parent / "jobs"
 SLURM_TESTS = "tests/slurm/"
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Units of work for `pytest -n 2 --dist loadgroup` (scripts/test.sh): the whole Slurm group
     is one unit (one test cluster, started once), scheduled first because it is the longest and
