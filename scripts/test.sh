@@ -15,9 +15,10 @@ if [ "${ORCH_SKIP_SLURM:-0}" != 1 ]; then
 fi
 scripts/lint.sh
 # Two workers (pytest-xdist): the Slurm group, which mostly waits on the scheduler, runs beside
-# everything else (tests/conftest.py makes the units). ORCH_TEST_WORKERS=0 runs in one process.
+# everything else (tests/conftest.py makes the units and the scheduler). ORCH_TEST_WORKERS=0
+# runs the suite in one process.
 workers=${ORCH_TEST_WORKERS:-2}
 if [ "$workers" = 0 ]; then
   exec .venv/bin/python -m pytest -q "$@"
 fi
-exec .venv/bin/python -m pytest -q -n "$workers" --dist loadgroup "$@"
+exec .venv/bin/python -m pytest -q -n "$workers" --dist loadscope --no-loadscope-reorder "$@"

@@ -19,16 +19,33 @@ TEST_JOBS = Path(__file__).resolve().parent / "jobs"
 SLURM_TESTS = "tests/slurm/"
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
+def work_unit(nodeid: str) -> str:
+    """The unit of work of a test under `pytest -n 2` (scripts/test.sh): the whole Slurm group is
+    one (one test cluster, started once on a fixed port); any other module is one, so its
+    module-scoped fixtures (reference runs) are built once."""
+    return "slurm" if nodeid.startswith(SLURM_TESTS) else nodeid.split("::", 1)[0]
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Units of work for `pytest -n 2 --dist loadgroup` (scripts/test.sh): the whole Slurm group
-    is one unit (one test cluster, started once), scheduled first because it is the longest and
-    mostly waits on the scheduler, so the other worker runs every other module meanwhile; any
-    other module is one unit, so its module-scoped fixtures (reference runs) are built once."""
-    items.sort(key=lambda item: not item.nodeid.startswith(SLURM_TESTS))  # stable: keeps the rest's order
-    for item in items:
-        group = "slurm" if item.nodeid.startswith(SLURM_TESTS) else item.nodeid.split("::")[0]
-        item.add_marker(pytest.mark.xdist_group(group))
+    """The Slurm group first: it is the longest and mostly waits on the scheduler, so one worker
+    runs it while the other runs every other module. Then the quick unit modules: xdist queues
+    one unit behind the Slurm group before it starts, and that one should be short."""
+    first = (SLURM_TESTS, "tests/unit/")
+    # stable: each group keeps its own order
+    items.sort(key=lambda item: next((i for i, p in enumerate(first) if item.nodeid.startswith(p)), 2))
+
+
+@pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook; without xdist, never called
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    # xdist's own `--dist loadgroup` renames node ids, which pytest 9 no longer allows: a
+    # scheduler of work units by scope does the same without renaming.
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByWorkUnit(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return work_unit(nodeid)
+
+    return ByWorkUnit(config, log)
 
 
 def write_config(
