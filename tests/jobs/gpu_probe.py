@@ -33,4 +33,7 @@ except DeviceError as exc:
     record["error"] = str(exc)
 with open(os.path.join(os.environ["ORCH_RUN_DIR"], f"gpu-{ctx.rank}.json"), "w") as fh:
     json.dump(record, fh)
+# No rank leaves before every rank has joined: a peer still connecting its gloo mesh to one that
+# exited fails ("Connection closed by peer").
+torch.distributed.barrier()
 runtime.shutdown()
