@@ -276,7 +276,9 @@ class Snapshot:
         # paths ("a/b",) and ("a", "b") would share a buffer and one would overwrite the other.
         self._buffers: dict[tuple[Any, ...], torch.Tensor] = {}
 
-    def take(self, obj: Any, key: tuple[Any, ...] = ()) -> Any:
+    def take(self, obj: Any, key: tuple[Any, ...] = (), defer: DeferredCopies | None = None) -> Any:
+        """The state with every tensor copied into its buffer; a tensor that `defer` accepts
+        gets its buffer now and its copy later (DeferredCopies.run)."""
         if isinstance(obj, torch.Tensor):
             src = obj.detach()
             buf = self._buffers.get(key)
@@ -290,13 +292,67 @@ class Snapshot:
                     src.shape, src.stride(), dtype=src.dtype, device="cpu", pin_memory=src.is_cuda
                 )
                 self._buffers[key] = buf
-            buf.copy_(src, non_blocking=src.is_cuda)
+            if defer is not None and defer.accepts(src):
+                defer.add(key, buf, src)
+            else:
+                buf.copy_(src, non_blocking=src.is_cuda)
             return buf
         if isinstance(obj, dict):
-            return {k: self.take(v, (*key, k)) for k, v in obj.items()}
+            return {k: self.take(v, (*key, k), defer) for k, v in obj.items()}
         if isinstance(obj, (list, tuple)):
-            return type(obj)(self.take(v, (*key, i)) for i, v in enumerate(obj))
+            return type(obj)(self.take(v, (*key, i), defer) for i, v in enumerate(obj))
         return obj
+
+
+class DeferredCopies:
+    """An async save's copies of the tensors that only the optimizer's step changes (the
+    parameters and the optimizer's state, on CPU), run beside the next forward and backward
+    instead of blocking training: the optimizer's next step waits for them (a step pre-hook,
+    Checkpointer._before_optimizer_step). Anything else (buffers, which a forward changes;
+    RNG, sampler, scheduler, scaler, extra) is copied before save() returns.
+
+    A tensor changed in place before its copy (user code writing parameters outside the
+    optimizer's step) is caught by its version counter: that save is skipped, not committed
+    torn, and later saves copy everything before returning. Writes through `.data` bypass the
+    version counter; a job that writes parameters that way between a save and the next step
+    should not use async_save."""
+
+    def __init__(self, storages: set[int]) -> None:
+        self._storages = storages  # data pointers of the tensors that may be copied later
+        self._copies: list[tuple[tuple[Any, ...], torch.Tensor, torch.Tensor, int]] = []
+        self.done = threading.Event()
+        self.finished_at: float | None = None
+        self.gate_entered_at: float | None = None  # set by the optimizer's step, if it waited
+
+    def accepts(self, src: torch.Tensor) -> bool:
+        return src.device.type == "cpu" and src.untyped_storage().data_ptr() in self._storages
+
+    def add(self, key: tuple[Any, ...], buf: torch.Tensor, src: torch.Tensor) -> None:
+        self._copies.append((key, buf, src, src._version))
+
+    def __len__(self) -> int:
+        return len(self._copies)
+
+    def run(self) -> str | None:
+        """Copy every deferred tensor; name the first one changed before its copy, if any."""
+        torn = None
+        try:
+            for key, buf, src, version in self._copies:
+                buf.copy_(src)
+                if torn is None and src._version != version:
+                    torn = "/".join(str(k) for k in key)
+        finally:
+            self._copies.clear()  # no reference to the live tensors outlives the copy
+            self.finished_at = time.monotonic()
+            self.done.set()
+        return torn
+
+    def waited_s(self) -> float:
+        """How long the optimizer's step waited for the copies (0 if it never did)."""
+        entered = self.gate_entered_at
+        if entered is None or self.finished_at is None:
+            return 0.0
+        return max(0.0, self.finished_at - entered)
 
 
 class Checkpointer:
@@ -349,6 +405,13 @@ class Checkpointer:
         self._vote_group = dist.new_group(backend="gloo") if dist.is_initialized() else None
         self._snapshot = Snapshot()
         self._pending: Future | None = None
+        # Async saves copy parameters and optimizer state beside the next forward/backward
+        # (DeferredCopies) when the optimizer is known: its step is where they change.
+        self._defer_copies = self.async_save and optimizer is not None
+        self._copying: DeferredCopies | None = None
+        if self._defer_copies:
+            assert optimizer is not None
+            optimizer.register_step_pre_hook(self._before_optimizer_step)
         # Steps this process committed or verified: only those count toward `keep` (retention).
         self._known_good: set[int] = set()
         self.last_saved_step: int | None = None
@@ -485,16 +548,23 @@ class Checkpointer:
         # Refused before anything is written, but inside the protocol: every rank gets the error.
         refused = unloadable_extra(extra) if self.ctx.is_main else None
         if self.async_save:
-            app = self._snapshot.take(app) if app is not None else None
+            defer = (
+                DeferredCopies(self._optimized_storages()) if self._defer_copies and app is not None else None
+            )
+            app = self._snapshot.take(app, (), defer) if app is not None else None
             mine = self._snapshot.take(mine, ("rank",))
             synchronize_devices()  # the non_blocking device->host copies are done
             future: Future = Future()
             blocked = time.monotonic() - blocked_from
+            previous = self.last_saved_step
+            if defer is not None and len(defer):
+                self._copying = defer
+                target: Callable[..., Any] = self._copy_then_commit
+                args: tuple[Any, ...] = (defer, previous, step, epoch, token, app, mine, blocked, refused)
+            else:
+                target, args = self._write_and_commit, (step, epoch, token, app, mine, blocked, refused)
             thread = threading.Thread(
-                target=self._run_into,
-                args=(future, self._write_and_commit, step, epoch, token, app, mine, blocked, refused),
-                name="orch-ckpt-save",
-                daemon=True,
+                target=self._run_into, args=(future, target, *args), name="orch-ckpt-save", daemon=True
             )
             thread.start()
             self._pending = future
@@ -506,6 +576,36 @@ class Checkpointer:
         self.last_block_s = time.monotonic() - blocked_from
         self.last_saved_step = step
         heartbeat.beat(step, Phase.TRAIN)
+
+    def _optimized_storages(self) -> set[int]:
+        """Data pointers of what only the optimizer's step changes: parameters, optimizer state."""
+        assert self.optimizer is not None
+        tensors = list(unwrap(self.model).parameters())
+        for per_param in self.optimizer.state.values():
+            tensors.extend(v for v in per_param.values() if isinstance(v, torch.Tensor))
+        return {t.untyped_storage().data_ptr() for t in tensors}
+
+    def _before_optimizer_step(self, _optimizer: Any, _args: Any, _kwargs: Any) -> None:
+        """The optimizer is about to change what an async save may still be copying: wait."""
+        copying = self._copying
+        if copying is None:
+            return
+        if not copying.done.is_set():
+            copying.gate_entered_at = time.monotonic()
+            copying.done.wait()
+            self.last_block_s = (self.last_block_s or 0.0) + copying.waited_s()
+        self._copying = None
+
+    def _copy_then_commit(self, defer: DeferredCopies, previous: int | None, step: int, *args: Any) -> None:
+        """An async save's background work when copies were deferred: copy, then write and
+        commit; a save whose tensors changed before they were copied is skipped on every rank."""
+        torn = defer.run()
+        epoch, token, app, mine, blocked, refused = args
+        skipped = self._write_and_commit(
+            step, epoch, token, app, mine, blocked, refused, torn=torn, deferred=defer
+        )
+        if skipped:
+            self.last_saved_step = previous  # not saved: a later save of this step must happen
 
     @staticmethod
     def _run_into(future: Future, fn: Callable[..., Any], *args: Any) -> None:
@@ -523,10 +623,14 @@ class Checkpointer:
         mine: dict[str, Any],
         blocked_s: float | None = None,
         refused: str | None = None,
-    ) -> None:
+        torn: str | None = None,
+        deferred: DeferredCopies | None = None,
+    ) -> bool:
         """Write, gather, commit. `blocked_s`: how long training waited (async: the snapshot;
         None for a synchronous save, which blocks for all of this). `refused`: why this save
-        must not be written at all (rank 0's check of `extra`).
+        must not be written at all (rank 0's check of `extra`). `torn`: the tensor that changed
+        before its deferred copy (rank 0): the save is skipped on every rank, with a warning,
+        and later saves copy before returning. Returns whether it was skipped so.
 
         Every rank reaches the gather and the broadcast whatever fails before them (any
         exception, not only OSError): a rank that left early would leave its peers blocked in
@@ -536,6 +640,8 @@ class Checkpointer:
         entries: list[FileEntry] = []
         error: str | None = f"rank {self.ctx.rank}: {refused}" if refused else None
         digest = None
+        if torn is not None:
+            error = f"rank {self.ctx.rank}: {torn} changed in place before the async save copied it"
         try:
             if error is not None:
                 raise _Refused
@@ -564,7 +670,9 @@ class Checkpointer:
         errors = [err for _, err in gathered if err]
         result: tuple[str, str] | None = None
         if self.ctx.is_main:
-            if errors:
+            if torn is not None:
+                result = ("torn", f"checkpoint {step_dir_name(step)} skipped: {error}")
+            elif errors:
                 result = ("error", f"checkpoint {step_dir_name(step)} not saved: {errors[0]}")
             else:
                 try:
@@ -597,6 +705,8 @@ class Checkpointer:
             else:
                 write_s = time.monotonic() - started
                 self._known_good.add(step)
+                if blocked_s is not None and deferred is not None:
+                    blocked_s += deferred.waited_s()  # the optimizer's step waited for the copies
                 self._record_commit(step, digest, write_s, write_s if blocked_s is None else blocked_s)
                 try:
                     self.store.prune(self.keep, self.incarnation, protect=[step], known_good=self._known_good)
@@ -605,8 +715,13 @@ class Checkpointer:
         result = self._broadcast(result)
         if result is not None:
             kind, message = result
+            if kind == "torn":
+                _warn(f"{message}; later async saves copy every tensor before training goes on")
+                self._defer_copies = False
+                return True
             raise (StaleIncarnationError if kind == "stale" else CheckpointError)(message)
         self.last_save_s = time.monotonic() - started
+        return False
 
     def _record_commit(self, step: int, digest: str | None, write_s: float, block_s: float) -> None:
         """Supervisors check the signal lead time against write_s; goodput counts block_s."""

@@ -153,7 +153,12 @@ class StorageSpec:
     checkpoint_interval: int = _f(50, "Save a checkpoint every N training steps.", min=1)
     keep: int = _f(2, "Keep the newest K committed checkpoints.", min=2, max=1000)
     async_save: bool = _f(
-        False, "Write checkpoints in the background; training blocks only while tensors are copied."
+        False,
+        (
+            "Write checkpoints in the background; training blocks only while tensors are copied"
+            " (parameters and optimizer state are copied beside the next forward/backward, until"
+            " the optimizer's next step)."
+        ),
     )
 
 

@@ -16,7 +16,7 @@ import torch
 import torch.multiprocessing as mp
 
 from orchestrator import runtime
-from orchestrator.runtime.checkpoint import CheckpointError, StaleIncarnationError
+from orchestrator.runtime.checkpoint import CheckpointError, DeferredCopies, StaleIncarnationError
 from orchestrator.storage.ckpt_store import CheckpointStore, make_token
 
 
@@ -166,13 +166,77 @@ def test_async_save_returns_before_the_commit(ctx, url, monkeypatch):
     store = CheckpointStore(url)
     assert store.committed_steps() == []
     before = runtime.state_digest(model.state_dict())
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(1.0)  # training goes on; the snapshot must not see it
+    sampler = runtime.ResumableDistributedSampler(64, rank=0, world_size=1, seed=3)
+    train(model, opt, torch.optim.lr_scheduler.StepLR(opt, step_size=2), sampler, 2)  # training goes on
+    assert runtime.state_digest(model.state_dict()) != before
     go.set()
     ckpt.close()
     assert store.committed_steps() == [10]
-    assert store.info(10).model_digest == before
+    assert store.info(10).model_digest == before  # the snapshot did not see it
+
+
+def hold_deferred_copies(monkeypatch) -> threading.Event:
+    """The async save's deferred copies start only once the returned event is set."""
+    go = threading.Event()
+    run = DeferredCopies.run
+
+    def held(self):
+        assert go.wait(60), "the test never let the copies go on"
+        return run(self)
+
+    monkeypatch.setattr(DeferredCopies, "run", held)
+    return go
+
+
+def test_the_optimizers_step_waits_for_the_async_saves_copies(ctx, url, monkeypatch):
+    # Parameters and optimizer state are copied beside the next forward/backward; the
+    # optimizer's step, which changes them, must wait until they are copied.
+    go = hold_deferred_copies(monkeypatch)
+    model, opt, *_ = make_parts()
+    ckpt = runtime.Checkpointer(ctx, model=model, optimizer=opt, url=url, async_save=True)
+    train(model, opt, torch.optim.lr_scheduler.StepLR(opt, step_size=2), make_parts()[3], 1)
+    before = runtime.state_digest(model.state_dict())
+    ckpt.save(1)  # returns with the copies still to do
+    model(torch.randn(4, 8)).pow(2).mean().backward()  # forward and backward go on meanwhile
+    stepper = threading.Thread(target=opt.step)
+    stepper.start()
+    stepper.join(timeout=1.0)
+    assert stepper.is_alive(), "the optimizer's step did not wait for the copies"
+    assert runtime.state_digest(model.state_dict()) == before
+    go.set()
+    stepper.join(timeout=60)
+    assert not stepper.is_alive()
+    ckpt.close()
+    store = CheckpointStore(url)
+    assert store.committed_steps() == [1] and store.info(1).model_digest == before
+    assert ckpt.last_block_s is not None and ckpt.last_block_s > 0.5  # the wait counts as blocked
+
+
+def test_a_parameter_changed_before_its_deferred_copy_skips_that_save(ctx, url, monkeypatch, capsys):
+    # User code that writes a parameter in place outside the optimizer's step, before the
+    # background copy reached it: that save is skipped (never committed torn), and later saves
+    # copy every tensor before save() returns.
+    go = hold_deferred_copies(monkeypatch)
+    model, opt, *_ = make_parts()
+    ckpt = runtime.Checkpointer(ctx, model=model, optimizer=opt, url=url, async_save=True)
+    ckpt.save(1)
+    with torch.no_grad():
+        model[0].weight.mul_(0.5)  # not through the optimizer
+    go.set()
+    ckpt.wait()
+    store = CheckpointStore(url)
+    assert store.committed_steps() == []
+    assert ckpt.last_saved_step is None  # not saved: the step may be saved again
+    err = capsys.readouterr().err
+    assert (
+        "checkpoint step-00000001 skipped: rank 0: model/0.weight changed in place before the async save"
+        in err
+    )
+    ckpt.save(2)  # copies everything before returning now
+    with torch.no_grad():
+        model[0].weight.mul_(0.5)
+    ckpt.close()
+    assert store.committed_steps() == [2]
 
 
 def test_crash_during_background_save_keeps_previous(tmp_path):

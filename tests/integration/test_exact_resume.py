@@ -42,8 +42,10 @@ def _attempt_log(run_dir: Path, attempt: int) -> str:
     return path.read_text() if path.exists() else ""
 
 
-@pytest.mark.parametrize("seed", [1, 2])
-def test_three_random_kills_end_in_the_uninterrupted_weights(tmp_path, reference, seed):
+# The second with async saves: their parameters and optimizer state are copied beside the next
+# forward/backward (until the optimizer's step), and must still be exactly the step's.
+@pytest.mark.parametrize("seed,async_save", [(1, False), (2, True)])
+def test_three_random_kills_end_in_the_uninterrupted_weights(tmp_path, reference, seed, async_save):
     rng = random.Random(seed)
     kill_steps = sorted(rng.sample(range(5, STEPS - 5), 3))
     # The example job, held at its last step in the attempts to be killed: a kill that comes
@@ -53,7 +55,7 @@ def test_three_random_kills_end_in_the_uninterrupted_weights(tmp_path, reference
         TEST_JOBS / "held_train.py",
         args=ARGS,
         job={"env": {"HOLD_STEP": str(STEPS), "HOLD_ATTEMPTS": str(len(kill_steps))}},
-        storage={"checkpoint_interval": 10},
+        storage={"checkpoint_interval": 10, "async_save": async_save},
         restart={"max_restarts": 3, "backoff_s": 0.1, "crash_loop_attempts": 0},
     )  # kills may land between two checkpoints
     run_dir = tmp_path / "runs" / "faulty"
