@@ -29,10 +29,6 @@ def slurm_cluster(tmp_path_factory):
             "the Slurm tests need root and scripts/slurm/install.sh (the README's test command runs it)"
         )
     state = Path("/tmp") / f"orch-slurm-test-{os.getpid()}"
-    # This worker runs the Slurm group beside a worker running real gloo ranks on the same 2
-    # cores (scripts/test.sh). Its daemons, and the jobs they start, inherit this priority, so
-    # that Slurm's timing (a time limit, a warning's lead) is not starved by the other worker.
-    os.nice(-10)
     env = {
         **os.environ,
         **{
