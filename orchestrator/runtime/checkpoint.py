@@ -556,15 +556,12 @@ class Checkpointer:
             synchronize_devices()  # the non_blocking device->host copies are done
             future: Future = Future()
             blocked = time.monotonic() - blocked_from
-            previous = self.last_saved_step
+            work: tuple[Any, ...] = (self._write_and_commit, step, epoch, token, app, mine, blocked, refused)
             if defer is not None and len(defer):
                 self._copying = defer
-                target: Callable[..., Any] = self._copy_then_commit
-                args: tuple[Any, ...] = (defer, previous, step, epoch, token, app, mine, blocked, refused)
-            else:
-                target, args = self._write_and_commit, (step, epoch, token, app, mine, blocked, refused)
+                work = (self._copy_then_commit, defer, self.last_saved_step, *work[1:])
             thread = threading.Thread(
-                target=self._run_into, args=(future, target, *args), name="orch-ckpt-save", daemon=True
+                target=self._run_into, args=(future, *work), name="orch-ckpt-save", daemon=True
             )
             thread.start()
             self._pending = future
@@ -599,12 +596,7 @@ class Checkpointer:
     def _copy_then_commit(self, defer: DeferredCopies, previous: int | None, step: int, *args: Any) -> None:
         """An async save's background work when copies were deferred: copy, then write and
         commit; a save whose tensors changed before they were copied is skipped on every rank."""
-        torn = defer.run()
-        epoch, token, app, mine, blocked, refused = args
-        skipped = self._write_and_commit(
-            step, epoch, token, app, mine, blocked, refused, torn=torn, deferred=defer
-        )
-        if skipped:
+        if self._write_and_commit(step, *args, torn=defer.run(), deferred=defer):
             self.last_saved_step = previous  # not saved: a later save of this step must happen
 
     @staticmethod
