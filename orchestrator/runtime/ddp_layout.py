@@ -20,6 +20,7 @@ bitwise-resume tests guard them across torch versions.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -27,6 +28,13 @@ import torch
 import torch.distributed as dist
 
 MANIFEST_KEY = "ddp_bucket_layout"  # in a checkpoint's manifest: [[parameter name, ...], ...]
+
+# The DDP that wrap_ddp built around a module: a job hands the Checkpointer either.
+_WRAPPED: weakref.WeakKeyDictionary[torch.nn.Module, Any] = weakref.WeakKeyDictionary()
+
+
+def remember(ddp: Any) -> None:
+    _WRAPPED[ddp.module] = weakref.ref(ddp)
 
 
 def _is_ddp(model: Any) -> bool:
@@ -45,7 +53,10 @@ def current_layout(model: Any) -> list[list[str]] | None:
     parameter names per bucket; None for a model that is not DDP, a DDP that keeps its initial
     layout (find_unused_parameters), or one that has not run a backward yet. A rebuild still
     pending (a save right after the first step) is done now, as the next forward would."""
-    if not _is_ddp(model) or model.find_unused_parameters:
+    if not _is_ddp(model):
+        ref = _WRAPPED.get(model)
+        model = ref() if ref is not None else None
+    if model is None or model.find_unused_parameters:
         return None
     if not model._has_rebuilt_buckets and model.reducer._rebuild_buckets():
         model._has_rebuilt_buckets = True

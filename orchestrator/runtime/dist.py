@@ -152,7 +152,7 @@ def wrap_ddp(
     """
     from torch.nn.parallel import DistributedDataParallel
 
-    from .ddp_layout import initial_layout, newest_layout
+    from .ddp_layout import initial_layout, newest_layout, remember
 
     kwargs.setdefault("find_unused_parameters", False)
     if ctx.device.type == "cuda":
@@ -166,6 +166,7 @@ def wrap_ddp(
         layout = found[0]
     with initial_layout(model, layout):
         ddp = DistributedDataParallel(model, **kwargs)  # type: ignore[arg-type]
+    remember(ddp)  # a Checkpointer given the inner module still finds its buckets
     ddp.register_forward_hook(_mark_backward)
     return ddp
 

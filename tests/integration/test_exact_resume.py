@@ -159,6 +159,6 @@ def test_four_ranks_resume_bitwise_at_ddps_full_speed(tmp_path):
     assert proc.returncode == 0, err
     restored = [e for e in read_events(run_dir) if e["event"] == "restored"]
     assert [e["step"] for e in restored] == [None, 40]
-    manifest = json.loads((run_dir / "ckpt" / "step-00000040" / "manifest.json").read_text())
-    assert manifest["ddp_bucket_layout"], "the checkpoint records DDP's bucket layout"
+    for path in (run_dir / "ckpt").glob("step-*/manifest.json"):
+        assert json.loads(path.read_text())["ddp_bucket_layout"], f"{path}: no DDP bucket layout"
     assert final_digest("killed", cfg) == reference
