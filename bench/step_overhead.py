@@ -275,6 +275,7 @@ class Side:
                     attempt=0,
                     run_id=self.dir.name,
                     run_dir=str(self.dir),
+                    max_restarts=0,
                 )
             )
             env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
