@@ -1,11 +1,13 @@
 """Steady-state DDP step time under the orchestrator runtime vs the same loop as a bare script.
 
-    .venv/bin/python bench/step_overhead.py [--rounds 40] [--segment 20] [--warmup 50] [--breakdown]
+    .venv/bin/python bench/step_overhead.py [--world 2] [--rounds 40] [--segment 20] [--warmup 50]
+        [--breakdown]
 
 Both sides train jobs/train_ddp.py's model (SmallConvNet) on its data (SyntheticImages, 4096
 samples) with its defaults: batch 32 per rank, AdamW + gradient clipping + cosine LR, and its
 loop body (random flips, the GradScaler and autocast that are off on CPU, a loss print on rank 0
-every 100 steps). 2 ranks, gloo on CPU, 1 thread each (OMP_NUM_THREADS=1, set_num_threads(1)),
+every 100 steps). 2 ranks (--world 4: the 4-rank side, where wrap_ddp used to need
+find_unused_parameters for exact resume), gloo on CPU, 1 thread each (OMP_NUM_THREADS=1, set_num_threads(1)),
 each side a pair of real processes started with the env contract (orchestrator.spec.plan.contract_env,
 a leased MASTER_PORT).
 
@@ -54,7 +56,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-WORLD = 2
+WORLD = 2  # --world
 BATCH = 32
 LOG_EVERY = 100
 NO_CHECKPOINTS = 10**9  # a checkpoint interval beyond any run
@@ -350,6 +352,7 @@ class Side:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--world", type=int, default=2, help="ranks per side (one thread each)")
     p.add_argument("--rounds", type=int, default=40, help="timed segments per side, taken in turns")
     p.add_argument("--segment", type=int, default=20, help="steps per timed segment")
     p.add_argument("--warmup", type=int, default=50, help="untimed steps per side before the first segment")
@@ -364,6 +367,8 @@ def main() -> None:
     p.add_argument("--total-steps", type=int, help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     args = p.parse_args()
+    global WORLD
+    WORLD = args.world
     if args.worker:
         worker(args.worker, args.total_steps, args.out)
         return

@@ -104,7 +104,7 @@ def main() -> None:
     )
 
     model = SmallConvNet().to(ctx.device)
-    # Fixed gradient buckets: bitwise-exact resume on any number of ranks (see wrap_ddp).
+    # DDP whose resumed runs reduce in the uninterrupted run's bucket layout (see wrap_ddp).
     ddp = runtime.wrap_ddp(model, ctx)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, args.steps))

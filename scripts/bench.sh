@@ -14,7 +14,7 @@ for part in "${parts[@]}"; do
     echo "=== $part ==="
     case "$part" in
         controller) .venv/bin/python bench/controller_bench.py ;;
-        overhead)   .venv/bin/python bench/step_overhead.py ;;
+        overhead)   .venv/bin/python bench/step_overhead.py && .venv/bin/python bench/step_overhead.py --world 4 ;;
         launch)     .venv/bin/python bench/launch_bench.py ;;
         ckpt)       .venv/bin/python bench/ckpt_bench.py ;;
         save)       .venv/bin/python bench/ckpt_save_bench.py ;;

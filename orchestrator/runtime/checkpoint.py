@@ -56,6 +56,8 @@ from orchestrator.storage.ckpt_store import (
 from orchestrator.storage.faults import fault_point
 
 from . import heartbeat, preemption
+from .ddp_layout import MANIFEST_KEY as DDP_LAYOUT_KEY
+from .ddp_layout import current_layout
 from .dist import DistContext
 
 STATE_FILE = "state.pt"
@@ -405,6 +407,7 @@ class Checkpointer:
         self._vote_group = dist.new_group(backend="gloo") if dist.is_initialized() else None
         self._snapshot = Snapshot()
         self._pending: Future | None = None
+        self._ddp_layout: list[list[str]] | None = None  # recorded in manifests (ddp_layout.py)
         # Async saves copy parameters and optimizer state beside the next forward/backward
         # (DeferredCopies) when the optimizer is known: its step is where they change.
         self._defer_copies = self.async_save and optimizer is not None
@@ -543,6 +546,8 @@ class Checkpointer:
             # it again, and the commit would be refused as a duplicate.
             heartbeat.beat(step, Phase.TRAIN)
             return
+        if self._ddp_layout is None:
+            self._ddp_layout = current_layout(self.model)  # collective while a rebuild is pending
         app = self._app_state(step, epoch, extra) if self.ctx.is_main else None
         mine = self._rank_state()
         # Refused before anything is written, but inside the protocol: every rank gets the error.
@@ -680,6 +685,7 @@ class Checkpointer:
                             "incarnation": self.incarnation,
                             # what a preemption warning must leave time for (lead-time check)
                             "write_s": round(time.monotonic() - started, 3),
+                            DDP_LAYOUT_KEY: self._ddp_layout,
                         },
                     )
                 except StaleIncarnation as exc:

@@ -136,28 +136,37 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def wrap_ddp(model: torch.nn.Module, ctx: DistContext, **kwargs: object) -> torch.nn.Module:
+def wrap_ddp(
+    model: torch.nn.Module, ctx: DistContext, *, checkpoint_url: str | None = None, **kwargs: object
+) -> torch.nn.Module:
     """DistributedDataParallel whose gradient-bucket layout cannot make a resumed run drift.
 
-    DDP regroups its gradient buckets after the first iteration of every process. A run
-    resumed from a checkpoint therefore reduces its first step with a different layout than
-    the uninterrupted run did at that step, and with more than two ranks a different layout
-    means a different floating-point summation order: the weights drift apart in the last
-    bits. On more than two ranks this passes `find_unused_parameters=True`, with which DDP
-    keeps its initial layout, so a resumed run is bitwise identical to an uninterrupted one,
-    at the cost of a walk of the autograd graph and an extra all-reduce (of the map of used
-    parameters) per step: +7-12% on jobs/train_ddp.py's 12 ms CPU step in
-    bench/step_overhead.py. On one or two ranks each element of a gradient is the sum of at
-    most two values, the same in any order, so the layout cannot change the weights and DDP
-    keeps its defaults. Pass find_unused_parameters=True when some steps leave parameters
-    unused (DDP's own requirement), or False on more ranks to trade exact resume for speed.
+    DDP regroups its gradient buckets after its first iteration, in every process, so a
+    resumed run would reduce its first step in another layout than the uninterrupted run did
+    at that step; with more than two ranks another summation order changes the last bits of
+    the weights. Checkpoints record the layout DDP settled on, and on more than two ranks this
+    builds a resumed run's DDP with it (runtime/ddp_layout.py), so resumes are bitwise exact
+    at DDP's full speed. `checkpoint_url`: where the Checkpointer saves, if not the run
+    directory's `ckpt`. Pass find_unused_parameters=True when some steps leave parameters
+    unused (DDP's own requirement; DDP then keeps its initial layout anyway).
     """
     from torch.nn.parallel import DistributedDataParallel
 
-    kwargs.setdefault("find_unused_parameters", ctx.world_size > 2)
+    from .ddp_layout import initial_layout, newest_layout, remember
+
+    kwargs.setdefault("find_unused_parameters", False)
     if ctx.device.type == "cuda":
         kwargs.setdefault("device_ids", [ctx.device.index])
-    ddp = DistributedDataParallel(model, **kwargs)  # type: ignore[arg-type]
+    layout = None
+    if ctx.world_size > 2 and not kwargs["find_unused_parameters"]:
+        url = checkpoint_url or (f"{ctx.run_dir.rstrip('/')}/ckpt" if ctx.run_dir else None)
+        found = [newest_layout(url) if url and ctx.rank == 0 else None]
+        if dist.is_initialized():
+            dist.broadcast_object_list(found, src=0)  # every rank builds the same buckets
+        layout = found[0]
+    with initial_layout(model, layout):
+        ddp = DistributedDataParallel(model, **kwargs)  # type: ignore[arg-type]
+    remember(ddp)  # a Checkpointer given the inner module still finds its buckets
     ddp.register_forward_hook(_mark_backward)
     return ddp
 

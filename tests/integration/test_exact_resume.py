@@ -117,3 +117,48 @@ def test_run_with_its_run_directory_on_s3(tmp_path, s3_server, reference):
     assert [r["step"] for r in rows] == [90, 60] and all(r["verified"] for r in rows)
     ls = run_orch("ls", "--config", str(cfg), "--json")
     assert [r["run_id"] for r in json.loads(ls.stdout)] == ["ons3"]
+
+
+def test_four_ranks_resume_bitwise_at_ddps_full_speed(tmp_path):
+    """4 ranks without find_unused_parameters: DDP rebuilds its buckets after the first step of
+    every process, and a resumed run must still sum gradients as the uninterrupted one did (the
+    checkpoint's recorded layout, runtime/ddp_layout.py); without it the weights drift."""
+    four = {"nodes": 2, "ranks_per_node": 2}
+    (tmp_path / "ref").mkdir()
+    ref_cfg = write_config(
+        tmp_path / "ref",
+        JOBS / "train_ddp.py",
+        args=ARGS,
+        resources=four,
+        storage={"checkpoint_interval": 10},
+    )
+    assert run_orch("run", str(ref_cfg), "--run-id", "ref4", "--quiet").returncode == 0
+    reference = final_digest("ref4", ref_cfg)
+    cfg = write_config(
+        tmp_path,
+        TEST_JOBS / "held_train.py",
+        args=ARGS,
+        resources=four,
+        job={"env": {"HOLD_STEP": "45", "HOLD_ATTEMPTS": "1"}},
+        storage={"checkpoint_interval": 10},
+    )
+    run_dir = tmp_path / "runs" / "killed"
+    proc = subprocess.Popen(
+        orch_cmd("run", str(cfg), "--run-id", "killed", "--quiet"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for(lambda: "step 45/" in _attempt_log(run_dir, 0), 120, "attempt 0 at step 45")
+        pids = next(e["pids"] for e in read_events(run_dir) if e["event"] == "attempt_started")
+        os.kill(pids[1], signal.SIGKILL)
+        _, err = proc.communicate(timeout=240)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    restored = [e for e in read_events(run_dir) if e["event"] == "restored"]
+    assert [e["step"] for e in restored] == [None, 40]
+    for path in (run_dir / "ckpt").glob("step-*/manifest.json"):
+        assert json.loads(path.read_text())["ddp_bucket_layout"], f"{path}: no DDP bucket layout"
+    assert final_digest("killed", cfg) == reference
