@@ -1,17 +1,23 @@
-"""Launch and restart under Slurm: the node agent (launch.mode auto: one task per node, ranks
-forked from a fork server) against one srun task per rank (launch.mode subprocess, what
-DESIGN.md describes and torchrun-style launchers do), on a real Slurm cluster.
+"""Launch and restart under Slurm, on a real Slurm cluster, three ways:
+  persistent   launch.mode auto (the default): one step of node agents for the allocation,
+               each attempt a message to them, ranks forked from fork servers that stay warm;
+  per-attempt  launch.mode auto, slurm.persistent_agents false: a new step of node agents for
+               every attempt, whose fork servers import torch again (the launcher before
+               issue 15);
+  task         launch.mode subprocess: one srun task per rank, each a fresh interpreter (what
+               DESIGN.md describes and torchrun-style launchers do).
 
 Uses the cluster named by SLURM_CONF if `sinfo` answers, else starts one with
 scripts/slurm/start.sh (root; scripts/slurm/install.sh first) and stops it at the end.
 
 Each run submits bench/jobs/allreduce.py with BENCH_CRASH=1: attempt 0 joins the group,
-all-reduces, and rank 1 crashes a few steps later; the supervisor starts a new srun step
+all-reduces, and rank 1 crashes a few steps later; the supervisor starts attempt 1
 (restart.backoff_s 0), whose ranks join and all-reduce again. Measured from the run's own
 records:
-  launch   the attempt's srun step started -> every rank past init_process_group + all_reduce
-  restart  rank 1 crashed -> the new step's ranks past init_process_group + all_reduce
-Both modes take turns, so load on the machine hits them alike.
+  launch   attempt 0 started -> every rank past init_process_group + all_reduce
+  restart  rank 1 crashed -> attempt 1's ranks past init_process_group + all_reduce
+The three take turns, so load on the machine hits them alike. Ratios read ours / baseline:
+lower is better.
 """
 
 from __future__ import annotations
@@ -31,7 +37,11 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 JOB = REPO / "bench" / "jobs" / "allreduce.py"
-MODES = ("auto", "subprocess")
+LAUNCHERS = {
+    "persistent": {"launch": {"mode": "auto"}, "slurm": {"persistent_agents": True}},
+    "per-attempt": {"launch": {"mode": "auto"}, "slurm": {"persistent_agents": False}},
+    "task": {"launch": {"mode": "subprocess"}, "slurm": {}},
+}
 
 
 def cluster_up() -> bool:
@@ -62,9 +72,9 @@ def events(run_dir: Path) -> list[dict]:
 
 
 def one_run(
-    work: Path, mode: str, nodes: int, ranks_per_node: int, index: int, timeout: float
+    work: Path, launcher: str, nodes: int, ranks_per_node: int, index: int, timeout: float
 ) -> dict[str, float] | None:
-    run_id = f"{mode}-{ranks_per_node}-{index}"
+    run_id = f"{launcher}-{ranks_per_node}-{index}"
     out = work / "out" / run_id
     out.mkdir(parents=True)
     config = {
@@ -78,8 +88,8 @@ def one_run(
         },
         "storage": {"root": str(work / "runs")},
         "restart": {"max_restarts": 1, "backoff_s": 0, "crash_loop_attempts": 0},
-        "launch": {"mode": mode},
-        "slurm": {"partition": "debug"},
+        "launch": LAUNCHERS[launcher]["launch"],
+        "slurm": {"partition": "debug", **LAUNCHERS[launcher]["slurm"]},
     }
     path = work / f"{run_id}.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -126,39 +136,53 @@ def main() -> None:
         results: dict[tuple[str, int], list[dict[str, float] | None]] = {}
         for rpn in args.ranks_per_node:
             for index in range(args.repeats):
-                for mode in MODES:
-                    result = one_run(work, mode, args.nodes, rpn, index, args.timeout)
-                    results.setdefault((mode, rpn), []).append(result)
+                for launcher in LAUNCHERS:
+                    result = one_run(work, launcher, args.nodes, rpn, index, args.timeout)
+                    results.setdefault((launcher, rpn), []).append(result)
                     shown = (
                         "failed or timed out"
                         if result is None
                         else f"launch {result['launch']:.2f} s, restart {result['restart']:.2f} s"
                     )
-                    print(f"  {args.nodes} nodes x {rpn} ranks, {mode:10s} run {index}: {shown}", flush=True)
+                    print(
+                        f"  {args.nodes} nodes x {rpn} ranks, {launcher:11s} run {index}: {shown}", flush=True
+                    )
         print()
         print(
             f"Slurm, {args.nodes} nodes (slurmd on this machine), median of {args.repeats};"
-            " node agent = launch.mode auto, task per rank = subprocess"
+            " ratios are ours / baseline (lower is better)"
         )
         print()
         print(
-            "| ranks | what | node agent (fork) | task per rank (fresh) | agent / task"
-            " | failed (agent, task) |"
+            "| ranks | what | persistent agents | agents per attempt | task per rank"
+            " | persistent / per attempt | persistent / task | failed (p, a, t) |"
         )
-        print("| --- | --- | --- | --- | --- | --- |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+        fmt = lambda v: "-" if v is None else f"{v:.2f} s"  # noqa: E731
+        ratio = lambda a, b: "-" if a is None or b is None else f"{a / b:.2f}x"  # noqa: E731
         for rpn in args.ranks_per_node:
             for what in ("launch", "restart"):
-                cells, failed = [], []
-                for mode in MODES:
-                    ok = [r[what] for r in results[(mode, rpn)] if r is not None]
-                    cells.append(statistics.median(ok) if ok else None)
-                    failed.append(sum(r is None for r in results[(mode, rpn)]))
-                fmt = lambda v: "-" if v is None else f"{v:.2f} s"  # noqa: E731
-                ratio = f"{cells[0] / cells[1]:.2f}x" if None not in cells else "-"
+                cells, failed = {}, []
+                for launcher in LAUNCHERS:
+                    ok = [r[what] for r in results[(launcher, rpn)] if r is not None]
+                    cells[launcher] = statistics.median(ok) if ok else None
+                    failed.append(str(sum(r is None for r in results[(launcher, rpn)])))
                 print(
-                    f"| {args.nodes} x {rpn} = {args.nodes * rpn} | {what} | {fmt(cells[0])}"
-                    f" | {fmt(cells[1])} | {ratio} | {failed[0]}, {failed[1]} |"
+                    f"| {args.nodes} x {rpn} = {args.nodes * rpn} | {what} | {fmt(cells['persistent'])}"
+                    f" | {fmt(cells['per-attempt'])} | {fmt(cells['task'])}"
+                    f" | {ratio(cells['persistent'], cells['per-attempt'])}"
+                    f" | {ratio(cells['persistent'], cells['task'])} | {', '.join(failed)} |"
                 )
+        persistent = [r["restart"] for r in results[("persistent", args.ranks_per_node[0])] if r]
+        before = [r["restart"] for r in results[("per-attempt", args.ranks_per_node[0])] if r]
+        if persistent and before:
+            p, b = statistics.median(persistent), statistics.median(before)
+            met = p <= 1.0 and p <= 0.25 * b
+            print(
+                f"\ngoal (issue 15): restart <= 1.0 s and <= 0.25x a step per attempt, "
+                f"{args.nodes} x {args.ranks_per_node[0]}: {p:.2f} s, {p / b:.2f}x"
+                f" -> {'met' if met else 'NOT met'}"
+            )
     finally:
         shutil.rmtree(work, ignore_errors=True)
         if state is not None:

@@ -133,6 +133,11 @@ class AgentState(StrEnum):
 AGENT_BEAT_S = 1.0
 AGENT_SILENCE_S = 20.0
 
+# A persistent node agent's line to its supervisor (backends/slurm/channel.py): `host:port`, and
+# the token that proves the agent was started by that supervisor. The agent's, never a rank's.
+ENV_AGENT_ADDR = "ORCH_AGENT_ADDR"
+ENV_AGENT_TOKEN = "ORCH_AGENT_TOKEN"
+
 
 def write_agent_record(path: str, *, state: AgentState, pid: int, host: str, **extra: object) -> None:
     """Atomically (a reader never sees half a record): the agent's state, pid, host and time."""

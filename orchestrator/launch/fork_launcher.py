@@ -440,6 +440,13 @@ class ForkServerLauncher:
         group.notice = "; ".join(notes) or None
         return group
 
+    def warm(self, spec: RankSpec, log_path: str) -> list[str]:
+        """Start the server now, before any attempt (a persistent node agent does, so its first
+        attempt forks at once); notes on what happened. Nothing when forking is refused."""
+        if self.refusal is not None or self.server is not None:
+            return []
+        return self._start_server(spec, self.server_log or log_path)
+
     def _start_server(self, spec: RankSpec, log_path: str) -> list[str]:
         """Start the server, dropping preloads that make it unsafe; notes on what happened."""
         # The server's environment is what every rank shares (job.env, runtime settings):

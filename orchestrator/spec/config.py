@@ -229,6 +229,15 @@ class SlurmSpec:
         120, "Seconds before the time limit or preemption that ranks get SIGUSR2.", min=1, max=65535
     )
     max_requeues: int = _f(10, "How many times a preempted or timed-out job is requeued.", min=0, max=10000)
+    persistent_agents: bool = _f(
+        True,
+        (
+            "With launch.mode auto: the node agents and their warm fork servers live for the whole"
+            " allocation, and each attempt is a message to them, so a restart forks at once."
+            " false starts a new srun step (and fork servers) for every attempt;"
+            " after a node or agent failure a new step is started either way."
+        ),
+    )
     setup: tuple[str, ...] = _f(
         (),
         (

@@ -61,12 +61,12 @@ def root_causes(events: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
 
 def config_for(tmp_path: Path, backend: str, timeline: list[dict[str, Any]], **sections: Any) -> Path:
     sections.setdefault("resources", {"nodes": 2, "ranks_per_node": 2, "cpus_per_rank": 1})
+    sections.setdefault("launch", {"mode": "subprocess"})
     return write_config(
         tmp_path,
         SCRIPTED,
         backend=backend,
         job={"env": {"SCRIPT_TIMELINE": json.dumps(timeline), "PYTHONPATH": str(REPO)}},
-        launch={"mode": "subprocess"},
         **sections,
     )
 
@@ -207,3 +207,67 @@ def test_a_fenced_incarnation_leaves_without_a_restart(tmp_path: Path) -> None:
     assert decisions(local) == decisions(slurm) == [(0, "failed", "leave")]
     assert root_causes(local) == root_causes(slurm) == [(0, 0, 0, "stale")]
     assert not any(e["event"] == "run_finished" for e in slurm)  # the live incarnation ends the run
+
+
+# Issue 15, point 1: with launch.mode auto the Slurm supervisor keeps one step of node agents
+# for the allocation and sends each attempt to them; its decisions must be those of a step per
+# attempt (task per rank, or agents per attempt).
+SLURM_LAUNCHERS = {
+    "task-per-rank": {"launch": {"mode": "subprocess"}},
+    "agents-per-attempt": {"launch": {"mode": "auto"}, "slurm": {"persistent_agents": False}},
+    "persistent-agents": {"launch": {"mode": "auto"}},
+}
+TIMELINES = {
+    "crash-loop": (
+        [fail(1, checkpoint=10), fail(3)],
+        {"max_restarts": 5, "backoff_s": 0.05, "crash_loop_attempts": 2},
+        1,
+    ),
+    "preemption": ([{"preempt": True, "checkpoint": 7}, {"checkpoint": 8}], {"max_restarts": 0}, 2),
+}
+
+
+@pytest.mark.parametrize("timeline_name", sorted(TIMELINES))
+def test_persistent_node_agents_decide_as_a_step_per_attempt(tmp_path: Path, timeline_name: str) -> None:
+    timeline, restart, incarnations = TIMELINES[timeline_name]
+    seen = {}
+    for name, sections in SLURM_LAUNCHERS.items():
+        (tmp_path / name).mkdir()
+        run_dir, events = run_slurm(tmp_path / name, timeline, incarnations, restart=restart, **sections)
+        seen[name] = (decisions(events), root_causes(events))
+        started = [e for e in events if e["event"] == "attempt_started"]
+        if name != "persistent-agents":
+            assert all("agent_step" not in e for e in started), started
+            continue
+        # Within one incarnation (job_started starts one) the agents' step is started once and
+        # kept; each node's agent is the same process in every attempt of it.
+        incarnation_of = {}
+        incarnation = -1
+        for e in events:
+            if e["event"] == "job_started":
+                incarnation += 1
+            elif e["event"] == "attempt_started":
+                incarnation_of[e["attempt"]] = incarnation
+        firsts = {min(a for a, i in incarnation_of.items() if i == n) for n in set(incarnation_of.values())}
+        assert [e["agent_step"] for e in started] == [
+            "new" if e["attempt"] in firsts else "kept" for e in started
+        ], started
+        for node in range(2):
+            pids = {
+                a: json.loads((run_dir / "logs" / f"attempt-{a}" / f"node-{node}.agent.json").read_text())[
+                    "pid"
+                ]
+                for a in incarnation_of
+            }
+            for a, b in zip(sorted(pids), sorted(pids)[1:], strict=False):
+                assert (pids[a] == pids[b]) == (incarnation_of[a] == incarnation_of[b]), pids
+            assert (
+                "leaving (the supervisor is done with this step)"
+                in (run_dir / "logs" / f"attempt-{max(pids)}" / f"node-{node}.log").read_text()
+            )
+    assert seen["persistent-agents"] == seen["agents-per-attempt"] == seen["task-per-rank"], seen
+    expected = {
+        "crash-loop": [(0, "failed", "restart"), (1, "failed", "restart"), (2, "failed", "give_up")],
+        "preemption": [(0, "preempted", "resume"), (1, "succeeded", "finish")],
+    }[timeline_name]
+    assert seen["task-per-rank"][0] == expected, seen

@@ -290,19 +290,35 @@ def test_requeues_are_bounded(tmp_path):
     assert "no requeues left" in finished["reason"]
 
 
-def test_rank_crash_restarts_a_new_step(tmp_path):
+@pytest.mark.parametrize("persistent", [True, False], ids=["persistent-agents", "step-per-attempt"])
+def test_rank_crash_restarts_the_ranks(tmp_path, persistent):
     cfg = slurm_config(
         tmp_path,
         TEST_JOBS / "fail.py",
         [],
         job={"env": {"FAIL_ONLY_ATTEMPT": "0", "FAIL_RANK": "3"}},
         restart={"max_restarts": 2, "backoff_s": 0.5},
+        slurm={"persistent_agents": persistent},
     )
     submit(cfg, "crash-once")
     st = wait_final(cfg, "crash-once")
     assert st["state"] == "succeeded" and st["attempts"] == 2, st
-    ended = [e for e in read_events(tmp_path / "runs" / "crash-once") if e["event"] == "attempt_ended"]
+    run_dir = tmp_path / "runs" / "crash-once"
+    events = read_events(run_dir)
+    ended = [e for e in events if e["event"] == "attempt_ended"]
     assert ended[0]["status"] == "failed" and ended[0]["root_cause"]["rank"] == 3
+    # Persistent agents: the restart was a message to the same agents (one srun step for the
+    # allocation); otherwise each attempt had a step, and so agents, of its own.
+    started = [e.get("agent_step") for e in events if e["event"] == "attempt_started"]
+    assert started == (["new", "kept"] if persistent else [None, None]), started
+    agents = [
+        {
+            json.loads((run_dir / "logs" / f"attempt-{a}" / f"node-{n}.agent.json").read_text())["pid"]
+            for n in range(3)
+        }
+        for a in (0, 1)
+    ]
+    assert (agents[0] == agents[1]) is persistent, agents
 
 
 def test_crash_loop_fails_with_root_cause(tmp_path):

@@ -62,7 +62,11 @@ def test_a_node_agent_killed_or_stopped_mid_attempt_is_the_root_cause(tmp_path, 
     assert cause["error_type"] == "LauncherFailed" and cause["node_rank"] == 1, cause
     assert cause["message"].startswith(f"the node agent of node 1 (pid {record['pid']} on "), cause
     assert what in cause["message"], cause
-    # the next attempt's agents are new processes, and each recorded its clean exit
+    started = [e["agent_step"] for e in read_events(run_dir) if e["event"] == "attempt_started"]
+    assert started == ["new", "new"], started
+    # the broken step was ended and the next attempt started a new one (persistent agents keep
+    # their step only while every agent is sound): its agents are new processes, and each
+    # recorded its clean exit
     for node in range(3):
         fresh = _agent_record(run_dir, 1, node)
         assert fresh and fresh["state"] == "exited" and fresh["code"] == 0 and fresh["pid"] != record["pid"]
@@ -107,3 +111,41 @@ def test_orch_cancel_stops_a_run_whose_node_agent_is_stopped(tmp_path):
     took = time.monotonic() - t0
     assert took <= grace + 5, f"took {took:.1f}s: {st}"
     assert st["slurm_state"] == "CANCELLED", st
+
+
+def test_a_killed_fork_server_is_named_and_its_agent_starts_a_fresh_one(tmp_path):
+    # Issue 15, point 1: a persistent agent whose fork server dies (its ranks die with it) names
+    # it as the root cause with its node, and starts a fresh server for the next attempt, which
+    # runs in the same agents' step.
+    cfg = _brief_on_slurm(tmp_path, "25", 3, 2, max_restarts=1, backoff_s=0.2, stop_grace_s=3)
+    run_id = "forkserver-kill"
+    submit(cfg, run_id)
+    run_dir = tmp_path / "runs" / run_id
+    agent = _running_agent(run_dir, 1)
+    log = run_dir / "logs" / "attempt-0" / "node-1.log"
+    server = int(
+        wait_for(
+            lambda: next(
+                (x for x in log.read_text().splitlines() if x.startswith("[forkserver] pid ")), None
+            ),
+            60,
+            "the fork server's first line",
+        )
+        .split()[2]
+        .rstrip(":")
+    )
+    assert server != int(agent["pid"])
+    os.kill(server, signal.SIGKILL)
+    st = wait_final(cfg, run_id, timeout=240)
+    assert st["state"] == "succeeded" and st["attempts"] == 2, st
+    events = read_events(run_dir)
+    ended = [e for e in events if e["event"] == "attempt_ended"]
+    assert [e["status"] for e in ended] == ["failed", "succeeded"], ended
+    assert ended[0]["duration_s"] < 20, ended  # the other nodes' ranks were stopped, not waited for
+    cause = ended[0]["root_cause"]
+    assert cause["error_type"] == "LauncherFailed" and cause["node_rank"] == 1, cause
+    assert f"the fork server (pid {server}) was killed by SIGKILL" in cause["message"], cause  # it fired
+    assert [e["agent_step"] for e in events if e["event"] == "attempt_started"] == ["new", "kept"]
+    fresh = _agent_record(run_dir, 1, 1)
+    assert fresh and fresh["state"] == "exited" and fresh["code"] == 0 and fresh["pid"] == agent["pid"]
+    assert "starting a fresh fork server" in (run_dir / "logs" / "attempt-1" / "node-1.log").read_text()

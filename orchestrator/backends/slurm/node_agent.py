@@ -28,14 +28,18 @@ node's other ranks. srun's --kill-on-bad-exit then ends the other nodes' agents.
 from __future__ import annotations
 
 import os
+import select
 import signal
 import socket
 import sys
 import time
 from typing import Mapping, Sequence
 
+from orchestrator.backends.slurm.channel import Channel, ChannelClosed, Op, parse_address
 from orchestrator.contract import (
     AGENT_BEAT_S,
+    ENV_AGENT_ADDR,
+    ENV_AGENT_TOKEN,
     ENV_GPUS_PER_RANK,
     ENV_LOG_DIR,
     ENV_RUN_DIR,
@@ -43,6 +47,7 @@ from orchestrator.contract import (
     PREEMPTED_EXIT_CODE,
     AgentState,
     node_agent_record_name,
+    node_log_name,
     rank_files_env,
     rank_log_name,
     write_agent_record,
@@ -133,8 +138,14 @@ class NodeAgent:
             )
         self.group: AttemptGroup | None = None
         self.early_signals: list[int] = []  # arrived before the ranks existed, in order
-        self.record_path = os.path.join(self.log_dir, node_agent_record_name(self.node_rank))
         self.failure: str | None = None  # what failed the node's fork server, if it failed
+        self.exit_asked = False  # the supervisor said EXIT (or went away) during an attempt
+        self.attempt: int | None = None  # a persistent agent's current attempt, as START named it
+        self.orders: list[dict] = []  # the supervisor's messages read but not yet acted on
+
+    @property
+    def record_path(self) -> str:
+        return os.path.join(self.log_dir, node_agent_record_name(self.node_rank))
 
     def _record(self, state: AgentState, **extra: object) -> None:
         """The agent's sign of life for the supervisor (contract.write_agent_record); a shared
@@ -157,9 +168,25 @@ class NodeAgent:
         else:
             group.signal_all(signum)
 
-    def run(self) -> int:
+    def run(self, channel: Channel | None = None) -> int:
+        """One attempt (a step per attempt), or, given the supervisor's channel, every attempt
+        of the allocation until the supervisor says EXIT or goes away."""
         try:
-            return self._run()
+            for sig in FORWARDED_SIGNALS:
+                signal.signal(sig, self._forward)
+            # templates/slurm_node.sh held these blocked: what arrived meanwhile is delivered now.
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED_SIGNALS)
+            launcher = ForkServerLauncher(
+                self.config,
+                python=sys.executable,
+                server_log=os.path.join(self.log_dir, node_log_name(self.node_rank)),
+            )
+            try:
+                if channel is None:
+                    return self._attempt(launcher, {}, None)
+                return self._serve(launcher, channel)
+            finally:
+                launcher.close()
         except Exception as exc:
             # The traceback goes to the node's log (node_agent_error reads it); the record says
             # the agent failed, not that it vanished.
@@ -168,17 +195,7 @@ class NodeAgent:
             )
             raise
 
-    def _run(self) -> int:
-        for sig in FORWARDED_SIGNALS:
-            signal.signal(sig, self._forward)
-        # templates/slurm_node.sh held these blocked: what arrived meanwhile is delivered now.
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED_SIGNALS)
-        self._record(AgentState.STARTING)
-        launcher = ForkServerLauncher(
-            self.config,
-            python=sys.executable,
-            server_log=os.path.join(self.log_dir, f"node-{self.node_rank}.log"),
-        )
+    def _specs(self, shared_env: Mapping[str, str]) -> tuple[list[RankSpec], list[str], list[dict[str, str]]]:
         res = self.config.resources
         specs, logs, extra = [], [], []
         for local in range(self.ranks_per_node):
@@ -197,7 +214,16 @@ class NodeAgent:
             )
             if self.rank_gpus is not None:
                 own[ENV_VISIBLE_GPUS] = self.rank_gpus[local]
-            extra.append(own)
+            extra.append({**shared_env, **own})
+        return specs, logs, extra
+
+    def _attempt(
+        self, launcher: ForkServerLauncher, shared_env: Mapping[str, str], channel: Channel | None
+    ) -> int:
+        """Start the node's ranks, watch them until they are all gone, and give the node's
+        verdict (its exit status)."""
+        self._record(AgentState.STARTING)
+        specs, logs, extra = self._specs(shared_env)
         t0 = time.perf_counter()
         try:
             self.group = launcher.start_attempt(specs, logs, extra)
@@ -208,32 +234,34 @@ class NodeAgent:
                 f"{how} ranks {specs[0].rank}-{specs[-1].rank} in {time.perf_counter() - t0:.2f}s"
                 f" (pids {' '.join(str(r.pid) for r in self.group.ranks)})"
             )
-            for signum in self.early_signals:  # what arrived while the ranks were being started
+            if channel is not None:
+                channel.send(Op.STARTED, attempt=self.attempt, pids=[r.pid for r in self.group.ranks])
+            # What arrived while the ranks were being started (or, for a persistent agent,
+            # since its last attempt ended) is theirs.
+            early, self.early_signals = self.early_signals, []
+            for signum in early:
                 self.group.signal_all(signum)
-            code = self._wait(self.group, launcher)
+            code = self._wait(self.group, launcher, channel)
         finally:
             # No forwarding to a group that is being torn down (its id may be reused after).
             group, self.group = self.group, None
             if group is not None:
                 group.close()
-            launcher.close()
-        self._say(
-            f"exit {code} (rank exit codes {[r.popen.returncode for r in group.ranks] if group else []})"
-        )
+        codes = [r.popen.returncode for r in group.ranks] if group else []
+        self._say(f"exit {code} (rank exit codes {codes})")
         if self.failure is None:
             self._record(AgentState.EXITED, code=code)
+        if channel is not None:
+            channel.send(Op.ENDED, attempt=self.attempt, code=code, rank_codes=codes)
         return code
 
-    def _wait(self, group: AttemptGroup, launcher: ForkServerLauncher) -> int:
+    def _wait(self, group: AttemptGroup, launcher: ForkServerLauncher, channel: Channel | None) -> int:
         """Until every rank exits; after the first failure (not a stop on request), stop the rest.
-        A fork server that dies or is stopped fails the node: its ranks die with it."""
+        A fork server that dies or is stopped fails the node: its ranks die with it. A
+        persistent agent also obeys its supervisor meanwhile (SIGNAL, STOP, EXIT)."""
         next_beat = 0.0
         while group.alive():
-            failure = launcher.failure()
-            if failure is not None:
-                self._say(failure)
-                self.failure = failure
-                self._record(AgentState.FAILED, reason=failure)
+            if self._launcher_failed(launcher):
                 launcher.abandon()
                 group.stop(0)
                 return LAUNCHER_FAILED_EXIT_CODE
@@ -244,8 +272,98 @@ class NodeAgent:
             if time.monotonic() >= next_beat:
                 next_beat = time.monotonic() + AGENT_BEAT_S
                 self._record(AgentState.RUNNING)
-            time.sleep(POLL_S)
+            if channel is None:
+                time.sleep(POLL_S)
+                continue
+            for message in self._orders(channel, POLL_S):
+                op = message.get("op")
+                if op == Op.SIGNAL:
+                    group.signal_all(int(message["signum"]))
+                elif op == Op.STOP:
+                    group.stop(float(message.get("grace_s", FAILURE_STOP_GRACE_S)))
+                elif op == Op.EXIT:
+                    self.exit_asked = True
+                    group.stop(FAILURE_STOP_GRACE_S)
+        if self._launcher_failed(launcher):  # it died and its ranks with it (PDEATHSIG)
+            return LAUNCHER_FAILED_EXIT_CODE
         return exit_status(group.ranks)
+
+    def _launcher_failed(self, launcher: ForkServerLauncher) -> bool:
+        """Whether the node's fork server died or was stopped; if so, said and recorded."""
+        failure = launcher.failure()
+        if failure is None:
+            return False
+        self._say(failure)
+        self.failure = failure
+        self._record(AgentState.FAILED, reason=failure)
+        return True
+
+    def _orders(self, channel: Channel, timeout: float) -> list[dict]:
+        """The supervisor's messages within `timeout` (those read earlier first); a closed
+        channel is an EXIT: no rank outlives its supervisor."""
+        if self.orders:
+            orders, self.orders = self.orders, []
+            return orders
+        try:
+            select.select([channel], [], [], timeout)
+            return channel.receive()
+        except ChannelClosed:
+            return [{"op": Op.EXIT}]
+        except InterruptedError:  # a forwarded signal woke the select
+            return []
+
+    def _serve(self, launcher: ForkServerLauncher, channel: Channel) -> int:
+        """A persistent agent: warm the fork server once, then run each attempt it is told to
+        start, until EXIT. A failed fork server ends the agent (and so the step): the supervisor
+        then starts a new step with fresh agents."""
+        spec = self._specs({})[0][0]
+        for note in launcher.warm(spec, os.path.join(self.log_dir, node_log_name(self.node_rank))):
+            self._say(note)
+        while not self.exit_asked:
+            messages = self._orders(channel, 1.0)
+            while messages:
+                message = messages.pop(0)
+                op = message.get("op")
+                if op == Op.EXIT:
+                    self.exit_asked = True
+                    break
+                if op != Op.START:
+                    continue  # a SIGNAL or STOP for ranks that are gone already
+                env = {str(k): str(v) for k, v in message["env"].items()}
+                self.attempt, self.failure = int(message["attempt"]), None
+                self._follow_log(env[ENV_LOG_DIR])
+                # What came with the START (a STOP for an attempt being stopped) is its own.
+                self.orders, messages = messages, []
+                self._attempt(launcher, env, channel)
+                # Orders for this attempt that came after its ranks ended are moot; not an EXIT.
+                self.exit_asked |= any(m.get("op") == Op.EXIT for m in self.orders)
+                self.orders = []
+        self._say("leaving (the supervisor is done with this step)")
+        return 0
+
+    def _follow_log(self, log_dir: str) -> None:
+        """Move to the attempt's log folder: the agent's own lines go to its node log there,
+        as they would from a step started for the attempt."""
+        if log_dir == self.log_dir:
+            return
+        self.log_dir = log_dir
+        sys.stdout.flush()
+        sys.stderr.flush()
+        fd = os.open(
+            os.path.join(log_dir, node_log_name(self.node_rank)),
+            os.O_WRONLY | os.O_CREAT | os.O_APPEND,
+            0o600,
+        )
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
+
+
+def connect(address: str, token: str, node: int) -> Channel:
+    """The persistent agent's channel to its supervisor, introduced with the step's token."""
+    channel = Channel(socket.create_connection(parse_address(address), timeout=30))
+    channel.send(Op.HELLO, node=node, token=token, pid=os.getpid(), host=socket.gethostname())
+    return channel
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -259,7 +377,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 2
     config = config_from_run_record(RunDir(os.environ[ENV_RUN_DIR]).read_run_config())
-    return NodeAgent(config, args, os.environ).run()
+    # The channel's address and token are the agent's, not the ranks': out of the environment
+    # they inherit (and of the fork server's).
+    address, token = os.environ.pop(ENV_AGENT_ADDR, None), os.environ.pop(ENV_AGENT_TOKEN, "")
+    agent = NodeAgent(config, args, os.environ)
+    channel = connect(address, token, agent.node_rank) if address else None
+    try:
+        return agent.run(channel)
+    finally:
+        if channel is not None:
+            channel.close()
 
 
 if __name__ == "__main__":

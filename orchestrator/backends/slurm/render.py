@@ -84,12 +84,27 @@ def uses_node_agent(config: ClusterConfig) -> bool:
     return config.launch.mode != "subprocess"
 
 
-def step_argv(config: ClusterConfig, *, log_dir: str, attempt: int, python: str) -> list[str]:
-    """The srun command of one attempt. With the node agent: one task per node, which starts
-    the node's ranks (orchestrator/backends/slurm/node_agent.py); else one task per rank. Either way every
+def uses_persistent_agents(config: ClusterConfig) -> bool:
+    """The node agents' step lives for the allocation and runs every attempt (slurm.persistent_agents)."""
+    return uses_node_agent(config) and config.slurm.persistent_agents
+
+
+def attempt_step_name(config: ClusterConfig, attempt: int | str) -> str:
+    """A step per attempt is named after it (`squeue -s` shows which attempt runs), and its tasks
+    see that name as SLURM_JOB_NAME; persistent agents give each attempt's ranks the same."""
+    return f"{config.job_name}-attempt{attempt}"
+
+
+def step_argv(
+    config: ClusterConfig, *, log_dir: str, attempt: int, python: str, persistent: bool = False
+) -> list[str]:
+    """The srun command of one attempt, or (`persistent`) of the node agents' step that runs
+    attempts from `attempt` on. With the node agent: one task per node, which starts the node's
+    ranks (orchestrator/backends/slurm/node_agent.py); else one task per rank. Either way every
     rank's output goes to its own file, rank-R.log."""
     res = config.resources
-    argv = ["srun", f"--job-name={config.job_name}-attempt{attempt}", f"--nodes={res.nodes}"]
+    name = f"{config.job_name}-agents" if persistent else attempt_step_name(config, attempt)
+    argv = ["srun", f"--job-name={name}", f"--nodes={res.nodes}"]
     if uses_node_agent(config):
         argv += [
             f"--ntasks={res.nodes}",
@@ -183,6 +198,7 @@ def step_env(
 def render_slurm(config: ClusterConfig, *, run_id: str, run_dir: str, folder: str, python: str) -> str:
     """`orch render --backend slurm`: the batch script, then each attempt's step, as submitted."""
     log_dir = f"{run_dir}/logs/attempt-<N>"
+    persistent = uses_persistent_agents(config)
     env = step_env(
         config,
         run_id=run_id,
@@ -199,17 +215,28 @@ def render_slurm(config: ClusterConfig, *, run_id: str, run_dir: str, folder: st
         f"# ---- batch script (sbatch), as submitit writes it into {folder}",
         batch_script(config, folder, python).rstrip("\n"),
         "",
-        "# ---- each attempt N: one srun step run by the supervisor in the batch step",
-        "# step environment (secrets redacted):",
+        *(
+            [
+                "# ---- the node agents' srun step, started by the supervisor in the batch step with the"
+                " allocation's first attempt N",
+                "#      (and again after a node or agent failure); every later attempt is a message to"
+                " its agents (slurm.persistent_agents)",
+            ]
+            if persistent
+            else ["# ---- each attempt N: one srun step run by the supervisor in the batch step"]
+        ),
+        "# step environment (secrets redacted; the agents' channel address and token are added):"
+        if persistent
+        else "# step environment (secrets redacted):",
     ]
     for key, value in sorted(redact(env, config.job.pass_env).items()):
         lines.append(f"#   {key}={value}")
     for name in config.job.pass_env:
         lines.append(f"#   {name}={REDACTED} (pass_env: taken from the environment at submission)")
     lines.append(
-        shlex.join(step_argv(config, log_dir=log_dir, attempt=0, python=python)).replace(
-            "attempt0", "attempt<N>"
-        )
+        shlex.join(
+            step_argv(config, log_dir=log_dir, attempt=0, python=python, persistent=persistent)
+        ).replace("attempt0", "attempt<N>")
     )
     lines.append("")
     if uses_node_agent(config):

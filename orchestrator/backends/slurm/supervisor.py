@@ -1,12 +1,16 @@
 """The supervisor inside a Slurm allocation (the batch step, first node), on the shared loop
 (orchestrator.supervision.loop).
 
-submitit calls `supervise(run_url)` in the batch step; a requeued job calls it again. Each
-attempt is one `srun` step: one node agent per node, which forks that node's ranks
-(orchestrator/backends/slurm/node_agent.py), or with `launch.mode: subprocess` one task per
-rank. What is Slurm's here is only how an attempt starts and stops (srun, scancel) and how a
-preempted run goes on: `scontrol requeue` (bounded by slurm.max_requeues), after which the next
-incarnation of the job resumes from the checkpoint.
+submitit calls `supervise(run_url)` in the batch step; a requeued job calls it again. With
+`launch.mode: auto` one `srun` step runs a node agent per node for the whole allocation
+(PersistentAgentAttempts): each attempt is a message to the agents, which fork their node's
+ranks from warm fork servers (orchestrator/backends/slurm/node_agent.py); a broken step (an
+agent dead, failed or silent) is ended and the next attempt starts a new one. With
+`slurm.persistent_agents: false` each attempt is a step of its own (SrunAttempts), and with
+`launch.mode: subprocess` a step of one task per rank. What is Slurm's here is only how an
+attempt starts and stops (srun, scancel, the agents' channel) and how a preempted run goes on:
+`scontrol requeue` (bounded by slurm.max_requeues), after which the next incarnation of the job
+resumes from the checkpoint.
 """
 
 from __future__ import annotations
@@ -19,10 +23,21 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from typing import Any
 
+from orchestrator.backends.slurm.agent_step import AgentStep
+from orchestrator.backends.slurm.channel import Op
 from orchestrator.backends.slurm.hostlist import expand_hostlist
-from orchestrator.backends.slurm.render import srun_environ, step_argv, step_env, uses_node_agent
+from orchestrator.backends.slurm.node_agent import FAILURE_STOP_GRACE_S
+from orchestrator.backends.slurm.render import (
+    attempt_step_name,
+    srun_environ,
+    step_argv,
+    step_env,
+    uses_node_agent,
+    uses_persistent_agents,
+)
 from orchestrator.contract import (
     AGENT_BEAT_S,
     AGENT_SILENCE_S,
@@ -164,15 +179,7 @@ class SrunAttempts:
     def start(self, attempt: int, master_port: int) -> Started:
         self.log_dir = log_dir = self.run.logs_dir(attempt)
         self.lost_agent, self.agent_beats = None, {}
-        shared = step_env(
-            self.config,
-            run_id=self.run.run_id,
-            run_dir=self.run.url,
-            attempt=attempt,
-            master_addr=self.master_addr,
-            master_port=master_port,
-            log_dir=log_dir,
-        )
+        shared = self._attempt_env(attempt, master_port)
         env = srun_environ(os.environ, self.config)
         env.update(shared)
         argv = step_argv(self.config, log_dir=log_dir, attempt=attempt, python=sys.executable)
@@ -185,6 +192,18 @@ class SrunAttempts:
         }
         return Started(
             fields=fields, heartbeats={rank: rank_files(log_dir, rank)[1] for rank in range(world)}
+        )
+
+    def _attempt_env(self, attempt: int, master_port: int) -> dict[str, str]:
+        """The attempt's shared environment (render.step_env) for this run and host."""
+        return step_env(
+            self.config,
+            run_id=self.run.run_id,
+            run_dir=self.run.url,
+            attempt=attempt,
+            master_addr=self.master_addr,
+            master_port=master_port,
+            log_dir=self.log_dir,
         )
 
     def poll(self) -> Ended | None:
@@ -246,6 +265,9 @@ class SrunAttempts:
         code = proc.returncode
         return Ended(failed=code != 0, fields={"exit_code": code})
 
+    def close(self) -> None:
+        """The incarnation is over (each attempt's step ended with it)."""
+
     def failures(self, ended: Ended) -> list[RankFailure]:
         failed = step_failures(
             self.log_dir, int(ended.fields.get("exit_code", 1)), self.config.resources.ranks_per_node
@@ -264,6 +286,184 @@ class SrunAttempts:
         if failed_agents:  # said so itself: root_cause orders it with the ranks' own failures
             return [*failed_agents, *own]
         return vanished[:1] if vanished and not own else failed
+
+
+def node_verdict(codes: Mapping[int, int]) -> int:
+    """The attempt's exit status from each node's (as a step's would be): the first real
+    failure in node order, else 75 when some node stopped on request, else 0."""
+    real = [c for _, c in sorted(codes.items()) if c not in (0, PREEMPTED_EXIT_CODE)]
+    if real:
+        return real[0]
+    return PREEMPTED_EXIT_CODE if PREEMPTED_EXIT_CODE in codes.values() else 0
+
+
+# How long a step whose agent's connection closed gets to end on its own (srun's
+# --kill-on-bad-exit ends the other agents) before the attempt is called over anyway.
+BROKEN_STEP_END_S = 10.0
+
+
+class PersistentAgentAttempts(SrunAttempts):
+    """The AttemptDriver with persistent node agents: one srun step for the allocation; an
+    attempt is a START message to its agents, whose fork servers stay warm, so a restart
+    forks at once (no new step, no `import torch`). A step whose agent died, failed or went
+    silent is ended, and the next attempt starts a new one (the same fallback as a step per
+    attempt). Failures are read as SrunAttempts reads them: rank and agent records."""
+
+    def __init__(self, config: ClusterConfig, run: RunDir, job_id: str, master_addr: str) -> None:
+        super().__init__(config, run, job_id, master_addr)
+        self.step: AgentStep | None = None
+        self.attempt = -1
+        self.start_env: dict[str, str] = {}
+        self.start_sent: set[int] = set()
+        self.reports: dict[int, int] = {}  # node -> its verdict (ENDED) this attempt
+        self.stop_order: dict[str, Any] | None = None  # the STOP every node of the attempt gets
+        self.broken_since: float | None = None
+
+    def start(self, attempt: int, master_port: int) -> Started:
+        self.log_dir = log_dir = self.run.logs_dir(attempt)
+        self.attempt, self.lost_agent, self.agent_beats = attempt, None, {}
+        self.start_sent, self.reports, self.stop_order, self.broken_since = set(), {}, None, None
+        self.start_env = self._attempt_env(attempt, master_port)
+        # What a step of its own would have shown the attempt's ranks as the step's name.
+        self.start_env["SLURM_JOB_NAME"] = attempt_step_name(self.config, attempt)
+        if self.step is not None and self.step.usable():
+            self._pump(0.0)  # an agent that left since the last attempt breaks the step
+        kept = self.step is not None and self.step.usable()
+        if not kept:
+            self._end_step()
+            env = srun_environ(os.environ, self.config)
+            env.update(self.start_env)
+            argv = step_argv(
+                self.config, log_dir=log_dir, attempt=attempt, python=sys.executable, persistent=True
+            )
+            self.step = AgentStep(argv, env, self.config.resources.nodes, self.master_addr)
+        self._send_starts()
+        world = self.config.resources.world_size
+        fields = {
+            "job_id": self.job_id,
+            "master_addr": self.master_addr,
+            "launcher": "node-agent",
+            "agent_step": "kept" if kept else "new",
+        }
+        return Started(
+            fields=fields, heartbeats={rank: rank_files(log_dir, rank)[1] for rank in range(world)}
+        )
+
+    def _send_starts(self) -> None:
+        """START to every agent that has introduced itself and not had it yet; an agent that
+        comes late to an attempt being stopped gets the STOP right after (its ranks start and
+        stop at once, and it gives its verdict like the others)."""
+        assert self.step is not None
+        for node in sorted(self.step.hub.agents):
+            if node not in self.start_sent and self.step.hub.send(
+                node, Op.START, attempt=self.attempt, env=self.start_env
+            ):
+                self.start_sent.add(node)
+                if self.stop_order is not None:
+                    self.step.hub.send(node, Op.STOP, **self.stop_order)
+
+    def _pump(self, timeout: float) -> None:
+        step = self.step
+        assert step is not None
+        for node, message in step.hub.pump(timeout):
+            if message.get("op") == Op.ENDED and message.get("attempt") == self.attempt:
+                code = int(message.get("code", 1))
+                self.reports[node] = code
+                if code not in (0, PREEMPTED_EXIT_CODE) and self.stop_order is None:
+                    # A node's rank failed: no checkpoint can complete without it, so the other
+                    # nodes' ranks get the short grace a step's --kill-on-bad-exit gives.
+                    self._stop_all(FAILURE_STOP_GRACE_S)
+        self._send_starts()
+        if step.hub.closed and step.broken is None:
+            step.broken = f"the node agent of node {min(step.hub.closed)} closed its connection"
+            self.broken_since = time.monotonic()
+
+    def _stop_all(self, grace_s: float) -> None:
+        self.stop_order = {"grace_s": grace_s}
+        self._tell_running(Op.STOP, **self.stop_order)
+
+    def _tell_running(self, op: Op, **fields: Any) -> None:
+        assert self.step is not None
+        for node in sorted(self.step.hub.agents):
+            if node not in self.reports:
+                self.step.hub.send(node, op, **fields)
+
+    def _ended(self) -> Ended | None:
+        """How the attempt ended, once it has: every node gave its verdict, or the step ended."""
+        step = self.step
+        assert step is not None
+        code = step.exit_code()
+        if code is not None:
+            step.broken = step.broken or f"the agents' step ended (exit code {code})"
+            return Ended(failed=True, fields={"exit_code": code or 1})
+        if len(self.reports) == self.config.resources.nodes:
+            verdict = node_verdict(self.reports)
+            return Ended(failed=verdict != 0, fields={"exit_code": verdict})
+        if self.broken_since is not None and time.monotonic() - self.broken_since > BROKEN_STEP_END_S:
+            return Ended(failed=True, fields={"exit_code": 1})
+        return None
+
+    def poll(self) -> Ended | None:
+        self._pump(0.0)
+        ended = self._ended()
+        if ended is not None:
+            return ended
+        if time.monotonic() >= self.next_agent_check:
+            self.next_agent_check = time.monotonic() + AGENT_BEAT_S
+            self.lost_agent = self._silent_agent()
+            if self.lost_agent is not None:
+                assert self.step is not None
+                self.step.broken = self.lost_agent.message
+                return Ended(failed=True)
+        return None
+
+    def signal_ranks(self, signum: int) -> None:
+        if self.step is not None and self.step.usable():
+            self._tell_running(Op.SIGNAL, signum=signum)
+        else:
+            super().signal_ranks(signum)
+
+    def stop(self, grace_s: float) -> Ended:
+        step = self.step
+        assert step is not None
+        if step.usable() and len(self.reports) < self.config.resources.nodes:
+            self._stop_all(grace_s)
+            deadline = time.monotonic() + grace_s + 30
+            while time.monotonic() < deadline and self._ended() is None and step.usable():
+                self._pump(0.2)
+        ended = self._ended()
+        if ended is not None and step.usable():
+            return ended  # the step runs on for the next attempt
+        # The step is broken (an agent died, failed or went silent) or did not stop: end it; the
+        # next attempt starts a new one.
+        if step.broken is None:
+            step.broken = "its agents did not stop their ranks in time"
+        self._end_step()
+        return (
+            ended
+            if ended is not None and "exit_code" in ended.fields
+            else Ended(failed=True, fields={"exit_code": step.exit_code() or 1})
+        )
+
+    def _end_step(self) -> None:
+        step, self.step = self.step, None
+        if step is None:
+            return
+        if step.exit_code() is None:
+            # A lost agent cannot pass a graceful stop on: its node's ranks are killed outright.
+            how = ["--signal=KILL"] if self.lost_agent is not None else []
+            subprocess.run(["scancel", *how, self._step_id()], capture_output=True, timeout=30)
+            try:
+                step.proc.wait(timeout=self.config.restart.stop_grace_s + 30)
+            except subprocess.TimeoutExpired:
+                step.proc.kill()
+        step.close(wait_s=1.0)
+
+    def close(self) -> None:
+        """The incarnation is over: the agents leave and the step ends."""
+        step, self.step = self.step, None
+        if step is not None:
+            step.close()
 
 
 class SlurmIncarnation:
@@ -368,7 +568,11 @@ def supervise(run_url: str) -> None:
     )
     _log(f"job {job_id} (requeue {restart_count}) on {','.join(nodes)}; next attempt {attempt}")
     started = time.time()
-    driver = SrunAttempts(config, run, job_id, nodes[0])
+    driver = (
+        PersistentAgentAttempts(config, run, job_id, nodes[0])
+        if uses_persistent_agents(config)
+        else SrunAttempts(config, run, job_id, nodes[0])
+    )
     # The port is leased on this node, the first, where rank 0 binds it.
     loop = Supervision(
         config=config, run=run, driver=driver, hooks=incarnation, lease_port=lease_port, first_attempt=attempt
@@ -386,6 +590,7 @@ def supervise(run_url: str) -> None:
         )
         raise RuntimeError(str(exc)) from None
     finally:
+        driver.close()
         check_lead_time(run, config)
     outcome, decision = result.outcome, result.decision
     if decision.action in (Action.RESUME, Action.LEAVE):

@@ -1,0 +1,114 @@
+"""The control channel between the Slurm supervisor and its persistent node agents: one TCP
+connection per agent, newline-delimited JSON both ways. Both sides import this module, so every
+message kind and field lives here.
+
+Why TCP and not files on the shared filesystem: an attempt is a message, and a restart should
+cost milliseconds, not a metadata round trip on a busy Lustre or NFS; and a dead agent's
+connection closes at once, where a stale file takes AGENT_SILENCE_S to notice.
+
+The supervisor listens (AgentHub in agent_step.py); each agent connects, proves it was started
+by that supervisor with the step's token (ENV_AGENT_TOKEN, given through srun's environment,
+never logged), then waits for orders:
+
+    supervisor -> agent   START {attempt, env}   fork this attempt's ranks with `env` on top
+                          SIGNAL {signum}        pass a signal on to the ranks (stack dumps)
+                          STOP {grace_s}         SIGTERM the ranks, SIGKILL after grace_s
+                          EXIT                   stop any ranks and leave (the step ends)
+    agent -> supervisor   HELLO {node, token, pid, host}
+                          STARTED {attempt, pids}
+                          ENDED {attempt, code, rank_codes}   the node's verdict (node_agent.exit_status)
+
+An agent whose connection closes stops its ranks and leaves: no rank outlives its supervisor.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import socket
+from enum import StrEnum
+from typing import Any
+
+MAX_LINE = 1 << 20  # a START carries the attempt's environment: kilobytes, never a megabyte
+HELLO_TIMEOUT_S = 10.0  # an unauthenticated connection gets this long to say who it is
+
+
+class Op(StrEnum):
+    HELLO = "hello"
+    START = "start"
+    STARTED = "started"
+    SIGNAL = "signal"
+    STOP = "stop"
+    ENDED = "ended"
+    EXIT = "exit"
+
+
+class ChannelClosed(Exception):
+    """The other side closed the connection, or it broke."""
+
+
+class Channel:
+    """One connection: whole JSON messages out, whole JSON messages in (non-blocking reads)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.sock.setblocking(False)
+        if sock.family in (socket.AF_INET, socket.AF_INET6):  # orders go out at once, not batched
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._buffer = b""
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def send(self, op: Op, **fields: Any) -> None:
+        data = (json.dumps({"op": op.value, **fields}, separators=(",", ":")) + "\n").encode()
+        # Messages are small and rare: a blocking send with a timeout keeps them whole.
+        self.sock.settimeout(10.0)
+        try:
+            self.sock.sendall(data)
+        except OSError as exc:
+            raise ChannelClosed(str(exc)) from None
+        finally:
+            self.sock.setblocking(False)
+
+    def receive(self) -> list[dict[str, Any]]:
+        """Every whole message that has arrived (maybe none); ChannelClosed at EOF."""
+        while True:
+            try:
+                chunk = self.sock.recv(65536)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                if exc.errno == errno.EINTR:
+                    continue
+                raise ChannelClosed(str(exc)) from None
+            if not chunk:
+                raise ChannelClosed("closed by the other side")
+            self._buffer += chunk
+            if len(self._buffer) > MAX_LINE and b"\n" not in self._buffer:
+                raise ChannelClosed("a message longer than the channel allows")
+        lines = self._buffer.split(b"\n")
+        self._buffer = lines.pop()
+        messages = []
+        for line in lines:
+            try:
+                message = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                raise ChannelClosed("a message that is not JSON") from None
+            if isinstance(message, dict) and "op" in message:
+                messages.append(message)
+        return messages
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+def parse_address(value: str) -> tuple[str, int]:
+    """`host:port` (ENV_AGENT_ADDR) -> (host, port)."""
+    host, _, port = value.rpartition(":")
+    if not host or not port.isdecimal():
+        raise ValueError(f"not host:port: {value!r}")
+    return host, int(port)
