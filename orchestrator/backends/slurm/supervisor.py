@@ -297,6 +297,8 @@ def node_verdict(codes: Mapping[int, int]) -> int:
     return PREEMPTED_EXIT_CODE if PREEMPTED_EXIT_CODE in codes.values() else 0
 
 
+# How long a kept step's other nodes wait for node 0's ranks to exist before they start anyway.
+RANK0_FIRST_WAIT_S = 2.0
 # How long a step whose agent's connection closed gets to end on its own (srun's
 # --kill-on-bad-exit ends the other agents) before the attempt is called over anyway.
 BROKEN_STEP_END_S = 10.0
@@ -315,6 +317,7 @@ class PersistentAgentAttempts(SrunAttempts):
         self.attempt = -1
         self.start_env: dict[str, str] = {}
         self.start_sent: set[int] = set()
+        self.started: set[int] = set()  # nodes whose ranks exist this attempt (STARTED)
         self.reports: dict[int, int] = {}  # node -> its verdict (ENDED) this attempt
         self.stop_order: dict[str, Any] | None = None  # the STOP every node of the attempt gets
         self.broken_since: float | None = None
@@ -322,7 +325,8 @@ class PersistentAgentAttempts(SrunAttempts):
     def start(self, attempt: int, master_port: int) -> Started:
         self.log_dir = log_dir = self.run.logs_dir(attempt)
         self.attempt, self.lost_agent, self.agent_beats = attempt, None, {}
-        self.start_sent, self.reports, self.stop_order, self.broken_since = set(), {}, None, None
+        self.start_sent, self.started, self.reports = set(), set(), {}
+        self.stop_order, self.broken_since = None, None
         self.start_env = self._attempt_env(attempt, master_port)
         # What a step of its own would have shown the attempt's ranks as the step's name.
         self.start_env["SLURM_JOB_NAME"] = attempt_step_name(self.config, attempt)
@@ -338,6 +342,14 @@ class PersistentAgentAttempts(SrunAttempts):
             )
             self.step = AgentStep(argv, env, self.config.resources.nodes, self.master_addr)
         self._send_starts()
+        # The other nodes start once node 0's ranks exist (a fork: milliseconds), so that rank
+        # 0's TCPStore listens before they call on it: a client that finds the port closed
+        # retries only after a second. Bounded: a slow node 0 only costs that second again.
+        deadline = time.monotonic() + RANK0_FIRST_WAIT_S
+        while len(self.start_sent) < len(self.step.hub.agents) and time.monotonic() < deadline:
+            self._pump(0.005)
+            if time.monotonic() >= deadline:
+                self._send_starts(force=True)
         world = self.config.resources.world_size
         fields = {
             "job_id": self.job_id,
@@ -349,12 +361,16 @@ class PersistentAgentAttempts(SrunAttempts):
             fields=fields, heartbeats={rank: rank_files(log_dir, rank)[1] for rank in range(world)}
         )
 
-    def _send_starts(self) -> None:
-        """START to every agent that has introduced itself and not had it yet; an agent that
-        comes late to an attempt being stopped gets the STOP right after (its ranks start and
-        stop at once, and it gives its verdict like the others)."""
+    def _send_starts(self, force: bool = False) -> None:
+        """START to every agent that has introduced itself and not had it yet, node 0 (rank 0's)
+        first and the others once its ranks exist (or `force`); an agent that comes late to an
+        attempt being stopped gets the STOP right after (its ranks start and stop at once, and
+        it gives its verdict like the others)."""
         assert self.step is not None
+        rank0_ready = 0 in self.started or force or self.stop_order is not None
         for node in sorted(self.step.hub.agents):
+            if node != 0 and not rank0_ready:
+                continue
             if node not in self.start_sent and self.step.hub.send(
                 node, Op.START, attempt=self.attempt, env=self.start_env
             ):
@@ -366,6 +382,8 @@ class PersistentAgentAttempts(SrunAttempts):
         step = self.step
         assert step is not None
         for node, message in step.hub.pump(timeout):
+            if message.get("op") == Op.STARTED and message.get("attempt") == self.attempt:
+                self.started.add(node)
             if message.get("op") == Op.ENDED and message.get("attempt") == self.attempt:
                 code = int(message.get("code", 1))
                 self.reports[node] = code
