@@ -55,7 +55,7 @@ from orchestrator.storage.ckpt_store import (
 )
 from orchestrator.storage.faults import fault_point
 
-from . import heartbeat, preemption
+from . import heartbeat, preemption, prefault
 from .ddp_layout import MANIFEST_KEY as DDP_LAYOUT_KEY
 from .ddp_layout import current_layout
 from .dist import DistContext
@@ -845,6 +845,8 @@ class Checkpointer:
         """Load the newest checkpoint that verifies and loads on every rank; any failure to
         load one (storage, format, refusal) falls back to the next older, with a warning."""
         self.wait()
+        # The model's pages are mapped beside the verification read, not during the copy.
+        populating = prefault.start(unwrap(self.model))
         skip: set[int] = set()
         newest_failure: str | None = None
         while True:
@@ -870,6 +872,8 @@ class Checkpointer:
             self._known_good.discard(step)
         assert loaded is not None
         app, rank_state, same_world = loaded
+        if populating is not None:
+            populating.join()
         unwrap(self.model).load_state_dict(app["model"])  # copies into the model's own tensors
         for name in ("optimizer", "scheduler", "scaler"):
             obj = getattr(self, name)
