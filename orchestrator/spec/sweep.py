@@ -1,0 +1,269 @@
+"""A sweep's points, from cluster.yaml's `sweep:` section: pure (no I/O, no clock).
+
+    sweep:
+      grid:                  # every combination, in the order written
+        lr: [1.0e-3, 3.0e-3]
+        seed: [0, 1, 2]
+      points:                # and these, as written
+        - {lr: 1.0e-2, seed: 7}
+      random:                # and `draws` points drawn with `seed` (the same every time)
+        draws: 4
+        seed: 0
+        space:
+          wd: {uniform: [0.0, 0.1]}
+          lr: {log_uniform: [1.0e-4, 1.0e-2]}
+          batch: {choice: [32, 64]}
+      set:                   # any config path, with the point's values in it
+        job.args: [--lr, "{lr}", --seed, "{seed}"]
+
+A point's values fill `{name}` placeholders in `job.args`, `job.env` and `set`'s values; a
+string that is exactly one placeholder takes the value itself (a number stays a number), and
+`{{`/`}}` stand for literal braces. Every error is one line naming the field (ConfigError).
+Issue 16: not yet wired to `orch sweep`, the backends or `orch status`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from orchestrator.errors import ConfigError
+
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
+_PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([^{}]*)\}")
+DISTRIBUTIONS = ("uniform", "log_uniform", "int_uniform", "choice")
+MAX_POINTS = 10_000
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    index: int
+    values: Mapping[str, Any]  # name -> value, in the sweep's order of names
+
+
+class _Bad(Exception):
+    """A bad sweep value at `path` (turned into a ConfigError naming the file by the public
+    functions)."""
+
+    def __init__(self, path: str, problem: str) -> None:
+        super().__init__(problem)
+        self.path, self.problem = path, problem
+
+
+def _fail(path: str, problem: str) -> _Bad:
+    """A bad field of the sweep section (`path` below `sweep.`)."""
+    return _Bad(f"sweep.{path}" if not path.startswith(("job.", "sweep.")) else path, problem)
+
+
+def _scalar(value: Any, path: str) -> Any:
+    if isinstance(value, bool) or value is None or isinstance(value, (int, float, str)):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise _fail(path, f"{value} is not a finite number")
+        return value
+    raise _fail(path, f"expected a number, string or boolean, got {type(value).__name__}")
+
+
+def _check_name(name: Any, path: str) -> str:
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise _fail(path, f"{name!r} is not a name (letters, digits and _, not first a digit)")
+    return name
+
+
+def _grid(section: Any) -> list[dict[str, Any]]:
+    if section is None:
+        return []
+    if not isinstance(section, Mapping) or not section:
+        raise _fail("grid", "expected a mapping of names to lists of values")
+    axes = []
+    for name, values in section.items():
+        _check_name(name, f"grid.{name}")
+        if not isinstance(values, list):
+            values = [values]
+        if not values:
+            raise _fail(f"grid.{name}", "empty: a grid axis needs at least one value")
+        axes.append([(name, _scalar(v, f"grid.{name}[{i}]")) for i, v in enumerate(values)])
+    return [dict(combination) for combination in itertools.product(*axes)]
+
+
+def _points(section: Any) -> list[dict[str, Any]]:
+    if section is None:
+        return []
+    if not isinstance(section, list):
+        raise _fail("points", "expected a list of mappings")
+    points = []
+    for i, point in enumerate(section):
+        if not isinstance(point, Mapping) or not point:
+            raise _fail(f"points[{i}]", "expected a mapping of names to values")
+        points.append(
+            {_check_name(k, f"points[{i}].{k}"): _scalar(v, f"points[{i}].{k}") for k, v in point.items()}
+        )
+    return points
+
+
+def _draw(rng: random.Random, spec: Any, path: str) -> Any:
+    if not isinstance(spec, Mapping) or len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
+        raise _fail(path, f"expected one of {', '.join(f'{{{d}: ...}}' for d in DISTRIBUTIONS)}")
+    ((kind, args),) = spec.items()
+    if kind == "choice":
+        if not isinstance(args, list) or not args:
+            raise _fail(f"{path}.choice", "expected a non-empty list")
+        return _scalar(rng.choice(args), f"{path}.choice")
+    if (
+        not isinstance(args, list)
+        or len(args) != 2
+        or not all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args)
+        or not args[0] < args[1]
+    ):
+        raise _fail(f"{path}.{kind}", "expected [low, high] with low < high")
+    low, high = args
+    if kind == "uniform":
+        return rng.uniform(low, high)
+    if kind == "int_uniform":
+        if not all(isinstance(a, int) for a in args):
+            raise _fail(f"{path}.{kind}", "expected two integers")
+        return rng.randint(low, high)
+    if low <= 0:
+        raise _fail(f"{path}.{kind}", "the low end of a log-uniform range must be > 0")
+    return math.exp(rng.uniform(math.log(low), math.log(high)))
+
+
+def _random(section: Any) -> list[dict[str, Any]]:
+    if section is None:
+        return []
+    if not isinstance(section, Mapping):
+        raise _fail("random", "expected a mapping with draws, seed and space")
+    unknown = set(section) - {"draws", "seed", "space"}
+    if unknown:
+        raise _fail(f"random.{sorted(unknown)[0]}", "unknown field (draws, seed, space)")
+    draws, seed, space = section.get("draws"), section.get("seed", 0), section.get("space")
+    if not isinstance(draws, int) or isinstance(draws, bool) or not 1 <= draws <= MAX_POINTS:
+        raise _fail("random.draws", f"expected an integer from 1 to {MAX_POINTS}")
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise _fail("random.seed", "expected an integer")
+    if not isinstance(space, Mapping) or not space:
+        raise _fail("random.space", "expected a mapping of names to distributions")
+    for name in space:
+        _check_name(name, f"random.space.{name}")
+    rng = random.Random(seed)  # the same points on every expansion: a resubmitted sweep is the same sweep
+    return [
+        {name: _draw(rng, spec, f"random.space.{name}") for name, spec in space.items()} for _ in range(draws)
+    ]
+
+
+def expand(section: Any, source: str = "cluster.yaml") -> list[SweepPoint]:
+    """The sweep's points, in order: the grid's combinations, the listed points, the draws."""
+    try:
+        return _expand(section)
+    except _Bad as bad:
+        raise ConfigError(source, bad.path, bad.problem) from None
+
+
+def _expand(section: Any) -> list[SweepPoint]:
+    if not isinstance(section, Mapping):
+        raise _Bad("sweep", "expected a mapping (grid, points, random, set, max_parallel)")
+    unknown = set(section) - {"grid", "points", "random", "set", "max_parallel"}
+    if unknown:
+        raise _fail(sorted(unknown)[0], "unknown field (grid, points, random, set, max_parallel)")
+    parallel = section.get("max_parallel")
+    if parallel is not None and (not isinstance(parallel, int) or isinstance(parallel, bool) or parallel < 1):
+        raise _fail("max_parallel", "expected an integer >= 1 (or leave it out: as many as the cores allow)")
+    values = [*_grid(section.get("grid")), *_points(section.get("points")), *_random(section.get("random"))]
+    if not values:
+        raise _Bad("sweep", "no points: give grid, points or random")
+    if len(values) > MAX_POINTS:
+        raise _Bad("sweep", f"{len(values)} points, more than {MAX_POINTS}")
+    seen: dict[tuple[tuple[str, Any], ...], int] = {}
+    for index, point in enumerate(values):
+        key = tuple(sorted((k, (type(v).__name__, v)) for k, v in point.items()))
+        if key in seen:
+            raise _fail(f"point {index}", f"the same values as point {seen[key]}: {_show(point)}")
+        seen[key] = index
+    return [SweepPoint(index=i, values=v) for i, v in enumerate(values)]
+
+
+def _show(values: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in values.items())
+
+
+def fill(value: Any, values: Mapping[str, Any], path: str, source: str = "cluster.yaml") -> Any:
+    """`value` with every `{name}` placeholder replaced by the point's values (see _fill)."""
+    try:
+        return _fill(value, values, path)
+    except _Bad as bad:
+        raise ConfigError(source, bad.path, bad.problem) from None
+
+
+def _fill(value: Any, values: Mapping[str, Any], path: str) -> Any:
+    """`value` with every `{name}` placeholder replaced by the point's value (recursively in
+    lists and mappings); a string that is one placeholder becomes the value itself."""
+    if isinstance(value, list):
+        return [_fill(v, values, f"{path}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, Mapping):
+        return {k: _fill(v, values, f"{path}.{k}") for k, v in value.items()}
+    if not isinstance(value, str) or "{" not in value and "}" not in value:
+        return value
+    stray = _PLACEHOLDER.sub("", value)
+    if "{" in stray or "}" in stray:
+        raise _fail(path, f"unbalanced brace in {value!r} (write {{{{ or }}}} for a literal one)")
+    whole = _PLACEHOLDER.fullmatch(value)
+    if whole and whole.group(1) is not None:
+        return _lookup(whole.group(1), values, path)
+
+    def one(match: re.Match[str]) -> str:
+        if match.group(0) in ("{{", "}}"):
+            return match.group(0)[0]
+        return str(_lookup(match.group(1), values, path))
+
+    return _PLACEHOLDER.sub(one, value)
+
+
+def _lookup(name: str, values: Mapping[str, Any], path: str) -> Any:
+    if name not in values:
+        known = ", ".join(values) or "none"
+        raise _fail(path, f"{{{name}}} is not one of the sweep's values ({known})")
+    return values[name]
+
+
+def point_overrides(
+    raw: Mapping[str, Any], point: SweepPoint, source: str = "cluster.yaml"
+) -> dict[str, Any]:
+    """For one point: the raw config's `job.args` and `job.env` filled, and each of
+    `sweep.set`'s paths, as dotted path -> value (apply with spec.config's overrides)."""
+    try:
+        return _point_overrides(raw, point)
+    except _Bad as bad:
+        raise ConfigError(source, bad.path, bad.problem) from None
+
+
+def _point_overrides(raw: Mapping[str, Any], point: SweepPoint) -> dict[str, Any]:
+    job = raw.get("job") if isinstance(raw.get("job"), Mapping) else {}
+    out: dict[str, Any] = {}
+    for key in ("args", "env"):
+        if key in job:
+            filled = _fill(job[key], point.values, f"job.{key}")
+            if filled != job[key]:
+                out[f"job.{key}"] = filled
+    sweep = raw.get("sweep") or {}
+    settings = sweep.get("set") or {}
+    if not isinstance(settings, Mapping):
+        raise _fail("set", "expected a mapping of config paths to values")
+    for dotted, value in settings.items():
+        if not isinstance(dotted, str) or not all(_NAME.match(p) for p in dotted.split(".")):
+            raise _fail(f"set.{dotted}", "expected a dotted config path, e.g. job.args")
+        if dotted.split(".")[0] == "sweep":
+            raise _fail(f"set.{dotted}", "a sweep cannot set its own section")
+        out[dotted] = _fill(value, point.values, f"sweep.set.{dotted}")
+    return out
+
+
+def names(points: Sequence[SweepPoint]) -> list[str]:
+    """Every value name of the sweep, in first-seen order (the columns of `orch status SWEEP`)."""
+    seen: dict[str, None] = {}
+    for point in points:
+        seen.update(dict.fromkeys(point.values))
+    return list(seen)
