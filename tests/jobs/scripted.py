@@ -51,6 +51,13 @@ if fail and fail["rank"] == rank:
     ):
         assert time.monotonic() < deadline, "rank 0 never committed"
         time.sleep(0.01)
+    # ... and after every rank of the attempt has said which MASTER_PORT it saw: a failure
+    # ends the others, and a rank still starting (a fresh interpreter on a busy machine) would
+    # be gone before it wrote its port file.
+    world = int(os.environ["WORLD_SIZE"])
+    while not all(os.path.exists(os.path.join(run_dir, f"port-{attempt}-{r}")) for r in range(world)):
+        assert time.monotonic() < deadline, "a rank never started"
+        time.sleep(0.01)
     record(fail["type"], fail["message"])
     print(f"{fail['type']}: {fail['message']}", file=sys.stderr)
     sys.exit(1)

@@ -92,3 +92,26 @@ def test_parse_address() -> None:
     assert parse_address("n1:4242") == ("n1", 4242)
     with pytest.raises(ValueError):
         parse_address("n1")
+
+
+def test_a_stranger_with_a_non_ascii_token_is_refused_without_harm() -> None:
+    # compare_digest raises TypeError on non-ASCII str: the hub compares bytes.
+    hub = AgentHub(nodes=1)
+    try:
+        stranger = _connect(hub)
+        stranger.sock.sendall(b'{"op":"hello","node":0,"token":"\\u00e9","pid":1,"host":"x"}\n')
+        _pump_until(hub, lambda: False, timeout=0.5)
+        assert not hub.agents and not hub.pending
+    finally:
+        hub.close()
+
+
+def test_the_last_message_before_a_close_is_not_lost() -> None:
+    left, right = socket.socketpair()
+    reader = Channel(right)
+    left.sendall(b'{"op": "ended", "attempt": 1, "code": 0}\n')
+    left.close()
+    time.sleep(0.05)
+    assert reader.receive() == [{"op": "ended", "attempt": 1, "code": 0}]
+    with pytest.raises(ChannelClosed):
+        reader.receive()

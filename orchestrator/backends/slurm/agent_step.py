@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hmac
 import secrets
-import select
+import selectors
 import socket
 import subprocess
 import time
@@ -19,6 +19,8 @@ from typing import Any
 
 from orchestrator.backends.slurm.channel import HELLO_TIMEOUT_S, Channel, ChannelClosed, Op
 from orchestrator.contract import ENV_AGENT_ADDR, ENV_AGENT_TOKEN
+
+MAX_PENDING = 64  # connections not yet introduced; more are closed at once
 
 
 class AgentHub:
@@ -31,6 +33,9 @@ class AgentHub:
         self.server = socket.create_server(("", 0), family=socket.AF_INET, backlog=max(16, nodes))
         self.server.setblocking(False)
         self.port = self.server.getsockname()[1]
+        # epoll where there is one: select() cannot watch descriptors above 1024 (1000+ nodes)
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(self.server, selectors.EVENT_READ, None)
         self.token = secrets.token_hex(16)
         self.pending: dict[Channel, float] = {}  # not yet introduced -> deadline
         self.agents: dict[int, Channel] = {}
@@ -48,26 +53,25 @@ class AgentHub:
     def pump(self, timeout: float) -> list[tuple[int, dict[str, Any]]]:
         """Accept, introduce and read for up to `timeout`: the agents' messages, by node. A
         node whose connection closes is added to `closed`."""
-        now = time.monotonic()
-        for channel, deadline in list(self.pending.items()):
-            if now > deadline:  # silent stranger: drop it
-                del self.pending[channel]
-                channel.close()
-        readable, _, _ = select.select(
-            [self.server, *self.pending, *self.agents.values()], [], [], max(0.0, timeout)
-        )
         messages: list[tuple[int, dict[str, Any]]] = []
-        for item in readable:
-            if item is self.server:
+        for key, _ in self.selector.select(max(0.0, timeout)):
+            item = key.data
+            if item is None:
                 self._accept()
             elif item in self.pending:
                 self._introduce(item)
             else:
-                node = next(n for n, c in self.agents.items() if c is item)
+                node = next((n for n, c in self.agents.items() if c is item), None)
+                if node is None:
+                    continue
                 try:
                     messages.extend((node, m) for m in item.receive())
                 except ChannelClosed:
                     self._drop(node)
+        now = time.monotonic()
+        for channel, deadline in list(self.pending.items()):
+            if now > deadline:  # a silent stranger: dropped
+                self._forget(channel)
         return messages
 
     def _accept(self) -> None:
@@ -76,7 +80,22 @@ class AgentHub:
                 sock, _ = self.server.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            self.pending[Channel(sock)] = time.monotonic() + HELLO_TIMEOUT_S
+            except OSError:  # out of descriptors, say: the next pump tries again
+                return
+            if len(self.pending) >= MAX_PENDING:
+                sock.close()  # a flood of strangers must not crowd out the agents
+                continue
+            channel = Channel(sock)
+            self.pending[channel] = time.monotonic() + HELLO_TIMEOUT_S
+            self.selector.register(channel, selectors.EVENT_READ, channel)
+
+    def _forget(self, channel: Channel) -> None:
+        self.pending.pop(channel, None)
+        try:
+            self.selector.unregister(channel)
+        except (KeyError, ValueError):
+            pass
+        channel.close()
 
     def _introduce(self, channel: Channel) -> None:
         try:
@@ -85,24 +104,32 @@ class AgentHub:
             messages = None
         if messages == []:
             return  # half a hello so far
-        del self.pending[channel]
         hello = messages[0] if messages else {}
         node = hello.get("node")
+        token = hello.get("token")
         if (
             hello.get("op") != Op.HELLO
-            or not hmac.compare_digest(str(hello.get("token", "")), self.token)
+            or not isinstance(token, str)
+            # bytes: compare_digest refuses str with non-ASCII characters (a TypeError)
+            or not hmac.compare_digest(token.encode("utf-8", "replace"), self.token.encode())
             or not isinstance(node, int)
+            or isinstance(node, bool)
             or not 0 <= node < self.nodes
             or node in self.agents
         ):
-            channel.close()  # not one of ours, or a second agent for one node
+            self._forget(channel)  # not one of ours, or a second agent for one node
             return
+        del self.pending[channel]
         self.agents[node] = channel
         self.hellos[node] = {k: v for k, v in hello.items() if k != "token"}
 
     def _drop(self, node: int) -> None:
         channel = self.agents.pop(node, None)
         if channel is not None:
+            try:
+                self.selector.unregister(channel)
+            except (KeyError, ValueError):
+                pass
             channel.close()
         self.closed.add(node)
 
@@ -122,6 +149,7 @@ class AgentHub:
             channel.close()
         self.pending.clear()
         self.agents.clear()
+        self.selector.close()
         self.server.close()
 
 

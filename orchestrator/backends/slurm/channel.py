@@ -23,7 +23,6 @@ An agent whose connection closes stops its ranks and leaves: no rank outlives it
 
 from __future__ import annotations
 
-import errno
 import json
 import socket
 from enum import StrEnum
@@ -31,6 +30,7 @@ from typing import Any
 
 MAX_LINE = 1 << 20  # a START carries the attempt's environment: kilobytes, never a megabyte
 HELLO_TIMEOUT_S = 10.0  # an unauthenticated connection gets this long to say who it is
+MAX_READS = 64  # recv calls per receive(): 4 MiB at most, then the caller's loop goes on
 
 
 class Op(StrEnum):
@@ -56,6 +56,7 @@ class Channel:
         if sock.family in (socket.AF_INET, socket.AF_INET6):  # orders go out at once, not batched
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._buffer = b""
+        self._closed: str | None = None  # why the peer's side ended, once read
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -72,20 +73,25 @@ class Channel:
             self.sock.setblocking(False)
 
     def receive(self) -> list[dict[str, Any]]:
-        """Every whole message that has arrived (maybe none); ChannelClosed at EOF."""
-        while True:
+        """Every whole message that has arrived (maybe none); ChannelClosed at EOF, once the
+        messages that came before it have been returned (an agent's last ENDED counts)."""
+        if self._closed is not None and b"\n" not in self._buffer:
+            raise ChannelClosed(self._closed)
+        for _ in range(MAX_READS):  # bounded: a peer that never stops sending cannot hold us
             try:
                 chunk = self.sock.recv(65536)
             except BlockingIOError:
                 break
+            except InterruptedError:
+                continue
             except OSError as exc:
-                if exc.errno == errno.EINTR:
-                    continue
-                raise ChannelClosed(str(exc)) from None
+                self._closed = str(exc)
+                break
             if not chunk:
-                raise ChannelClosed("closed by the other side")
+                self._closed = "closed by the other side"
+                break
             self._buffer += chunk
-            if len(self._buffer) > MAX_LINE and b"\n" not in self._buffer:
+            if len(self._buffer) - (self._buffer.rfind(b"\n") + 1) > MAX_LINE:
                 raise ChannelClosed("a message longer than the channel allows")
         lines = self._buffer.split(b"\n")
         self._buffer = lines.pop()
@@ -97,6 +103,8 @@ class Channel:
                 raise ChannelClosed("a message that is not JSON") from None
             if isinstance(message, dict) and "op" in message:
                 messages.append(message)
+        if not messages and self._closed is not None:
+            raise ChannelClosed(self._closed)
         return messages
 
     def close(self) -> None:

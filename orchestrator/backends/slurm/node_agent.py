@@ -235,7 +235,7 @@ class NodeAgent:
                 f" (pids {' '.join(str(r.pid) for r in self.group.ranks)})"
             )
             if channel is not None:
-                channel.send(Op.STARTED, attempt=self.attempt, pids=[r.pid for r in self.group.ranks])
+                self._tell(channel, Op.STARTED, pids=[r.pid for r in self.group.ranks])
             # What arrived while the ranks were being started (or, for a persistent agent,
             # since its last attempt ended) is theirs.
             early, self.early_signals = self.early_signals, []
@@ -252,8 +252,18 @@ class NodeAgent:
         if self.failure is None:
             self._record(AgentState.EXITED, code=code)
         if channel is not None:
-            channel.send(Op.ENDED, attempt=self.attempt, code=code, rank_codes=codes)
+            self._tell(channel, Op.ENDED, code=code, rank_codes=codes)
         return code
+
+    def _tell(self, channel: Channel, op: Op, **fields: object) -> None:
+        """A message for the supervisor about this attempt; a channel that broke means the
+        supervisor is gone: the agent leaves (its ranks are stopped by then or at once)."""
+        try:
+            channel.send(op, attempt=self.attempt, **fields)
+        except ChannelClosed:
+            self.exit_asked = True
+            if self.group is not None:
+                self.group.stop(FAILURE_STOP_GRACE_S)
 
     def _wait(self, group: AttemptGroup, launcher: ForkServerLauncher, channel: Channel | None) -> int:
         """Until every rank exits; after the first failure (not a stop on request), stop the rest.

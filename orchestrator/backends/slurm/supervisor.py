@@ -235,12 +235,15 @@ class SrunAttempts:
         return None
 
     def _step_id(self) -> str:
-        """JOB.STEP of our srun (the newest running step of this job)."""
+        """JOB.STEP of our srun (the newest running step of this job), else the job."""
+        return self._newest_step() or self.job_id
+
+    def _newest_step(self) -> str | None:
         out = subprocess.run(
             ["squeue", "-h", "-s", "-j", self.job_id, "-o", "%i"], capture_output=True, text=True, timeout=30
         ).stdout.split()
         steps = sorted((s for s in out if s.split(".")[-1].isdigit()), key=lambda s: int(s.split(".")[-1]))
-        return steps[-1] if steps else self.job_id
+        return steps[-1] if steps else None
 
     def signal_ranks(self, signum: int) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -297,8 +300,13 @@ def node_verdict(codes: Mapping[int, int]) -> int:
     return PREEMPTED_EXIT_CODE if PREEMPTED_EXIT_CODE in codes.values() else 0
 
 
-# How long a kept step's other nodes wait for node 0's ranks to exist before they start anyway.
+# How long the other nodes wait for node 0's ranks to exist before they start anyway.
 RANK0_FIRST_WAIT_S = 2.0
+# How long an agent may take from START to STARTED: a fresh fork server's start-up (its
+# READY_TIMEOUT_S) plus the silence allowed to an agent's record.
+STARTED_WITHIN_S = 140.0
+# How long the agents of a step being ended get to stop their ranks and leave on their own.
+AGENTS_LEAVE_S = 10.0
 # How long a step whose agent's connection closed gets to end on its own (srun's
 # --kill-on-bad-exit ends the other agents) before the attempt is called over anyway.
 BROKEN_STEP_END_S = 10.0
@@ -318,6 +326,7 @@ class PersistentAgentAttempts(SrunAttempts):
         self.start_env: dict[str, str] = {}
         self.start_sent: set[int] = set()
         self.started: set[int] = set()  # nodes whose ranks exist this attempt (STARTED)
+        self.asked_at: dict[int, float] = {}  # node -> when it was sent this attempt's START
         self.reports: dict[int, int] = {}  # node -> its verdict (ENDED) this attempt
         self.stop_order: dict[str, Any] | None = None  # the STOP every node of the attempt gets
         self.broken_since: float | None = None
@@ -325,13 +334,14 @@ class PersistentAgentAttempts(SrunAttempts):
     def start(self, attempt: int, master_port: int) -> Started:
         self.log_dir = log_dir = self.run.logs_dir(attempt)
         self.attempt, self.lost_agent, self.agent_beats = attempt, None, {}
-        self.start_sent, self.started, self.reports = set(), set(), {}
+        self.start_sent, self.started, self.reports, self.asked_at = set(), set(), {}, {}
         self.stop_order, self.broken_since = None, None
         self.start_env = self._attempt_env(attempt, master_port)
         # What a step of its own would have shown the attempt's ranks as the step's name.
         self.start_env["SLURM_JOB_NAME"] = attempt_step_name(self.config, attempt)
         if self.step is not None and self.step.usable():
-            self._pump(0.0)  # an agent that left since the last attempt breaks the step
+            # An agent that left since the last attempt breaks the step: read before any START.
+            self._pump(0.0, send=False)
         kept = self.step is not None and self.step.usable()
         if not kept:
             self._end_step()
@@ -367,7 +377,8 @@ class PersistentAgentAttempts(SrunAttempts):
         attempt being stopped gets the STOP right after (its ranks start and stop at once, and
         it gives its verdict like the others)."""
         assert self.step is not None
-        rank0_ready = 0 in self.started or force or self.stop_order is not None
+        waited = 0 in self.asked_at and time.monotonic() - self.asked_at[0] > RANK0_FIRST_WAIT_S
+        rank0_ready = 0 in self.started or force or waited or self.stop_order is not None
         for node in sorted(self.step.hub.agents):
             if node != 0 and not rank0_ready:
                 continue
@@ -375,10 +386,11 @@ class PersistentAgentAttempts(SrunAttempts):
                 node, Op.START, attempt=self.attempt, env=self.start_env
             ):
                 self.start_sent.add(node)
+                self.asked_at[node] = time.monotonic()
                 if self.stop_order is not None:
                     self.step.hub.send(node, Op.STOP, **self.stop_order)
 
-    def _pump(self, timeout: float) -> None:
+    def _pump(self, timeout: float, send: bool = True) -> None:
         step = self.step
         assert step is not None
         for node, message in step.hub.pump(timeout):
@@ -391,10 +403,11 @@ class PersistentAgentAttempts(SrunAttempts):
                     # A node's rank failed: no checkpoint can complete without it, so the other
                     # nodes' ranks get the short grace a step's --kill-on-bad-exit gives.
                     self._stop_all(FAILURE_STOP_GRACE_S)
-        self._send_starts()
         if step.hub.closed and step.broken is None:
             step.broken = f"the node agent of node {min(step.hub.closed)} closed its connection"
             self.broken_since = time.monotonic()
+        if send and step.broken is None:
+            self._send_starts()
 
     def _stop_all(self, grace_s: float) -> None:
         self.stop_order = {"grace_s": grace_s}
@@ -410,13 +423,13 @@ class PersistentAgentAttempts(SrunAttempts):
         """How the attempt ended, once it has: every node gave its verdict, or the step ended."""
         step = self.step
         assert step is not None
+        if len(self.reports) == self.config.resources.nodes:  # every node's verdict is in
+            verdict = node_verdict(self.reports)
+            return Ended(failed=verdict != 0, fields={"exit_code": verdict})
         code = step.exit_code()
         if code is not None:
             step.broken = step.broken or f"the agents' step ended (exit code {code})"
             return Ended(failed=True, fields={"exit_code": code or 1})
-        if len(self.reports) == self.config.resources.nodes:
-            verdict = node_verdict(self.reports)
-            return Ended(failed=verdict != 0, fields={"exit_code": verdict})
         if self.broken_since is not None and time.monotonic() - self.broken_since > BROKEN_STEP_END_S:
             return Ended(failed=True, fields={"exit_code": 1})
         return None
@@ -428,11 +441,29 @@ class PersistentAgentAttempts(SrunAttempts):
             return ended
         if time.monotonic() >= self.next_agent_check:
             self.next_agent_check = time.monotonic() + AGENT_BEAT_S
-            self.lost_agent = self._silent_agent()
+            self.lost_agent = self._silent_agent() or self._unstarted_agent()
             if self.lost_agent is not None:
                 assert self.step is not None
                 self.step.broken = self.lost_agent.message
                 return Ended(failed=True)
+        return None
+
+    def _unstarted_agent(self) -> RankFailure | None:
+        """An agent asked to start that has not said STARTED in STARTED_WITHIN_S: stopped
+        while idle, or lost with its node (its record cannot show it: it never wrote one for
+        this attempt)."""
+        now = time.monotonic()
+        for node, asked in sorted(self.asked_at.items()):
+            if node not in self.started and now - asked > STARTED_WITHIN_S:
+                assert self.step is not None
+                hello = self.step.hub.hellos.get(node, {})
+                who = f"the node agent of node {node} (pid {hello.get('pid')} on {hello.get('host')})"
+                return RankFailure.launcher_failed(
+                    f"{who} did not start its ranks within {STARTED_WITHIN_S:.0f}s of being asked"
+                    " (stopped, or its node is lost)",
+                    node_rank=node,
+                    time=time.time(),
+                )
         return None
 
     def signal_ranks(self, signum: int) -> None:
@@ -467,14 +498,21 @@ class PersistentAgentAttempts(SrunAttempts):
         step, self.step = self.step, None
         if step is None:
             return
-        if step.exit_code() is None:
-            # A lost agent cannot pass a graceful stop on: its node's ranks are killed outright.
-            how = ["--signal=KILL"] if self.lost_agent is not None else []
-            subprocess.run(["scancel", *how, self._step_id()], capture_output=True, timeout=30)
+        # Closing the channels is every sound agent's EXIT: each stops its ranks and leaves.
+        step.hub.close()
+        try:
+            step.proc.wait(timeout=0 if self.lost_agent is not None else AGENTS_LEAVE_S)
+        except subprocess.TimeoutExpired:
+            # What did not leave (a stopped or lost agent) is ended by Slurm: KILL, since a lost
+            # agent cannot pass a graceful stop on. Never the job: only a step id found now.
+            step_id = self._newest_step()
+            if step_id is not None:
+                subprocess.run(["scancel", "--signal=KILL", step_id], capture_output=True, timeout=30)
             try:
-                step.proc.wait(timeout=self.config.restart.stop_grace_s + 30)
+                step.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                step.proc.kill()
+                step.proc.kill()  # srun gone: slurmd ends the step's tasks
+                step.proc.wait()
         step.close(wait_s=1.0)
 
     def close(self) -> None:
