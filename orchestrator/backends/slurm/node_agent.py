@@ -324,8 +324,8 @@ class NodeAgent:
 
     def _serve(self, launcher: ForkServerLauncher, channel: Channel) -> int:
         """A persistent agent: warm the fork server once, then run each attempt it is told to
-        start, until EXIT. A failed fork server ends the agent (and so the step): the supervisor
-        then starts a new step with fresh agents."""
+        start, until EXIT or its channel closes. A fork server that failed an attempt is replaced
+        at the next START (ForkServerLauncher.start_attempt); the agent stays."""
         spec = self._specs({})[0][0]
         for note in launcher.warm(spec, os.path.join(self.log_dir, node_log_name(self.node_rank))):
             self._say(note)

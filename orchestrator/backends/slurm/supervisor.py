@@ -354,12 +354,11 @@ class PersistentAgentAttempts(SrunAttempts):
         self._send_starts()
         # The other nodes start once node 0's ranks exist (a fork: milliseconds), so that rank
         # 0's TCPStore listens before they call on it: a client that finds the port closed
-        # retries only after a second. Bounded: a slow node 0 only costs that second again.
+        # retries only after a second. Bounded: past RANK0_FIRST_WAIT_S, _send_starts (from
+        # poll) starts them anyway.
         deadline = time.monotonic() + RANK0_FIRST_WAIT_S
         while len(self.start_sent) < len(self.step.hub.agents) and time.monotonic() < deadline:
             self._pump(0.005)
-            if time.monotonic() >= deadline:
-                self._send_starts(force=True)
         world = self.config.resources.world_size
         fields = {
             "job_id": self.job_id,
@@ -371,14 +370,14 @@ class PersistentAgentAttempts(SrunAttempts):
             fields=fields, heartbeats={rank: rank_files(log_dir, rank)[1] for rank in range(world)}
         )
 
-    def _send_starts(self, force: bool = False) -> None:
+    def _send_starts(self) -> None:
         """START to every agent that has introduced itself and not had it yet, node 0 (rank 0's)
-        first and the others once its ranks exist (or `force`); an agent that comes late to an
-        attempt being stopped gets the STOP right after (its ranks start and stop at once, and
-        it gives its verdict like the others)."""
+        first and the others once its ranks exist (or RANK0_FIRST_WAIT_S after it was asked);
+        an agent that comes late to an attempt being stopped gets the STOP right after (its
+        ranks start and stop at once, and it gives its verdict like the others)."""
         assert self.step is not None
         waited = 0 in self.asked_at and time.monotonic() - self.asked_at[0] > RANK0_FIRST_WAIT_S
-        rank0_ready = 0 in self.started or force or waited or self.stop_order is not None
+        rank0_ready = 0 in self.started or waited or self.stop_order is not None
         for node in sorted(self.step.hub.agents):
             if node != 0 and not rank0_ready:
                 continue
@@ -488,11 +487,7 @@ class PersistentAgentAttempts(SrunAttempts):
         if step.broken is None:
             step.broken = "its agents did not stop their ranks in time"
         self._end_step()
-        return (
-            ended
-            if ended is not None and "exit_code" in ended.fields
-            else Ended(failed=True, fields={"exit_code": step.exit_code() or 1})
-        )
+        return ended or Ended(failed=True, fields={"exit_code": step.exit_code() or 1})
 
     def _end_step(self) -> None:
         step, self.step = self.step, None
