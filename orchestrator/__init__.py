@@ -5,3 +5,16 @@ training scripts import `orchestrator.runtime`.
 """
 
 __version__ = "0.1.0"
+
+# The Python API (orchestrator.api), imported on first use: ranks import this package for
+# orchestrator.runtime, and `orch --help` must stay instant.
+_API = ("load_config", "load_sweep", "run", "submit", "sweep", "get_run", "list_runs", "Run", "Sweep")
+__all__ = ["__version__", *_API]
+
+
+def __getattr__(name: str) -> object:
+    if name in _API:
+        from orchestrator import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'orchestrator' has no attribute {name!r}")

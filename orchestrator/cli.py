@@ -16,7 +16,6 @@ from typing import Any, Sequence
 
 from orchestrator import __version__
 from orchestrator.backends import backend_names
-from orchestrator.contract import Event
 from orchestrator.errors import OrchError, UsageError
 
 DEFAULT_CONFIG = "cluster.yaml"
@@ -55,11 +54,27 @@ def _set_arg(p: argparse.ArgumentParser, help: str) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE", help=help)
 
 
+def _grid_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        metavar="NAME=V1,V2",
+        help=(
+            "a sweep axis: one point per value (repeatable: every combination);"
+            " adds to or replaces sweep.grid"
+        ),
+    )
+
+
 def _run_ref_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "run",
         metavar="RUN",
-        help="a run id (looked up under storage.root of --config) or a run directory (path or fsspec URL)",
+        help=(
+            "a run id, a sweep id or a sweep's point SWEEP/N (looked up under storage.root of --config),"
+            " or a run directory (path or fsspec URL)"
+        ),
     )
     p.add_argument(
         "--config",
@@ -103,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n  orch render\n  orch render cluster.yaml --backend slurm --set resources.nodes=3",
     )
     _config_args(p)
-    p.add_argument("--run-id", help="render with this run id instead of a placeholder")
+    p.add_argument("--run-id", help="render with this run id (or sweep id) instead of a placeholder")
+    _grid_arg(p)
 
     p = _command(
         sub,
@@ -155,9 +171,11 @@ def build_parser() -> argparse.ArgumentParser:
             " as a run never stopped). Local runs continue in the foreground, as `orch run`;"
             " Slurm runs are submitted again. The run keeps the config frozen in its run.yaml;"
             " --set may change restart.*, resources.* (a new world size resumes exactly) and"
-            " job.args."
+            " job.args. A sweep id resumes every point that did not succeed (SWEEP/N: one point)."
         ),
-        epilog="example:\n  orch resume mnist-20261130-101500-ab12 --set resources.nodes=1",
+        epilog=(
+            "examples:\n  orch resume mnist-20261130-101500-ab12 --set resources.nodes=1\n  orch resume SWEEP"
+        ),
     )
     _run_ref_args(p)
     _set_arg(p, "change restart.*, resources.* or job.args for the rest of the run (repeatable)")
@@ -183,14 +201,51 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _command(
         sub,
+        "sweep",
+        help="run (or submit) every point of a sweep: a grid, listed points or random draws",
+        description=(
+            "Every point of the config's `sweep:` section (and the --grid axes) as a whole run of its"
+            " own (run id SWEEP/N): locally up to max_parallel points at once (default: as many as"
+            " the cores hold), each supervised, checkpointed and resumable; on Slurm, one job array."
+            " `{name}` placeholders in job.args, job.env and sweep.set take each point's values."
+            " Ctrl-C stops every running point with a checkpoint; `orch resume SWEEP` continues the"
+            " points that did not succeed."
+        ),
+        epilog=(
+            "examples:\n  orch sweep cluster.yaml --set 'job.args=[--lr,{lr},--seed,{seed}]'"
+            " --grid lr=1.0e-3,3.0e-3 --grid seed=0,1,2\n"
+            "  orch sweep sweep.yaml --backend slurm --max-parallel 4\n  orch status SWEEP --sort loss"
+        ),
+    )
+    p.add_argument(
+        "config",
+        nargs="?",
+        default=DEFAULT_CONFIG,
+        metavar="CONFIG",
+        help="cluster.yaml (default: ./cluster.yaml)",
+    )
+    _grid_arg(p)
+    p.add_argument("--backend", choices=backend_names(), help="override the config's top-level `backend`")
+    _set_arg(p, "override one field, e.g. --set 'job.args=[--lr,{lr}]' (repeatable)")
+    p.add_argument(
+        "--max-parallel", type=int, metavar="N", help="points running at once (sweep.max_parallel)"
+    )
+    p.add_argument("--sweep-id", help="use this sweep id (default: <name>-<UTC time>-<random>)")
+    p.add_argument("--json", action="store_true", help="print the sweep's final table as JSON")
+
+    p = _command(
+        sub,
         "cancel",
         help="cancel a run (scancel for Slurm runs; SIGTERM to a local supervisor)",
         description=(
             "Cancel a Slurm run (scancel), or ask a local run's supervisor to stop (SIGTERM):"
             " ranks using the runtime checkpoint their step first; `orch resume RUN` continues."
+            " A sweep id cancels every point (a Slurm sweep's job array); SWEEP/N one point."
             " A pid that is no longer the run's supervisor is never signalled."
         ),
-        epilog="example:\n  orch cancel mnist-20261130-101500-ab12",
+        epilog=(
+            "examples:\n  orch cancel mnist-20261130-101500-ab12\n  orch cancel SWEEP\n  orch cancel SWEEP/3"
+        ),
     )
     _run_ref_args(p)
 
@@ -209,6 +264,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _run_ref_args(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument(
+        "--sort",
+        metavar="KEY",
+        help=(
+            "a sweep: order its points by a column (state, step...), a swept value or a logged scalar (loss)"
+        ),
+    )
+    p.add_argument("--reverse", action="store_true", help="with --sort: largest first")
 
     p = _command(
         sub,
@@ -260,6 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ---------------------------------------------------------------------------- commands
+# Each command parses its arguments, calls orchestrator.api, and prints what comes back.
 
 
 def _is_quick_start(args: argparse.Namespace) -> bool:
@@ -281,7 +345,8 @@ def _overrides(args: argparse.Namespace) -> list[str]:
 
 
 def _load(args: argparse.Namespace) -> Any:
-    from orchestrator.spec.config import load_config, quick_start_config
+    from orchestrator import api
+    from orchestrator.spec.config import quick_start_config
 
     overrides = _overrides(args)
     if _is_quick_start(args):
@@ -294,53 +359,30 @@ def _load(args: argparse.Namespace) -> Any:
             backend=args.backend,
             base_dir=os.getcwd(),
         )
-    return load_config(args.config, overrides, backend=args.backend)
+    return api.load_config(args.config, overrides, backend=args.backend)
 
 
-def _load_for(args: argparse.Namespace, command: str) -> tuple[Any, Any]:
-    """The config and its backend, checked for the command and for the pass_env it needs."""
-    from orchestrator.backends import get_backend
-
-    config = _load(args)
-    backend = get_backend(config.backend)
-    hint = backend.foreground_hint if command == "run" else backend.submit_hint
-    if hint is not None:
-        raise UsageError(hint)
-    _check_pass_env(config)
-    return config, backend
+def _config_file(args: argparse.Namespace) -> str | None:
+    return None if _is_quick_start(args) else args.config
 
 
-def _check_pass_env(config: Any) -> None:
-    missing = [n for n in config.job.pass_env if n not in os.environ]
-    if missing:
-        raise UsageError(f"job.pass_env: {missing[0]} is not set in this environment")
+def _is_sweep(args: argparse.Namespace) -> bool:
+    """A cluster.yaml with a `sweep:` section (or --grid axes on the command line)."""
+    if getattr(args, "grid", None):
+        return True
+    if _is_quick_start(args):
+        return False
+    from orchestrator.spec.config import apply_overrides, read_document
 
-
-def _run_backend(run: Any, events: list[dict[str, Any]]) -> Any:
-    """The backend a run was started on: its events say, else its run.yaml."""
-    from orchestrator.backends import get_backend
-
-    named = [
-        e["backend"]
-        for e in events
-        if e.get("event") in (Event.SUBMITTED, Event.RUN_STARTED, Event.JOB_STARTED) and e.get("backend")
-    ]
-    return get_backend(named[-1] if named else run.read_run_config().get("backend", "local"))
-
-
-def _storage_root(config_path: str) -> str:
-    """storage.root from a config file, without requiring its entrypoint to exist here."""
-    from orchestrator.spec.config import load_config
-
-    if not os.path.exists(config_path):
-        return os.path.abspath("runs")
-    return load_config(config_path, check_files=False).storage_root
+    return apply_overrides(read_document(args.config), args.overrides).get("sweep") is not None
 
 
 def cmd_render(args: argparse.Namespace) -> int:
     from orchestrator.backends import get_backend
     from orchestrator.storage.rundir import join_url
 
+    if _is_sweep(args):
+        return _render_sweep(args)
     config = _load(args)
     run_id = args.run_id or "<run-id>"
     text = get_backend(config.backend).render(
@@ -353,67 +395,80 @@ def cmd_render(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parse_ranks(text: str | None, world: int) -> tuple[int, ...] | None:
+def _render_sweep(args: argparse.Namespace) -> int:
+    """Every point's values, its resolved job.args / job.env, and its launch."""
+    from orchestrator import api
+    from orchestrator.backends import get_backend
+    from orchestrator.storage.rundir import join_url
+
+    spec = api.load_sweep(args.config, _overrides(args), grid=args.grid, backend=args.backend)
+    backend = get_backend(spec.base.backend)
+    sweep_id = args.run_id or "<sweep-id>"
+    parallel = spec.max_parallel if spec.max_parallel is not None else "as many as the cores allow"
+    out = [
+        f"# orch render: sweep of {len(spec.points)} point(s), max_parallel {parallel}; nothing was started"
+    ]
+    for point, config in zip(spec.points, spec.configs, strict=True):
+        values = ", ".join(f"{k}={v}" for k, v in point.values.items())
+        run_id = f"{sweep_id}/{point.index}"
+        out += [
+            "",
+            f"# ======== point {point.index}: {values} (run id {run_id})",
+            f"# job.args: {json.dumps(list(config.job.args))}",
+            f"# job.env: {json.dumps(dict(config.job.env), sort_keys=True)}",
+        ]
+        out.append(
+            backend.render(
+                config,
+                run_id=run_id,
+                run_dir=join_url(config.storage_root, sweep_id, str(point.index)),
+                python=config.job.python or sys.executable,
+            ).rstrip("\n")
+        )
+    sys.stdout.write("\n".join(out) + "\n")
+    return 0
+
+
+def _parse_ranks(text: str | None) -> tuple[int, ...] | None:
     if text is None:
         return None
     try:
-        ranks = tuple(sorted({int(x) for x in text.split(",") if x.strip()}))
+        return tuple(sorted({int(x) for x in text.split(",") if x.strip()}))
     except ValueError:
         raise UsageError(f"--ranks: expected comma-separated rank numbers, got {text!r}") from None
-    bad = [r for r in ranks if not 0 <= r < world]
+
+
+def _shown_ranks(args: argparse.Namespace, config: Any) -> tuple[int, ...] | None:
+    if args.quiet:
+        return ()
+    ranks = _parse_ranks(args.ranks)
+    bad = [r for r in ranks or () if not 0 <= r < config.resources.world_size]
     if bad:
-        raise UsageError(f"--ranks: rank {bad[0]} is outside the world of {world} ranks")
+        raise UsageError(
+            f"--ranks: rank {bad[0]} is outside the world of {config.resources.world_size} ranks"
+        )
     return ranks
 
 
-def _create_run(args: argparse.Namespace, config: Any) -> Any:
-    """A new run directory with run.yaml frozen in it."""
-    from orchestrator.spec.config import config_to_dict
-    from orchestrator.storage.rundir import RunDir, join_url
-    from orchestrator.storage.runid import is_valid_run_id, new_run_id
-
-    run_id = args.run_id or new_run_id(config.job_name)
-    if not is_valid_run_id(run_id):
-        raise UsageError(f"--run-id: {run_id!r} may use letters, digits and _.+- only")
-    run = RunDir(join_url(config.storage_root, run_id))
-    frozen = {
-        "run_id": run_id,
-        "created": time.time(),
-        "backend": config.backend,
-        "config_file": None if _is_quick_start(args) else os.path.abspath(args.config),
-        "base_dir": config.base_dir,
-        "config": config_to_dict(config),
-    }
-    try:
-        run.create(frozen)
-    except FileExistsError:
-        raise UsageError(f"--run-id: run {run_id} already exists at {run.url}") from None
-    except Exception as exc:  # noqa: BLE001 - any storage's error (OSError, botocore's own): one line
-        from orchestrator.storage.causes import storage_cause
-
+def _refuse_sweep(args: argparse.Namespace, command: str) -> None:
+    if not _is_quick_start(args) and _is_sweep(args):
         raise UsageError(
-            f"storage.root: cannot create the run directory {run.url}: {storage_cause(exc)}"
-        ) from None
-    return run
+            f"{args.config}: sweep: this config is a sweep: start it with `orch sweep {args.config}`"
+            f" (`orch {command}` starts one run; `orch render` shows every point)"
+        )
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    config, backend = _load_for(args, "submit")
-    backend.check_storage(config.storage_root)  # fails before creating anything
-    backend.check_host(config)
-    return _submit(args, config, backend, _create_run(args, config))
+    from orchestrator import api
+
+    _refuse_sweep(args, "submit")
+    run = api.submit(_load(args), run_id=args.run_id, config_file=_config_file(args))
+    _print_submission(args, run)
+    return 0
 
 
-def _submit(args: argparse.Namespace, config: Any, backend: Any, run: Any) -> int:
-    submission = backend.submit(config, run, config.job.python or sys.executable)
-    job_id = submission.job_id
-    run.append_event(
-        Event.SUBMITTED,
-        backend=backend.name,
-        job_id=job_id,
-        nodes=config.resources.nodes,
-        ranks_per_node=config.resources.ranks_per_node,
-    )
+def _print_submission(args: argparse.Namespace, run: Any) -> None:
+    job_id = run.job_id()
     if args.json:
         print(json.dumps({"run_id": run.run_id, "job_id": job_id, "run_dir": run.url}))
     else:
@@ -421,100 +476,64 @@ def _submit(args: argparse.Namespace, config: Any, backend: Any, run: Any) -> in
             f"submitted run {run.run_id} as Slurm job {job_id}\nrun dir {run.url}\n"
             f"follow with: orch status {run.run_id}; orch logs {run.run_id} -f"
         )
-    return 0
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    from orchestrator.storage.catalog import resolve_run
+    from orchestrator import api
 
-    run = resolve_run(args.run, _storage_root(args.config))
-    events = run.events()
-    print(_run_backend(run, events).cancel(run, events))
+    print(api.get_run(args.run, config=args.config).cancel())
     return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    if args.resume:
-        from orchestrator.storage.rundir import RunDir, join_url
+    from orchestrator import api
 
+    if args.resume:
         if not args.run_id:
             raise UsageError("--resume: name the run to continue with --run-id ID")
+        from orchestrator.storage.rundir import RunDir, join_url
+
         run = RunDir(join_url(_load(args).storage_root, args.run_id))
         if not run.exists():
             raise UsageError(f"--resume: no run {args.run_id} at {run.url}")
-        return _resume(args, run)
-    config, backend = _load_for(args, "run")
+        return _resume(args, api.Run(run))
+    _refuse_sweep(args, "run")
+    config = _load(args)
     show = _shown_ranks(args, config)  # bad input fails before the run directory exists
-    backend.check_storage(config.storage_root)  # so does storage that cannot take the run
-    backend.check_host(config)  # and a host without the GPUs it asks for
-    return _run_in_foreground(args, config, backend, _create_run(args, config), show)
+    run = api.run(
+        config,
+        run_id=args.run_id,
+        config_file=_config_file(args),
+        show_ranks=show,
+        ranks_to_stdout=not args.json,
+    )
+    return _print_result(args, run.result)
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    from orchestrator.storage.catalog import resolve_run
+    from orchestrator import api
 
-    return _resume(args, resolve_run(args.run, _storage_root(args.config)))
-
-
-_RESUMABLE = ("created", "stopped", "cancelled", "failed", "lost")
+    found = api.get_run(args.run, config=args.config)
+    if isinstance(found, api.Sweep):
+        if args.overrides or args.ranks:
+            raise UsageError(
+                "resume: a sweep resumes as it was; --set and --ranks apply to one point (SWEEP/N)"
+            )
+        return _finish_sweep(args, found.resume())
+    return _resume(args, found)
 
 
 def _resume(args: argparse.Namespace, run: Any) -> int:
     """The run's next attempt, from its newest checkpoint, with the config it was started with."""
-    from orchestrator.spec.config import config_for_resume, config_to_dict
-    from orchestrator.supervision.loop import next_attempt
-    from orchestrator.supervision.status import run_status
-
-    events = run.events()
-    backend = _run_backend(run, events)
-    st = run_status(run, events, backend.live_state(run, events))
-    if st.state == "succeeded":
-        raise UsageError(f"resume: run {run.run_id} succeeded; there is nothing to resume")
-    if st.state not in _RESUMABLE:
-        raise UsageError(
-            f"resume: run {run.run_id} is {st.state}; only a stopped, cancelled, failed or lost run"
-            f" resumes (`orch cancel {run.run_id}` first)"
-        )
-    record = run.read_run_config()
-    overrides = _overrides(args)
-    config = config_for_resume(record, overrides)
-    _check_pass_env(config)
-    show = _shown_ranks(args, config)  # bad input fails before anything changes
-    backend.check_storage(config.storage_root)  # so does storage that cannot take writes
-    backend.check_host(config)
-    attempt = next_attempt(events)
-    if overrides:
-        run.replace_run_config(
-            {**record, "config": config_to_dict(config)}, keep_as=f"run-before-attempt-{attempt}.yaml"
-        )
-    run.append_event(
-        Event.RESUMED,
-        backend=backend.name,
-        from_state=st.state,
-        attempt=attempt,
-        newest_checkpoint=st.newest_checkpoint,
-        overrides=overrides,
-    )
-    print(
-        f"[orch] resuming run {run.run_id} ({st.state}) as attempt {attempt}, from "
-        + (f"checkpoint step {st.newest_checkpoint}" if st.newest_checkpoint is not None else "the start"),
-        file=sys.stderr,
-    )
-    if backend.foreground_hint is not None:  # a scheduler's backend: the next attempt is a new job
-        return _submit(args, config, backend, run)
-    return _run_in_foreground(args, config, backend, run, show)
+    show = () if args.quiet else _parse_ranks(args.ranks)
+    run.resume(_overrides(args), show_ranks=show, ranks_to_stdout=not args.json)
+    if run.result is None:  # submitted to a scheduler
+        _print_submission(args, run)
+        return 0
+    return _print_result(args, run.result)
 
 
-def _shown_ranks(args: argparse.Namespace, config: Any) -> tuple[int, ...] | None:
-    return () if args.quiet else _parse_ranks(args.ranks, config.resources.world_size)
-
-
-def _run_in_foreground(
-    args: argparse.Namespace, config: Any, backend: Any, run: Any, show: tuple[int, ...] | None
-) -> int:
-    from orchestrator.backends.api import RunOptions
-
-    result = backend.run(config, run, RunOptions(show_ranks=show, ranks_to_stdout=not args.json))
+def _print_result(args: argparse.Namespace, result: Any) -> int:
     ckpt = (
         f"; newest checkpoint step {result.newest_checkpoint}" if result.newest_checkpoint is not None else ""
     )
@@ -545,103 +564,78 @@ def _run_in_foreground(
     return result.exit_code
 
 
-def cmd_status(args: argparse.Namespace) -> int:
-    from orchestrator.storage.catalog import resolve_run
-    from orchestrator.supervision.status import format_status, run_status
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from orchestrator import api
 
-    run = resolve_run(args.run, _storage_root(args.config))
-    events = run.events()
-    st = run_status(run, events, _run_backend(run, events).live_state(run, events))
+    spec = api.load_sweep(
+        args.config, args.overrides, grid=args.grid, max_parallel=args.max_parallel, backend=args.backend
+    )
+    return _finish_sweep(args, api.sweep(spec, sweep_id=args.sweep_id, config_file=args.config))
+
+
+def _finish_sweep(args: argparse.Namespace, sweep: Any) -> int:
+    """After a local sweep ran (or a Slurm one was submitted): its table and an exit status
+    (0: every point succeeded or was submitted; 1: a point failed; 130: stopped)."""
+    st = sweep.status()
+    if args.json:
+        print(json.dumps(st.to_json(), indent=1))
+    else:
+        from orchestrator.supervision.sweep_status import format_sweep_status
+
+        print(format_sweep_status(st))
+        print(f"follow with: orch status {sweep.sweep_id}; orch ls")
+    if not sweep.outcome:
+        return 0
+    states = set(sweep.outcome.values())
+    if states <= {"succeeded"}:
+        return 0
+    return 1 if "failed" in states or "lost" in states else 130
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from orchestrator import api
+    from orchestrator.supervision.status import format_status
+
+    found = api.get_run(args.run, config=args.config)
+    if isinstance(found, api.Sweep):
+        from orchestrator.supervision.sweep_status import format_sweep_status, sort_rows
+
+        st = sort_rows(found.status(), args.sort, descending=args.reverse)
+        print(json.dumps(st.to_json(), indent=1) if args.json else format_sweep_status(st))
+        return 0
+    if args.sort:
+        raise UsageError("--sort: orders a sweep's points; this is one run")
+    st = found.status()
     print(json.dumps(st.to_json(), indent=1) if args.json else format_status(st))
     return 0
 
 
+def _one_run(args: argparse.Namespace) -> Any:
+    from orchestrator import api
+
+    found = api.get_run(args.run, config=args.config)
+    if isinstance(found, api.Sweep):
+        raise UsageError(
+            f"{args.command}: {args.run} is a sweep; name one of its points, e.g. {found.sweep_id}/0"
+        )
+    return found
+
+
 def cmd_logs(args: argparse.Namespace) -> int:
-    from orchestrator.storage.catalog import resolve_run
-
-    run = resolve_run(args.run, _storage_root(args.config))
+    run = _one_run(args)
     if args.follow:
-        return _follow_logs(run, args.rank)
-    files = run.log_files()
-    if not files:
-        raise OrchError(f"run {run.run_id} has no logs yet")
-    attempt = args.attempt if args.attempt is not None else max(a for a, _ in files)
-    chosen = sorted(
-        (rank, url)
-        for (a, rank), url in files.items()
-        if a == attempt and (not args.rank or rank in args.rank)
-    )
-    if not chosen:
-        raise OrchError(f"no logs for attempt {attempt}" + (f" rank(s) {args.rank}" if args.rank else ""))
-    from orchestrator.launch.logstream import rank_line
-
-    for rank, url in chosen:
-        data = open(url, "rb").read() if run.is_local else _read_remote(url, run)
-        for line in data.splitlines():
-            print(rank_line(rank, line))
+        run.logs(args.rank, follow=True, out=sys.stdout)
+        return 0
+    for line in run.logs(args.rank, attempt=args.attempt):
+        print(line)
     return 0
-
-
-def _follow_logs(run: Any, ranks: list[int] | None) -> int:
-    """Print the latest attempt's rank logs as they grow; move on to new attempts; stop when
-    the run has finished."""
-    from orchestrator.launch.logstream import LogStreamer
-
-    if not run.is_local:
-        raise UsageError("logs -f: follows run directories on a filesystem; without -f it reads any storage")
-    streamer = LogStreamer(sys.stdout, ranks, interval_s=0.2)
-    streamer.start()
-    attempt = None
-    try:
-        while True:
-            files = run.log_files()
-            latest = max((a for a, _ in files), default=None)
-            if latest is not None and latest != attempt:
-                if attempt is not None:
-                    streamer.flush()
-                attempt = latest
-                for (a, rank), path in sorted(files.items()):
-                    if a == attempt:
-                        streamer.follow(rank, path)
-            elif latest is not None:
-                for (a, rank), path in files.items():
-                    if a == attempt:
-                        streamer.follow_if_new(rank, path)
-            if any(e.get("event") == Event.RUN_FINISHED for e in run.events()):
-                break
-            time.sleep(0.5)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        streamer.stop()
-    return 0
-
-
-def _read_remote(path: str, run: Any) -> bytes:
-    import fsspec
-
-    fs, _ = fsspec.core.url_to_fs(run.url)
-    return fs.cat_file(path)
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    from orchestrator.storage.catalog import list_runs
-    from orchestrator.supervision.status import summarize
+    from orchestrator import api
 
-    root = _storage_root(args.config)
-    rows = []
-    for run in list_runs(root):
-        fields = summarize(run.events())
-        rows.append(
-            {
-                "run_id": run.run_id,
-                "state": fields["state"],
-                "attempts": fields["attempts"],
-                "started": fields["started"],
-                "run_dir": run.url,
-            }
-        )
-    rows.sort(key=lambda r: r["started"] or 0)
+    root = api.storage_root_of(args.config)
+    rows = api.list_runs(root)
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
@@ -649,53 +643,39 @@ def cmd_ls(args: argparse.Namespace) -> int:
         print(f"no runs under {root}")
         return 0
     print(f"{'RUN':48} {'STATE':10} {'ATTEMPTS':8} STARTED")
+    sweeps_seen: set[str] = set()
     for r in rows:
-        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["started"])) if r["started"] else "-"
-        print(f"{r['run_id']:48} {r['state']:10} {r['attempts']:<8} {started}")
+        if r.get("sweep") in sweeps_seen:
+            continue
+        members = [r] if "sweep" not in r else [m for m in rows if m.get("sweep") == r["sweep"]]
+        if "sweep" in r:
+            sweeps_seen.add(r["sweep"])
+            counts: dict[str, int] = {}
+            for m in members:
+                counts[m["state"]] = counts.get(m["state"], 0) + 1
+            summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+            print(f"{r['sweep']:48} sweep of {len(members)} point(s): {summary}")
+        for m in sorted(members, key=lambda m: int(m["run_id"].rsplit("/", 1)[-1]) if "sweep" in m else 0):
+            started = (
+                time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(m["started"])) if m["started"] else "-"
+            )
+            name = f"  {m['run_id']}" if "sweep" in m else m["run_id"]
+            values = "  " + " ".join(f"{k}={v}" for k, v in m["values"].items()) if "sweep" in m else ""
+            print(f"{name:48} {m['state']:10} {m['attempts']:<8} {started}{values}")
     return 0
 
 
 def cmd_checkpoints(args: argparse.Namespace) -> int:
-    from orchestrator.storage.catalog import resolve_run
-    from orchestrator.storage.ckpt_store import CheckpointStore, CorruptCheckpoint
-
-    run = resolve_run(args.run, _storage_root(args.config))
-    store = CheckpointStore(run.child("ckpt"))
-    rows = []
-    for step in store.committed_steps():
-        try:
-            info = store.verify(step) if args.verify else store.info(step)
-            rows.append(
-                {
-                    "step": step,
-                    "created": info.created,
-                    "size": info.size,
-                    "model_digest": info.model_digest,
-                    "verified": True if args.verify else None,
-                    "url": info.url,
-                }
-            )
-        except (CorruptCheckpoint, OSError) as exc:  # OSError: the storage, mid-read (deleted, ESTALE)
-            error = (
-                str(exc) if isinstance(exc, CorruptCheckpoint) else f"storage error: {exc.strerror or exc}"
-            )
-            rows.append(
-                {
-                    "step": step,
-                    "created": None,
-                    "size": None,
-                    "model_digest": None,
-                    "verified": False,
-                    "error": error,
-                }
-            )
+    rows = _one_run(args).checkpoints(verify=args.verify)
     # Any checkpoint that fails verification fails the command: scripts check before they copy.
     exit_status = 1 if any(r["verified"] is False for r in rows) else 0
     if args.json:
         print(json.dumps(rows, indent=1))
         return exit_status
     if not rows:
-        print(f"no committed checkpoints in {store.url}")
+        from orchestrator.storage.ckpt_store import CheckpointStore
+
+        print(f"no committed checkpoints in {CheckpointStore(_one_run(args).dir.child('ckpt')).url}")
         return 0
     print(f"{'STEP':>10} {'CREATED':19} {'SIZE':>12} {'VERIFIED':8} MODEL DIGEST")
     for r in rows:
@@ -719,6 +699,7 @@ COMMANDS = {
     "logs": cmd_logs,
     "ls": cmd_ls,
     "checkpoints": cmd_checkpoints,
+    "sweep": cmd_sweep,
 }
 
 

@@ -94,6 +94,10 @@ PREEMPTED_EXIT_CODE = 75
 # ---------------------------------------------------------------------------- files
 
 FORKSERVER_LOG = "forkserver.log"  # in logs/: the local fork server's own output
+# In the run directory: rank 0's last logged scalars ({"step", "time", "scalars"}), written by
+# runtime.Metrics at most every METRICS_WRITE_S and at close; read by `orch status SWEEP`.
+METRICS_FILE = "metrics.json"
+METRICS_WRITE_S = 5.0
 
 
 def attempt_dir_name(attempt: int | str) -> str:
@@ -276,6 +280,9 @@ class Event(StrEnum):
     SUBMITTED = "submitted"
     CANCEL_REQUESTED = "cancel_requested"
     RESUMED = "resumed"  # `orch resume`: the run goes on from its newest checkpoint
+    # a sweep's own ledger (storage/sweepdir.py): its local runner, or its Slurm job arrays
+    SWEEP_STARTED = "sweep_started"
+    SWEEP_FINISHED = "sweep_finished"
     # supervisors
     RUN_STARTED = "run_started"  # local supervisor
     JOB_STARTED = "job_started"  # Slurm supervisor, once per incarnation of the job

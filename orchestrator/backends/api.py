@@ -14,6 +14,7 @@ from typing import Any, ClassVar, Protocol
 
 from orchestrator.spec.config import ClusterConfig
 from orchestrator.storage.rundir import RunDir
+from orchestrator.storage.sweepdir import SweepDir
 from orchestrator.supervision.status import LiveState
 
 
@@ -50,6 +51,21 @@ class Backend(Protocol):
 
     def submit(self, config: ClusterConfig, run: RunDir, python: str) -> Submission:
         """Hand the run to the scheduler (`orch submit`)."""
+
+    def check_sweep(self, spec: Any) -> None:
+        """Refuse (OrchError) a sweep this backend cannot run as one (Slurm: points that ask for
+        different allocations cannot share a job array)."""
+
+    def run_sweep(
+        self, sweep: SweepDir, record: dict[str, Any], points: Sequence[RunDir], console: Any
+    ) -> dict[int, str]:
+        """Run these points of a sweep in the foreground (`orch sweep`); point index -> state."""
+
+    def submit_sweep(self, sweep: SweepDir, record: dict[str, Any], points: Sequence[RunDir]) -> list[str]:
+        """Hand these points of a sweep to the scheduler as one job array; their job ids."""
+
+    def cancel_sweep(self, sweep: SweepDir, points: Sequence[Any]) -> str:
+        """Stop a running sweep (`orch cancel SWEEP`); what was done, one line."""
 
     def live_state(self, run: RunDir, events: Sequence[dict[str, Any]]) -> LiveState:
         """What the run's events cannot say: is its supervisor alive, what does the scheduler

@@ -1,4 +1,5 @@
-"""TensorBoard scalars from rank 0 into the run directory's tb/ (other ranks write nothing)."""
+"""TensorBoard scalars from rank 0 into the run directory's tb/ (other ranks write nothing),
+and the last of them into metrics.json, which `orch status SWEEP` reads without TensorBoard."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ import tempfile
 import time
 from typing import Any
 
+from orchestrator.contract import METRICS_WRITE_S
 from orchestrator.storage.goodput import ledger
-from orchestrator.storage.rundir import RunDir
+from orchestrator.storage.rundir import RunDir, write_metrics
 
 from .dist import DistContext
 
@@ -16,6 +18,8 @@ from .dist import DistContext
 class Metrics:
     def __init__(self, ctx: DistContext, logdir: str | None = None) -> None:
         self._writer: Any = None
+        self._last: dict[str, Any] = {}
+        self._last_written = 0.0
         if not ctx.is_main:
             return
         if logdir is None:
@@ -38,6 +42,18 @@ class Metrics:
             self._write_run_health(step)
         for name, value in values.items():
             self._writer.add_scalar(name, value, step)
+        self._last = {"step": step, "time": time.time(), "scalars": {k: float(v) for k, v in values.items()}}
+        if time.monotonic() - self._last_written >= METRICS_WRITE_S:
+            self._write_last()
+
+    def _write_last(self) -> None:
+        """metrics.json: best effort (a storage hiccup costs a stale table row, not the run)."""
+        self._last_written = time.monotonic()
+        if self._last and self._ctx.run_dir:
+            try:
+                write_metrics(self._ctx.run_dir, self._last)
+            except Exception:  # noqa: BLE001 - any storage's error; the next write tries again
+                pass
 
     def _write_run_health(self, step: int) -> None:
         """Restarts so far and the goodput of the run up to this attempt, once per attempt."""
@@ -58,5 +74,6 @@ class Metrics:
 
     def close(self) -> None:
         if self._writer is not None:
+            self._write_last()
             self._writer.close()
             self._writer = None

@@ -511,16 +511,22 @@ def parse_override(text: str, source: str = "--set") -> tuple[tuple[str, ...], A
 
 def apply_overrides(data: Mapping[str, Any], overrides: typing.Iterable[str]) -> dict[str, Any]:
     """A copy of the raw mapping with each `dotted.path=value` written into it."""
+    return apply_values(data, [parse_override(text) for text in overrides])
+
+
+def apply_values(
+    data: Mapping[str, Any], values: typing.Iterable[tuple[tuple[str, ...], Any]], source: str = "--set"
+) -> dict[str, Any]:
+    """A copy of the raw mapping with each (path parts, value) written into it."""
     result: dict[str, Any] = _deep_copy(data)
-    for text in overrides:
-        parts, value = parse_override(text)
+    for parts, value in values:
         node = result
         for i, part in enumerate(parts[:-1]):
             child = node.get(part)
             if child is None:
                 child = {}
             if not isinstance(child, dict):
-                raise _error("--set", ".".join(parts[: i + 1]), "is not a mapping")
+                raise _error(source, ".".join(parts[: i + 1]), "is not a mapping")
             # Copy on write: a YAML alias of this mapping elsewhere keeps its own value.
             child = node[part] = dict(child)
             node = child
@@ -833,14 +839,13 @@ def _runtime_hint(name: str) -> str:
     return f" from {field_path}" if field_path else ""
 
 
-def load_config(
-    path: str,
-    overrides: typing.Iterable[str] = (),
-    *,
-    backend: str | None = None,
-    check_files: bool = True,
-) -> ClusterConfig:
-    """Read cluster.yaml, apply `--set` overrides and `--backend`, validate."""
+# What load_config does with a `sweep:` section (a sweep's base config and its points are read
+# by orchestrator.spec.sweep): refuse it (orch run, orch submit), or leave it out (storage.root).
+SweepSection = Literal["refuse", "ignore"]
+
+
+def read_document(path: str) -> dict[str, Any]:
+    """cluster.yaml as raw data (a mapping); a missing, unreadable or malformed file is one line."""
     source = path
     try:
         with open(path, encoding="utf-8") as fh:
@@ -858,11 +863,31 @@ def load_config(
         data = {}
     if not isinstance(data, Mapping):
         raise _error(source, "<top>", f"expected a mapping, got {_describe(data)}")
-    data = apply_overrides(data, overrides)
+    return dict(data)
+
+
+def load_config(
+    path: str,
+    overrides: typing.Iterable[str] = (),
+    *,
+    backend: str | None = None,
+    check_files: bool = True,
+    sweep: SweepSection = "refuse",
+) -> ClusterConfig:
+    """Read cluster.yaml, apply `--set` overrides and `--backend`, validate."""
+    data = apply_overrides(read_document(path), overrides)
     if backend is not None:
         data["backend"] = backend
+    if data.get("sweep") is not None:
+        if sweep == "refuse":
+            raise _error(
+                path,
+                "sweep",
+                "this config is a sweep: start it with `orch sweep` (`orch render` shows every point)",
+            )
+    data.pop("sweep", None)  # `sweep: null` (--set sweep=null): one run of the base config
     return parse_config(
-        data, source=source, base_dir=os.path.dirname(os.path.abspath(path)), check_files=check_files
+        data, source=path, base_dir=os.path.dirname(os.path.abspath(path)), check_files=check_files
     )
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 
 from orchestrator.spec.config import field_docs
+from orchestrator.spec.sweep import FIELDS as SWEEP_FIELDS
 
 
 def render_config_doc() -> str:
@@ -43,6 +44,24 @@ def render_config_doc() -> str:
         else:
             shown = json.dumps(list(default) if isinstance(default, tuple) else default)
             lines.append(f"| `{path}` | `{shown}` | {doc} |")
+    lines += [
+        "",
+        "## Sweeps",
+        "",
+        (
+            "A `sweep:` section makes the config a sweep, started with `orch sweep` (docs/cli.md): every"
+            " point is a whole run whose `{name}` placeholders in `job.args`, `job.env` and"
+            " `sweep.set` take the point's values (`{{`/`}}` for literal braces). The points are the"
+            " grid's combinations, then `points`, then the random draws; duplicates, empty axes,"
+            " unknown placeholders and values no placeholder uses are refused."
+        ),
+        "",
+        "| field | default | meaning |",
+        "| --- | --- | --- |",
+    ]
+    for name, default, doc in SWEEP_FIELDS:
+        escaped = doc.replace("|", "\\|")
+        lines.append(f"| `sweep.{name}` | `{default}` | {escaped} |")
     return "\n".join(lines) + "\n"
 
 

@@ -19,7 +19,10 @@
 A point's values fill `{name}` placeholders in `job.args`, `job.env` and `set`'s values; a
 string that is exactly one placeholder takes the value itself (a number stays a number), and
 `{{`/`}}` stand for literal braces. Every error is one line naming the field (ConfigError).
-Issue 16: not yet wired to `orch sweep`, the backends or `orch status`.
+Unquoted in YAML, `[--lr, {lr}]` reads as a list holding the mapping {lr: null}; inside a list
+or a mapping such a one-name mapping is taken as the placeholder it was written as.
+
+`load_sweep` reads a config with a sweep into one validated ClusterConfig per point.
 """
 
 from __future__ import annotations
@@ -32,12 +35,38 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from orchestrator.errors import ConfigError
+from orchestrator.errors import ConfigError, UsageError
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
 _PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([^{}]*)\}")
 DISTRIBUTIONS = ("uniform", "log_uniform", "int_uniform", "choice")
 MAX_POINTS = 10_000
+
+
+# The `sweep:` section's fields and what they mean (docs/config.md is generated from this).
+FIELDS = (
+    ("grid", "{}", "Names to lists of values: one point per combination, in the order written."),
+    ("points", "[]", "A list of points written out, each a mapping of names to values (after the grid's)."),
+    (
+        "random",
+        "null",
+        "`{draws: N, seed: S, space: {name: DIST}}`: N points drawn with the seed (the same points on"
+        " every expansion), DIST one of `{uniform: [lo, hi]}`, `{log_uniform: [lo, hi]}`,"
+        " `{int_uniform: [lo, hi]}`, `{choice: [...]}`.",
+    ),
+    (
+        "set",
+        "{}",
+        'Any config path to a value with `{name}` placeholders (`resources.nodes: "{n}"`); a string'
+        " that is one placeholder takes the value's type.",
+    ),
+    (
+        "max_parallel",
+        "null",
+        "Points running at once (locally; default: as many as the cores and GPUs hold) or array"
+        " tasks at once on Slurm (default: all).",
+    ),
+)
 
 
 @dataclass(frozen=True)
@@ -202,9 +231,9 @@ def _fill(value: Any, values: Mapping[str, Any], path: str) -> Any:
     """`value` with every `{name}` placeholder replaced by the point's value (recursively in
     lists and mappings); a string that is one placeholder becomes the value itself."""
     if isinstance(value, list):
-        return [_fill(v, values, f"{path}[{i}]") for i, v in enumerate(value)]
+        return [_fill(_unquoted(v), values, f"{path}[{i}]") for i, v in enumerate(value)]
     if isinstance(value, Mapping):
-        return {k: _fill(v, values, f"{path}.{k}") for k, v in value.items()}
+        return {k: _fill(_unquoted(v), values, f"{path}.{k}") for k, v in value.items()}
     if not isinstance(value, str) or "{" not in value and "}" not in value:
         return value
     stray = _PLACEHOLDER.sub("", value)
@@ -220,6 +249,15 @@ def _fill(value: Any, values: Mapping[str, Any], path: str) -> Any:
         return str(_lookup(match.group(1), values, path))
 
     return _PLACEHOLDER.sub(one, value)
+
+
+def _unquoted(value: Any) -> Any:
+    """`{lr}` unquoted in a YAML list or mapping (the mapping {lr: None}) -> the text "{lr}"."""
+    if isinstance(value, Mapping) and len(value) == 1:
+        ((key, inner),) = value.items()
+        if inner is None and isinstance(key, str) and _NAME.match(key):
+            return f"{{{key}}}"
+    return value
 
 
 def _lookup(name: str, values: Mapping[str, Any], path: str) -> Any:
@@ -267,3 +305,125 @@ def names(points: Sequence[SweepPoint]) -> list[str]:
     for point in points:
         seen.update(dict.fromkeys(point.values))
     return list(seen)
+
+
+# ---------------------------------------------------------------------------- configs
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """A sweep read from cluster.yaml and the command line: each point's validated config."""
+
+    points: tuple[SweepPoint, ...]
+    configs: tuple[Any, ...]  # ClusterConfig per point, in the points' order
+    max_parallel: int | None  # None: as many as the cores allow (the backend decides)
+    base: Any  # point 0's config: what every point shares (job name, storage.root, backend)
+    source: str
+
+    @property
+    def names(self) -> list[str]:
+        return names(self.points)
+
+
+def grid_axis(text: str) -> tuple[str, list[Any]]:
+    """`--grid name=v1,v2,...` -> (name, values); each value is read as YAML, as in cluster.yaml
+    (`3` is a number, `1.0e-3` a float, `1e-3` and `adam` stay text)."""
+    from orchestrator.spec.config import parse_override
+
+    name, sep, raw = text.partition("=")
+    if not sep or not _NAME.match(name):
+        raise UsageError(
+            f"--grid: expected NAME=V1,V2,... with a name of letters, digits and _, got {text!r}"
+        )
+    if not raw.strip():
+        raise UsageError(f"--grid {name}: empty: a grid axis needs at least one value")
+    values = [parse_override(f"v={item}", "--grid")[1] for item in raw.split(",")]
+    return name, values
+
+
+def load_sweep(
+    path: str,
+    overrides: Sequence[str] = (),
+    *,
+    grid: Sequence[str] = (),
+    max_parallel: int | None = None,
+    backend: str | None = None,
+    check_files: bool = True,
+) -> SweepSpec:
+    """cluster.yaml (its `sweep:` section, `--set` overrides, `--grid` axes that add to or replace
+    the section's grid) -> one validated config per point. Every error is one line."""
+    import os
+
+    from orchestrator.spec.config import apply_overrides, read_document
+
+    data = apply_overrides(read_document(path), overrides)
+    if backend is not None:
+        data["backend"] = backend
+    section = data.get("sweep")
+    section = dict(section) if isinstance(section, Mapping) else ({} if section is None else section)
+    if grid and isinstance(section, dict):
+        axes = dict(section.get("grid") or {}) if isinstance(section.get("grid"), Mapping) else {}
+        for text in grid:
+            name, values = grid_axis(text)
+            axes[name] = values
+        section["grid"] = axes
+    if max_parallel is not None and isinstance(section, dict):
+        section["max_parallel"] = max_parallel
+    if not section and not grid:
+        raise ConfigError(path, "sweep", "no sweep: add a `sweep:` section or pass --grid NAME=V1,V2")
+    data["sweep"] = section
+    return sweep_from_document(
+        data, source=path, base_dir=os.path.dirname(os.path.abspath(path)), check_files=check_files
+    )
+
+
+def sweep_from_document(
+    data: Mapping[str, Any], *, source: str, base_dir: str, check_files: bool = True
+) -> SweepSpec:
+    """A raw document with a `sweep:` section -> SweepSpec (pure but for the entrypoint check)."""
+    from orchestrator.spec.config import apply_values, parse_config
+
+    section = data.get("sweep")
+    points = expand(section, source)
+    base_data = {k: v for k, v in data.items() if k != "sweep"}
+    configs = []
+    for point in points:
+        filled = point_overrides(data, point, source)
+        point_data = apply_values(base_data, [(tuple(k.split(".")), v) for k, v in filled.items()], source)
+        where = f"{source} (sweep point {point.index}: {_show(point.values)})"
+        configs.append(parse_config(point_data, source=where, base_dir=base_dir, check_files=check_files))
+    _check_used(data, points, source)
+    return SweepSpec(
+        points=tuple(points),
+        configs=tuple(configs),
+        max_parallel=section.get("max_parallel"),
+        base=configs[0],
+        source=source,
+    )
+
+
+def _check_used(data: Mapping[str, Any], points: Sequence[SweepPoint], source: str) -> None:
+    """A value no placeholder uses would run the same config under several names: refused."""
+    used: set[str] = set()
+    job = data.get("job") if isinstance(data.get("job"), Mapping) else {}
+    texts = [job.get("args"), job.get("env"), (data.get("sweep") or {}).get("set")]
+    for text in texts:
+        used.update(_placeholders(text))
+    for name in names(points):
+        if name not in used:
+            raise ConfigError(
+                source,
+                f"sweep.{name}",
+                f"no placeholder {{{name}}} uses it (in job.args, job.env or sweep.set):"
+                " every point would run the same config",
+            )
+
+
+def _placeholders(value: Any) -> set[str]:
+    if isinstance(value, list):
+        return set().union(*(_placeholders(_unquoted(v)) for v in value)) if value else set()
+    if isinstance(value, Mapping):
+        return set().union(*(_placeholders(_unquoted(v)) for v in value.values())) if value else set()
+    if isinstance(value, str):
+        return {m.group(1) for m in _PLACEHOLDER.finditer(value) if m.group(1) is not None}
+    return set()

@@ -18,9 +18,10 @@ import socket
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
-from orchestrator.contract import Event, attempt_dir_name, attempt_number, rank_of_file
+from orchestrator.contract import METRICS_FILE, Event, attempt_dir_name, attempt_number, rank_of_file
+from orchestrator.storage.runid import run_id_of_path
 
 
 def _yaml() -> Any:
@@ -51,7 +52,7 @@ class RunDir:
 
     @property
     def run_id(self) -> str:
-        return self.url.rstrip("/").rsplit("/", 1)[-1]
+        return run_id_of_path(self.url)
 
     @property
     def is_local(self) -> bool:
@@ -69,27 +70,7 @@ class RunDir:
 
     def create(self, run_config: dict[str, Any]) -> None:
         """Make the directory (private on local filesystems) and freeze run.yaml into it."""
-        if self.is_local:
-            root = self.local_path
-            os.makedirs(os.path.dirname(root) or ".", exist_ok=True)
-            os.makedirs(root, mode=0o700, exist_ok=False)
-            try:
-                os.chmod(root, 0o700)  # umask may have widened it
-                for sub in ("ckpt", "logs", "tb"):
-                    os.makedirs(os.path.join(root, sub), mode=0o700, exist_ok=True)
-                _write_local_atomic(
-                    os.path.join(root, "run.yaml"), _yaml().safe_dump(run_config, sort_keys=False).encode()
-                )
-            except BaseException:
-                # No half-made run directory (a full disk): the id stays free for the next try.
-                shutil.rmtree(root, ignore_errors=True)
-                raise
-        else:
-            fs, path = url_to_fs(self.url)
-            if fs.exists(f"{path}/run.yaml"):
-                raise FileExistsError(f"run directory already exists: {self.url}")
-            fs.makedirs(path, exist_ok=True)
-            fs.pipe_file(f"{path}/run.yaml", _yaml().safe_dump(run_config, sort_keys=False).encode())
+        create_directory(self.url, "run.yaml", run_config, subdirs=("ckpt", "logs", "tb"))
 
     def replace_run_config(self, run_config: dict[str, Any], keep_as: str) -> None:
         """A resume that changed the config: run.yaml becomes `run_config` (what every later
@@ -123,46 +104,10 @@ class RunDir:
     # ------------------------------------------------------------------ events
 
     def append_event(self, event: Event, **fields: Any) -> dict[str, Any]:
-        record = {"time": round(time.time(), 6), "event": event, **fields}
-        line = json.dumps(record, sort_keys=False, separators=(",", ":")) + "\n"
-        if self.is_local:
-            fd = os.open(
-                os.path.join(self.local_path, "events.jsonl"), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600
-            )
-            try:
-                os.write(fd, line.encode())
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        else:
-            fs, path = url_to_fs(self.url)
-            name = f"{time.time_ns():020d}-{secrets.token_hex(4)}.json"
-            fs.pipe_file(f"{path}/events/{name}", line.encode())
-        return record
+        return append_event(self.url, event, **fields)
 
     def events(self) -> list[dict[str, Any]]:
-        return list(self._iter_events())
-
-    def _iter_events(self) -> Iterator[dict[str, Any]]:
-        if self.is_local:
-            try:
-                with open(os.path.join(self.local_path, "events.jsonl"), encoding="utf-8") as fh:
-                    lines = fh.read().splitlines()
-            except FileNotFoundError:
-                return
-        else:
-            fs, path = url_to_fs(self.url)
-            fs.invalidate_cache()  # a cached listing would hide new events
-            try:
-                names = sorted(fs.ls(f"{path}/events", detail=False))
-            except FileNotFoundError:
-                return
-            lines = [fs.cat_file(n).decode() for n in names]
-        for line in lines:
-            try:
-                yield json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by a crash mid-write: the rest of the ledger still counts
+        return read_events(self.url)
 
     # ------------------------------------------------------------------ logs
 
@@ -176,7 +121,7 @@ class RunDir:
             # not append to one another's staged logs, which publish_logs would then upload
             # into the wrong run.
             digest = hashlib.sha256(self.url.rstrip("/").encode()).hexdigest()[:12]
-            staging = f"{self.run_id}-{digest}"
+            staging = f"{self.run_id.replace('/', '-')}-{digest}"
             base = os.path.join(tempfile.gettempdir(), f"orch-{os.getuid()}", staging, "logs")
         return os.path.join(base, attempt_dir_name(attempt))
 
@@ -237,6 +182,97 @@ class RunDir:
                 if rank is not None and name.endswith(".log"):
                     out[(n_attempt, rank)] = join(base, folder, name)
         return out
+
+
+def create_directory(
+    url: str, record_name: str, record: dict[str, Any], subdirs: tuple[str, ...] = ()
+) -> None:
+    """A new run's or sweep's directory (private on local filesystems) holding `record` as YAML
+    in `record_name`; FileExistsError if one is there. Locally it appears whole or not at all."""
+    data = _yaml().safe_dump(record, sort_keys=False).encode()
+    if is_local_url(url):
+        root = os.path.abspath(url.removeprefix("file://"))
+        os.makedirs(os.path.dirname(root) or ".", exist_ok=True)
+        os.makedirs(root, mode=0o700, exist_ok=False)
+        try:
+            os.chmod(root, 0o700)  # umask may have widened it
+            for sub in subdirs:
+                os.makedirs(os.path.join(root, sub), mode=0o700, exist_ok=True)
+            _write_local_atomic(os.path.join(root, record_name), data)
+        except BaseException:
+            # No half-made directory (a full disk): the id stays free for the next try.
+            shutil.rmtree(root, ignore_errors=True)
+            raise
+    else:
+        fs, path = url_to_fs(url)
+        if fs.exists(f"{path}/{record_name}"):
+            raise FileExistsError(f"directory already exists: {url}")
+        fs.makedirs(path, exist_ok=True)
+        fs.pipe_file(f"{path}/{record_name}", data)
+
+
+def append_event(url: str, event: Event, **fields: Any) -> dict[str, Any]:
+    """One event appended to the ledger of the directory at `url` (a run's or a sweep's)."""
+    record = {"time": round(time.time(), 6), "event": event, **fields}
+    line = json.dumps(record, sort_keys=False, separators=(",", ":")) + "\n"
+    if is_local_url(url):
+        path = os.path.join(os.path.abspath(url.removeprefix("file://")), "events.jsonl")
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, line.encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    else:
+        fs, path = url_to_fs(url)
+        name = f"{time.time_ns():020d}-{secrets.token_hex(4)}.json"
+        fs.pipe_file(f"{path}/events/{name}", line.encode())
+    return record
+
+
+def read_events(url: str) -> list[dict[str, Any]]:
+    """The ledger of the directory at `url`, in order; a line cut by a crash mid-write is skipped."""
+    if is_local_url(url):
+        try:
+            path = os.path.join(os.path.abspath(url.removeprefix("file://")), "events.jsonl")
+            with open(path, encoding="utf-8") as fh:
+                lines = fh.read().splitlines()
+        except FileNotFoundError:
+            return []
+    else:
+        fs, path = url_to_fs(url)
+        fs.invalidate_cache()  # a cached listing would hide new events
+        try:
+            names = sorted(fs.ls(f"{path}/events", detail=False))
+        except FileNotFoundError:
+            return []
+        lines = [fs.cat_file(n).decode() for n in names]
+    out = []
+    for line in lines:
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # the rest of the ledger still counts
+    return out
+
+
+def write_metrics(url: str, record: dict[str, Any]) -> None:
+    """The run's last scalars (contract.METRICS_FILE), replaced whole (atomic on both kinds)."""
+    data = json.dumps(record, separators=(",", ":")).encode()
+    if is_local_url(url):
+        _write_local_atomic(os.path.join(os.path.abspath(url.removeprefix("file://")), METRICS_FILE), data)
+    else:
+        fs, path = url_to_fs(url)
+        fs.pipe_file(f"{path}/{METRICS_FILE}", data)
+
+
+def read_metrics(run: RunDir) -> dict[str, Any]:
+    """{"step", "time", "scalars"} as rank 0 last wrote them; {} before the first."""
+    try:
+        record = json.loads(run.read_bytes(METRICS_FILE))
+    except (OSError, ValueError):  # none yet (FileNotFoundError is an OSError), or cut short
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 def safe_listdir(path: str) -> list[str]:

@@ -17,6 +17,7 @@ from orchestrator.errors import OrchError, UsageError
 from orchestrator.spec.config import ClusterConfig
 from orchestrator.storage.causes import storage_cause
 from orchestrator.storage.rundir import RunDir, is_local_url, this_host, url_to_fs
+from orchestrator.storage.sweepdir import SweepDir
 from orchestrator.supervision.status import LiveState
 
 from .liveness import supervisor_alive
@@ -156,6 +157,54 @@ class LocalBackend:
 
     def submit(self, config: ClusterConfig, run: RunDir, python: str) -> Submission:
         raise UsageError(self.submit_hint or "submit: not offered by the local backend")
+
+    def check_sweep(self, spec: Any) -> None:
+        """Nothing beyond each point's own checks: points may differ in anything."""
+
+    def run_sweep(
+        self, sweep: SweepDir, record: dict[str, Any], points: Sequence[RunDir], console: Any
+    ) -> dict[int, str]:
+        """The points in the foreground, up to max_parallel at once (sweep.py); index -> state."""
+        from orchestrator.backends.local.sweep import SweepRunner, available_cores, default_max_parallel
+        from orchestrator.launch import gpus
+        from orchestrator.spec.config import config_from_run_record
+
+        configs = [config_from_run_record(p.read_run_config()) for p in points]
+        fits = default_max_parallel(configs, available_cores(), len(gpus.host_gpus()))
+        wanted = record.get("max_parallel")
+        if wanted is not None and wanted > fits:
+            print(
+                f"[orch] sweep.max_parallel={wanted}: more points at once than this machine's"
+                f" {available_cores()} core(s) hold without sharing ({fits}); running {wanted} anyway",
+                file=console,
+            )
+        runner = SweepRunner(sweep, points, wanted or fits, console)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda signum, _frame: runner.request_stop(signum))
+        return runner.run()
+
+    def submit_sweep(self, sweep: SweepDir, record: dict[str, Any], points: Sequence[RunDir]) -> list[str]:
+        raise UsageError(self.submit_hint or "submit: not offered by the local backend")
+
+    def cancel_sweep(self, sweep: SweepDir, points: Sequence[Any]) -> str:
+        events = sweep.events()
+        starts = [e for e in events if e.get("event") == Event.SWEEP_STARTED]
+        finished = bool(starts) and events.index(starts[-1]) < max(
+            (i for i, e in enumerate(events) if e.get("event") == Event.SWEEP_FINISHED), default=-1
+        )
+        if (
+            not starts
+            or finished
+            or not supervisor_alive(starts[-1])
+            or starts[-1].get("host") != this_host()
+        ):
+            raise OrchError(f"sweep {sweep.sweep_id} is not running here")
+        os.kill(int(starts[-1]["pid"]), signal.SIGTERM)
+        sweep.append_event(Event.CANCEL_REQUESTED, pid=starts[-1]["pid"])
+        return (
+            f"asked sweep {sweep.sweep_id} (pid {starts[-1]['pid']}) to stop: each running point"
+            " checkpoints and stops; `orch resume` continues it"
+        )
 
     def live_state(self, run: RunDir, events: Sequence[dict[str, Any]]) -> LiveState:
         start = _supervisor_start(events)

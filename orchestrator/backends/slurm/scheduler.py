@@ -34,13 +34,32 @@ def submit(
     try:
         job = executor.submit(supervise, run_url)
     except subprocess.CalledProcessError as exc:
-        detail = (
-            (exc.stderr or b"").decode("utf-8", "replace").strip().splitlines()
-            if isinstance(exc.stderr, bytes)
-            else str(exc.stderr or "").strip().splitlines()
-        )
-        raise OrchError(f"sbatch refused the job: {detail[-1] if detail else exc}") from None
+        raise OrchError(f"sbatch refused the job: {_stderr_line(exc)}") from None
     return str(job.job_id)
+
+
+def submit_array(
+    config: ClusterConfig, *, run_urls: list[str], folder: str, python: str, parallelism: int
+) -> list[str]:
+    """One job array (`--array=0-N%parallelism`) whose task i supervises run_urls[i]: every task
+    is a whole run with the allocation of `config` (the same for all). Its task job ids."""
+    import submitit
+
+    from orchestrator.backends.slurm.supervisor import supervise
+
+    executor = submitit.SlurmExecutor(folder=folder, python=python, max_num_timeout=config.slurm.max_requeues)
+    executor.update_parameters(**submitit_parameters(config), array_parallelism=parallelism)
+    try:
+        jobs = executor.map_array(supervise, run_urls)
+    except subprocess.CalledProcessError as exc:
+        raise OrchError(f"sbatch refused the job array: {_stderr_line(exc)}") from None
+    return [str(job.job_id) for job in jobs]
+
+
+def _stderr_line(exc: subprocess.CalledProcessError) -> str:
+    raw = exc.stderr or b""
+    lines = (raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)).strip().splitlines()
+    return lines[-1] if lines else str(exc)
 
 
 _STATE_MAP = {
@@ -82,6 +101,7 @@ def map_state(slurm_state: str | None) -> str | None:
 
 
 def cancel(job_id: str) -> None:
+    """scancel a job, an array (its id cancels every task) or one task (`ARRAY_TASK`)."""
     proc = _run(["scancel", job_id])
     if proc.returncode != 0:
         raise OrchError(f"scancel {job_id}: {proc.stderr.strip() or 'failed'}")

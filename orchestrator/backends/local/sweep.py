@@ -1,0 +1,106 @@
+"""A sweep on this machine: its points run as separate supervised runs, up to max_parallel at
+once, each an `orch resume POINT_DIR` process of its own (its own port lease, fork server,
+restarts and checkpoints: a point is a whole run). The terminal's Ctrl-C reaches only this
+runner, which asks every running point to stop (SIGTERM: a checkpoint first, as `orch cancel`)
+and starts no more; `orch resume SWEEP` continues the points that did not succeed."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Sequence
+from typing import IO, Any
+
+from orchestrator.contract import Event
+from orchestrator.launch.detached import console_log, start_detached
+from orchestrator.storage.rundir import RunDir, this_host
+from orchestrator.storage.sweepdir import SweepDir
+from orchestrator.supervision.status import summarize
+
+from .liveness import process_start_time
+
+POLL_S = 0.2
+
+
+def available_cores() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+def default_max_parallel(configs: Sequence[Any], cores: int, gpus: int) -> int:
+    """As many points as the cores hold (each point's ranks x cpus_per_rank), and the GPUs
+    (each point's nodes x gpus_per_node), at least one. Pure."""
+    per_point = max(c.resources.world_size * c.resources.cpus_per_rank for c in configs)
+    fits = cores // per_point
+    gpus_per_point = max(c.resources.nodes * c.resources.gpus_per_node for c in configs)
+    if gpus_per_point:
+        fits = min(fits, gpus // gpus_per_point)
+    return max(1, fits)
+
+
+class SweepRunner:
+    def __init__(
+        self, sweep: SweepDir, points: Sequence[RunDir], max_parallel: int, console: IO[str]
+    ) -> None:
+        self.sweep, self.points, self.max_parallel, self.console = sweep, list(points), max_parallel, console
+        self.running: dict[int, tuple[RunDir, subprocess.Popen, float]] = {}
+        self.stopping = False
+
+    def request_stop(self, signum: int) -> None:
+        if not self.stopping:
+            self._say(f"stopping: asking {len(self.running)} running point(s) to checkpoint and stop")
+        self.stopping = True
+        for _run, proc, _t in self.running.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+
+    def _say(self, text: str) -> None:
+        print(f"[orch] sweep {self.sweep.sweep_id}: {text}", file=self.console, flush=True)
+
+    def run(self) -> dict[int, str]:
+        """Every point to its end (or until stopped); point index -> final state."""
+        queue = list(self.points)
+        outcome: dict[int, str] = {}
+        total = len(queue)
+        self.sweep.append_event(
+            Event.SWEEP_STARTED,
+            backend="local",
+            host=this_host(),
+            pid=os.getpid(),
+            pid_started=process_start_time(os.getpid()),
+            points=[_index(p) for p in queue],
+            max_parallel=self.max_parallel,
+        )
+        self._say(f"{total} point(s), up to {self.max_parallel} at once")
+        while queue or self.running:
+            while queue and not self.stopping and len(self.running) < self.max_parallel:
+                run = queue.pop(0)
+                proc = start_detached(["resume", run.url, "--quiet"], console_log(run.url, run.run_id))
+                self.running[_index(run)] = (run, proc, time.monotonic())
+                console = console_log(run.url, run.run_id)
+                self._say(f"point {run.run_id} started (pid {proc.pid}; its console: {console})")
+            for index, (run, proc, started) in list(self.running.items()):
+                if proc.poll() is None:
+                    continue
+                del self.running[index]
+                state = summarize(run.events())["state"]
+                if proc.returncode != 0 and state in ("created", "running"):
+                    state = "lost"  # its supervisor died before recording an end: `orch resume` continues it
+                outcome[index] = state
+                done = len(outcome)
+                self._say(
+                    f"point {run.run_id} {state} after {time.monotonic() - started:.1f}s"
+                    f" ({done}/{total} done, {len(self.running)} running)"
+                )
+            if self.stopping and not self.running:
+                break
+            time.sleep(POLL_S)
+        for run in queue:
+            outcome[_index(run)] = "created"  # never started: `orch resume SWEEP` starts it
+        self.sweep.append_event(Event.SWEEP_FINISHED, outcome={str(k): v for k, v in sorted(outcome.items())})
+        return outcome
+
+
+def _index(run: RunDir) -> int:
+    return int(run.url.rstrip("/").rsplit("/", 1)[-1])

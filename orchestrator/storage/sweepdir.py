@@ -1,0 +1,85 @@
+"""A sweep's directory on storage: its record and its points, each a whole run directory.
+
+    <root>/<sweep-id>/sweep.yaml     what was swept: the points' values, backend, max_parallel
+                     /events.jsonl   the sweep's own ledger (a Slurm job array's id, cancels)
+                     /slurm/         submitit's files for the job array (slurm backend)
+                     /<index>/       point `index`: run.yaml, events, ckpt/, logs/, tb/ (RunDir)
+
+The points' run directories are created with the sweep, so a sweep stopped before it started
+some of them still names them all: `orch status SWEEP` shows them `created`, and
+`orch resume SWEEP` starts them.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from orchestrator.contract import Event
+from orchestrator.storage.rundir import (
+    RunDir,
+    append_event,
+    create_directory,
+    is_local_url,
+    join_url,
+    read_events,
+    url_to_fs,
+)
+
+SWEEP_FILE = "sweep.yaml"
+
+
+def _yaml() -> Any:
+    import yaml
+
+    return yaml
+
+
+@dataclass(frozen=True)
+class SweepDir:
+    url: str
+
+    @property
+    def sweep_id(self) -> str:
+        return self.url.rstrip("/").rsplit("/", 1)[-1]
+
+    @property
+    def is_local(self) -> bool:
+        return is_local_url(self.url)
+
+    def child(self, *parts: str) -> str:
+        return join_url(self.url, *parts)
+
+    def point(self, index: int) -> RunDir:
+        return RunDir(self.child(str(index)))
+
+    def create(self, record: dict[str, Any]) -> None:
+        """Make the directory (private on local filesystems) and write sweep.yaml into it."""
+        create_directory(self.url, SWEEP_FILE, record)
+
+    def exists(self) -> bool:
+        if self.is_local:
+            return os.path.isfile(os.path.join(self.url.removeprefix("file://"), SWEEP_FILE))
+        fs, path = url_to_fs(self.url)
+        return fs.exists(f"{path}/{SWEEP_FILE}")
+
+    def record(self) -> dict[str, Any]:
+        if self.is_local:
+            with open(os.path.join(self.url.removeprefix("file://"), SWEEP_FILE), "rb") as fh:
+                data = fh.read()
+        else:
+            fs, path = url_to_fs(self.url)
+            data = fs.cat_file(f"{path}/{SWEEP_FILE}")
+        return _yaml().safe_load(data) or {}
+
+    def points(self, record: dict[str, Any] | None = None) -> list[tuple[dict[str, Any], RunDir]]:
+        """(the point's record: index and values, its run directory), in index order."""
+        record = self.record() if record is None else record
+        return [(p, self.point(int(p["index"]))) for p in record.get("points", [])]
+
+    def append_event(self, event: Event, **fields: Any) -> dict[str, Any]:
+        return append_event(self.url, event, **fields)
+
+    def events(self) -> list[dict[str, Any]]:
+        return read_events(self.url)
