@@ -30,6 +30,12 @@ def _yaml() -> Any:
     return yaml
 
 
+def load_yaml(data: bytes) -> Any:
+    """Safe YAML, with libyaml's loader when there is one (10x faster on large records)."""
+    yaml = _yaml()
+    return yaml.load(data, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+
+
 def url_to_fs(url: str) -> tuple[Any, str]:
     import fsspec  # lazy: keeps `orch --help` instant
 
@@ -92,7 +98,7 @@ class RunDir:
         return fs.exists(f"{path}/run.yaml")
 
     def read_run_config(self) -> dict[str, Any]:
-        return _yaml().safe_load(self.read_bytes("run.yaml")) or {}
+        return load_yaml(self.read_bytes("run.yaml")) or {}
 
     def read_bytes(self, name: str) -> bytes:
         if self.is_local:
