@@ -66,7 +66,7 @@ def check_pass_env(config: Any) -> None:
         raise UsageError(f"job.pass_env: {missing[0]} is not set in this environment")
 
 
-def _backend_for(config: Any, command: str) -> Any:
+def backend_for(config: Any, command: str) -> Any:
     """The config's backend, checked for the command (`run` in the foreground or `submit`)."""
     from orchestrator.backends import get_backend
 
@@ -139,7 +139,7 @@ def run(
 ) -> Run:
     """Run the job on this machine, supervised (`orch run`). wait=True: in this process until it
     ends (its ranks' output on the console); wait=False: in a process of its own; returns at once."""
-    backend = _backend_for(config, "run")
+    backend = backend_for(config, "run")
     _check_before_creating(config, backend)
     handle = create_run(config, run_id=run_id, config_file=config_file)
     if not wait:
@@ -149,7 +149,7 @@ def run(
 
 def submit(config: Any, *, run_id: str | None = None, config_file: str | None = None) -> Run:
     """Submit the job to Slurm (`orch submit`); the Run's status() follows it."""
-    backend = _backend_for(config, "submit")
+    backend = backend_for(config, "submit")
     _check_before_creating(config, backend)
     handle = create_run(config, run_id=run_id, config_file=config_file)
     handle._submit(config, backend)
@@ -207,6 +207,11 @@ class Run:
                 st = self.status()
                 if st.state in FINAL_STATES or st.state == "lost":
                     return st
+                if self.process is not None and self.process.returncode != 0:
+                    raise OrchError(
+                        f"run {self.run_id}: its supervisor ended ({self.process.returncode}) with the run"
+                        f" {st.state}: {_last_line(console_log(self.url, self.run_id))}"
+                    )
             if deadline is not None and time.monotonic() >= deadline:
                 raise TimeoutError(
                     f"run {self.run_id} still {st.state if st else 'running'} after {timeout}s"
@@ -326,6 +331,7 @@ class Run:
 
     def cancel(self) -> str:
         """Stop the run (scancel for Slurm; SIGTERM to a local supervisor); what was done."""
+        _await_start(self.process, lambda: any(e.get("event") == Event.RUN_STARTED for e in self.events()))
         events = self.events()
         return self.backend(events).cancel(self.dir, events)
 
@@ -342,7 +348,11 @@ class Run:
         submitted again; local ones are supervised here (wait=True) or in the background."""
         overrides = list(overrides)
         if not wait and self.backend().foreground_hint is None:
-            self._check_resumable(self.status())  # here, in one line; the process does the rest
+            from orchestrator.spec.config import config_for_resume
+
+            # Checked here, in one line; the background process then does the rest.
+            self._check_resumable(self.status())
+            check_pass_env(config_for_resume(self.dir.read_run_config(), overrides))
             return self.start_in_background([arg for o in overrides for arg in ("--set", o)])
         prepared = self._prepare_resume(overrides, show_ranks, announce)
         if prepared is None:  # a scheduler's backend: the next attempt is a new job
@@ -444,6 +454,23 @@ class Run:
         return self
 
 
+def _await_start(process: subprocess.Popen | None, started: Any, timeout_s: float = 60.0) -> None:
+    """A supervisor just started in the background records its start within seconds: a cancel
+    sent before it would find nothing to stop (or kill it before it can stop cleanly)."""
+    deadline = time.monotonic() + timeout_s
+    while process is not None and process.poll() is None and not started() and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+def _last_line(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            lines = [line.strip() for line in fh if line.strip()]
+    except OSError:
+        return f"see {path}"
+    return lines[-1] if lines else f"see {path}"
+
+
 def _read_remote(path: str, run: Any) -> bytes:
     import fsspec
 
@@ -466,9 +493,13 @@ def storage_root_of(config_path: str = DEFAULT_CONFIG) -> str:
 def get_run(ref: str, *, config: str = DEFAULT_CONFIG, storage_root: str | None = None) -> Run | Sweep:
     """A run or sweep by id (`mnist-...`, a sweep's `sweep-id`, a point's `sweep-id/3`) under
     storage.root of `config` (or `storage_root`), or by its directory (path or URL)."""
-    from orchestrator.storage.catalog import resolve
+    from orchestrator.storage.catalog import names_a_directory, resolve
 
-    found = resolve(ref, storage_root if storage_root is not None else storage_root_of(config))
+    if storage_root is None:
+        # A directory named by its path needs no config (a background supervisor, started
+        # anywhere, must not read whatever cluster.yaml its working directory holds).
+        storage_root = "" if names_a_directory(ref) else storage_root_of(config)
+    found = resolve(ref, storage_root)
     from orchestrator.storage.sweepdir import SweepDir
 
     return Sweep(found) if isinstance(found, SweepDir) else Run(found)
@@ -537,7 +568,7 @@ def sweep(
 def create_sweep(spec: Any, *, sweep_id: str | None = None, config_file: str | None = None) -> Sweep:
     """The sweep's directory and every point's run directory; nothing is started."""
     from orchestrator.storage.rundir import join_url
-    from orchestrator.storage.runid import is_valid_run_id, new_run_id, point_run_id
+    from orchestrator.storage.runid import is_valid_run_id, new_run_id
     from orchestrator.storage.sweepdir import SweepDir
 
     sweep_id = sweep_id or new_run_id(spec.base.job_name)
@@ -557,6 +588,20 @@ def create_sweep(spec: Any, *, sweep_id: str | None = None, config_file: str | N
         "points": points,
     }
     _create(folder, record, "--sweep-id", f"sweep {sweep_id}", kind="sweep")
+    try:
+        _create_points(folder, spec, sweep_id, config_file)
+    except BaseException:
+        # No half-made sweep (a full disk, Ctrl-C): its id stays free for the next try.
+        from orchestrator.storage.sweepdir import remove_tree
+
+        remove_tree(folder.url)
+        raise
+    return Sweep(folder)
+
+
+def _create_points(folder: Any, spec: Any, sweep_id: str, config_file: str | None) -> None:
+    from orchestrator.storage.runid import point_run_id
+
     for point, config in zip(spec.points, spec.configs, strict=True):
         run_dir = folder.point(point.index)
         about = {"id": sweep_id, "index": point.index, "values": dict(point.values)}
@@ -570,7 +615,6 @@ def create_sweep(spec: Any, *, sweep_id: str | None = None, config_file: str | N
             from orchestrator.storage.hparams import write_hparams
 
             write_hparams(run_dir.child("tb"), dict(point.values))
-    return Sweep(folder)
 
 
 @dataclass
@@ -616,14 +660,18 @@ class Sweep:
         )
 
     def wait(self, timeout: float | None = None, poll_s: float = 1.0) -> Any:
-        """Block until every point has ended; the SweepStatus. TimeoutError after `timeout` s."""
-        from orchestrator.supervision.status import FINAL_STATES
+        """Block until the sweep is settled: no point running or queued (every point ended, or a
+        stopped sweep's unstarted points left `created`); the SweepStatus. TimeoutError after
+        `timeout` seconds."""
+        from orchestrator.backends import get_backend
 
+        backend = get_backend(self.record().get("backend", "local"))
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             if self.process is None or self.process.poll() is not None:
                 st = self.status()
-                if all(row["state"] in FINAL_STATES + ("lost",) for row in st.rows):
+                busy = [r for r in st.rows if r["state"] in ("running", "pending", "preempted-requeued")]
+                if not busy and not backend.sweep_active(self.dir):
                     return st
             if deadline is not None and time.monotonic() >= deadline:
                 raise TimeoutError(f"sweep {self.sweep_id} not finished after {timeout}s")
@@ -636,6 +684,9 @@ class Sweep:
             return self.point(index).cancel()
         from orchestrator.backends import get_backend
 
+        _await_start(
+            self.process, lambda: any(e.get("event") == Event.SWEEP_STARTED for e in self.dir.events())
+        )
         return get_backend(self.record().get("backend", "local")).cancel_sweep(self.dir, self.points())
 
     def unfinished(self) -> list[Run]:

@@ -368,10 +368,12 @@ def _config_file(args: argparse.Namespace) -> str | None:
 
 def _is_sweep(args: argparse.Namespace) -> bool:
     """A cluster.yaml with a `sweep:` section (or --grid axes on the command line)."""
+    if _is_quick_start(args):
+        if getattr(args, "grid", None):
+            raise UsageError("--grid: a sweep needs a cluster.yaml (its job.args take the {placeholders})")
+        return False
     if getattr(args, "grid", None):
         return True
-    if _is_quick_start(args):
-        return False
     from orchestrator.spec.config import apply_overrides, read_document
 
     return apply_overrides(read_document(args.config), args.overrides).get("sweep") is not None
@@ -491,14 +493,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.resume:
         if not args.run_id:
             raise UsageError("--resume: name the run to continue with --run-id ID")
+        from orchestrator.spec.config import load_config
         from orchestrator.storage.rundir import RunDir, join_url
 
-        run = RunDir(join_url(_load(args).storage_root, args.run_id))
+        # A sweep's config finds its points too (--run-id SWEEP/N): its section is left out here.
+        root = (
+            _load(args).storage_root
+            if _is_quick_start(args)
+            else load_config(args.config, _overrides(args), backend=args.backend, sweep="ignore").storage_root
+        )
+        run = RunDir(join_url(root, args.run_id))
         if not run.exists():
             raise UsageError(f"--resume: no run {args.run_id} at {run.url}")
         return _resume(args, api.Run(run))
     _refuse_sweep(args, "run")
     config = _load(args)
+    api.backend_for(config, "run")  # the same checks api.run makes, in the order users meet them
+    api.check_pass_env(config)
     show = _shown_ranks(args, config)  # bad input fails before the run directory exists
     run = api.run(
         config,
@@ -515,9 +526,10 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
     found = api.get_run(args.run, config=args.config)
     if isinstance(found, api.Sweep):
-        if args.overrides or args.ranks:
+        if args.overrides or args.ranks or args.job_args is not None:
             raise UsageError(
-                "resume: a sweep resumes as it was; --set and --ranks apply to one point (SWEEP/N)"
+                "resume: a sweep resumes as it was; --set, --ranks and job arguments apply to one"
+                " point (SWEEP/N)"
             )
         return _finish_sweep(args, found.resume())
     return _resume(args, found)

@@ -64,6 +64,10 @@ class Backend(Protocol):
     def submit_sweep(self, sweep: SweepDir, record: dict[str, Any], points: Sequence[RunDir]) -> list[str]:
         """Hand these points of a sweep to the scheduler as one job array; their job ids."""
 
+    def sweep_active(self, sweep: SweepDir) -> bool:
+        """Whether something of this backend still works on the sweep beyond what its points'
+        states show (a local sweep's runner, with points queued)."""
+
     def cancel_sweep(self, sweep: SweepDir, points: Sequence[Any]) -> str:
         """Stop a running sweep (`orch cancel SWEEP`); what was done, one line."""
 

@@ -17,7 +17,11 @@ def console_log(url: str, name: str) -> str:
     one), else a private file in the temp directory named after the run or sweep."""
     if "://" not in url or url.startswith("file://"):
         return os.path.join(url.removeprefix("file://"), SUPERVISOR_LOG)
-    folder = os.path.join(tempfile.gettempdir(), f"orch-{os.getuid()}", name.replace("/", "-"))
+    import hashlib
+
+    # Named by the URL too: two roots may hold runs of one name.
+    digest = hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:12]
+    folder = os.path.join(tempfile.gettempdir(), f"orch-{os.getuid()}", f"{name.replace('/', '-')}-{digest}")
     os.makedirs(folder, mode=0o700, exist_ok=True)
     return os.path.join(folder, SUPERVISOR_LOG)
 

@@ -41,6 +41,8 @@ _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
 _PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([^{}]*)\}")
 DISTRIBUTIONS = ("uniform", "log_uniform", "int_uniform", "choice")
 MAX_POINTS = 10_000
+# What every point shares: the sweep's backend, its directory (storage.root) and its name.
+SHARED_PATHS = ("backend", "storage.root", "name")
 
 
 # The `sweep:` section's fields and what they mean (docs/config.md is generated from this).
@@ -295,6 +297,8 @@ def _point_overrides(raw: Mapping[str, Any], point: SweepPoint) -> dict[str, Any
             raise _fail(f"set.{dotted}", "expected a dotted config path, e.g. job.args")
         if dotted.split(".")[0] == "sweep":
             raise _fail(f"set.{dotted}", "a sweep cannot set its own section")
+        if any(dotted == p or p.startswith(dotted + ".") for p in SHARED_PATHS):
+            raise _fail(f"set.{dotted}", "is the same for every point of a sweep (where and how it runs)")
         out[dotted] = _fill(value, point.values, f"sweep.set.{dotted}")
     return out
 
@@ -337,8 +341,10 @@ def grid_axis(text: str) -> tuple[str, list[Any]]:
         )
     if not raw.strip():
         raise UsageError(f"--grid {name}: empty: a grid axis needs at least one value")
-    values = [parse_override(f"v={item}", "--grid")[1] for item in raw.split(",")]
-    return name, values
+    items = raw.split(",")
+    if any(not item.strip() for item in items):
+        raise UsageError(f"--grid {name}: an empty value in {raw!r} (quote '' for an empty string)")
+    return name, [parse_override(f"v={item}", "--grid")[1] for item in items]
 
 
 def load_sweep(

@@ -15,11 +15,10 @@ from orchestrator.storage.sweepdir import SWEEP_FILE, SweepDir
 def resolve(ref: str, storage_root: str) -> RunDir | SweepDir:
     """A run id, sweep id or point id (under storage_root), or a run or sweep directory (path
     or URL) -> an existing RunDir or SweepDir."""
-    point = split_point_id(ref)
-    if point is not None and not os.path.isdir(ref):
-        url = join_url(storage_root, ref)
-    elif "://" in ref or os.sep in ref or ref in (".", "..") or _is_local_dir(ref):
+    if names_a_directory(ref):
         url = ref if "://" in ref else os.path.abspath(ref)
+    elif split_point_id(ref) is not None:
+        url = join_url(storage_root, ref)
     else:
         if not is_valid_run_id(ref):
             raise RunNotFound(f"{ref!r} is neither a run id nor a run directory")
@@ -31,6 +30,13 @@ def resolve(ref: str, storage_root: str) -> RunDir | SweepDir:
     if folder.exists():
         return folder
     raise RunNotFound(f"no run at {url} (no run.yaml); `orch ls` lists runs under {storage_root}")
+
+
+def names_a_directory(ref: str) -> bool:
+    """Whether `ref` is a directory's path or URL rather than an id under a storage root."""
+    if split_point_id(ref) is not None and not os.path.isdir(ref):
+        return False
+    return "://" in ref or os.sep in ref or ref in (".", "..") or _is_local_dir(ref)
 
 
 def _is_local_dir(ref: str) -> bool:

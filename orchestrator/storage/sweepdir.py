@@ -13,6 +13,7 @@ some of them still names them all: `orch status SWEEP` shows them `created`, and
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,3 +79,15 @@ class SweepDir:
 
     def events(self) -> list[dict[str, Any]]:
         return read_events(self.url)
+
+
+def remove_tree(url: str) -> None:
+    """Remove a directory and everything in it (a sweep whose creation failed)."""
+    if is_local_url(url):
+        shutil.rmtree(url.removeprefix("file://"), ignore_errors=True)
+        return
+    fs, path = url_to_fs(url)
+    try:
+        fs.rm(path, recursive=True)
+    except FileNotFoundError:
+        pass

@@ -157,7 +157,7 @@ def test_ctrl_c_cancel_and_resume_a_sweep_end_in_the_uninterrupted_weights(tmp_p
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "stopping: asking" in err, err
     states = [r["state"] for r in sweep_json(cfg, "c")["rows"]]
-    assert "running" not in states and "stopped" in states, states
+    assert "running" not in states and "cancelled" in states, states  # as `orch cancel POINT` ends it
 
     # One point by its id, then the rest of the sweep.
     one = run_orch("resume", "c/1", "--config", str(cfg), "--quiet", timeout=300)

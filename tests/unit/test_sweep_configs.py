@@ -243,3 +243,65 @@ def test_a_slurm_sweep_refuses_points_with_different_allocations(cfg):
 
 def test_grid_axis_reads_values_as_yaml():
     assert grid_axis("lr=1.0e-3,adam,3,true") == ("lr", [0.001, "adam", 3, True])
+
+
+def test_an_array_tasks_names_include_the_form_the_ledger_records():
+    from orchestrator.backends.slurm.supervisor import job_names
+
+    env = {"SLURM_JOB_ID": "37", "SLURM_ARRAY_JOB_ID": "36", "SLURM_ARRAY_TASK_ID": "1"}
+    assert job_names(env) == {"37", "36_1"}
+    assert job_names({"SLURM_JOB_ID": "12"}) == {"12"}
+
+
+def test_sweep_set_cannot_move_a_point_elsewhere(cfg):
+    for path in ("backend", "storage.root", "storage", "name"):
+        p = with_sweep(cfg, {"grid": {"x": ["a", "b"]}, "set": {path: "{x}"}})
+        with pytest.raises(ConfigError, match=f"sweep.set.{path}: is the same for every point"):
+            load_sweep(str(p))
+
+
+def test_an_empty_grid_value_is_refused(cfg):
+    with pytest.raises(UsageError, match="--grid lr: an empty value"):
+        grid_axis("lr=1,,2")
+
+
+def test_a_sweep_whose_points_cannot_all_be_created_leaves_nothing(cfg, monkeypatch):
+    with_sweep(cfg, {"grid": {"lr": [1, 2, 3]}}, args=["{lr}"])
+    spec = api.load_sweep(str(cfg))
+    made = []
+
+    def create_then_fail(self, record):
+        made.append(self.url)
+        if len(made) == 3:  # the third point fails (a full disk)
+            raise OSError(28, "No space left on device")
+        return original(self, record)
+
+    original = RunDir.create
+    monkeypatch.setattr(RunDir, "create", create_then_fail)
+    with pytest.raises(UsageError, match="No space left on device"):
+        api.create_sweep(spec, sweep_id="half")
+    assert not (cfg.parent / "runs" / "half").exists()
+
+
+def test_cli_refusals_of_sweep_misuse_are_one_line(cfg, tmp_path, capsys, monkeypatch):
+    with_sweep(cfg, {"grid": {"lr": [1, 2]}}, args=["{lr}"])
+    api.create_sweep(api.load_sweep(str(cfg)), sweep_id="sw")
+    cases = [
+        (["resume", "sw", "--config", str(cfg), "--", "--foo"], "a sweep resumes as it was"),
+        (["render", str(tmp_path / "train.py"), "--grid", "lr=1,2"], "--grid: a sweep needs a cluster.yaml"),
+        (["logs", "sw", "--config", str(cfg)], "sw is a sweep; name one of its points, e.g. sw/0"),
+        (["status", "sw/0", "--config", str(cfg), "--sort", "loss"], "--sort: orders a sweep's points"),
+        (
+            ["run", str(cfg), "--set", "sweep=null", "--backend", "slurm", "--ranks", "9"],
+            "for Slurm use `orch submit`",
+        ),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, (argv, err)
+    # A sweep's config finds its points for `orch run --resume` too (it got as far as the
+    # point's own config, which refuses the change: nothing is run here).
+    monkeypatch.chdir(cfg.parent)
+    assert main(["run", str(cfg), "--resume", "--run-id", "sw/0", "--set", "job.python=/nonexistent"]) == 2
+    assert "job.python: cannot change on resume" in capsys.readouterr().err

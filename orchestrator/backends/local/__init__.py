@@ -3,12 +3,13 @@ by `orch run` (supervisor.py); rendered by orchestrator.spec.render."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
 import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar
 
 from orchestrator.backends.api import RunOptions, Submission
@@ -28,15 +29,30 @@ def _supervisor_start(events: Sequence[dict[str, Any]]) -> dict[str, Any] | None
     return starts[-1] if starts else None
 
 
-def _finished_since_start(events: Sequence[dict[str, Any]]) -> bool:
-    """Whether the run's latest supervisor recorded its end (a resumed run starts anew)."""
-    finished = False
+def _unfinished_start(
+    events: Sequence[dict[str, Any]], started: Event, finished: Event
+) -> dict[str, Any] | None:
+    """The latest `started` record with no `finished` after it (a resumed run starts anew)."""
+    start = None
     for e in events:
-        if e.get("event") == Event.RUN_STARTED:
-            finished = False
-        elif e.get("event") == Event.RUN_FINISHED:
-            finished = True
-    return finished
+        if e.get("event") == started:
+            start = e
+        elif e.get("event") == finished:
+            start = None
+    return start
+
+
+def _finished_since_start(events: Sequence[dict[str, Any]]) -> bool:
+    """Whether the run's latest supervisor recorded its end."""
+    return _unfinished_start(events, Event.RUN_STARTED, Event.RUN_FINISHED) is None
+
+
+def _live_sweep_runner(events: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """The start record of a sweep's runner still at work on this host, else None."""
+    start = _unfinished_start(events, Event.SWEEP_STARTED, Event.SWEEP_FINISHED)
+    if start is None or start.get("host") != this_host() or not supervisor_alive(start):
+        return None
+    return start
 
 
 # How long an object store may take to answer one listing. A client's own retries against an
@@ -79,6 +95,22 @@ def probe_local_root(root: str) -> None:
             pass
     except OSError as exc:
         raise UsageError(f"storage.root: cannot write to {root}: {storage_cause(exc)}") from None
+
+
+@contextlib.contextmanager
+def signal_handlers(handlers: dict[int, Any]) -> Iterator[None]:
+    """These handlers while supervising in the foreground, the caller's own again afterwards (a
+    notebook's Ctrl-C raises KeyboardInterrupt again). Signals reach only the main thread: from
+    another thread nothing is installed, and stopping is `orch cancel`'s (or the API's cancel())."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, handler) for sig, handler in handlers.items()}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 class LocalBackend:
@@ -149,11 +181,14 @@ class LocalBackend:
             show_ranks=options.show_ranks,
             launcher=ForkServerLauncher(config),
         )
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda signum, _frame: supervisor.request_stop(signum))
-        # SIGUSR2: a preemption drill; ranks checkpoint and exit 75, and a new attempt resumes.
-        signal.signal(signal.SIGUSR2, lambda signum, _frame: supervisor.request_preemption(signum))
-        return supervisor.run_all()
+        handlers = {
+            signal.SIGINT: lambda signum, _frame: supervisor.request_stop(signum),
+            signal.SIGTERM: lambda signum, _frame: supervisor.request_stop(signum),
+            # A preemption drill: ranks checkpoint and exit 75, and a new attempt resumes.
+            signal.SIGUSR2: lambda signum, _frame: supervisor.request_preemption(signum),
+        }
+        with signal_handlers(handlers):
+            return supervisor.run_all()
 
     def submit(self, config: ClusterConfig, run: RunDir, python: str) -> Submission:
         raise UsageError(self.submit_hint or "submit: not offered by the local backend")
@@ -179,30 +214,29 @@ class LocalBackend:
                 file=console,
             )
         runner = SweepRunner(sweep, points, wanted or fits, console)
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda signum, _frame: runner.request_stop(signum))
-        return runner.run()
+        stop = lambda signum, _frame: runner.request_stop(signum)  # noqa: E731
+        with signal_handlers({signal.SIGINT: stop, signal.SIGTERM: stop}):
+            return runner.run()
 
     def submit_sweep(self, sweep: SweepDir, record: dict[str, Any], points: Sequence[RunDir]) -> list[str]:
         raise UsageError(self.submit_hint or "submit: not offered by the local backend")
 
+    def sweep_active(self, sweep: SweepDir) -> bool:
+        """Whether a sweep's runner is at work on this host (points may wait in its queue)."""
+        return _live_sweep_runner(sweep.events()) is not None
+
     def cancel_sweep(self, sweep: SweepDir, points: Sequence[Any]) -> str:
-        events = sweep.events()
-        starts = [e for e in events if e.get("event") == Event.SWEEP_STARTED]
-        finished = bool(starts) and events.index(starts[-1]) < max(
-            (i for i, e in enumerate(events) if e.get("event") == Event.SWEEP_FINISHED), default=-1
-        )
-        if (
-            not starts
-            or finished
-            or not supervisor_alive(starts[-1])
-            or starts[-1].get("host") != this_host()
-        ):
+        start = _live_sweep_runner(sweep.events())
+        if start is None:
             raise OrchError(f"sweep {sweep.sweep_id} is not running here")
-        os.kill(int(starts[-1]["pid"]), signal.SIGTERM)
-        sweep.append_event(Event.CANCEL_REQUESTED, pid=starts[-1]["pid"])
+        # Recorded first: the runner records a cancel in each running point before its SIGTERM.
+        sweep.append_event(Event.CANCEL_REQUESTED, pid=start["pid"])
+        try:
+            os.kill(int(start["pid"]), signal.SIGTERM)
+        except ProcessLookupError:
+            raise OrchError(f"sweep {sweep.sweep_id} is not running here (it just ended)") from None
         return (
-            f"asked sweep {sweep.sweep_id} (pid {starts[-1]['pid']}) to stop: each running point"
+            f"asked sweep {sweep.sweep_id} (pid {start['pid']}) to stop: each running point"
             " checkpoints and stops; `orch resume` continues it"
         )
 

@@ -45,18 +45,32 @@ class SweepRunner:
     ) -> None:
         self.sweep, self.points, self.max_parallel, self.console = sweep, list(points), max_parallel, console
         self.running: dict[int, tuple[RunDir, subprocess.Popen, float]] = {}
-        self.stopping = False
+        self.stop_signal: int | None = None  # set by the signal handler; acted on by the loop
+        self.told: set[int] = set()  # points already asked to stop
 
     def request_stop(self, signum: int) -> None:
-        if not self.stopping:
-            self._say(f"stopping: asking {len(self.running)} running point(s) to checkpoint and stop")
-        self.stopping = True
-        for _run, proc, _t in self.running.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
+        """Ctrl-C (SIGINT): the points stop; `orch cancel SWEEP` (SIGTERM): they are cancelled.
+        Only a flag: the loop, which also starts points, asks each one (none can slip by)."""
+        if self.stop_signal is None:
+            self.stop_signal = signum
 
     def _say(self, text: str) -> None:
         print(f"[orch] sweep {self.sweep.sweep_id}: {text}", file=self.console, flush=True)
+
+    def _tell_running_to_stop(self) -> None:
+        untold = [i for i in self.running if i not in self.told]
+        if not untold:
+            return
+        if not self.told:
+            self._say(f"stopping: asking {len(self.running)} running point(s) to checkpoint and stop")
+        for index in untold:
+            run, proc, _ = self.running[index]
+            self.told.add(index)
+            if proc.poll() is not None:
+                continue
+            if self.stop_signal == signal.SIGTERM:  # a cancel, as `orch cancel POINT` records it
+                run.append_event(Event.CANCEL_REQUESTED, pid=proc.pid, by="sweep")
+            proc.send_signal(signal.SIGTERM)
 
     def run(self) -> dict[int, str]:
         """Every point to its end (or until stopped); point index -> final state."""
@@ -72,34 +86,43 @@ class SweepRunner:
             points=[_index(p) for p in queue],
             max_parallel=self.max_parallel,
         )
-        self._say(f"{total} point(s), up to {self.max_parallel} at once")
-        while queue or self.running:
-            while queue and not self.stopping and len(self.running) < self.max_parallel:
-                run = queue.pop(0)
-                proc = start_detached(["resume", run.url, "--quiet"], console_log(run.url, run.run_id))
-                self.running[_index(run)] = (run, proc, time.monotonic())
-                console = console_log(run.url, run.run_id)
-                self._say(f"point {run.run_id} started (pid {proc.pid}; its console: {console})")
-            for index, (run, proc, started) in list(self.running.items()):
-                if proc.poll() is None:
-                    continue
-                del self.running[index]
-                state = summarize(run.events())["state"]
-                if proc.returncode != 0 and state in ("created", "running"):
-                    state = "lost"  # its supervisor died before recording an end: `orch resume` continues it
-                outcome[index] = state
-                done = len(outcome)
-                self._say(
-                    f"point {run.run_id} {state} after {time.monotonic() - started:.1f}s"
-                    f" ({done}/{total} done, {len(self.running)} running)"
-                )
-            if self.stopping and not self.running:
-                break
-            time.sleep(POLL_S)
-        for run in queue:
-            outcome[_index(run)] = "created"  # never started: `orch resume SWEEP` starts it
-        self.sweep.append_event(Event.SWEEP_FINISHED, outcome={str(k): v for k, v in sorted(outcome.items())})
+        try:
+            self._say(f"{total} point(s), up to {self.max_parallel} at once")
+            while queue or self.running:
+                while queue and self.stop_signal is None and len(self.running) < self.max_parallel:
+                    run = queue.pop(0)
+                    console = console_log(run.url, run.run_id)
+                    proc = start_detached(["resume", run.url, "--quiet"], console)
+                    self.running[_index(run)] = (run, proc, time.monotonic())
+                    self._say(f"point {run.run_id} started (pid {proc.pid}; its console: {console})")
+                if self.stop_signal is not None:
+                    self._tell_running_to_stop()
+                for index, (run, proc, started) in list(self.running.items()):
+                    if proc.poll() is None:
+                        continue
+                    del self.running[index]
+                    outcome[index] = self._final_state(run, proc)
+                    self._say(
+                        f"point {run.run_id} {outcome[index]} after {time.monotonic() - started:.1f}s"
+                        f" ({len(outcome)}/{total} done, {len(self.running)} running)"
+                    )
+                if self.stop_signal is not None and not self.running:
+                    break
+                time.sleep(POLL_S)
+        finally:
+            for run in queue:
+                outcome[_index(run)] = "created"  # never started: `orch resume SWEEP` starts it
+            self.sweep.append_event(
+                Event.SWEEP_FINISHED, outcome={str(k): v for k, v in sorted(outcome.items())}
+            )
         return outcome
+
+    @staticmethod
+    def _final_state(run: RunDir, proc: subprocess.Popen) -> str:
+        state = summarize(run.events())["state"]
+        if proc.returncode != 0 and state == "running":
+            return "lost"  # its supervisor died before recording an end: `orch resume` continues it
+        return state  # `created`: it never started (stopped before it could)
 
 
 def _index(run: RunDir) -> int:

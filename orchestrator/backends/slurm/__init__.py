@@ -21,6 +21,30 @@ def _job_id(events: Sequence[dict[str, Any]]) -> str | None:
     return str(jobs[-1]) if jobs else None
 
 
+def _index(run: RunDir) -> int:
+    return int(run.url.rstrip("/").rsplit("/", 1)[-1])
+
+
+def check_one_allocation(configs: Sequence[tuple[int, ClusterConfig]]) -> None:
+    """Refuse points that ask Slurm for different allocations: a job array has one."""
+    from orchestrator.backends.slurm.render import submitit_parameters
+
+    first_index, first = configs[0]
+    wanted = submitit_parameters(first)
+    for index, config in configs[1:]:
+        params = submitit_parameters(config)
+        differs = sorted(k for k in set(wanted) | set(params) if wanted.get(k) != params.get(k))
+        if not differs and config.slurm.max_requeues != first.slurm.max_requeues:
+            differs = ["max_requeues"]
+        if not differs and config.job.python != first.job.python:
+            differs = ["job.python"]
+        if differs:
+            raise UsageError(
+                f"sweep: point {index} asks Slurm for another allocation ({differs[0]}) than point"
+                f" {first_index}; a Slurm sweep is one job array, whose tasks share resources.* and slurm.*"
+            )
+
+
 class SlurmBackend:
     name: ClassVar[str] = "slurm"
     foreground_hint: ClassVar[str | None] = (
@@ -56,18 +80,7 @@ class SlurmBackend:
     def check_sweep(self, spec: Any) -> None:
         """A sweep is one job array: every task gets the same allocation, so the points may
         differ in anything but what the batch script asks Slurm for."""
-        from orchestrator.backends.slurm.render import submitit_parameters
-
-        first = submitit_parameters(spec.configs[0])
-        for point, config in zip(spec.points, spec.configs, strict=True):
-            params = submitit_parameters(config)
-            differs = sorted(k for k in set(first) | set(params) if first.get(k) != params.get(k))
-            if differs or config.slurm.max_requeues != spec.configs[0].slurm.max_requeues:
-                what = differs[0] if differs else "max_requeues"
-                raise UsageError(
-                    f"sweep: point {point.index} asks Slurm for another allocation ({what}) than point 0;"
-                    " a Slurm sweep is one job array, whose tasks share resources.* and slurm.*"
-                )
+        check_one_allocation(list(zip((p.index for p in spec.points), spec.configs, strict=True)))
 
     def run_sweep(
         self, sweep: SweepDir, record: dict[str, Any], points: Sequence[RunDir], console: Any
@@ -82,7 +95,9 @@ class SlurmBackend:
         from orchestrator.backends.slurm import scheduler
         from orchestrator.spec.config import config_from_run_record
 
-        config = config_from_run_record(points[0].read_run_config())
+        configs = [(_index(p), config_from_run_record(p.read_run_config())) for p in points]
+        check_one_allocation(configs)  # again: a point resumed alone may have changed its resources
+        config = configs[0][1]
         parallelism = record.get("max_parallel") or len(points)
         job_ids = scheduler.submit_array(
             config,
@@ -106,27 +121,30 @@ class SlurmBackend:
         )
         return job_ids
 
-    def cancel_sweep(self, sweep: SweepDir, points: Sequence[Any]) -> str:
-        """scancel every job array of the sweep (a resumed sweep may have several); each point's
-        cancel is recorded first, so that no task's supervisor mistakes it for a preemption."""
-        from orchestrator.backends.slurm.scheduler import cancel
+    def sweep_active(self, sweep: SweepDir) -> bool:
+        """Nothing runs a Slurm sweep but its tasks, whose states say it all."""
+        return False
 
-        arrays = sorted(
-            {
-                str(e["array_job_id"])
-                for e in sweep.events()
-                if e.get("event") == Event.SUBMITTED and e.get("array_job_id")
-            }
-        )
-        if not arrays:
+    def cancel_sweep(self, sweep: SweepDir, points: Sequence[Any]) -> str:
+        """scancel every point's latest job (its array task, or the job of a point resumed on its
+        own); each cancel is recorded first, so that no task's supervisor mistakes it for a
+        preemption. Jobs that already ended are skipped."""
+        from orchestrator.backends.slurm.scheduler import cancel_jobs
+        from orchestrator.supervision.status import summarize
+
+        if not any(e.get("event") == Event.SUBMITTED for e in sweep.events()):
             raise OrchError(f"sweep {sweep.sweep_id} was never submitted to Slurm")
+        job_ids = []
         for point in points:
-            job_id = _job_id(point.events())
-            if job_id is not None:
+            events = point.events()
+            job_id = _job_id(events)
+            if job_id is not None and summarize(events)["state"] not in ("succeeded", "failed", "cancelled"):
                 point.dir.append_event(Event.CANCEL_REQUESTED, job_id=job_id)
-        for array_id in arrays:
-            cancel(array_id)
-        return f"cancelled Slurm job array(s) {', '.join(arrays)} of sweep {sweep.sweep_id}"
+                job_ids.append(job_id)
+        if not job_ids:
+            raise OrchError(f"sweep {sweep.sweep_id} has no point left to cancel")
+        cancel_jobs(job_ids)
+        return f"cancelled {len(job_ids)} Slurm job(s) of sweep {sweep.sweep_id}: {' '.join(job_ids)}"
 
     def live_state(self, run: RunDir, events: Sequence[dict[str, Any]]) -> LiveState:
         from orchestrator.backends.slurm.scheduler import map_state, scheduler_state

@@ -107,6 +107,22 @@ def cancel(job_id: str) -> None:
         raise OrchError(f"scancel {job_id}: {proc.stderr.strip() or 'failed'}")
 
 
+# What scancel says of a job that has already ended (or was purged): nothing left to cancel.
+_ALREADY_ENDED = ("Invalid job id", "already completing or completed", "Job/step already completing")
+
+
+def cancel_jobs(job_ids: list[str]) -> None:
+    """scancel several jobs or array tasks at once; one that already ended is not an error."""
+    proc = _run(["scancel", *job_ids])
+    problems = [
+        line
+        for line in proc.stderr.strip().splitlines()
+        if line and not any(p in line for p in _ALREADY_ENDED)
+    ]
+    if proc.returncode != 0 and problems:
+        raise OrchError(f"scancel: {problems[0]}")
+
+
 def submitit_folder(run_dir: str) -> str:
     """Where submitit keeps its pickles and the batch log: a shared filesystem path."""
     if "://" not in run_dir or run_dir.startswith("file://"):

@@ -520,11 +520,21 @@ class PersistentAgentAttempts(SrunAttempts):
 class SlurmIncarnation:
     """The RunHooks of one incarnation of the job (a requeue starts a new one)."""
 
-    def __init__(self, config: ClusterConfig, run: RunDir, job_id: str, restart_count: int) -> None:
+    def __init__(
+        self,
+        config: ClusterConfig,
+        run: RunDir,
+        job_id: str,
+        restart_count: int,
+        names: frozenset[str] = frozenset(),
+    ) -> None:
         self.config = config
         self.run = run
         self.job_id = job_id
         self.restart_count = restart_count
+        # Every name this job goes by in the ledger: its id, and for an array task `ARRAY_TASK`,
+        # which is what `orch sweep` and `orch cancel SWEEP/N` record.
+        self.names = names | {job_id}
         # Ranks get Slurm's SIGTERM themselves and checkpoint; the supervisor keeps waiting for
         # its srun step and only remembers that this incarnation is ending.
         self.terminated = threading.Event()
@@ -544,7 +554,8 @@ class SlurmIncarnation:
         preemption, and a requeue would bring the cancelled job back."""
         run, job_id = self.run, self.job_id
         if any(
-            e.get("event") == Event.CANCEL_REQUESTED and str(e.get("job_id")) == job_id for e in run.events()
+            e.get("event") == Event.CANCEL_REQUESTED and str(e.get("job_id")) in self.names
+            for e in run.events()
         ):
             run.append_event(
                 Event.RUN_FINISHED,
@@ -597,13 +608,23 @@ def check_lead_time(run: RunDir, config: ClusterConfig) -> None:
             _log(f"WARNING: {message}")
 
 
+def job_names(environ: Mapping[str, str]) -> frozenset[str]:
+    """The names of the job this process runs in: its SLURM_JOB_ID, and `ARRAY_TASK` for a task
+    of a job array (whose SLURM_JOB_ID is a number of its own). Pure."""
+    names = {environ["SLURM_JOB_ID"]} if environ.get("SLURM_JOB_ID") else set()
+    array, task = environ.get("SLURM_ARRAY_JOB_ID"), environ.get("SLURM_ARRAY_TASK_ID")
+    if array and task:
+        names.add(f"{array}_{task}")
+    return frozenset(names)
+
+
 def supervise(run_url: str) -> None:
     run = RunDir(run_url)
     config = config_from_run_record(run.read_run_config())
     job_id = os.environ.get("SLURM_JOB_ID", "?")
     restart_count = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
     nodes = expand_hostlist(os.environ.get("SLURM_JOB_NODELIST", socket.gethostname()))
-    incarnation = SlurmIncarnation(config, run, job_id, restart_count)
+    incarnation = SlurmIncarnation(config, run, job_id, restart_count, job_names(os.environ))
     signal.signal(
         signal.SIGTERM, lambda _signum, _frame: incarnation.terminated.set()
     )  # replaces submitit's "bypass" handler
