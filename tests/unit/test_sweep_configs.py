@@ -305,3 +305,21 @@ def test_cli_refusals_of_sweep_misuse_are_one_line(cfg, tmp_path, capsys, monkey
     monkeypatch.chdir(cfg.parent)
     assert main(["run", str(cfg), "--resume", "--run-id", "sw/0", "--set", "job.python=/nonexistent"]) == 2
     assert "job.python: cannot change on resume" in capsys.readouterr().err
+
+
+def test_an_array_tasks_state_from_sacct_records_of_its_array():
+    from orchestrator.backends.slurm import _cancelled_before_it_ran
+    from orchestrator.backends.slurm.scheduler import array_record_state
+
+    lines = "3_0|RUNNING\n3_[1,3-4%1]|PENDING\n5|CANCELLED by 0\n"
+    assert array_record_state(lines, "3", 0) == "RUNNING"
+    assert array_record_state(lines, "3", 4) == "PENDING"
+    assert array_record_state(lines, "3", 2) is None  # cancelled alone while pending: no record
+    assert array_record_state("1_0|COMPLETED\n1|CANCELLED by 0\n", "1", 2) == "CANCELLED"
+    submitted = {"event": "submitted", "job_id": "3_2"}
+    cancel = {"event": "cancel_requested", "job_id": "3_2"}
+    assert _cancelled_before_it_ran([submitted, cancel], "3_2")
+    assert not _cancelled_before_it_ran([submitted, {"event": "job_started", "job_id": "9"}, cancel], "3_2")
+    assert not _cancelled_before_it_ran([submitted], "3_2")
+    earlier = [{"event": "submitted", "job_id": "1_2"}, {"event": "job_started", "job_id": "7"}]
+    assert _cancelled_before_it_ran([*earlier, submitted, cancel], "3_2")  # resumed, then cancelled

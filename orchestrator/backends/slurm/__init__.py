@@ -21,6 +21,20 @@ def _job_id(events: Sequence[dict[str, Any]]) -> str | None:
     return str(jobs[-1]) if jobs else None
 
 
+def _cancelled_before_it_ran(events: Sequence[dict[str, Any]], job_id: str) -> bool:
+    """Whether `orch cancel` reached this job (the latest submission) before it started. Pure."""
+    cancelled = started = False
+    for e in events:
+        kind = e.get("event")
+        if kind == Event.SUBMITTED:
+            cancelled = started = False  # an earlier submission's story is not this job's
+        elif kind == Event.JOB_STARTED:
+            started = True
+        elif kind == Event.CANCEL_REQUESTED and str(e.get("job_id")) == job_id:
+            cancelled = True
+    return cancelled and not started
+
+
 def _index(run: RunDir) -> int:
     return int(run.url.rstrip("/").rsplit("/", 1)[-1])
 
@@ -153,6 +167,9 @@ class SlurmBackend:
         if job_id is None:
             return LiveState()
         raw = scheduler_state(job_id)
+        if raw is None and _cancelled_before_it_ran(events, job_id):
+            # A job array's task cancelled while still pending leaves no record at all.
+            raw = "CANCELLED"
         return LiveState(scheduler_state=map_state(raw), scheduler_raw=raw)
 
     def cancel(self, run: RunDir, events: Sequence[dict[str, Any]]) -> str:

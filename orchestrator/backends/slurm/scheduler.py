@@ -91,7 +91,38 @@ def scheduler_state(job_id: str) -> str | None:
         for token in proc.stdout.split():
             if token.startswith("JobState="):
                 return token.split("=", 1)[1]
+    array, sep, task = job_id.partition("_")
+    if sep and task.isdecimal():
+        # A task cancelled (or ended) while still pending never got a record of its own: the
+        # array's record of its unsplit tasks (`ARRAY`, or `ARRAY_[1-3%1]`) holds its state.
+        proc = _run(["sacct", "-n", "-X", "-P", "-j", array, "-o", "JobID,State"])
+        if proc.returncode == 0:
+            return array_record_state(proc.stdout, array, int(task))
     return None
+
+
+def array_record_state(sacct_lines: str, array: str, task: int) -> str | None:
+    """The state of task `task` of job array `array` from `sacct -o JobID,State` lines: its own
+    record, else the record of the unsplit tasks that covers it. Pure."""
+    own = covering = None
+    for line in sacct_lines.splitlines():
+        job, _, state = line.partition("|")
+        state = state.split()[0] if state.split() else ""
+        if job == f"{array}_{task}":
+            own = state
+        elif job == array or job.startswith(f"{array}_[") and task in _task_range(job[len(array) + 2 : -1]):
+            covering = state
+    return own or covering
+
+
+def _task_range(spec: str) -> set[int]:
+    """`1-3,7%2` -> {1, 2, 3, 7}."""
+    tasks: set[int] = set()
+    for part in spec.partition("%")[0].split(","):
+        low, _, high = part.partition("-")
+        if low.isdecimal() and (not high or high.isdecimal()):
+            tasks.update(range(int(low), int(high or low) + 1))
+    return tasks
 
 
 def map_state(slurm_state: str | None) -> str | None:
