@@ -323,3 +323,18 @@ def test_an_array_tasks_state_from_sacct_records_of_its_array():
     assert not _cancelled_before_it_ran([submitted], "3_2")
     earlier = [{"event": "submitted", "job_id": "1_2"}, {"event": "job_started", "job_id": "7"}]
     assert _cancelled_before_it_ran([*earlier, submitted, cancel], "3_2")  # resumed, then cancelled
+
+
+def test_an_unreachable_controller_costs_one_timeout_not_one_per_point(monkeypatch):
+    from orchestrator.backends.slurm import scheduler
+
+    calls = []
+
+    def silent(argv, timeout=30):
+        calls.append(argv[0])
+        raise scheduler.OrchError(f"{argv[0]} did not answer within {timeout:g}s: is slurmctld reachable?")
+
+    monkeypatch.setattr(scheduler, "_run", silent)
+    monkeypatch.setattr(scheduler, "_unreachable", [])
+    assert [scheduler.scheduler_state(j) for j in ("4_0", "4_1", "4_2")] == [None, None, None]
+    assert calls == ["sacct"]

@@ -19,6 +19,8 @@ def _run(argv: list[str], timeout: float = 30) -> subprocess.CompletedProcess:
         return subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
     except FileNotFoundError:
         raise OrchError(f"{argv[0]} not found: is this a Slurm login node (is SLURM_CONF set)?") from None
+    except subprocess.TimeoutExpired:
+        raise OrchError(f"{argv[0]} did not answer within {timeout:g}s: is slurmctld reachable?") from None
 
 
 def submit(
@@ -78,15 +80,35 @@ _STATE_MAP = {
 }
 
 
+# Set once a state query timed out: the controller is unreachable, and every later query in
+# this process would wait as long again (`orch status SWEEP` asks once per point).
+_unreachable: list[str] = []
+STATE_QUERY_S = 10.0
+
+
 def scheduler_state(job_id: str) -> str | None:
-    """The job's Slurm state (sacct when accounting works, else squeue -t all, else scontrol)."""
-    proc = _run(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State"])
+    """The job's Slurm state (sacct when accounting works, else squeue -t all, else scontrol);
+    None when the scheduler does not know it, or does not answer (`orch status` then says so
+    and shows what the run's events know)."""
+    if _unreachable:
+        return None
+    try:
+        return _scheduler_state(job_id)
+    except OrchError as exc:
+        if "did not answer" not in str(exc):
+            raise
+        _unreachable.append(str(exc))
+        return None
+
+
+def _scheduler_state(job_id: str) -> str | None:
+    proc = _run(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State"], STATE_QUERY_S)
     if proc.returncode == 0 and proc.stdout.strip():
         return proc.stdout.strip().splitlines()[-1].split()[0]
-    proc = _run(["squeue", "-h", "-t", "all", "-j", job_id, "-o", "%T"])
+    proc = _run(["squeue", "-h", "-t", "all", "-j", job_id, "-o", "%T"], STATE_QUERY_S)
     if proc.returncode == 0 and proc.stdout.strip():
         return proc.stdout.strip().splitlines()[0]
-    proc = _run(["scontrol", "show", "job", job_id])
+    proc = _run(["scontrol", "show", "job", job_id], STATE_QUERY_S)
     if proc.returncode == 0:
         for token in proc.stdout.split():
             if token.startswith("JobState="):
@@ -95,7 +117,7 @@ def scheduler_state(job_id: str) -> str | None:
     if sep and task.isdecimal():
         # A task cancelled (or ended) while still pending never got a record of its own: the
         # array's record of its unsplit tasks (`ARRAY`, or `ARRAY_[1-3%1]`) holds its state.
-        proc = _run(["sacct", "-n", "-X", "-P", "-j", array, "-o", "JobID,State"])
+        proc = _run(["sacct", "-n", "-X", "-P", "-j", array, "-o", "JobID,State"], STATE_QUERY_S)
         if proc.returncode == 0:
             return array_record_state(proc.stdout, array, int(task))
     return None
