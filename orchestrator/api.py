@@ -66,6 +66,15 @@ def check_pass_env(config: Any) -> None:
         raise UsageError(f"job.pass_env: {missing[0]} is not set in this environment")
 
 
+def check_shown_ranks(ranks: Sequence[int] | None, config: Any) -> None:
+    """The ranks a console is to show (`--ranks`) must be in the run's world."""
+    bad = [r for r in ranks or () if not 0 <= r < config.resources.world_size]
+    if bad:
+        raise UsageError(
+            f"--ranks: rank {bad[0]} is outside the world of {config.resources.world_size} ranks"
+        )
+
+
 def backend_for(config: Any, command: str) -> Any:
     """The config's backend, checked for the command (`run` in the foreground or `submit`)."""
     from orchestrator.backends import get_backend
@@ -373,12 +382,7 @@ class Run:
         record = self.dir.read_run_config()
         config = config_for_resume(record, overrides)
         check_pass_env(config)
-        if show_ranks:
-            bad = [r for r in show_ranks if not 0 <= r < config.resources.world_size]
-            if bad:
-                raise UsageError(
-                    f"--ranks: rank {bad[0]} is outside the world of {config.resources.world_size} ranks"
-                )
+        check_shown_ranks(show_ranks, config)
         backend.check_storage(config.storage_root)  # fails before anything changes
         backend.check_host(config)
         attempt = next_attempt(events)
@@ -651,12 +655,13 @@ class Sweep:
         from orchestrator.supervision.sweep_status import sweep_status
 
         record = self.record()
+        points = [Run(run_dir) for _, run_dir in self.dir.points(record)]
         return sweep_status(
             self.sweep_id,
             self.url,
             record,
-            [run.status() for run in self.points()],
-            [run.metrics() for run in self.points()],
+            [run.status() for run in points],
+            [run.metrics() for run in points],
         )
 
     def wait(self, timeout: float | None = None, poll_s: float = 1.0) -> Any:
@@ -688,9 +693,6 @@ class Sweep:
             self.process, lambda: any(e.get("event") == Event.SWEEP_STARTED for e in self.dir.events())
         )
         return get_backend(self.record().get("backend", "local")).cancel_sweep(self.dir, self.points())
-
-    def unfinished(self) -> list[Run]:
-        return [run for run in self.points() if run.status().state != "succeeded"]
 
     def resume(self, *, wait: bool = True, console: IO[str] | None = None) -> Sweep:
         """Start again every point that has not succeeded, each from its newest checkpoint."""

@@ -443,12 +443,10 @@ def _parse_ranks(text: str | None) -> tuple[int, ...] | None:
 def _shown_ranks(args: argparse.Namespace, config: Any) -> tuple[int, ...] | None:
     if args.quiet:
         return ()
+    from orchestrator.api import check_shown_ranks
+
     ranks = _parse_ranks(args.ranks)
-    bad = [r for r in ranks or () if not 0 <= r < config.resources.world_size]
-    if bad:
-        raise UsageError(
-            f"--ranks: rank {bad[0]} is outside the world of {config.resources.world_size} ranks"
-        )
+    check_shown_ranks(ranks, config)
     return ranks
 
 
@@ -678,7 +676,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_checkpoints(args: argparse.Namespace) -> int:
-    rows = _one_run(args).checkpoints(verify=args.verify)
+    run = _one_run(args)
+    rows = run.checkpoints(verify=args.verify)
     # Any checkpoint that fails verification fails the command: scripts check before they copy.
     exit_status = 1 if any(r["verified"] is False for r in rows) else 0
     if args.json:
@@ -687,7 +686,7 @@ def cmd_checkpoints(args: argparse.Namespace) -> int:
     if not rows:
         from orchestrator.storage.ckpt_store import CheckpointStore
 
-        print(f"no committed checkpoints in {CheckpointStore(_one_run(args).dir.child('ckpt')).url}")
+        print(f"no committed checkpoints in {CheckpointStore(run.dir.child('ckpt')).url}")
         return 0
     print(f"{'STEP':>10} {'CREATED':19} {'SIZE':>12} {'VERIFIED':8} MODEL DIGEST")
     for r in rows:

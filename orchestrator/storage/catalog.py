@@ -72,14 +72,3 @@ def list_entries(storage_root: str) -> list[RunDir | SweepDir]:
         elif fs.exists(f"{path}/{name}/{SWEEP_FILE}"):
             out.append(SweepDir(join_url(storage_root, name)))
     return out
-
-
-def list_runs(storage_root: str) -> list[RunDir]:
-    """Every run under storage_root, a sweep's points included."""
-    runs: list[RunDir] = []
-    for entry in list_entries(storage_root):
-        if isinstance(entry, SweepDir):
-            runs.extend(run for _, run in entry.points())
-        else:
-            runs.append(entry)
-    return runs

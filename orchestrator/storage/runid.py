@@ -43,6 +43,14 @@ def split_point_id(text: str) -> tuple[str, int] | None:
     return None
 
 
+def point_index_of_path(path: str) -> int:
+    """The index of the sweep point whose run directory is `path` (its name)."""
+    name = path.rstrip("/").rsplit("/", 1)[-1]
+    if not is_point_index(name):
+        raise ValueError(f"{path} is not a sweep point's directory")
+    return int(name)
+
+
 def run_id_of_path(path: str) -> str:
     """The run id of a run directory's path or URL: its name, or `<sweep-id>/<index>` for a point."""
     parts = path.rstrip("/").rsplit("/", 2)

@@ -16,6 +16,7 @@ from typing import IO, Any
 from orchestrator.contract import Event
 from orchestrator.launch.detached import console_log, start_detached
 from orchestrator.storage.rundir import RunDir, this_host
+from orchestrator.storage.runid import point_index_of_path
 from orchestrator.storage.sweepdir import SweepDir
 from orchestrator.supervision.status import summarize
 
@@ -83,7 +84,7 @@ class SweepRunner:
             host=this_host(),
             pid=os.getpid(),
             pid_started=process_start_time(os.getpid()),
-            points=[_index(p) for p in queue],
+            points=[point_index_of_path(p.url) for p in queue],
             max_parallel=self.max_parallel,
         )
         try:
@@ -93,7 +94,7 @@ class SweepRunner:
                     run = queue.pop(0)
                     console = console_log(run.url, run.run_id)
                     proc = start_detached(["resume", run.url, "--quiet"], console)
-                    self.running[_index(run)] = (run, proc, time.monotonic())
+                    self.running[point_index_of_path(run.url)] = (run, proc, time.monotonic())
                     self._say(f"point {run.run_id} started (pid {proc.pid}; its console: {console})")
                 if self.stop_signal is not None:
                     self._tell_running_to_stop()
@@ -111,7 +112,9 @@ class SweepRunner:
                 time.sleep(POLL_S)
         finally:
             for run in queue:
-                outcome[_index(run)] = "created"  # never started: `orch resume SWEEP` starts it
+                outcome[point_index_of_path(run.url)] = (
+                    "created"  # never started: `orch resume SWEEP` starts it
+                )
             self.sweep.append_event(
                 Event.SWEEP_FINISHED, outcome={str(k): v for k, v in sorted(outcome.items())}
             )
@@ -123,7 +126,3 @@ class SweepRunner:
         if proc.returncode != 0 and state == "running":
             return "lost"  # its supervisor died before recording an end: `orch resume` continues it
         return state  # `created`: it never started (stopped before it could)
-
-
-def _index(run: RunDir) -> int:
-    return int(run.url.rstrip("/").rsplit("/", 1)[-1])

@@ -12,6 +12,7 @@ from orchestrator.contract import Event
 from orchestrator.errors import OrchError, UsageError
 from orchestrator.spec.config import ClusterConfig
 from orchestrator.storage.rundir import RunDir
+from orchestrator.storage.runid import point_index_of_path
 from orchestrator.storage.sweepdir import SweepDir
 from orchestrator.supervision.status import LiveState
 
@@ -33,10 +34,6 @@ def _cancelled_before_it_ran(events: Sequence[dict[str, Any]], job_id: str) -> b
         elif kind == Event.CANCEL_REQUESTED and str(e.get("job_id")) == job_id:
             cancelled = True
     return cancelled and not started
-
-
-def _index(run: RunDir) -> int:
-    return int(run.url.rstrip("/").rsplit("/", 1)[-1])
 
 
 def check_one_allocation(configs: Sequence[tuple[int, ClusterConfig]]) -> None:
@@ -109,7 +106,7 @@ class SlurmBackend:
         from orchestrator.backends.slurm import scheduler
         from orchestrator.spec.config import config_from_run_record
 
-        configs = [(_index(p), config_from_run_record(p.read_run_config())) for p in points]
+        configs = [(point_index_of_path(p.url), config_from_run_record(p.read_run_config())) for p in points]
         check_one_allocation(configs)  # again: a point resumed alone may have changed its resources
         config = configs[0][1]
         parallelism = record.get("max_parallel") or len(points)
