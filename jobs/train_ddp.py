@@ -61,6 +61,14 @@ class SmallConvNet(nn.Module):
         return self.head(x.mean(dim=(2, 3)))
 
 
+def export_model(args: list[str]) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    """`orch export`'s model factory (job.model_factory in cluster.yaml): the architecture this
+    job trains, freshly built, and an example batch it accepts. `args` are job.args."""
+    del args  # the architecture does not depend on them
+    example = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    return SmallConvNet(), (example,)
+
+
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=400, help="total optimizer steps")

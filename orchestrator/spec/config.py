@@ -32,6 +32,10 @@ _MEMORY = re.compile(r"^[0-9]+[KMGT]?\Z")
 _TIME = re.compile(r"^(?:(?:(\d+)-)?(\d+):)?(\d+):(\d+)\Z|^(\d+)\Z")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}\Z")
 _MODULE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*\Z")
+# job.model_factory: `path/to/file.py:function` or `package.module:function`.
+_FACTORY = re.compile(
+    r"^(?:[^:\x00-\x1f]+\.py|[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*):[A-Za-z_][A-Za-z0-9_]*\Z"
+)
 # A YAML integer this long is refused as a string value: str() of one past ~4300 digits raises.
 _MAX_INT_BITS = 4000
 # A name that looks like it holds a secret: anywhere in the name (WANDB_API_KEY, HFTOKEN...), or
@@ -90,6 +94,16 @@ class JobSpec:
         item_pattern=ENV_NAME,
     )
     python: str | None = _f(None, "Interpreter for the ranks (default: the one running orch).")
+    model_factory: str | None = _f(
+        None,
+        (
+            "How `orch export` builds the model: `FILE.py:FUNCTION` (relative to cluster.yaml) or"
+            " `package.module:FUNCTION`, called with job.args as a list of strings, returning"
+            " `(model, example_inputs)`: a fresh nn.Module of the trained architecture and a tuple of"
+            " tensors it accepts (the export is checked against the eager model on them)."
+        ),
+        pattern=_FACTORY,
+    )
     deterministic: bool = _f(
         False,
         (
