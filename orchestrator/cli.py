@@ -319,6 +319,49 @@ def build_parser() -> argparse.ArgumentParser:
     _run_ref_args(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--verify", action="store_true", help="read every file and check its checksum")
+
+    p = _command(
+        sub,
+        "export",
+        help="turn a run's checkpoint into a model file others can load",
+        description=(
+            "Build the model with job.model_factory, load a committed checkpoint's weights (the newest,"
+            " or --step N) and write it in --format; the export is first run on the factory's"
+            " example inputs and must match the eager model within the tolerance, or nothing is written."
+        ),
+        epilog=(
+            "examples:\n  orch export mnist-20261130-101500-ab12 --format onnx --out model.onnx\n"
+            "  orch export RUN --format torchscript --step 500 --out model.ts"
+        ),
+    )
+    _run_ref_args(p)
+    p.add_argument(
+        "--format",
+        default="state_dict",
+        choices=("state_dict", "torchscript", "onnx", "pt2"),
+        help=(
+            "state_dict: the weights (torch.save); torchscript: torch.jit.trace; onnx: torch.onnx"
+            " (needs the onnx extra); pt2: torch.export (default: state_dict)"
+        ),
+    )
+    p.add_argument("--step", type=int, help="this committed checkpoint (default: the newest)")
+    p.add_argument("--out", help="where to write (default: RUN_DIR/export/model-STEP.EXT)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = _command(
+        sub,
+        "report",
+        help="write a run's (or a sweep's) report: one self-contained HTML file",
+        description=(
+            "Write one HTML file that opens offline: loss and throughput over steps across all"
+            " attempts, a timeline of attempts with failures, preemptions, restarts and checkpoints,"
+            " and the goodput breakdown; for a sweep, every point side by side."
+        ),
+        epilog="examples:\n  orch report mnist-20261130-101500-ab12\n  orch report RUN --out report.html",
+    )
+    _run_ref_args(p)
+    p.add_argument("--out", help="where to write (default: RUN_DIR/report.html)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     return parser
 
 
@@ -700,6 +743,23 @@ def cmd_checkpoints(args: argparse.Namespace) -> int:
     return exit_status
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from orchestrator.export import export_run
+
+    result = export_run(_one_run(args), fmt=args.format, step=args.step, out=args.out)
+    print(json.dumps(result.to_json(), indent=1) if args.json else "\n".join(result.lines()))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from orchestrator import api
+    from orchestrator.report import write_report
+
+    result = write_report(api.get_run(args.run, config=args.config), out=args.out)
+    print(json.dumps(result.to_json(), indent=1) if args.json else "\n".join(result.lines()))
+    return 0
+
+
 COMMANDS = {
     "render": cmd_render,
     "run": cmd_run,
@@ -711,6 +771,8 @@ COMMANDS = {
     "ls": cmd_ls,
     "checkpoints": cmd_checkpoints,
     "sweep": cmd_sweep,
+    "export": cmd_export,
+    "report": cmd_report,
 }
 
 
