@@ -78,6 +78,12 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
     "-heartbeat": {"heartbeat": False},
     "-tensorboard": {"tensorboard": False},
     "+ckpt/50": {"ckpt_interval": 50},
+    # --training: issue 17's per-step features against the runtime as it is, with an A/A side
+    # (profile.enabled with its window beyond the run: configured but never active; the
+    # divergence guard fed the loss and the gradient norm every step)
+    "+profile(idle)": {"profile": True},
+    "+guard": {"guard": True},
+    "runtime/2": {},
     # an A/A check of the method: bare once more, as a side of its own
     "bare/2": None,
 }
@@ -92,6 +98,7 @@ BREAKDOWN = (
     "-tensorboard",
     "+ckpt/50",
 )
+TRAINING = ("runtime", "+profile(idle)", "+guard", "runtime/2")
 DONE = "@@done"
 READY = "@@ready"
 
@@ -195,7 +202,7 @@ def worker(variant: str, total_steps: int, out_dir: str) -> None:
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
@@ -222,7 +229,10 @@ def worker(variant: str, total_steps: int, out_dir: str) -> None:
                 window_start = time.perf_counter()
             if ckpt is not None:
                 h0 = time.perf_counter()
-                ckpt.step_end(step, epoch=epoch)
+                if opts.get("guard"):
+                    ckpt.step_end(step, epoch=epoch, loss=loss, grad_norm=grad_norm)
+                else:
+                    ckpt.step_end(step, epoch=epoch)
                 hooks += time.perf_counter() - h0
             stamps.append(time.perf_counter())
             in_runtime.append(hooks)
@@ -288,6 +298,8 @@ class Side:
                 )
                 if opts.get("heartbeat", True):
                     env["ORCH_HEARTBEAT_FILE"] = str(self.dir / f"heartbeat-{rank}")
+                if opts.get("profile"):  # the window starts after 10^9 steps: never, here
+                    env["ORCH_PROFILE"] = "wait:1000000000,warmup:2,active:5,repeat:1,ranks:,memory:0"
             cmd = [
                 sys.executable,
                 __file__,
@@ -360,6 +372,11 @@ def main() -> None:
         "--breakdown", action="store_true", help="also run sides that change one part of the runtime"
     )
     p.add_argument(
+        "--training",
+        action="store_true",
+        help="the per-step training features instead: runtime, +profile(idle), +guard, runtime/2 (A/A)",
+    )
+    p.add_argument(
         "--only", help="comma-separated sides to run (default: bare,runtime,bare/2[, breakdown sides])"
     )
     p.add_argument("--keep", action="store_true", help="keep the run directories")
@@ -375,7 +392,12 @@ def main() -> None:
 
     import torch
 
-    variants = tuple(args.only.split(",")) if args.only else MAIN + (BREAKDOWN if args.breakdown else ())
+    if args.only:
+        variants = tuple(args.only.split(","))
+    elif args.training:
+        variants = TRAINING
+    else:
+        variants = MAIN + (BREAKDOWN if args.breakdown else ())
     for v in variants:
         if v not in VARIANTS:
             raise SystemExit(f"unknown side {v!r}; known: {', '.join(VARIANTS)}")
@@ -432,7 +454,7 @@ def main() -> None:
     print()
     print(
         "| side | step time | segments min..max | median single step | in runtime calls, mean (median)"
-        " | vs bare | overhead | overhead, paired by round |"
+        f" | vs {_baseline(per_seg)} | overhead | overhead, paired by round |"
     )
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for v in variants:
@@ -455,7 +477,7 @@ def main() -> None:
     cpu_med, cpu_paired = _against_bare(per_cpu)
     print()
     print(
-        "| side | CPU per step (rank 0) | segments min..max | vs bare | overhead"
+        f"| side | CPU per step (rank 0) | segments min..max | vs {_baseline(per_cpu)} | overhead"
         " | overhead, paired by round |"
     )
     print("| --- | --- | --- | --- | --- | --- |")
@@ -472,25 +494,32 @@ def main() -> None:
     print(f"({time.monotonic() - started:.0f} s)")
 
 
+def _baseline(samples: dict[str, Any]) -> str:
+    """What the sides are compared with: the bare script, or (--training) the runtime as it is."""
+    return "bare" if "bare" in samples else "runtime"
+
+
 def _against_bare(samples: dict[str, list[float]]) -> tuple[dict[str, float], dict[str, float]]:
-    """Each side's median, and the median over rounds of its segment / the bare segment of the
-    same round (run next to it, so the machine's drift cancels)."""
+    """Each side's median, and the median over rounds of its segment / the baseline's segment of
+    the same round (run next to it, so the machine's drift cancels)."""
     med = {v: statistics.median(values) for v, values in samples.items()}
+    base = _baseline(samples)
     paired = (
         {
-            v: statistics.median(a / b for a, b in zip(values, samples["bare"], strict=True))
+            v: statistics.median(a / b for a, b in zip(values, samples[base], strict=True))
             for v, values in samples.items()
         }
-        if "bare" in samples
+        if base in samples
         else {}
     )
     return med, paired
 
 
 def _vs_bare_cells(side: str, med: dict[str, float], paired: dict[str, float]) -> str:
-    if "bare" not in med:
+    base = _baseline(med)
+    if base not in med:
         return "- | - | -"
-    ratio = med[side] / med["bare"]
+    ratio = med[side] / med[base]
     return f"{ratio:.3f} | {(ratio - 1) * 100:+.1f}% | {(paired[side] - 1) * 100:+.1f}%"
 
 

@@ -7,9 +7,12 @@ Copy this file to start your own job. It runs unchanged on CPU (gloo) and on GPU
     python jobs/train_ddp.py --steps 20   # or as one process
 
 What it shows: init from the env contract, a resumable distributed sampler, AdamW with gradient
-clipping and a cosine LR schedule, AMP with a GradScaler on GPUs, collective checkpoints every
-N steps (storage.checkpoint_interval) with exact resume, a coordinated checkpoint and exit on
-preemption signals (SIGUSR2, SIGTERM), TensorBoard scalars from rank 0.
+clipping and a cosine LR schedule, AMP with a GradScaler on GPUs, gradient accumulation
+(--grad-accum), torch.compile (--compile), activation checkpointing (--activation-checkpointing),
+collective checkpoints every N steps (storage.checkpoint_interval) with exact resume, a
+coordinated checkpoint and exit on preemption signals (SIGUSR2, SIGTERM), the divergence guard
+(a NaN loss or gradient norm stops the run), TensorBoard scalars from rank 0, and the model
+factory `orch export` builds the model with (export_model).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import time
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader, Dataset
 
 from orchestrator import runtime
@@ -47,15 +51,27 @@ class SyntheticImages(Dataset):
 
 
 class SmallConvNet(nn.Module):
-    def __init__(self, classes: int = 10) -> None:
+    def __init__(self, classes: int = 10, activation_checkpointing: bool = False) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
         self.conv2 = nn.Conv2d(16, 32, 3, padding=1)
         self.head = nn.Linear(32, classes)
+        # Recompute each block's activations in the backward instead of keeping them: less
+        # memory for more compute; the same parameters, so checkpoints do not change.
+        self.activation_checkpointing = activation_checkpointing
+
+    def _block1(self, x: torch.Tensor) -> torch.Tensor:
+        return F.max_pool2d(F.relu(self.conv1(x)), 2)
+
+    def _block2(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.conv2(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
-        x = F.relu(self.conv2(x))
+        for block in (self._block1, self._block2):
+            if self.activation_checkpointing and self.training:
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
         # Global average pooling as a mean: adaptive_avg_pool2d's CUDA backward has no
         # deterministic kernel, so job.deterministic would refuse it on GPUs.
         return self.head(x.mean(dim=(2, 3)))
@@ -72,7 +88,20 @@ def export_model(args: list[str]) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=400, help="total optimizer steps")
-    p.add_argument("--batch-size", type=int, default=32, help="samples per rank per step")
+    p.add_argument("--batch-size", type=int, default=32, help="samples per rank per micro-batch")
+    p.add_argument(
+        "--grad-accum",
+        type=int,
+        default=1,
+        metavar="K",
+        help="micro-batches per optimizer step (the global batch is K x batch size x world size)",
+    )
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (inductor)")
+    p.add_argument(
+        "--activation-checkpointing",
+        action="store_true",
+        help="recompute activations in the backward instead of storing them (less memory)",
+    )
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip")
@@ -88,7 +117,10 @@ def parse_args() -> argparse.Namespace:
         default=0.0,
         help="seconds to sleep per step (tests use it to slow a run down)",
     )
-    return p.parse_args()
+    args = p.parse_args()
+    if args.grad_accum < 1:
+        p.error("--grad-accum must be at least 1")
+    return args
 
 
 def main() -> None:
@@ -111,9 +143,14 @@ def main() -> None:
         generator=torch.Generator().manual_seed(args.seed),
     )
 
-    model = SmallConvNet().to(ctx.device)
+    model = SmallConvNet(activation_checkpointing=args.activation_checkpointing).to(ctx.device)
     # DDP whose resumed runs reduce in the uninterrupted run's bucket layout (see wrap_ddp).
     ddp = runtime.wrap_ddp(model, ctx)
+    # Compile the DDP module (DDP's own hooks stay in charge of the all-reduce); `model` stays
+    # the plain module, so checkpoints keep their names and load without torch.compile.
+    forward = torch.compile(ddp) if args.compile else ddp
+    # k micro-batches per optimizer step; DDP all-reduces only in the last one's backward.
+    accum = runtime.GradientAccumulation(ddp, steps=args.grad_accum)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, args.steps))
     use_amp = args.amp == "on" or (args.amp == "auto" and ctx.device.type == "cuda")
@@ -121,7 +158,13 @@ def main() -> None:
     amp_dtype = torch.float16 if ctx.device.type == "cuda" else torch.bfloat16
 
     ckpt = runtime.Checkpointer(
-        ctx, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, sampler=sampler
+        ctx,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=scaler,
+        sampler=sampler,
+        accumulation=accum,  # saves and preemption stops only between optimizer steps
     )
     metrics = runtime.Metrics(ctx)
     progress = ckpt.restore()
@@ -136,10 +179,11 @@ def main() -> None:
         )
 
     window_start, window_samples = time.perf_counter(), 0
+    step_loss = torch.zeros((), device=ctx.device)  # the mean loss of the step's micro-batches
+    t0 = time.perf_counter()
     while step < args.steps:
         sampler.set_epoch(epoch)
         for images, labels in loader:
-            t0 = time.perf_counter()
             images, labels = (
                 images.to(ctx.device, non_blocking=True),
                 labels.to(ctx.device, non_blocking=True),
@@ -147,18 +191,23 @@ def main() -> None:
             # Random horizontal flips draw from the torch RNG, whose state the checkpoint keeps.
             flip = torch.rand(images.shape[0], device=images.device) < 0.5
             images = torch.where(flip[:, None, None, None], images.flip(-1), images)
-            with torch.autocast(ctx.device.type, dtype=amp_dtype, enabled=use_amp):
-                loss = F.cross_entropy(ddp(images), labels)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
+            with accum.micro_step():
+                with torch.autocast(ctx.device.type, dtype=amp_dtype, enabled=use_amp):
+                    loss = F.cross_entropy(forward(images), labels) / accum.steps
+                scaler.scale(loss).backward()
+            step_loss += loss.detach()
+            sampler.advance(images.shape[0])
+            window_samples += images.shape[0] * ctx.world_size
+            if not accum.boundary:
+                continue  # more micro-batches before this optimizer step
             scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
-            sampler.advance(images.shape[0])
+            optimizer.zero_grad(set_to_none=True)
+            loss, step_loss = step_loss, torch.zeros((), device=ctx.device)
             step += 1
-            window_samples += images.shape[0] * ctx.world_size
             if args.step_sleep:
                 time.sleep(args.step_sleep)
             if step % args.log_every == 0 or step == args.steps:
@@ -176,8 +225,11 @@ def main() -> None:
                     )
                 window_start, window_samples = time.perf_counter(), 0
             # Saves every storage.checkpoint_interval steps; on a preemption signal (any rank)
-            # every rank saves this step and exits 75, and the run resumes from here.
-            ckpt.step_end(step, epoch=epoch)
+            # every rank saves this step and exits 75, and the run resumes from here. The loss and
+            # gradient norm go to the divergence guard: a NaN or inf on any rank stops the run
+            # (DivergenceError) before it is trained on further or saved, without a GPU sync.
+            ckpt.step_end(step, epoch=epoch, loss=loss, grad_norm=grad_norm)
+            t0 = time.perf_counter()
             if step >= args.steps:
                 break
         else:

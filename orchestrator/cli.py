@@ -50,6 +50,17 @@ def _config_args(p: argparse.ArgumentParser, positional: bool = True) -> None:
     _set_arg(p, "override one field, e.g. --set resources.nodes=2 (repeatable)")
 
 
+def _profile_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help=(
+            "profile a window of steps with torch.profiler (profile.enabled; the window, ranks and"
+            " memory in the profile: section); see `orch profile RUN`"
+        ),
+    )
+
+
 def _set_arg(p: argparse.ArgumentParser, help: str) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE", help=help)
 
@@ -160,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="continue the existing run --run-id ID (as `orch resume ID`) instead of starting a new one",
     )
+    _profile_arg(p)
 
     p = _command(
         sub,
@@ -198,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.add_argument("--run-id", help="use this run id (default: <name>-<UTC time>-<random>)")
     p.add_argument("--json", action="store_true", help="print {run_id, job_id, run_dir} as JSON")
+    _profile_arg(p)
 
     p = _command(
         sub,
@@ -350,6 +363,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _command(
         sub,
+        "profile",
+        help="print the top ops of a profiled run (orch run --profile)",
+        description=(
+            "Print each profiled rank's top ops by self time (per step of the profiled window) for"
+            " the newest profiled attempt, or --attempt N, and where its traces are: open the folder"
+            " with `tensorboard --logdir` (the PyTorch profiler tab) or a trace file in Perfetto."
+        ),
+        epilog="examples:\n  orch profile mnist-20261130-101500-ab12\n  orch profile RUN --rank 0 --json",
+    )
+    _run_ref_args(p)
+    p.add_argument("--attempt", type=int, help="this attempt (default: the newest profiled one)")
+    p.add_argument("--rank", type=int, action="append", help="only this rank (repeatable; default: all)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = _command(
+        sub,
         "report",
         help="write a run's (or a sweep's) report: one self-contained HTML file",
         description=(
@@ -384,6 +413,8 @@ def _overrides(args: argparse.Namespace) -> list[str]:
         overrides.append(f"resources.nodes={args.nnodes}")
     if getattr(args, "job_args", None) is not None:
         overrides.append(f"job.args={json.dumps(args.job_args)}")
+    if getattr(args, "profile", False):
+        overrides.append("profile.enabled=true")
     return overrides
 
 
@@ -751,6 +782,35 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_profile(args: argparse.Namespace) -> int:
+    from orchestrator.storage.profiles import format_top_ops, read_top_ops, trace_folder
+
+    run = _one_run(args)
+    profiles = read_top_ops(run.dir)
+    if not profiles:
+        raise OrchError(
+            f"run {run.run_id} has no profile: run it with `orch run --profile` (profile.enabled)"
+        )
+    attempt = args.attempt if args.attempt is not None else max(profiles)
+    if attempt not in profiles:
+        raise OrchError(f"attempt {attempt} has no profile; profiled attempts: {sorted(profiles)}")
+    ranks = {r: rec for r, rec in sorted(profiles[attempt].items()) if not args.rank or r in args.rank}
+    if not ranks:
+        raise OrchError(f"--rank: attempt {attempt} profiled rank(s) {sorted(profiles[attempt])}")
+    folder = trace_folder(run.dir, attempt)
+    if args.json:
+        print(json.dumps({"attempt": attempt, "traces": folder, "ranks": ranks}, indent=1))
+        return 0
+    for rank, record in ranks.items():
+        print(f"rank {rank}, attempt {attempt}: top ops over {record.get('steps')} profiled step(s)")
+        print(format_top_ops(record))
+        print()
+    print(
+        f"traces: {folder} (tensorboard --logdir {folder.rsplit('/', 1)[0]}; or a .pt.trace.json in Perfetto)"
+    )
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from orchestrator import api
     from orchestrator.report import write_report
@@ -772,6 +832,7 @@ COMMANDS = {
     "checkpoints": cmd_checkpoints,
     "sweep": cmd_sweep,
     "export": cmd_export,
+    "profile": cmd_profile,
     "report": cmd_report,
 }
 

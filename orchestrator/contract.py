@@ -58,6 +58,9 @@ ENV_CKPT_ASYNC = "ORCH_CKPT_ASYNC"
 ENV_DIST_BACKEND = "ORCH_DIST_BACKEND"
 ENV_COLLECTIVE_TIMEOUT = "ORCH_COLLECTIVE_TIMEOUT_S"  # distributed.timeout_s
 ENV_DETERMINISTIC = "ORCH_DETERMINISTIC"  # job.deterministic: "1" or "0"
+# profile: when enabled, `wait:10,warmup:2,active:5,repeat:1,ranks:0+1,memory:0,shapes:0,stack:0`
+# (ranks empty: every rank); unset otherwise. Plain words, digits, `:,+`: safe in any shell line.
+ENV_PROFILE = "ORCH_PROFILE"
 # Set per node by the local backend from resources.gpus_per_node (under Slurm, by Slurm).
 ENV_VISIBLE_GPUS = "CUDA_VISIBLE_DEVICES"
 ENV_ERROR_FILE = "ORCH_ERROR_FILE"
@@ -76,6 +79,7 @@ RUNTIME_VARS: tuple[str, ...] = (
     ENV_DIST_BACKEND,
     ENV_COLLECTIVE_TIMEOUT,
     ENV_DETERMINISTIC,
+    ENV_PROFILE,
     ENV_VISIBLE_GPUS,
     ENV_ERROR_FILE,
     ENV_INCARNATION,
@@ -94,6 +98,41 @@ PREEMPTED_EXIT_CODE = 75
 # ---------------------------------------------------------------------------- files
 
 FORKSERVER_LOG = "forkserver.log"  # in logs/: the local fork server's own output
+# In the run directory: profile/attempt-N/ holds each profiled rank's traces
+# (rank-R.<time>.pt.trace.json: TensorBoard's profiler plugin reads the folder as one run per
+# attempt, one worker per rank; Perfetto opens each file) and its top ops (rank-R.top_ops.json).
+PROFILE_DIR = "profile"
+
+
+def profile_worker_name(rank: int | str) -> str:
+    return f"rank-{rank}"
+
+
+def top_ops_name(rank: int | str) -> str:
+    return f"rank-{rank}.top_ops.json"
+
+
+def encode_profile(settings: dict[str, Any]) -> str:
+    """ORCH_PROFILE's value: `key:value` pairs; `ranks` as `0+1`; booleans as 0/1."""
+    parts = []
+    for key, value in settings.items():
+        if isinstance(value, (list, tuple)):
+            value = "+".join(str(int(v)) for v in value)
+        elif isinstance(value, bool):
+            value = int(value)
+        parts.append(f"{key}:{value}")
+    return ",".join(parts)
+
+
+def decode_profile(text: str) -> dict[str, Any]:
+    """ORCH_PROFILE's value back: ints, and `ranks` as a tuple (empty: every rank)."""
+    out: dict[str, Any] = {}
+    for part in filter(None, text.split(",")):
+        key, _, value = part.partition(":")
+        out[key] = tuple(int(v) for v in value.split("+") if v) if key == "ranks" else int(value)
+    return out
+
+
 # In the run directory: rank 0's last logged scalars ({"step", "time", "scalars"}), written by
 # runtime.Metrics at most every METRICS_WRITE_S and at close; read by `orch status SWEEP`.
 METRICS_FILE = "metrics.json"
@@ -204,6 +243,9 @@ PREEMPTED_TYPE = "Preempted"
 HANG_TYPE = "Hang"
 # The `type` of a rank's record when the checkpoint fence stopped it: a newer incarnation runs.
 STALE_TYPE = "StaleIncarnationError"
+# The `type` of a rank's record when the divergence guard found a non-finite loss or gradient
+# norm (runtime.DivergenceError): its own failure class, restarted only as a rollback.
+DIVERGED_TYPE = "DivergenceError"
 # The `type` of a failure of our own process between supervisor and ranks (a fork server or a
 # node agent that died or was stopped): the ranks it held count as its victims.
 LAUNCHER_TYPE = "LauncherFailed"
@@ -291,6 +333,8 @@ class Event(StrEnum):
     LAUNCHER_NOTICE = "launcher_notice"
     HANG_DETECTED = "hang_detected"
     RESTART_SCHEDULED = "restart_scheduled"
+    # after a divergence with restart.on_divergence: rollback ({attempt: the next one, to_step})
+    ROLLBACK_SCHEDULED = "rollback_scheduled"
     GIVING_UP = "giving_up"
     PREEMPTED = "preempted"
     REQUEUED = "requeued"
@@ -302,3 +346,7 @@ class Event(StrEnum):
     TOTAL_STEPS = "total_steps"  # runtime.declare_total_steps: what an ETA counts toward
     TRAINING_STARTED = "training_started"
     CHECKPOINT_COMMITTED = "checkpoint_committed"
+    # rank 0's runtime: the divergence guard fired ({step, clean_step, epoch, sampler}); the next
+    # attempt's restore rolled back to a checkpoint and skipped the data since it
+    DIVERGED = "diverged"
+    ROLLED_BACK = "rolled_back"

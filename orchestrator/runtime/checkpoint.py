@@ -29,7 +29,7 @@ import time
 import zlib
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 import numpy as np
 import torch
@@ -55,10 +55,12 @@ from orchestrator.storage.ckpt_store import (
 )
 from orchestrator.storage.faults import fault_point
 
-from . import heartbeat, preemption, prefault
+from . import divergence, heartbeat, preemption, prefault, profiling
+from .accumulation import GradientAccumulation
 from .ddp_layout import MANIFEST_KEY as DDP_LAYOUT_KEY
 from .ddp_layout import current_layout
 from .dist import DistContext
+from .divergence import DivergenceError, DivergenceGuard
 
 STATE_FILE = "state.pt"
 
@@ -262,6 +264,14 @@ def unloadable_extra(extra: dict[str, Any] | None) -> str | None:
     return None
 
 
+def _skipped_samples(before: dict[str, Any] | None, after: dict[str, Any] | None) -> int | None:
+    """Samples the whole world skips from sampler state `before` to `after` (across epochs)."""
+    if not before or not after:
+        return None
+    epochs = int(after["epoch"]) - int(before["epoch"])
+    return epochs * int(before["dataset_len"]) + int(after["consumed"]) - int(before["consumed"])
+
+
 def _warn(text: str) -> None:
     print(f"[orch.checkpoint] {text}", file=sys.stderr, flush=True)
 
@@ -382,8 +392,16 @@ class Checkpointer:
         keep: int | None = None,
         async_save: bool | None = None,
         incarnation: int | None = None,
+        accumulation: GradientAccumulation | None = None,
     ) -> None:
         self.ctx = ctx
+        # Saves and stops only between optimizer steps (see accumulation.py).
+        self.accumulation = accumulation
+        self._guard = DivergenceGuard()
+        self._clean_step = 0  # the newest step by which every rank's guard found all values finite
+        self._epoch = 0  # as the script last said (step_end, save): recorded with a divergence
+        # The `profile:` section's window of steps (ORCH_PROFILE), on the ranks it names.
+        self._profiler = profiling.from_env(ctx.rank, ctx.attempt, ctx.run_dir)
         self.model = model
         self.optimizer = optimizer
         self.scheduler = scheduler
@@ -420,7 +438,8 @@ class Checkpointer:
         self.last_saved_step: int | None = None
         self.last_save_s: float | None = None  # write + commit time of the last save
         self.last_block_s: float | None = None  # how long the last save blocked training
-        self._vote = torch.zeros(2)  # [stop flag, -proposed vote interval], all-reduced with MAX
+        # [stop flag, -proposed vote interval, diverged flag], all-reduced with MAX
+        self._vote = torch.zeros(3)
         self._stop_vote: Any = None  # the all-reduce of self._vote, in flight
         self._vote_every = 1  # steps from one vote to the next, as agreed by the last vote read
         self._next_vote_step = 0
@@ -447,14 +466,31 @@ class Checkpointer:
 
     # ------------------------------------------------------------------ save
 
-    def step_end(self, step: int, *, epoch: int = 0, extra: dict[str, Any] | None = None) -> None:
-        """Call once per step on every rank: saves every `interval` steps, and turns a stop
-        signal (on any rank) into a checkpoint of one step and exit code 75 on every rank.
+    def step_end(
+        self,
+        step: int,
+        *,
+        epoch: int = 0,
+        extra: dict[str, Any] | None = None,
+        loss: Any = None,
+        grad_norm: Any = None,
+    ) -> None:
+        """Call once per optimizer step on every rank: saves every `interval` steps, and turns
+        a stop signal (on any rank) into a checkpoint of one step and exit code 75 on every rank.
 
         The vote on the stop flag is an all-reduce started at one vote step and read at the
         next (every ~vote_period_s), so its latency hides behind the steps between; every rank
         reads the same result at the same step, so every rank stops at the same step.
+
+        `loss` and `grad_norm` (tensors or numbers), when given, go to the divergence guard: a
+        value that is not finite on any rank raises DivergenceError on every rank at the next
+        vote or save, whichever comes first, and nothing diverged is ever saved.
         """
+        self._check_boundary("step_end")
+        self._epoch = epoch
+        self._guard.observe(loss, grad_norm)
+        if self._profiler is not None:
+            self._profiler.step(step)
         heartbeat.beat(step, Phase.TRAIN)
         stop = False
         if self._vote_group is None:
@@ -479,6 +515,7 @@ class Checkpointer:
             proposal = self.max_vote_every if per_step <= 0 else int(self.vote_period_s / per_step)
         self._vote_started = (step, now)
         self._vote[0] = 1.0 if preemption.requested() is not None else 0.0
+        self._vote[2] = 1.0 if self._guard.read() else 0.0
         self._vote[1] = -float(
             max(1, min(self.max_vote_every, proposal))
         )  # MAX of negatives: the smallest proposal
@@ -495,7 +532,40 @@ class Checkpointer:
         self._stop_vote.wait()
         self._stop_vote = None
         self._vote_every = max(1, int(-self._vote[1].item()))
+        assert self._vote_started is not None
+        if self._vote[2].item():
+            self._diverged(last_step=self._vote_started[0])
+        self._clean_step = self._vote_started[0]
         return bool(self._vote[0].item())
+
+    def _check_guard(self, step: int) -> None:
+        """Collective: before a save, every rank's guard is read now, not at the next vote."""
+        flag = torch.tensor([1.0 if self._guard.read() else 0.0])
+        if self._group is not None:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
+        if flag.item():
+            self._diverged(last_step=step)
+        self._clean_step = step
+
+    def _diverged(self, *, last_step: int) -> NoReturn:
+        """Every rank gets here at the same step: rank 0 records where the data stood, which
+        a rollback skips to (restore); every rank raises."""
+        first_step = self._clean_step + 1
+        self._record(
+            Event.DIVERGED,
+            first_step=first_step,
+            last_step=last_step,
+            epoch=self._epoch,
+            sampler=dict(self.sampler.state_dict()) if self.sampler is not None else None,
+        )
+        raise DivergenceError(divergence.message(first_step, last_step))
+
+    def _check_boundary(self, what: str) -> None:
+        if self.accumulation is not None and not self.accumulation.boundary:
+            raise RuntimeError(
+                f"Checkpointer.{what} between the micro-batches of an optimizer step: call it after"
+                " the optimizer steps (GradientAccumulation.boundary), so a resume replays whole steps"
+            )
 
     @property
     def vote_every(self) -> int:
@@ -530,10 +600,13 @@ class Checkpointer:
         state is copied; the write and commit run in the background, and the next save (or
         close) waits for them and raises their error, if any.
         """
+        self._check_boundary("save")
+        self._epoch = epoch
         blocked_from = time.monotonic()
         heartbeat.beat(step, Phase.SAVE)
         self.wait()
         self._finish_vote()
+        self._check_guard(step)
         token = make_token(self.incarnation)
         agreed_step, token = self._broadcast((step, token))
         if agreed_step != step:
@@ -765,6 +838,8 @@ class Checkpointer:
 
     def close(self) -> None:
         """Wait for a background save to commit; raise its error."""
+        if self._profiler is not None:
+            self._profiler.close()
         self._finish_vote()
         self.wait()
         heartbeat.beat(self.last_saved_step or 0, Phase.EXIT)  # shutting down: no hang limit
@@ -822,6 +897,9 @@ class Checkpointer:
         """Load the newest committed checkpoint that verifies into the registered objects."""
         started = time.monotonic()
         progress = self._restore()
+        if progress is None:  # diverged before the first checkpoint: start over, past the data
+            epoch = self._roll_forward_data(0, 0)
+            progress = None if epoch is None else Progress(step=0, epoch=epoch, extra={})
         self._record(
             Event.RESTORED,
             step=progress.step if progress else None,
@@ -885,10 +963,49 @@ class Checkpointer:
             # The consumed count is global, so any rank's file gives the position of the world.
             self.sampler.load_state_dict(rank_state["sampler"])
         progress = app["progress"]
-        self.last_saved_step = int(progress["step"])
+        self.last_saved_step = self._clean_step = int(progress["step"])
+        epoch = self._roll_forward_data(int(progress["step"]), int(progress["epoch"]))
         return Progress(
-            step=int(progress["step"]), epoch=int(progress["epoch"]), extra=_owned(dict(app.get("extra", {})))
+            step=int(progress["step"]),
+            epoch=int(progress["epoch"]) if epoch is None else epoch,
+            extra=_owned(dict(app.get("extra", {}))),
         )
+
+    def _roll_forward_data(self, step: int, epoch: int) -> int | None:
+        """After a divergence, with restart.on_divergence: rollback, this attempt restarts from
+        the newest checkpoint (before the divergence) but not from its data: the sampler skips
+        to where the data stood when the divergence was found, so the window that caused it is
+        not trained on again. Returns the epoch to go on in (None: no rollback)."""
+        skip = self._broadcast(self._rollback_target() if self.ctx.is_main else None)
+        if skip is None:
+            return None
+        before = dict(self.sampler.state_dict()) if self.sampler is not None else None
+        if self.sampler is not None and skip.get("sampler"):
+            self.sampler.epoch = int(skip["sampler"]["epoch"])
+            self.sampler.consumed = int(skip["sampler"]["consumed"])
+        new_epoch = int(skip.get("epoch", epoch))
+        self._record(
+            Event.ROLLED_BACK,
+            step=step,
+            diverged_at=skip.get("last_step"),
+            skipped=_skipped_samples(before, skip.get("sampler")),
+            epoch=new_epoch,
+        )
+        return new_epoch
+
+    def _rollback_target(self) -> dict[str, Any] | None:
+        """Rank 0: the divergence a rollback of this attempt skips past, from the run's ledger."""
+        if self.ctx.attempt == 0 or not self.ctx.run_dir:
+            return None
+        from orchestrator.storage.rundir import RunDir
+
+        diverged = None
+        for event in RunDir(self.ctx.run_dir).events():
+            if event.get("event") == Event.DIVERGED:
+                diverged = event
+            elif event.get("event") == Event.ROLLBACK_SCHEDULED and event.get("attempt") == self.ctx.attempt:
+                return diverged
+        return None
 
     def _load_step(
         self, chosen: _Chosen, held: dict[str, Any]

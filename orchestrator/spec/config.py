@@ -190,6 +190,14 @@ class RestartSpec:
         min=0,
         max=1000,
     )
+    on_divergence: Literal["fail", "rollback"] = _f(
+        "fail",
+        (
+            "When the runtime's divergence guard finds a non-finite loss or gradient norm: fail (never"
+            " retried), or rollback: restart from the newest checkpoint (all are from before the"
+            " divergence) and skip the data consumed since it; counts as a restart."
+        ),
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -232,6 +240,21 @@ class LaunchSpec:
         ),
         item_pattern=_MODULE,
     )
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProfileSpec:
+    enabled: bool = _f(False, "Profile each attempt's steps with torch.profiler (`orch run --profile`).")
+    wait: int = _f(
+        10, "Steps of each attempt before the profiler starts (start-up and warm-up noise).", min=0, max=10**9
+    )
+    warmup: int = _f(2, "Steps traced but discarded, so the active steps start warm.", min=0, max=1000)
+    active: int = _f(5, "Steps recorded in each trace.", min=1, max=1000)
+    repeat: int = _f(1, "How many wait-free warmup+active cycles (each its own trace).", min=1, max=100)
+    ranks: tuple[int, ...] = _f((0,), "Ranks that profile (each writes its own trace); [] for every rank.")
+    memory: bool = _f(False, "Record tensor allocations too (profile_memory; costs more while active).")
+    record_shapes: bool = _f(False, "Record input shapes of each op (group the top-ops table by shape).")
+    with_stack: bool = _f(False, "Record Python stacks of each op (large traces).")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -286,6 +309,13 @@ class ClusterConfig:
     )
     launch: LaunchSpec = _f(
         LaunchSpec, "How ranks start: forked from a pre-warmed server, or fresh interpreters."
+    )
+    profile: ProfileSpec = _f(
+        ProfileSpec,
+        (
+            "torch.profiler over a window of steps, driven by the runtime (Checkpointer.step_end);"
+            " traces in RUN_DIR/profile for TensorBoard and Perfetto, top ops via `orch profile`."
+        ),
     )
     slurm: SlurmSpec = _f(SlurmSpec, "Settings used only by the slurm backend.")
     # Where the file was loaded from: relative paths in it resolve against this directory.
@@ -376,7 +406,7 @@ def _type_name(tp: Any) -> str:
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
     if typing.get_origin(tp) is tuple:
-        return "a list of strings"
+        return "a list of integers" if typing.get_args(tp)[0] is int else "a list of strings"
     if typing.get_origin(tp) in (Mapping, dict, collections.abc.Mapping) or tp is Mapping:
         return "a mapping of strings"
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(
@@ -435,6 +465,9 @@ def _convert(tp: Any, value: Any, path: str, source: str, meta: Mapping[str, Any
             value = str(value)  # `time_limit: 90` means 90 minutes, as in sbatch
         if isinstance(value, str):
             return _check_string(value, path, source, meta)
+    elif origin is tuple and typing.get_args(tp)[0] is int:
+        if isinstance(value, (list, tuple)):
+            return tuple(_convert(int, item, f"{path}[{i}]", source, meta) for i, item in enumerate(value))
     elif origin is tuple:
         if isinstance(value, (list, tuple)):
             out = []
@@ -710,6 +743,13 @@ def parse_config(
                 f"{name} is set by the orchestrator{_runtime_hint(name)}; remove it",
             )
     _check_gpus(config, source)
+    outside = [r for r in config.profile.ranks if not 0 <= r < config.resources.world_size]
+    if outside:
+        raise _error(
+            source,
+            "profile.ranks",
+            f"rank {outside[0]} is outside the world of {config.resources.world_size} ranks",
+        )
     _check_extra_flags(config.slurm.extra_flags, source)
     if config.backend == "slurm" and "\\" in config.storage.root:
         # The batch log's path goes into an #SBATCH line, where sbatch reads a backslash as an

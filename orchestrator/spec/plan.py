@@ -20,11 +20,13 @@ from orchestrator.contract import (
     ENV_COLLECTIVE_TIMEOUT,
     ENV_DETERMINISTIC,
     ENV_DIST_BACKEND,
+    ENV_PROFILE,
     ENV_RUN_DIR,
     ENV_RUN_ID,
     ENV_VISIBLE_GPUS,
     PER_RANK_VARS,
     ROLE_NAME,
+    encode_profile,
 )
 from orchestrator.spec.config import ClusterConfig, is_secret_name
 
@@ -100,7 +102,24 @@ def runtime_env(config: ClusterConfig) -> dict[str, str]:
         ENV_DETERMINISTIC: "1" if config.job.deterministic else "0",
         "OMP_NUM_THREADS": str(config.resources.cpus_per_rank),
         "PYTHONUNBUFFERED": "1",
+        **({ENV_PROFILE: profile_setting(config)} if config.profile.enabled else {}),
     }
+
+
+def profile_setting(config: ClusterConfig) -> str:
+    p = config.profile
+    return encode_profile(
+        {
+            "wait": p.wait,
+            "warmup": p.warmup,
+            "active": p.active,
+            "repeat": p.repeat,
+            "ranks": p.ranks,
+            "memory": p.memory,
+            "shapes": p.record_shapes,
+            "stack": p.with_stack,
+        }
+    )
 
 
 def attempt_shared_env(

@@ -15,6 +15,7 @@ from enum import StrEnum
 from typing import Any
 
 from orchestrator.contract import (
+    DIVERGED_TYPE,
     FLIGHT_RECORDER_PREFIX,
     HANG_TYPE,
     LAUNCHER_TYPE,
@@ -91,6 +92,11 @@ HINTS = {
         "the job rejected its own command line (exit 2, a usage error), so it was not retried: check job.args"
     ),
     "hang": "the rank stopped making progress; its Python stacks were dumped into its log",
+    "diverged": (
+        "the loss or the gradient norm became NaN or infinite: lower the learning rate (or warm it up),"
+        " clip gradients, prefer bf16 (or a GradScaler with fp16), check the data for bad samples;"
+        " restart.on_divergence: rollback restarts from the newest checkpoint past the data window"
+    ),
     "stale": (
         "a newer incarnation of this run has started (a requeued job, or a restart elsewhere); this one"
         " stopped rather than write over its checkpoints"
@@ -109,6 +115,7 @@ class FailureClass(StrEnum):
     COMMUNICATION = "communication"  # lost a peer: usually a victim, not the cause
     USER_ERROR = "user_error"  # fails the same way every time
     HANG = "hang"
+    DIVERGED = "diverged"  # a non-finite loss or gradient norm: a retry from the same data repeats it
     SIGNAL = "signal"  # killed from outside
     STALE = "stale"  # a newer incarnation of the run has started: this one must stop, for good
     ERROR = "error"
@@ -133,6 +140,8 @@ def classify(*, exitcode: int | None, error_type: str | None, message: str) -> C
         return Classified(FailureClass.STALE, False, HINTS["stale"])
     if error_type == HANG_TYPE:
         return Classified(FailureClass.HANG, True, HINTS["hang"])
+    if error_type == DIVERGED_TYPE:
+        return Classified(FailureClass.DIVERGED, False, HINTS["diverged"])
     if _OOM.search(text):
         return Classified(FailureClass.OOM, True, HINTS["oom"])
     if _DEVICE_MISMATCH.search(text):

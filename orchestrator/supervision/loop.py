@@ -196,7 +196,11 @@ class Supervision:
                 if self.hooks.resume(attempt, newest):
                     attempt += 1
                     continue
-            elif decision.action is Action.RESTART and not self.hooks.stop_requested():
+            elif decision.action in (Action.RESTART, Action.ROLLBACK) and not self.hooks.stop_requested():
+                if decision.action is Action.ROLLBACK:
+                    # The next attempt's runtime reads this (Checkpointer.restore) and skips the
+                    # data the diverged attempt consumed since that checkpoint.
+                    self.run.append_event(Event.ROLLBACK_SCHEDULED, attempt=attempt + 1, to_step=newest)
                 self.run.append_event(
                     Event.RESTART_SCHEDULED,
                     attempt=attempt + 1,
@@ -205,6 +209,7 @@ class Supervision:
                 )
                 self.hooks.say(
                     f"{decision.reason} in {decision.backoff_s:.1f}s from the newest committed checkpoint"
+                    + (", skipping the data since it" if decision.action is Action.ROLLBACK else "")
                 )
                 if self.hooks.wait_backoff(decision.backoff_s):
                     attempt += 1

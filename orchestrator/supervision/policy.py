@@ -25,6 +25,7 @@ class AttemptState(StrEnum):
 class Action(StrEnum):
     FINISH = "finish"  # the run is over (succeeded, or stopped on request)
     RESTART = "restart"  # a failed attempt: start again from the newest checkpoint after a backoff
+    ROLLBACK = "rollback"  # diverged: restart from the newest checkpoint, past the data since it
     RESUME = "resume"  # a preempted attempt: continue at once (locally) or requeue (Slurm)
     GIVE_UP = "give_up"  # the run failed for good
     LEAVE = "leave"  # this supervisor stops; a newer incarnation of the run goes on elsewhere
@@ -82,7 +83,15 @@ def decide(
         return Decision(
             Action.LEAVE, state, "a newer incarnation of this run has started; leaving it the run"
         )
-    if root is not None and not root.classified.retryable:
+    diverged = root is not None and root.classified.kind is FailureClass.DIVERGED
+    if diverged and restart.on_divergence == "fail":
+        return Decision(
+            Action.GIVE_UP,
+            state,
+            "not restarting: training diverged, and a restart from the same checkpoint and data would"
+            " diverge again (restart.on_divergence: rollback skips the data)",
+        )
+    if root is not None and not root.classified.retryable and not diverged:
         return Decision(
             Action.GIVE_UP,
             state,
@@ -99,8 +108,8 @@ def decide(
         return Decision(Action.GIVE_UP, state, f"no restarts left ({restart.max_restarts} allowed)")
     state = replace(state, restarts=state.restarts + 1)
     return Decision(
-        Action.RESTART,
+        Action.ROLLBACK if diverged else Action.RESTART,
         state,
-        f"restart {state.restarts}/{restart.max_restarts}",
+        f"{'rollback' if diverged else 'restart'} {state.restarts}/{restart.max_restarts}",
         backoff_delay(restart, state.restarts),
     )

@@ -42,6 +42,9 @@ class RunStatus:
     progress: dict[str, Any] | None = None  # a running attempt: each rank's heartbeat, rate, ETA
     # The flight recorder's dumps (a collective timed out, or the watchdog found a hang).
     flight_recorder_dumps: tuple[str, ...] = ()
+    # The divergence guard's findings, oldest first: {attempt, first_step, last_step} and, after
+    # a rollback, {rolled_back_to, skipped_samples, rollback_attempt}.
+    divergences: tuple[dict[str, Any], ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -68,6 +71,7 @@ def summarize(
     backend = None
     job_id = None
     warnings: list[str] = []
+    divergences: list[dict[str, Any]] = []
     cancel_requested = False
     last_event_time = None
     for ev in events:
@@ -88,6 +92,15 @@ def summarize(
             state = "preempted-requeued"
         elif kind == Event.WARNING:
             warnings.append(str(ev.get("message")))
+        elif kind == Event.DIVERGED:
+            divergences.append({k: ev.get(k) for k in ("attempt", "first_step", "last_step")})
+        elif kind == Event.ROLLED_BACK and divergences:
+            divergences[-1] = {
+                **divergences[-1],
+                "rolled_back_to": ev.get("step"),
+                "skipped_samples": ev.get("skipped"),
+                "rollback_attempt": ev.get("attempt"),
+            }
         elif kind == Event.RUN_STARTED:
             state, backend = "running", ev.get("backend")
             started = started if started is not None else ev.get("time")
@@ -123,6 +136,7 @@ def summarize(
         "backend": backend,
         "job_id": job_id,
         "warnings": tuple(dict.fromkeys(warnings)),
+        "divergences": tuple(divergences),
     }
 
 
@@ -253,6 +267,16 @@ def format_status(st: RunStatus) -> str:
         lines.append(f"root cause {who}: exit {rc.get('exitcode')} {rc.get('message') or ''}".rstrip())
     for path in st.flight_recorder_dumps:
         lines.append(f"nccl trace {path}")
+    for d in st.divergences:
+        first, last = d.get("first_step"), d.get("last_step")
+        steps = f"step {last}" if first == last else f"steps {first}-{last}"
+        line = f"diverged   {steps} (attempt {d.get('attempt')})"
+        if d.get("rolled_back_to") is not None:
+            skipped = d.get("skipped_samples")
+            line += f"; rolled back to step {d['rolled_back_to']}" + (
+                f", skipped {skipped} samples" if skipped is not None else ""
+            )
+        lines.append(line)
     if st.goodput is not None:
         lines.append(format_goodput(st.goodput))
     for warning in st.warnings:

@@ -146,3 +146,34 @@ def test_a_fenced_incarnation_leaves_instead_of_restarting() -> None:
     assert stale.classified.kind is FailureClass.STALE and not stale.classified.retryable
     decision = decide(RESTART, PolicyState(), AttemptState.FAILED, stale, None)
     assert decision.action is Action.LEAVE and decision.state.restarts == 0
+
+
+def diverged(rank: int, t: float) -> RankFailure:
+    return failure(rank, t, "DivergenceError", "training diverged: ... not finite between steps 21 and 23")
+
+
+def test_a_divergence_is_its_own_class_with_the_guides_hints() -> None:
+    c = diverged(0, 1.0).classified
+    assert c.kind is FailureClass.DIVERGED and not c.retryable
+    assert "learning rate" in c.hint and "clip" in c.hint and "data" in c.hint
+
+
+def test_a_divergence_fails_the_run_unless_rollback_is_asked_for() -> None:
+    decision = decide(RESTART, PolicyState(), AttemptState.FAILED, diverged(0, 1.0), 20)
+    assert decision.action is Action.GIVE_UP and "diverged" in decision.reason
+    rollback = RestartSpec(max_restarts=3, backoff_s=1.0, crash_loop_attempts=2, on_divergence="rollback")
+    decision = decide(rollback, PolicyState(), AttemptState.FAILED, diverged(0, 1.0), 20)
+    assert decision.action is Action.ROLLBACK and decision.state.restarts == 1
+
+
+def test_rollbacks_count_as_restarts_and_stop_in_a_crash_loop() -> None:
+    rollback = RestartSpec(max_restarts=5, backoff_s=1.0, crash_loop_attempts=2, on_divergence="rollback")
+    state, actions = PolicyState(last_checkpoint=20), []
+    # Diverging again and again before any new checkpoint: a rollback cannot help; stop.
+    for _ in range(3):
+        decision = decide(rollback, state, AttemptState.FAILED, diverged(0, 1.0), 20)
+        state = decision.state
+        actions.append(decision.action)
+    assert actions == [Action.ROLLBACK, Action.GIVE_UP, Action.GIVE_UP]
+    # Other failures still restart as before under on_divergence: rollback.
+    assert decide(rollback, PolicyState(), AttemptState.FAILED, failure(1, 1.0), 10).action is Action.RESTART
