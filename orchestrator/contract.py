@@ -98,6 +98,10 @@ PREEMPTED_EXIT_CODE = 75
 # ---------------------------------------------------------------------------- files
 
 FORKSERVER_LOG = "forkserver.log"  # in logs/: the local fork server's own output
+# A checkpoint's state file, written by rank 0 (runtime/checkpoint.py): model, optimizer,
+# scheduler, scaler, progress, extras; `orch export` reads the model's weights from it.
+CKPT_STATE_FILE = "state.pt"
+CKPT_MODEL_KEY = "model"
 # In the run directory: profile/attempt-N/ holds each profiled rank's traces
 # (rank-R.<time>.pt.trace.json: TensorBoard's profiler plugin reads the folder as one run per
 # attempt, one worker per rank; Perfetto opens each file) and its top ops (rank-R.top_ops.json).

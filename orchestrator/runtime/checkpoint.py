@@ -36,6 +36,8 @@ import torch
 import torch.distributed as dist
 
 from orchestrator.contract import (
+    CKPT_MODEL_KEY,
+    CKPT_STATE_FILE,
     ENV_CKPT_ASYNC,
     ENV_CKPT_INTERVAL,
     ENV_CKPT_KEEP,
@@ -62,7 +64,7 @@ from .ddp_layout import current_layout
 from .dist import DistContext
 from .divergence import DivergenceError, DivergenceGuard
 
-STATE_FILE = "state.pt"
+STATE_FILE = CKPT_STATE_FILE
 
 
 class CheckpointError(RuntimeError):
@@ -577,7 +579,7 @@ class Checkpointer:
 
     def _app_state(self, step: int, epoch: int, extra: dict[str, Any] | None) -> dict[str, Any]:
         state: dict[str, Any] = {
-            "model": unwrap(self.model).state_dict(),
+            CKPT_MODEL_KEY: unwrap(self.model).state_dict(),
             "progress": {"step": step, "epoch": epoch},
             "extra": dict(extra or {}),
         }
@@ -723,7 +725,9 @@ class Checkpointer:
                 # The model digest is a second pass over the weights: run it beside the write.
                 digest_future: Future = Future()
                 hasher = threading.Thread(
-                    target=self._run_into, args=(digest_future, state_digest, app["model"]), daemon=True
+                    target=self._run_into,
+                    args=(digest_future, state_digest, app[CKPT_MODEL_KEY]),
+                    daemon=True,
                 )
                 hasher.start()
                 try:
@@ -952,7 +956,7 @@ class Checkpointer:
         app, rank_state, same_world = loaded
         if populating is not None:
             populating.join()
-        unwrap(self.model).load_state_dict(app["model"])  # copies into the model's own tensors
+        unwrap(self.model).load_state_dict(app[CKPT_MODEL_KEY])  # copies into the model's own tensors
         for name in ("optimizer", "scheduler", "scaler"):
             obj = getattr(self, name)
             if obj is not None and name in app:

@@ -3,6 +3,7 @@ and the last of them into metrics.json, which `orch status SWEEP` reads without 
 
 from __future__ import annotations
 
+import atexit
 import os
 import tempfile
 import time
@@ -20,6 +21,7 @@ class Metrics:
         self._writer: Any = None
         self._last: dict[str, Any] = {}
         self._last_written = 0.0
+        self._publish_to: str | None = None  # a remote run dir's tb/: the local files go there
         if not ctx.is_main:
             return
         if logdir is None:
@@ -27,11 +29,16 @@ class Metrics:
             if run_dir and "://" not in run_dir:
                 logdir = os.path.join(run_dir, "tb")
             else:
-                # TensorBoard writes through local files; remote run dirs get a local copy.
+                # TensorBoard writes through local files; remote run dirs get a copy of them at
+                # close and at exit (a preemption stop exits from step_end), for `orch report`.
                 logdir = os.path.join(tempfile.gettempdir(), f"orch-{os.getuid()}", ctx.run_id, "tb")
+                if run_dir:
+                    self._publish_to = f"{run_dir.rstrip('/')}/tb"
+                    atexit.register(self._publish)
         from torch.utils.tensorboard import SummaryWriter  # lazy: pulls in tensorboard
 
         self._writer = SummaryWriter(log_dir=logdir, filename_suffix=f".attempt{ctx.attempt}")
+        self._logdir = logdir
         self._ctx = ctx
         self._health_written = False
 
@@ -77,3 +84,21 @@ class Metrics:
             self._write_last()
             self._writer.close()
             self._writer = None
+            self._publish()
+
+    def _publish(self) -> None:
+        """Copy this attempt's event file to a remote run directory (best effort, like
+        metrics.json: a storage hiccup costs the report its curves, not the run)."""
+        if self._publish_to is None:
+            return
+        if self._writer is not None:
+            self._writer.flush()
+        try:
+            import fsspec
+
+            for name in os.listdir(self._logdir):
+                with open(os.path.join(self._logdir, name), "rb") as src:
+                    with fsspec.open(f"{self._publish_to}/{name}", "wb") as dst:
+                        dst.write(src.read())
+        except Exception:  # noqa: BLE001 - any storage's error
+            pass

@@ -117,6 +117,11 @@ def test_run_with_its_run_directory_on_s3(tmp_path, s3_server, reference):
     assert [r["step"] for r in rows] == [90, 60] and all(r["verified"] for r in rows)
     ls = run_orch("ls", "--config", str(cfg), "--json")
     assert [r["run_id"] for r in json.loads(ls.stdout)] == ["ons3"]
+    # TensorBoard wrote rank 0's scalars locally; they were copied into the run directory, so
+    # the report has its curves.
+    report = run_orch("report", "ons3", "--config", str(cfg), "--json")
+    assert report.returncode == 0, report.stderr
+    assert "loss" in json.loads(report.stdout)["series"]
 
 
 def test_four_ranks_resume_bitwise_at_ddps_full_speed(tmp_path):

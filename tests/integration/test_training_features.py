@@ -188,6 +188,10 @@ def test_profile_writes_traces_tensorboard_and_perfetto_open_and_a_top_ops_table
     record = json.loads(run_orch("profile", "prof", "--config", str(cfg), "--rank", "0", "--json").stdout)
     assert record["attempt"] == 0 and record["ranks"]["0"]["steps"] == 3
     assert any(op["self_cpu_memory_bytes"] for op in record["ranks"]["0"]["ops"])
+    assert run_orch("profile", "prof", "--config", str(cfg), "--attempt", "0").stdout == shown.stdout
+    other = run_orch("profile", "prof", "--config", str(cfg), "--attempt", "3")
+    assert other.returncode == 1
+    assert other.stderr.strip() == "orch profile: attempt 3 has no profile; profiled attempts: [0]"
 
 
 def test_profile_of_an_unprofiled_run_says_how_to_profile(tmp_path):
