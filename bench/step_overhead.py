@@ -1,7 +1,7 @@
 """Steady-state DDP step time under the orchestrator runtime vs the same loop as a bare script.
 
     .venv/bin/python bench/step_overhead.py [--world 2] [--rounds 40] [--segment 20] [--warmup 50]
-        [--breakdown]
+        [--breakdown | --training]
 
 Both sides train jobs/train_ddp.py's model (SmallConvNet) on its data (SyntheticImages, 4096
 samples) with its defaults: batch 32 per rank, AdamW + gradient clipping + cosine LR, and its
@@ -38,6 +38,9 @@ machine's scheduling than wall time, with its own A/A check.
 vote/step (a stop vote on every step instead of every ~0.2 s), beat/step (a heartbeat record
 written on every step instead of every ~0.1 s), before (all three: the runtime as it was before
 they changed), -vote, -heartbeat (no heartbeat file), -tensorboard, +ckpt/50.
+--training compares against the runtime itself instead of the bare script: +profile(idle)
+(`profile:` configured, its window never reached), +guard (loss and gradient norm passed to the
+divergence guard every step) and runtime/2 (the A/A check).
 """
 
 from __future__ import annotations

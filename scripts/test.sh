@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# Set up .venv if needed, install the Slurm packages for the test cluster (as root), lint the tree
+# Set up .venv if needed, install the Slurm packages for the test cluster and the headless browser
+# of the report test (as root), lint the tree
 # (scripts/lint.sh: ruff and the import graph), then run the whole test suite: tests/unit,
 # tests/processes, tests/integration (real gloo ranks, an S3 API server on 127.0.0.1) and
 # tests/slurm (a real Slurm cluster of 3 slurmd nodes that the tests start and stop).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/bootstrap.sh
+if [ "$(id -u)" = 0 ] && [ "${ORCH_SKIP_BROWSER:-0}" != 1 ]; then
+  scripts/install-browser.sh >/dev/null  # the report test opens its HTML in headless chromium
+fi
 if [ "${ORCH_SKIP_SLURM:-0}" != 1 ]; then
   if [ "$(id -u)" = 0 ]; then
     scripts/slurm/install.sh >/dev/null
