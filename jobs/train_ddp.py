@@ -214,13 +214,20 @@ def main() -> None:
                 elapsed = time.perf_counter() - window_start
                 rate = window_samples / elapsed if elapsed > 0 else math.nan
                 lr = scheduler.get_last_lr()[0]
+                # The norm before clipping (unscaled): the first sign of exploding gradients.
+                norm = grad_norm.item()
                 metrics.scalars(
-                    step, loss=loss.item(), samples_per_s=rate, step_time_s=time.perf_counter() - t0, lr=lr
+                    step,
+                    loss=loss.item(),
+                    grad_norm=norm,
+                    samples_per_s=rate,
+                    step_time_s=time.perf_counter() - t0,
+                    lr=lr,
                 )
                 if ctx.is_main:
                     print(
-                        f"step {step}/{args.steps} epoch {epoch} loss {loss.item():.4f} lr {lr:.2e}"
-                        f" {rate:,.0f} samples/s",
+                        f"step {step}/{args.steps} epoch {epoch} loss {loss.item():.4f} grad norm {norm:.4f}"
+                        f" lr {lr:.2e} {rate:,.0f} samples/s",
                         flush=True,
                     )
                 window_start, window_samples = time.perf_counter(), 0
@@ -228,7 +235,9 @@ def main() -> None:
             # every rank saves this step and exits 75, and the run resumes from here. The loss and
             # gradient norm go to the divergence guard: a NaN or inf on any rank stops the run
             # (DivergenceError) before it is trained on further or saved, without a GPU sync.
-            ckpt.step_end(step, epoch=epoch, loss=loss, grad_norm=grad_norm)
+            # With fp16 and a GradScaler an inf gradient norm is routine (the scaler skips that
+            # step and lowers its scale): then only the loss is checked.
+            ckpt.step_end(step, epoch=epoch, loss=loss, grad_norm=None if scaler.is_enabled() else grad_norm)
             t0 = time.perf_counter()
             if step >= args.steps:
                 break

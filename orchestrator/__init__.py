@@ -8,7 +8,18 @@ __version__ = "0.1.0"
 
 # The Python API (orchestrator.api), imported on first use: ranks import this package for
 # orchestrator.runtime, and `orch --help` must stay instant.
-_API = ("load_config", "load_sweep", "run", "submit", "sweep", "get_run", "list_runs", "Run", "Sweep")
+_API = (
+    "load_config",
+    "load_sweep",
+    "run",
+    "submit",
+    "sweep",
+    "doctor",
+    "get_run",
+    "list_runs",
+    "Run",
+    "Sweep",
+)
 __all__ = ["__version__", *_API]
 
 

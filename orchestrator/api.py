@@ -156,10 +156,38 @@ def run(
     return handle._run_here(config, backend, show_ranks=show_ranks, ranks_to_stdout=ranks_to_stdout)
 
 
-def submit(config: Any, *, run_id: str | None = None, config_file: str | None = None) -> Run:
-    """Submit the job to Slurm (`orch submit`); the Run's status() follows it."""
+def doctor(
+    config: Any, *, probe: bool = False, environment: bool = True, probe_timeout_s: float = 300.0
+) -> Any:
+    """`orch doctor`: every check of the environment, config, storage and backend (and with
+    probe=True, on Slurm, a short job that checks every node); a DoctorReport."""
+    from orchestrator.doctor import run_checks
+
+    return run_checks(config, environment=environment, probe=probe, probe_timeout_s=probe_timeout_s)
+
+
+def preflight(config: Any) -> None:
+    """The fast checks `orch submit` makes first (not the login node's environment, not the
+    probe): OrchError with the first failing check's line and its fix."""
+    report = doctor(config, environment=False)
+    if report.failed:
+        first = report.failed[0]
+        more = f" (and {len(report.failed) - 1} more)" if len(report.failed) > 1 else ""
+        raise OrchError(
+            f"{first.area} {first.name}: {first.detail}; fix: {first.fix}{more}."
+            " `orch doctor` shows every check; --no-check submits anyway"
+        )
+
+
+def submit(
+    config: Any, *, run_id: str | None = None, config_file: str | None = None, check: bool = True
+) -> Run:
+    """Submit the job to Slurm (`orch submit`), after the fast checks of `orch doctor` unless
+    check=False; the Run's status() follows it."""
     backend = backend_for(config, "submit")
     _check_before_creating(config, backend)
+    if check:
+        preflight(config)
     handle = create_run(config, run_id=run_id, config_file=config_file)
     handle._submit(config, backend)
     return handle
@@ -392,6 +420,10 @@ class Run:
             )
         if st.state != "created" or any(e.get("event") == Event.RESUMED for e in events) or overrides:
             self._record_resume(backend.name, st, attempt, overrides)
+            diverged = (st.root_cause or {}).get("class") == "diverged"
+            if diverged and config.restart.on_divergence == "rollback":
+                # As the supervisor's own rollback: the attempt skips the data that diverged.
+                self.dir.append_event(Event.ROLLBACK_SCHEDULED, attempt=attempt, to_step=st.newest_checkpoint)
             what = f"resuming run {self.run_id} ({st.state}) as attempt {attempt}, from " + (
                 f"checkpoint step {st.newest_checkpoint}" if st.newest_checkpoint is not None else "the start"
             )

@@ -211,6 +211,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-id", help="use this run id (default: <name>-<UTC time>-<random>)")
     p.add_argument("--json", action="store_true", help="print {run_id, job_id, run_dir} as JSON")
     _profile_arg(p)
+    p.add_argument(
+        "--no-check",
+        action="store_true",
+        help="submit without `orch doctor`'s fast checks (partition, limits, accounting, storage)",
+    )
+
+    p = _command(
+        sub,
+        "doctor",
+        help="check the environment, config, storage and cluster before a run",
+        description=(
+            "One line per check, ok / warn / fail, each problem with its fix: this machine's Python,"
+            " torch, CUDA/NCCL and GPUs; the resolved launch; the storage root (writable, credentials,"
+            " create-only writes, free space, the preemption lead a checkpoint's write time implies);"
+            " locally free ports and cores; on Slurm the commands, the controller, the partition,"
+            " account and QOS against the request, and accounting. --probe (Slurm) runs a short job on"
+            " the requested shape that checks every node: the run directory visible and writable, the"
+            " job's Python and the orchestrator, torch's devices, MASTER_ADDR:MASTER_PORT reachable."
+            " Exit status 1 when any check fails."
+        ),
+        epilog=(
+            "examples:\n  orch doctor\n  orch doctor cluster.yaml --backend slurm --probe\n"
+            "  orch doctor --set slurm.partition=gpu --json"
+        ),
+    )
+    _config_args(p)
+    p.add_argument("--probe", action="store_true", help="slurm: also run a short job that checks every node")
+    p.add_argument(
+        "--probe-timeout",
+        type=float,
+        default=300.0,
+        metavar="S",
+        help="how long the probe job may wait in the queue and run (default 300)",
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable output")
 
     p = _command(
         sub,
@@ -536,9 +571,25 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from orchestrator import api
 
     _refuse_sweep(args, "submit")
-    run = api.submit(_load(args), run_id=args.run_id, config_file=_config_file(args))
+    run = api.submit(_load(args), run_id=args.run_id, config_file=_config_file(args), check=not args.no_check)
     _print_submission(args, run)
     return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from orchestrator import api
+
+    config = _load(args)
+    if args.probe and config.backend != "slurm":
+        raise UsageError(
+            "--probe: runs a job on Slurm nodes; this config's backend is local (--backend slurm?)"
+        )
+    report = api.doctor(config, probe=args.probe, probe_timeout_s=args.probe_timeout)
+    if args.json:
+        print(json.dumps(report.to_json(), indent=1))
+    else:
+        print("\n".join(report.lines()))
+    return 1 if report.failed else 0
 
 
 def _print_submission(args: argparse.Namespace, run: Any) -> None:
@@ -831,6 +882,7 @@ COMMANDS = {
     "ls": cmd_ls,
     "checkpoints": cmd_checkpoints,
     "sweep": cmd_sweep,
+    "doctor": cmd_doctor,
     "export": cmd_export,
     "profile": cmd_profile,
     "report": cmd_report,

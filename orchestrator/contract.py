@@ -350,7 +350,8 @@ class Event(StrEnum):
     TOTAL_STEPS = "total_steps"  # runtime.declare_total_steps: what an ETA counts toward
     TRAINING_STARTED = "training_started"
     CHECKPOINT_COMMITTED = "checkpoint_committed"
-    # rank 0's runtime: the divergence guard fired ({step, clean_step, epoch, sampler}); the next
-    # attempt's restore rolled back to a checkpoint and skipped the data since it
+    # rank 0's runtime: the divergence guard fired ({first_step, last_step, epoch, sampler}); a
+    # later attempt's restore rolled back to a checkpoint and skipped the data since it
+    # ({step, diverged_at, skipped, epoch})
     DIVERGED = "diverged"
     ROLLED_BACK = "rolled_back"

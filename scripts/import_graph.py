@@ -30,8 +30,10 @@ ALLOWED: dict[str, set[str]] = {
     "launch": {"contract", "spec"},
     "supervision": {"contract", "errors", "spec", "storage"},
     "backends": {"contract", "errors", "spec", "storage", "launch", "supervision"},
+    # Before a submit: the environment, config, storage and backend, checked (`orch doctor`).
+    "doctor": {"contract", "errors", "spec", "storage", "launch", "backends"},
     # The Python API holds the verbs; the CLI only parses and prints around it.
-    "api": {"contract", "errors", "spec", "storage", "launch", "supervision", "backends"},
+    "api": {"contract", "errors", "spec", "storage", "launch", "supervision", "backends", "doctor"},
     # After training: a run's checkpoint to a model file; a run's record to an HTML report.
     "export": {"contract", "errors", "spec", "storage", "api"},
     "report": {"contract", "errors", "spec", "storage", "supervision", "api"},
@@ -43,6 +45,7 @@ ALLOWED: dict[str, set[str]] = {
         "launch",
         "supervision",
         "backends",
+        "doctor",
         "api",
         "export",
         "report",

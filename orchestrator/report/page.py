@@ -8,6 +8,7 @@ sweep's values are the user's or the job's, and the page must show them, never r
 from __future__ import annotations
 
 import html
+import math
 import time
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
@@ -216,7 +217,7 @@ def run_page(r: RunReport, fragments: Mapping[str, str | None], generated: float
         + (
             ""
             if is_local_url(r.run_dir)
-            else " (rank 0 of a run on object storage keeps them on its own host)"
+            else " (a run on object storage gets them when rank 0's attempt ends: a running one has none yet)"
         )
         + (
             f"; the last logged: {', '.join(f'{k} {v:.4g}' for k, v in r.last_scalars.items())}"
@@ -297,7 +298,8 @@ def sweep_page(s: SweepReport, fragments: Mapping[str, str | None], generated: f
     )
     attempts = sum(len(p.attempts) for p in s.points)
     shares = [p.goodput["goodput"] for p in s.points if p.goodput and p.goodput.get("goodput") is not None]
-    losses = [p.last_loss for p in s.points if p.last_loss is not None]
+    # A diverged point's last loss is NaN: min() would return it whatever its place.
+    losses = [p.last_loss for p in s.points if p.last_loss is not None and math.isfinite(p.last_loss)]
     parts = [
         f'<header><h1>sweep {e(s.sweep_id)}</h1><div class="sub">{sub}</div></header>',
         cards(

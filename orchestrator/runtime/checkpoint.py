@@ -984,9 +984,17 @@ class Checkpointer:
         if skip is None:
             return None
         before = dict(self.sampler.state_dict()) if self.sampler is not None else None
-        if self.sampler is not None and skip.get("sampler"):
-            self.sampler.epoch = int(skip["sampler"]["epoch"])
-            self.sampler.consumed = int(skip["sampler"]["consumed"])
+        target = skip.get("sampler")
+        if before is not None and target:
+            if (int(target["epoch"]), int(target["consumed"])) <= (before["epoch"], before["consumed"]):
+                return None  # this checkpoint is past the window already (a later attempt saved it)
+            self.sampler.epoch = int(target["epoch"])
+            self.sampler.consumed = int(target["consumed"])
+        elif self.ctx.is_main:
+            _warn(
+                "rolling back after a divergence without skipping any data: the Checkpointer has no"
+                " sampler= (or the divergence recorded none), so the same data comes again"
+            )
         new_epoch = int(skip.get("epoch", epoch))
         self._record(
             Event.ROLLED_BACK,
@@ -998,18 +1006,26 @@ class Checkpointer:
         return new_epoch
 
     def _rollback_target(self) -> dict[str, Any] | None:
-        """Rank 0: the divergence a rollback of this attempt skips past, from the run's ledger."""
+        """Rank 0: the newest divergence that a rollback was scheduled for (by the supervisor, or
+        by `orch resume` with restart.on_divergence: rollback), from the run's ledger. Every
+        later attempt that restores a checkpoint from before it skips past it, not only the
+        first (which may fail or be preempted before it saves)."""
         if self.ctx.attempt == 0 or not self.ctx.run_dir:
             return None
         from orchestrator.storage.rundir import RunDir
 
-        diverged = None
-        for event in RunDir(self.ctx.run_dir).events():
+        try:
+            events = RunDir(self.ctx.run_dir).events()
+        except Exception as exc:  # noqa: BLE001 - any storage's error: every rank must go on
+            _warn(f"cannot read the run's events for a rollback: {storage_cause(exc)}")
+            return None
+        diverged, scheduled = None, False
+        for event in events:
             if event.get("event") == Event.DIVERGED:
-                diverged = event
-            elif event.get("event") == Event.ROLLBACK_SCHEDULED and event.get("attempt") == self.ctx.attempt:
-                return diverged
-        return None
+                diverged, scheduled = event, False
+            elif event.get("event") == Event.ROLLBACK_SCHEDULED and diverged is not None:
+                scheduled = True
+        return diverged if scheduled else None
 
     def _load_step(
         self, chosen: _Chosen, held: dict[str, Any]

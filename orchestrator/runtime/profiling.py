@@ -3,10 +3,11 @@
 The profiler object exists only around its window: until `wait` steps of the attempt have
 passed nothing is created or started, and once the last active step is recorded it is stopped
 and dropped, so a run with profiling configured costs, outside the window, one integer compare
-per step (bench/profile_overhead.py measures it against no profiling). Each finished cycle
+per step (`bench/step_overhead.py --training` measures it against no profiling). Each finished cycle
 writes a trace (Chrome trace JSON: TensorBoard's profiler plugin and Perfetto open it) into
 RUN_DIR/profile/attempt-N, and the rank's top ops by self time go to its log and to
-rank-R.top_ops.json beside it (`orch profile RUN` prints them).
+rank-R.top_ops.json beside it (the last cycle's; `orch profile RUN` prints them). Nothing here
+can stop training: a trace that cannot be written is a warning in the rank's log.
 """
 
 from __future__ import annotations
@@ -98,13 +99,27 @@ class StepProfiler:
         self._prof.start()
 
     def _trace_ready(self, prof: Any) -> None:
+        """A cycle ended: its trace and its top ops. Profiling is for looking, never a reason for
+        training to stop: a failure to write is a warning in the rank's log."""
+        cycle = self.repeat - self._cycles_left
+        self._cycles_left -= 1
+        try:
+            self._write_cycle(prof, cycle)
+        except Exception as exc:  # noqa: BLE001 - a full disk, a store's error
+            print(
+                f"[orch] warning: the profile was not written: {type(exc).__name__}: {exc}", file=sys.stderr
+            )
+
+    def _write_cycle(self, prof: Any, cycle: int) -> None:
         from torch.profiler import tensorboard_trace_handler
 
         tensorboard_trace_handler(self.local_dir, worker_name=profile_worker_name(self.rank))(prof)
-        self._cycles_left -= 1
-        record = {"rank": self.rank, "attempt_step": self.steps_seen, **top_ops(prof, self.active)}
+        # A window cut short (training ended inside it) recorded fewer steps than `active`.
+        into_cycle = self.steps_seen - self.wait - cycle * (self.warmup + self.active)
+        recorded = max(1, min(self.active, into_cycle - self.warmup))
+        record = {"rank": self.rank, "attempt_step": self.steps_seen, **top_ops(prof, recorded)}
         print(
-            f"[orch] profile of rank {self.rank} ({self.active} steps), top ops by self time:\n"
+            f"[orch] profile of rank {self.rank} ({recorded} steps), top ops by self time:\n"
             + format_top_ops(record),
             file=sys.stderr,
             flush=True,
@@ -113,11 +128,16 @@ class StepProfiler:
             json.dump(record, fh, indent=1)
 
     def _stop(self) -> None:
-        self._prof.stop()
-        self._prof = None
+        prof, self._prof = self._prof, None
         self.finished = True
-        if self.local_dir != self.out_url:
-            self._upload()
+        try:
+            prof.stop()
+            if self.local_dir != self.out_url:
+                self._upload()
+        except Exception as exc:  # noqa: BLE001 - see _trace_ready
+            print(
+                f"[orch] warning: the profile was not written: {type(exc).__name__}: {exc}", file=sys.stderr
+            )
 
     def close(self) -> None:
         """At the end of training: a window cut short still writes what it recorded."""

@@ -246,7 +246,10 @@ class LaunchSpec:
 class ProfileSpec:
     enabled: bool = _f(False, "Profile each attempt's steps with torch.profiler (`orch run --profile`).")
     wait: int = _f(
-        10, "Steps of each attempt before the profiler starts (start-up and warm-up noise).", min=0, max=10**9
+        10,
+        "Steps of each attempt before the profiler starts (start-up noise); at least 1.",
+        min=1,
+        max=10**9,
     )
     warmup: int = _f(2, "Steps traced but discarded, so the active steps start warm.", min=0, max=1000)
     active: int = _f(5, "Steps recorded in each trace.", min=1, max=1000)
@@ -970,18 +973,21 @@ def quick_start_config(
 
 
 # What `orch resume --set` may change: a section (ending in ".") or one field.
-RESUME_MAY_CHANGE = ("restart.", "resources.", "job.args")
+# profile.*: observing a resumed attempt (or dropping ranks a smaller world no longer has).
+RESUME_MAY_CHANGE = ("restart.", "resources.", "job.args", "profile.")
 
 
 def config_for_resume(record: Mapping[str, Any], overrides: typing.Iterable[str]) -> ClusterConfig:
     """A run's frozen config with the `--set` overrides a resume may apply: the restart policy,
-    the resources (a new world size resumes exactly) and the job's arguments. Anything else
-    would make the resumed run a different run."""
+    the resources (a new world size resumes exactly), the job's arguments and the profiler.
+    Anything else would make the resumed run a different run."""
     overrides = list(overrides)
     for text in overrides:
         key = text.partition("=")[0]
         if not any(key == p or (p.endswith(".") and key.startswith(p)) for p in RESUME_MAY_CHANGE):
-            raise _error("--set", key, "cannot change on resume (only restart.*, resources.* and job.args)")
+            raise _error(
+                "--set", key, "cannot change on resume (only restart.*, resources.*, job.args and profile.*)"
+            )
     data = apply_overrides(record["config"], overrides)
     return parse_config(data, source="run.yaml", base_dir=record.get("base_dir", "."), check_files=False)
 

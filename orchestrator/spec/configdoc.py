@@ -5,9 +5,10 @@ python -m orchestrator.spec.configdoc > docs/config.md
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
-from orchestrator.spec.config import field_docs
+from orchestrator.spec.config import ClusterConfig, field_docs
 from orchestrator.spec.sweep import FIELDS as SWEEP_FIELDS
 
 
@@ -36,7 +37,12 @@ def render_config_doc() -> str:
         "| field | default | meaning |",
         "| --- | --- | --- |",
     ]
-    sections = {"job", "resources", "distributed", "storage", "restart", "watchdog", "launch", "slurm"}
+    # A section is a field whose value is a dataclass of its own (job, resources, ..., profile).
+    sections = {
+        f.name
+        for f in dataclasses.fields(ClusterConfig)
+        if isinstance(f.default_factory, type) and dataclasses.is_dataclass(f.default_factory)
+    }
     for path, doc, default in field_docs():
         doc = doc.replace("|", "\\|")
         if path in sections:

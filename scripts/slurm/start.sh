@@ -27,6 +27,9 @@
 #                                 etc:  append one marked line to the real /etc/hosts (stop.sh
 #                                       removes it)
 #                                 none: names do not resolve (use SLURM_LAUNCH_NODE_IPADDR)
+#                               with auto, each node also sees its own empty tmpfs at
+#                               STATE/node-local (a node-local path; `orch doctor --probe` tests)
+# Partitions: debug (default, preemptible by urgent), urgent, short (MaxTime 10 minutes).
 #   SLURMLAB_TIMEOUT=60         seconds to wait for each daemon / for the nodes to become idle
 set -euo pipefail
 
@@ -200,6 +203,7 @@ $GRES_TYPES
 NodeName=$NODELIST NodeHostname=$HOST NodeAddr=127.0.0.1 Port=$NODE_PORTS CPUs=$CPUS RealMemory=$MEM$NODE_GRES State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP PriorityTier=1 GraceTime=$GRACE
 PartitionName=urgent Nodes=ALL MaxTime=INFINITE State=UP PriorityTier=2 PreemptMode=OFF
+PartitionName=short Nodes=ALL MaxTime=00:10:00 State=UP PriorityTier=1
 EOF
 
 if (( CHANGED )); then   # configs changed under live daemons: restart the Slurm ones
@@ -248,7 +252,10 @@ case $HOSTS_MODE in
     # rewritten in place (same inode) so a running bind mount sees updates
     { grep -v '# slurmlab:' /etc/hosts; echo "$HOSTS_LINE"; } > "$STATE/etc/hosts"
     if unshare -m --propagation slave true 2>/dev/null; then
-      LAUNCH=(unshare -m --propagation slave sh -c 'mount --bind "$0" /etc/hosts && exec "$@"' "$STATE/etc/hosts")
+      # Each node also gets its own empty tmpfs at $STATE/node-local: a node-local path (like /tmp
+      # or /scratch on a real cluster) that the login node (this host) sees as another folder.
+      mkdir -p "$STATE/node-local"
+      LAUNCH=(unshare -m --propagation slave sh -c 'mount --bind "$0" /etc/hosts && mount -t tmpfs -o size=16m,mode=1777 orch-node-local "$1" && shift && exec "$@"' "$STATE/etc/hosts" "$STATE/node-local")
     else
       echo "start.sh: warning: no mount namespace possible, n1..n$NODES will not resolve (SLURMLAB_HOSTS=etc?)" >&2
     fi ;;

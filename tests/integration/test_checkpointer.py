@@ -399,3 +399,83 @@ def test_saving_the_step_just_saved_again_is_a_no_op(ctx, url, async_save):
     assert not isinstance(err.value, StaleIncarnationError)
     assert "already committed by incarnation 0" in str(err.value)
     assert store.committed_steps() == [20, 10]
+
+
+def test_saves_and_step_ends_between_micro_batches_are_refused(ctx, tmp_path):
+    model, opt, sched, sampler = make_parts()
+    accum = runtime.GradientAccumulation(model, steps=2)
+    ckpt = runtime.Checkpointer(
+        ctx, model=model, optimizer=opt, sampler=sampler, url=str(tmp_path / "ckpt"), interval=1,
+        accumulation=accum,
+    )  # fmt: skip
+    with accum.micro_step():
+        model(torch.randn(4, 8)).pow(2).mean().backward()
+    for call in (lambda: ckpt.step_end(1), lambda: ckpt.save(1)):
+        with pytest.raises(RuntimeError, match="between the micro-batches of an optimizer step"):
+            call()
+    with accum.micro_step():
+        model(torch.randn(4, 8)).pow(2).mean().backward()
+    opt.step()
+    ckpt.step_end(1)  # at the boundary: saved (interval 1)
+    assert ckpt.last_saved_step == 1
+    ckpt.close()
+
+
+def test_a_non_finite_value_is_never_saved(ctx, tmp_path):
+    model, opt, sched, sampler = make_parts()
+    ckpt = runtime.Checkpointer(
+        ctx, model=model, optimizer=opt, sampler=sampler, url=str(tmp_path / "c"), interval=2
+    )
+    ckpt.step_end(1, loss=torch.tensor(1.0), grad_norm=torch.tensor(float("inf")))
+    # The stop vote of step 1 carried the flag; it is read at step 2, before step 2's save.
+    with pytest.raises(runtime.DivergenceError, match="not finite at step 1$"):
+        ckpt.step_end(2, loss=torch.tensor(0.5))
+    assert CheckpointStore(str(tmp_path / "c")).committed_steps() == []
+    ckpt.close()
+    # Without a vote in between (its period not yet over), the save itself reads the guard.
+    model, opt, sched, sampler = make_parts()
+    ckpt = runtime.Checkpointer(
+        ctx, model=model, optimizer=opt, sampler=sampler, url=str(tmp_path / "d"), interval=2
+    )
+    ckpt._vote_group = None  # step_end then only looks at this rank's own stop flag
+    ckpt.step_end(1, loss=torch.tensor(float("nan")))
+    with pytest.raises(runtime.DivergenceError, match="between steps 1 and 2$"):
+        ckpt.step_end(2, loss=torch.tensor(0.5))
+    assert CheckpointStore(str(tmp_path / "d")).committed_steps() == []
+    ckpt.close()
+
+
+def test_a_rollback_skips_past_the_divergence_on_every_later_restore(ctx, tmp_path):
+    import dataclasses
+
+    from orchestrator.contract import Event
+    from orchestrator.storage.rundir import RunDir
+
+    run = RunDir(str(tmp_path / "run"))
+    run.create({"run_id": "run", "config": {}})
+    model, opt, sched, sampler = make_parts()
+    ckpt = runtime.Checkpointer(
+        ctx, model=model, optimizer=opt, sampler=sampler, url=run.child("ckpt"), interval=10
+    )
+    train(model, opt, sched, sampler, 10)
+    ckpt.save(10)
+    ckpt.close()
+    diverged_at = {"epoch": 0, "consumed": 56, "seed": 3, "dataset_len": 64}
+    run.append_event(Event.DIVERGED, attempt=0, first_step=11, last_step=14, epoch=0, sampler=diverged_at)
+
+    def restore_as(attempt: int) -> tuple[int, int]:
+        later = dataclasses.replace(ctx, run_dir=run.url, attempt=attempt)
+        model, opt, sched, sampler = make_parts()
+        again = runtime.Checkpointer(
+            later, model=model, optimizer=opt, sampler=sampler, url=run.child("ckpt")
+        )
+        progress = again.restore()
+        again.close()
+        return progress.step, sampler.consumed
+
+    assert restore_as(1) == (10, 40)  # no rollback scheduled (on_divergence: fail): same data
+    run.append_event(Event.ROLLBACK_SCHEDULED, attempt=1, to_step=10)
+    assert restore_as(1) == (10, 56)  # the data of steps 11-14 skipped
+    assert restore_as(2) == (10, 56)  # and again by a later attempt that restores step 10
+    rolled = [e for e in run.events() if e["event"] == Event.ROLLED_BACK]
+    assert [(e["attempt"], e["step"], e["skipped"]) for e in rolled] == [(1, 10, 16), (2, 10, 16)]
