@@ -30,8 +30,9 @@ ALLOWED: dict[str, set[str]] = {
     "launch": {"contract", "spec"},
     "supervision": {"contract", "errors", "spec", "storage"},
     "backends": {"contract", "errors", "spec", "storage", "launch", "supervision"},
-    # Before a submit: the environment, config, storage and backend, checked (`orch doctor`).
-    "doctor": {"contract", "errors", "spec", "storage", "launch", "backends"},
+    # Before a submit: the environment, config, storage and backend, checked (`orch doctor`);
+    # its probe imports the runtime on the nodes, to check that it imports there.
+    "doctor": {"contract", "errors", "spec", "storage", "launch", "backends", "runtime"},
     # The Python API holds the verbs; the CLI only parses and prints around it.
     "api": {"contract", "errors", "spec", "storage", "launch", "supervision", "backends", "doctor"},
     # After training: a run's checkpoint to a model file; a run's record to an HTML report.

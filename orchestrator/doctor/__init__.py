@@ -51,12 +51,24 @@ def run_checks(
         from orchestrator.doctor.slurm import slurm_checks
 
         checks += slurm_checks(config)
-        if probe and not any(c.status is Status.FAIL for c in checks):
-            import sys
+        if probe:
+            failed = [c for c in checks if c.status is Status.FAIL]
+            if failed:  # the request itself would be refused, or the storage is unusable
+                checks.append(
+                    Check(
+                        "probe",
+                        "probe job",
+                        Status.FAIL,
+                        f"not run: {len(failed)} check(s) above fail, and the probe asks for the same",
+                        "fix those first",
+                    )
+                )
+            else:
+                import sys
 
-            from orchestrator.doctor.probe import probe_checks
+                from orchestrator.doctor.probe import probe_checks
 
-            checks += probe_checks(config, python or config.job.python or sys.executable, probe_timeout_s)
+                checks += probe_checks(config, python or config.job.python or sys.executable, probe_timeout_s)
     else:
         from orchestrator.doctor.local import local_checks
 

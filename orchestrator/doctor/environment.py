@@ -8,7 +8,7 @@ from __future__ import annotations
 import platform
 import sys
 
-from orchestrator.doctor.check import Check, fail, ok
+from orchestrator.doctor.check import Check, fail, ok, warn
 from orchestrator.spec.config import ClusterConfig
 
 AREA = "environment"
@@ -20,7 +20,11 @@ def environment_checks(config: ClusterConfig) -> list[Check]:
         import torch
         import torch.distributed as dist
     except ImportError as exc:
-        return checks + [fail(AREA, "torch", f"cannot import torch: {exc}", "pip install torch (see README)")]
+        # On Slurm the nodes' torch is what counts (the probe checks it); here it is a warning.
+        found = (warn if config.backend == "slurm" else fail)(
+            AREA, "torch", f"cannot import torch here: {exc}", "pip install torch (see README)"
+        )
+        return checks + [found]
     cuda = torch.version.cuda
     nccl = _nccl_version(torch) if cuda else None
     build = f"CUDA {cuda}, NCCL {nccl}" if cuda else "CPU build (no CUDA)"

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import re
-import shlex
 import subprocess
 import time
 import uuid
@@ -21,9 +20,19 @@ from orchestrator.storage.rundir import join_url, this_host, url_to_fs
 
 AREA = "probe"
 PROBE_MINUTES = 5  # the probe job's own time limit
+# sbatch flags that make no sense for (or would hold) a probe run with srun.
+_SBATCH_ONLY = frozenset(
+    {
+        "begin", "dependency", "hold", "get-user-env", "kill-on-invalid-dep", "requeue", "no-requeue",
+        "array", "mail-type", "mail-user", "parsable", "wait", "test-only", "export-file", "ignore-pbs",
+        "deadline", "chdir", "open-mode",
+    }
+)  # fmt: skip
 # What a healthy node's one line says (the probe's other checks are implied by its report).
 _SUMMARY = ("python", "torch devices", "MASTER_ADDR:MASTER_PORT")
 _TASK_ERROR = re.compile(r"srun: error: (\S+): tasks? ([\d,-]+): (.*)")
+# srun names its job when it has to wait for it ("srun: job 42 queued and waiting for resources").
+_JOB_ID = re.compile(r"srun: (?:job|Granted job allocation) (\d+)")
 
 
 def probe_argv(config: ClusterConfig, python: str, probe_dir: str) -> list[str]:
@@ -44,7 +53,9 @@ def probe_argv(config: ClusterConfig, python: str, probe_dir: str) -> list[str]:
         value = getattr(slurm, key)
         if value:
             argv.append(f"--{key}={value}")
-    argv.extend(slurm.extra_flags)
+    # sbatch's own scheduling flags would make the probe wait or srun refuse it; the rest
+    # (constraints, exclusivity, reservations, ...) shape the allocation as for the run.
+    argv.extend(f for f in slurm.extra_flags if f[2:].partition("=")[0] not in _SBATCH_ONLY)
     command = [python, "-m", "orchestrator.doctor.probe_node", probe_dir, str(res.gpus_per_node)]
     if slurm.setup:  # the batch script runs these before the launch: so does the probe
         script = "\n".join([*slurm.setup, 'exec "$@"'])
@@ -70,38 +81,63 @@ def probe_checks(config: ClusterConfig, python: str, timeout_s: float) -> list[C
     argv = probe_argv(config, python, probe_dir)
     started = time.monotonic()
     try:
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s)
-    except subprocess.TimeoutExpired as exc:
-        _remove(fs, path)
-        out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
-        if PREFIX not in out:
-            return [
-                fail(
-                    AREA,
-                    "probe job",
-                    f"no node reported within {timeout_s:g}s (still queued, or its nodes hang):"
-                    f" {shlex.join(argv[:8])} ...",
-                    "look at `squeue -n orch-doctor`; raise --probe-timeout on a busy cluster",
-                )
-            ]
-        proc = subprocess.CompletedProcess(argv, 124, out, "")
-    try:
-        return _read(config, proc, fs, path, time.monotonic() - started)
+        proc = _run_probe(argv, timeout_s)
+        return _read(config, proc, fs, path, time.monotonic() - started, timeout_s)
     finally:
-        _remove(fs, path)
+        _remove(fs, path)  # after reading: the nodes' files are part of what is checked
 
 
-def _read(
-    config: ClusterConfig, proc: subprocess.CompletedProcess, fs: Any, path: str, took: float
-) -> list[Check]:
-    reports: dict[int, dict[str, Any]] = {}
-    for line in proc.stdout.splitlines():
+def _run_probe(argv: list[str], timeout_s: float) -> subprocess.CompletedProcess:
+    """srun, bounded: past the limit it is asked to stop (SIGTERM: srun cancels its job, queued
+    or running), and whatever the nodes printed so far is kept. returncode 124: timed out."""
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=timeout_s)
+        return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        try:
+            out, err = proc.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+        job = _JOB_ID.search(err or "")
+        if job:  # srun gone before its job: make sure no allocation is left behind
+            subprocess.run(["scancel", job.group(1)], capture_output=True, timeout=30, check=False)
+        return subprocess.CompletedProcess(argv, 124, out or "", err or "")
+
+
+def parse_probe_output(
+    stdout: str, stderr: str
+) -> tuple[dict[int, Any], dict[int, tuple[str, str]], dict[int, list[str]]]:
+    """srun --label's output put back together: each task's report (or the text that did not
+    parse, as a str), srun's own per-task errors (node, what it said), each task's stderr."""
+    pieces: dict[int, dict[int, str]] = {}
+    counts: dict[int, int] = {}
+    for line in stdout.splitlines():
         label, _, text = line.partition(": ")
-        if text.startswith(PREFIX) and label.strip().isdigit():
-            reports[int(label)] = json.loads(text[len(PREFIX) :])
-    errors: dict[int, tuple[str, str]] = {}  # task -> (node, what srun said)
-    stderr_by_task: dict[int, list[str]] = {}
-    for line in proc.stderr.splitlines():
+        if not (label.strip().isdigit() and text.startswith(PREFIX)):
+            continue
+        head, _, body = text[len(PREFIX) :].partition(" ")
+        index, _, count = head.partition("/")
+        if not (index.isdigit() and count.isdigit()):
+            continue
+        task = int(label)
+        pieces.setdefault(task, {})[int(index)] = body
+        counts[task] = int(count)
+    reports: dict[int, Any] = {}
+    for task, got in pieces.items():
+        text = "".join(got.get(i, "") for i in range(counts[task]))
+        if len(got) < counts[task]:
+            reports[task] = f"its report was cut short ({len(got)} of {counts[task]} pieces)"
+            continue
+        try:
+            reports[task] = json.loads(text)
+        except json.JSONDecodeError as exc:
+            reports[task] = f"its report does not parse: {exc}"
+    errors: dict[int, tuple[str, str]] = {}
+    by_task: dict[int, list[str]] = {}
+    for line in stderr.splitlines():
         m = _TASK_ERROR.match(line)
         if m:
             for task in _tasks(m.group(2)):
@@ -109,10 +145,32 @@ def _read(
             continue
         label, _, text = line.partition(": ")
         if label.strip().isdigit():
-            stderr_by_task.setdefault(int(label), []).append(text)
-    checks: list[Check] = []
+            by_task.setdefault(int(label), []).append(text)
+    return reports, errors, by_task
+
+
+def _read(
+    config: ClusterConfig,
+    proc: subprocess.CompletedProcess,
+    fs: Any,
+    path: str,
+    took: float,
+    timeout_s: float,
+) -> list[Check]:
+    reports, errors, stderr_by_task = parse_probe_output(proc.stdout, proc.stderr)
     nodes = config.resources.nodes
+    timed_out = proc.returncode == 124
     if not reports and not errors:
+        if timed_out:
+            return [
+                fail(
+                    AREA,
+                    "probe job",
+                    f"no node reported within {timeout_s:g}s (still queued, or its nodes hang); the job"
+                    " was cancelled",
+                    "look at `squeue`/`sinfo` for why it waits; raise --probe-timeout on a busy cluster",
+                )
+            ]
         said = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1][:300]
         return [
             fail(
@@ -122,20 +180,22 @@ def _read(
                 "the same request is what `orch submit` would make: see the slurm checks above",
             )
         ]
+    checks: list[Check] = []
     for task in range(nodes):
         report = reports.get(task)
-        if report is None:
-            node, said = errors.get(task, ("?", "no report"))
-            last = (stderr_by_task.get(task) or [said])[-1][:300]
-            checks.append(
-                fail(
-                    AREA,
-                    f"node {node}",
-                    f"the probe did not run: {last}",
+        if not isinstance(report, dict):
+            node, said = errors.get(task, (f"of task {task}", "no report"))
+            if isinstance(report, str):
+                what, fix = report, "run `orch doctor --probe` again; if it repeats, report it"
+            elif timed_out and task not in errors:
+                what, fix = f"no report within {timeout_s:g}s", "the node hangs or starts slowly: look at it"
+            else:
+                what = f"the probe did not run: {(stderr_by_task.get(task) or [said])[-1][:300]}"
+                fix = (
                     "the job's Python (job.python, or the interpreter running orch) and the orchestrator"
-                    " must be installed at the same path on every node, e.g. a venv on shared storage",
+                    " must be installed at the same path on every node, e.g. a venv on shared storage"
                 )
-            )
+            checks.append(fail(AREA, f"node {node}", what, fix))
             continue
         node = report["node"]
         if all(c["status"] == "ok" for c in report["checks"]):
@@ -155,7 +215,9 @@ def _read(
                     )
                 )
     bad = sum(1 for c in checks if c.status is Status.FAIL)
-    summary = f"{len(reports)} of {nodes} node(s) reported in {took:.1f}s"
+    summary = (
+        f"{sum(isinstance(r, dict) for r in reports.values())} of {nodes} node(s) reported in {took:.1f}s"
+    )
     checks.insert(
         0,
         ok(AREA, "probe job", summary + ": all ok")

@@ -63,7 +63,16 @@ def slurm_checks(config: ClusterConfig) -> list[Check]:
         ]
     checks.append(ok(AREA, "controller", ping.out.strip().splitlines()[0]))
     accounting = query("sacct", "-n", "-X", "-S", "now", "-o", "JobID")
-    if accounting.code != 0:
+    if accounting.code == 124:  # slow, not off: a busy slurmdbd
+        checks.append(
+            warn(
+                AREA,
+                "accounting",
+                accounting.said,
+                "sacct is slow here: `orch status` may lag behind the scheduler",
+            )
+        )
+    elif accounting.code != 0:
         checks.append(
             fail(
                 AREA,
@@ -116,7 +125,8 @@ def _unlimited(value: str) -> bool:
 
 def partition_checks(config: ClusterConfig) -> list[Check]:
     name = config.slurm.partition
-    shown = query("scontrol", "show", "partition", "-o")
+    # --all: hidden partitions too (a user may be allowed on one that `sinfo` does not list).
+    shown = query("scontrol", "--all", "--oneliner", "show", "partition")
     if shown.code != 0:
         return [fail(AREA, "partition", f"scontrol show partition: {shown.said}", "check the controller")]
     partitions = {
@@ -182,17 +192,22 @@ def partition_checks(config: ClusterConfig) -> list[Check]:
                 " comes in time",
             )
         )
-    for field, value, what in (
-        ("AllowAccounts", config.slurm.account, "slurm.account"),
-        ("AllowQos", config.slurm.qos, "slurm.qos"),
+    for allow, deny, value, what in (
+        ("AllowAccounts", "DenyAccounts", config.slurm.account, "slurm.account"),
+        ("AllowQos", "DenyQos", config.slurm.qos, "slurm.qos"),
     ):
-        allowed = p.get(field, "ALL")
-        if value and not _unlimited(allowed) and value not in allowed.split(","):
+        allowed, denied = p.get(allow, "ALL"), p.get(deny, "")
+        # Slurm keeps account and QOS names in lower case.
+        if value and not _unlimited(allowed) and value.lower() not in allowed.lower().split(","):
             problems.append(
                 (
-                    f"{what} {value!r} is not allowed on partition {name} ({field}={allowed})",
+                    f"{what} {value!r} is not allowed on partition {name} ({allow}={allowed})",
                     f"use one of: {allowed}",
                 )
+            )
+        if value and denied and value.lower() in denied.lower().split(","):
+            problems.append(
+                (f"{what} {value!r} is denied on partition {name} ({deny}={denied})", f"use another {what}")
             )
     checks = []
     fatal = [pr for pr in problems if "is not set" not in pr[0]]
@@ -210,7 +225,7 @@ def partition_checks(config: ClusterConfig) -> list[Check]:
 
 
 def _gpus(partition: str, per_node: int, nodes: int) -> Check:
-    shown = query("sinfo", "-h", "-N", "-p", partition, "-o", "%N %G")
+    shown = query("sinfo", "--all", "-h", "-N", "-p", partition, "-o", "%N %G")
     if shown.code != 0:
         return fail(AREA, "GPUs", f"sinfo: {shown.said}", "check the controller")
     counts: dict[str, int] = {}
@@ -244,14 +259,19 @@ def _account(account: str, accounting: bool) -> Check:
             f"slurm.account {account!r}: cannot be checked without accounting",
             "ask the admins",
         )
-    shown = query("sacctmgr", "-n", "-P", "show", "assoc", f"account={account}", "format=account,user")
+    import getpass
+
+    user = getpass.getuser()
+    shown = query(
+        "sacctmgr", "-n", "-P", "show", "assoc", f"account={account}", f"user={user}", "format=account,user"
+    )
     if shown.code != 0:
         return warn(AREA, "account", f"sacctmgr: {shown.said}", "check the account with your admins")
     if not shown.out.strip():
         return fail(
             AREA,
             "account",
-            f"slurm.account: no account {account!r} in the accounting database",
+            f"slurm.account: no association of user {user} with account {account!r}",
             "set slurm.account to one of yours (`sacctmgr show assoc user=$USER format=account`)",
         )
     return ok(AREA, "account", f"{account} exists")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 import uuid
 from typing import Any
 
@@ -22,18 +23,37 @@ AREA = "storage"
 NEWEST_RUNS_SEARCHED = 10  # runs looked at for the newest checkpoint (newest first)
 
 
+STORAGE_S = 30.0  # a hung mount or an endpoint that never answers is a finding, not a hang
+
+
 def storage_checks(config: ClusterConfig) -> list[Check]:
     root = config.storage_root
-    written = _writable(root)
+    written = _bounded(lambda: _writable(root), "root writable", root)
     checks = [written]
     if written.status is not Status.OK:
         return checks  # nothing else can be learned from a root that cannot be written
-    checks.append(_create_only(root))
-    newest = _newest_checkpoint(root)
+    checks.append(_bounded(lambda: _create_only(root), "create-only writes", root))
+    newest = _newest_checkpoint(root, config.job_name)
     checks.append(_free_space(root, newest))
     if config.backend == "slurm":
         checks.append(_lead_time(config, newest))
     return checks
+
+
+def _bounded(check: Any, name: str, root: str) -> Check:
+    """`check()` in a thread of its own, for at most STORAGE_S."""
+    found: list[Check] = []
+    thread = threading.Thread(target=lambda: found.append(check()), daemon=True)
+    thread.start()
+    thread.join(STORAGE_S)
+    if not found:
+        return fail(
+            AREA,
+            name,
+            f"{root}: no answer within {STORAGE_S:g}s",
+            "check the mount (a hung NFS server?) or the object store's endpoint and network",
+        )
+    return found[0]
 
 
 def _fix_for(root: str, cause: str) -> str:
@@ -111,15 +131,20 @@ def _create_only(root: str) -> Check:
     )
 
 
-def _newest_checkpoint(root: str) -> dict[str, Any] | None:
-    """The newest committed checkpoint among the newest runs under root: its size and how long
-    its write took (from its run's events), or None."""
+def _newest_checkpoint(root: str, job_name: str) -> dict[str, Any] | None:
+    """The newest committed checkpoint among the newest runs of this job under root (run ids
+    start with the job's name): its size and how long its write took (from its run's events),
+    or None."""
     try:
-        runs = [e for e in list_entries(root) if isinstance(e, RunDir)]
+        runs = [
+            e for e in list_entries(root) if isinstance(e, RunDir) and e.run_id.startswith(f"{job_name}-")
+        ]
     except Exception:  # noqa: BLE001 - an unlistable root was already reported
         return None
     if is_local_url(root):
         runs.sort(key=lambda r: _mtime(r.local_path), reverse=True)
+    else:  # default run ids are <name>-<UTC time>-<random>: newest last by name
+        runs.sort(key=lambda r: r.run_id, reverse=True)
     for run in runs[:NEWEST_RUNS_SEARCHED]:
         try:
             info = newest_committed(run.child("ckpt"))

@@ -649,8 +649,9 @@ class _StrictLoader(yaml.SafeLoader):
 
 
 # Values that are command-line or environment text: kept as the user wrote them. YAML 1.1 would read `on` as
-# true and `0x10` as 16, and the job would receive "True" and "16".
-_AS_WRITTEN = (("job", "args"), ("job", "env"))
+# true and `0x10` as 16, and the job would receive "True" and "16". A time limit too: YAML 1.1
+# reads an unquoted `12:00:00` as the base-60 integer 43200 (which would mean 43200 minutes).
+_AS_WRITTEN = (("job", "args"), ("job", "env"), ("resources", "time_limit"))
 _STR_TAG = "tag:yaml.org,2002:str"
 
 
@@ -681,6 +682,10 @@ def _keep_as_written(node: yaml.Node, path: tuple[str, ...]) -> None:
         items = node.value
     elif isinstance(node, yaml.MappingNode):
         items = [v for _, v in node.value]
+    elif isinstance(node, yaml.ScalarNode):
+        if node.tag == "tag:yaml.org,2002:null":
+            return  # `null`: no value, not the text "null"
+        items = [node]
     else:
         return
     for item in items:

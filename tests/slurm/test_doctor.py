@@ -90,6 +90,16 @@ def test_accounting_off(tmp_path, slurm_cluster):
 def test_a_run_directory_the_nodes_cannot_see(tmp_path, slurm_cluster):
     # Each node of the test cluster sees its own empty tmpfs at STATE/node-local: a node-local
     # path. The login node can write there, so only the probe finds the problem.
+    seen = subprocess.run(
+        ["srun", "-N1", "stat", "-f", "-c", "%T", str(Path(slurm_cluster) / "node-local")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert seen.stdout.strip() == "tmpfs", (
+        "scripts/slurm/start.sh gives each node a tmpfs at STATE/node-local (SLURMLAB_HOSTS=auto,"
+        f" which needs a mount namespace): {seen.stdout} {seen.stderr}"
+    )
     root = Path(slurm_cluster) / "node-local" / f"runs-{os.getpid()}"
     cfg = slurm_config(tmp_path, storage={"root": str(root)}, resources={"nodes": 2})
     proc = run_orch("doctor", str(cfg), "--probe")
@@ -111,6 +121,7 @@ def test_an_unwritable_storage_root(tmp_path):
     # A read-only mount (as a read-only NFS export): root cannot write there either.
     mount = tmp_path / "readonly"
     mount.mkdir()
+    assert subprocess.run(["unshare", "-m", "true"]).returncode == 0, "needs a mount namespace (root)"
     cfg = slurm_config(tmp_path, storage={"root": str(mount / "runs")})
     proc = subprocess.run(
         ["unshare", "-m", "sh", "-c", 'mount -t tmpfs -o ro tmpfs "$0" && exec "$@"', str(mount)]
@@ -127,7 +138,11 @@ def test_an_unwritable_storage_root(tmp_path):
 
 
 def test_s3_without_credentials(tmp_path, s3_server):
-    cfg = slurm_config(tmp_path, storage={"root": f"s3://{S3_BUCKET}/doctor-{os.getpid()}"})
+    # Runs on an object store are local ones (Slurm's batch logs need a shared filesystem: the
+    # slurm backend refuses such a root, as the end of this test shows).
+    cfg = write_config(
+        tmp_path, JOBS / "train_ddp.py", storage={"root": f"s3://{S3_BUCKET}/doctor-{os.getpid()}"}
+    )
     env = {
         k: v
         for k, v in os.environ.items()
@@ -148,6 +163,10 @@ def test_s3_without_credentials(tmp_path, s3_server):
     assert (
         "ok    storage     create-only writes: a second create of the same object was refused" in good.stdout
     )
+    on_slurm = run_orch("doctor", str(cfg), "--backend", "slurm")
+    assert on_slurm.returncode == 1
+    fails, _ = outcome(on_slurm)
+    assert fails[0].startswith("fail  config      storage.root: "), fails
 
 
 def test_submit_refuses_a_failing_check_unless_told_not_to_check(tmp_path):

@@ -973,3 +973,20 @@ def test_job_args_and_env_are_the_text_as_written(tmp_path: Path) -> None:
     assert config.job.args == ("--amp", "on", "--steps", "10", "0x10")
     # Everything else is still YAML: a number is a number.
     assert load_config(str(path), ["resources.nodes=0x2"]).resources.nodes == 2
+
+
+@pytest.mark.parametrize(
+    "written,minutes",
+    [("12:00:00", 720), ("1:30:00", 90), ("00:30:00", 30), ("90", 90), ("1-00:00:00", 1440), ("45:00", 45)],
+)
+def test_a_time_limit_is_read_as_written_not_as_a_base_60_integer(
+    tmp_path: Path, written: str, minutes: int
+) -> None:
+    # YAML 1.1 reads an unquoted 12:00:00 as 43200: 30 days of minutes instead of 12 hours.
+    (tmp_path / "train.py").write_text("")
+    path = write(tmp_path, f"job: {{script: train.py}}\nresources: {{time_limit: {written}}}\n")
+    from_file = load_config(path, [])
+    from_set = load_config(path, [f"resources.time_limit={written}"])
+    assert from_file.resources.time_limit == from_set.resources.time_limit == written
+    assert from_file.resources.time_limit_minutes == minutes
+    assert load_config(path, ["resources.time_limit=null"]).resources.time_limit is None

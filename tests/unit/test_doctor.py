@@ -152,3 +152,165 @@ def test_an_object_store_root_is_written_with_create_only_semantics(config_of):
     assert by_name["root writable"].status is Status.OK
     assert by_name["create-only writes"].status is Status.OK, by_name["create-only writes"]
     assert by_name["free space"].detail == "an object store: no free-space limit to check"
+
+
+# ---------------------------------------------------------------------------- the probe's output
+
+
+def test_the_probes_output_is_put_back_together_per_task():
+    from orchestrator.doctor.probe import parse_probe_output
+    from orchestrator.doctor.probe_node import pieces
+
+    long = {
+        "node": "n1",
+        "task": 0,
+        "checks": [{"name": "x", "status": "ok", "detail": "d" * 1500, "fix": None}],
+    }
+    lines = pieces(long)
+    assert len(lines) >= 3 and all(len(line) < 1024 for line in lines)  # under slurmstepd's messages
+    short = {"node": "n2", "task": 1, "checks": []}
+    # srun --label pads labels, and the tasks' lines interleave.
+    out = [f" 0: {lines[0]}", f" 1: {pieces(short)[0]}", *[f" 0: {line}" for line in lines[1:]], "10: stray"]
+    err = [
+        "srun: error: n3: task 2: Exited with exit code 2",
+        " 2: slurmstepd-n3: error: execve(): /nope/python: No such file or directory",
+    ]
+    reports, errors, by_task = parse_probe_output("\n".join(out), "\n".join(err))
+    assert reports == {0: long, 1: short}
+    assert errors == {2: ("n3", "Exited with exit code 2")}
+    assert by_task == {2: ["slurmstepd-n3: error: execve(): /nope/python: No such file or directory"]}
+    # A report cut short (a timeout) is named as such, not a crash.
+    reports, _, _ = parse_probe_output("\n".join(f"0: {line}" for line in lines[:-1]), "")
+    assert reports[0] == f"its report was cut short ({len(lines) - 1} of {len(lines)} pieces)"
+
+
+def test_a_node_without_a_report_and_a_timeout_are_named(config_of, tmp_path):
+    import subprocess
+
+    import fsspec
+
+    from orchestrator.doctor.probe import _read
+    from orchestrator.doctor.probe_node import pieces
+
+    config = config_of("backend=slurm", "resources.nodes=3")
+    fs = fsspec.filesystem("file")
+    good = {"node": "n1", "task": 0, "checks": [
+        {"name": "python", "status": "ok", "detail": "3.11", "fix": None},
+        {"name": "run directory writable", "status": "ok", "detail": "a file written", "fix": None},
+    ]}  # fmt: skip
+    (tmp_path / "node-0.json").write_text("{}")
+    out = "\n".join(f"0: {line}" for line in pieces(good))
+    err = (
+        "srun: error: n3: task 2: Exited with exit code 2\n"
+        "2: slurmstepd-n3: error: execve(): /x: No such file"
+    )
+    checks = _read(config, subprocess.CompletedProcess([], 124, out, err), fs, str(tmp_path), 9.0, 60.0)
+    lines = [(c.status.value, c.name, c.detail) for c in checks]
+    assert lines[0] == ("fail", "probe job", "1 of 3 node(s) reported in 9.0s; 2 problem(s) below")
+    assert lines[1] == ("ok", "node n1", "3.11")
+    assert lines[2] == ("fail", "node of task 1", "no report within 60s")
+    assert lines[3] == (
+        "fail",
+        "node n3",
+        "the probe did not run: slurmstepd-n3: error: execve(): /x: No such file",
+    )
+
+
+# ---------------------------------------------------------------------------- the partition
+
+
+PARTITIONS = "\n".join(
+    [
+        "PartitionName=debug AllowAccounts=ALL AllowQos=ALL Default=YES MaxNodes=UNLIMITED MaxTime=UNLIMITED"
+        " State=UP TotalNodes=3",
+        "PartitionName=gpu AllowAccounts=proj,Other DenyQos=free Hidden=YES MaxNodes=2 MaxTime=1-00:00:00"
+        " State=UP TotalNodes=8",
+        "PartitionName=old AllowAccounts=ALL MaxTime=UNLIMITED State=DOWN TotalNodes=4",
+    ]
+)
+
+
+@pytest.fixture
+def scheduler(monkeypatch):
+    """Canned answers of the Slurm commands, by their first two words."""
+    from orchestrator.doctor import slurm
+
+    answers: dict[tuple[str, ...], str] = {}
+
+    def query(*argv: str) -> slurm.Answer:
+        for key, out in answers.items():
+            if tuple(argv[: len(key)]) == key:
+                return slurm.Answer(0, out, "")
+        return slurm.Answer(1, "", f"unexpected {argv}")
+
+    monkeypatch.setattr(slurm, "query", query)
+    answers[("scontrol", "--all")] = PARTITIONS
+    return answers
+
+
+def details(checks) -> list[tuple[str, str]]:
+    return [(c.status.value, c.detail) for c in checks]
+
+
+def test_a_hidden_partition_and_its_limits(config_of, scheduler):
+    from orchestrator.doctor.slurm import partition_checks
+
+    good = partition_checks(
+        config_of(
+            "backend=slurm",
+            "slurm.partition=gpu",
+            "slurm.account=PROJ",
+            "resources.nodes=2",
+            "resources.time_limit=12:00:00",
+        )
+    )
+    assert details(good) == [("ok", "gpu: UP, 8 node(s), MaxTime 1-00:00:00, 2 node(s) asked")]
+    bad = partition_checks(
+        config_of(
+            "backend=slurm",
+            "slurm.partition=gpu",
+            "slurm.account=mine",
+            "slurm.qos=free",
+            "resources.nodes=3",
+            "resources.time_limit=2-00:00:00",
+        )
+    )
+    assert [d for s, d in details(bad)] == [
+        "resources.nodes 3: partition gpu allows at most 2 per job",
+        "resources.time_limit 2-00:00:00 (2880 min) is over partition gpu's MaxTime 1-00:00:00 (1440 min)",
+        "slurm.account 'mine' is not allowed on partition gpu (AllowAccounts=proj,Other)",
+        "slurm.qos 'free' is denied on partition gpu (DenyQos=free)",
+    ]
+    down = partition_checks(config_of("backend=slurm", "slurm.partition=old", "resources.time_limit=10"))
+    assert details(down) == [("fail", "partition old is DOWN")]
+    default = partition_checks(config_of("backend=slurm"))  # no time limit on an unlimited partition: fine
+    assert details(default) == [
+        ("ok", "debug (the default): UP, 3 node(s), MaxTime UNLIMITED, 1 node(s) asked")
+    ]
+
+
+def test_gpus_accounts_and_qos_against_the_scheduler(config_of, scheduler):
+    from orchestrator.doctor.slurm import _account, _gpus, _qos
+
+    scheduler[("sinfo",)] = "n1 gpu:a100:4(S:0-1)\nn2 gpu:a100:4(S:0-1)\nn3 gpu:2\nn4 (null)\n"
+    assert _gpus("gpu", 4, 2).status is Status.OK
+    three = _gpus("gpu", 4, 3)
+    assert three.status is Status.FAIL and "(the most on one node: 4)" in three.detail
+    scheduler[("sacctmgr", "-n", "-P", "show", "assoc")] = ""
+    assert "no association of user" in _account("nope", True).detail
+    assert _account("proj", False).status is Status.WARN  # without accounting: cannot say
+    scheduler[("sacctmgr", "-n", "-P", "show", "qos")] = "normal|\nlong|2-00:00:00\n"
+    assert (
+        _qos(config_of("backend=slurm", "slurm.qos=long", "resources.time_limit=10"), True).status
+        is Status.OK
+    )
+    over = _qos(config_of("backend=slurm", "slurm.qos=normal", "resources.time_limit=10"), True)
+    assert over.status is Status.OK and over.detail == "normal exists"
+    assert (
+        _qos(config_of("backend=slurm", "slurm.qos=long", "resources.time_limit=3-00:00:00"), True).status
+        is Status.FAIL
+    )
+    assert (
+        _qos(config_of("backend=slurm", "slurm.qos=gold"), True).detail
+        == "slurm.qos: no QOS 'gold' on this cluster"
+    )
