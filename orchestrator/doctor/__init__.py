@@ -45,8 +45,10 @@ def run_checks(
         from orchestrator.doctor.environment import environment_checks
 
         checks += environment_checks(config)
-    checks += config_checks(config)
-    checks += storage_checks(config)
+    stored = storage_checks(config)
+    # A root the storage checks found unusable is said there once, not again as a refusal.
+    checks += config_checks(config, storage_usable=not any(c.status is Status.FAIL for c in stored))
+    checks += stored
     if config.backend == "slurm":
         from orchestrator.doctor.slurm import slurm_checks
 

@@ -8,11 +8,11 @@ from orchestrator.spec.config import ClusterConfig
 AREA = "config"
 
 
-def config_checks(config: ClusterConfig) -> list[Check]:
-    return [_launch(config), *_refusals(config)]
+def config_checks(config: ClusterConfig, *, storage_usable: bool = True) -> list[Check]:
+    return [_launch(config), *_refusals(config, storage_usable)]
 
 
-def _refusals(config: ClusterConfig) -> list[Check]:
+def _refusals(config: ClusterConfig, storage_usable: bool) -> list[Check]:
     """What `orch run` / `orch submit` would refuse before creating anything: a job.pass_env
     variable not set here, a storage root the backend cannot use."""
     import os
@@ -32,7 +32,8 @@ def _refusals(config: ClusterConfig) -> list[Check]:
             )
         )
     try:
-        get_backend(config.backend).check_storage(config.storage_root)
+        if storage_usable:
+            get_backend(config.backend).check_storage(config.storage_root)
     except OrchError as exc:
         verb = "submit" if config.backend == "slurm" else "run"
         found.append(fail(AREA, "storage.root", str(exc), f"`orch {verb}` would refuse it: see the message"))
