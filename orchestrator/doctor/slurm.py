@@ -225,7 +225,8 @@ def partition_checks(config: ClusterConfig) -> list[Check]:
 
 
 def _gpus(partition: str, per_node: int, nodes: int) -> Check:
-    shown = query("sinfo", "--all", "-h", "-N", "-p", partition, "-o", "%N %G")
+    # (-p names the partition: sinfo shows it even if hidden; it refuses -p with --all)
+    shown = query("sinfo", "-h", "-N", "-p", partition, "-o", "%N %G")
     if shown.code != 0:
         return fail(AREA, "GPUs", f"sinfo: {shown.said}", "check the controller")
     counts: dict[str, int] = {}

@@ -182,3 +182,23 @@ def test_submit_refuses_a_failing_check_unless_told_not_to_check(tmp_path):
     unchecked = run_orch("submit", str(cfg), "--run-id", "unchecked", "--no-check")
     assert unchecked.returncode == 1
     assert "invalid partition specified: nope" in unchecked.stderr  # it went as far as sbatch
+
+
+def test_gpus_per_node_against_the_partitions_gres(tmp_path):
+    cfg = slurm_config(tmp_path)  # the test cluster's nodes have 4 (fake) GPUs each
+    four = run_orch(
+        "doctor", str(cfg), "--set", "resources.gpus_per_node=4", "--set", "resources.ranks_per_node=4"
+    )
+    assert four.returncode == 0, four.stdout
+    assert (
+        "ok    slurm       GPUs: 4 per node asked on 3 node(s); 3 node(s) of debug have that many"
+        in four.stdout
+    )
+    eight = run_orch(
+        "doctor", str(cfg), "--set", "resources.gpus_per_node=8", "--set", "resources.ranks_per_node=8"
+    )
+    assert eight.returncode == 1
+    assert outcome(eight)[0] == [
+        "fail  slurm       GPUs: 8 per node asked on 3 node(s); 0 node(s) of debug have that many"
+        " (the most on one node: 4)"
+    ]
