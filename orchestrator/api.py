@@ -584,10 +584,11 @@ def sweep(
     config_file: str | None = None,
     wait: bool = True,
     console: IO[str] | None = None,
+    check: bool = True,
 ) -> Sweep:
     """Start every point of a SweepSpec (`orch sweep`): locally, up to max_parallel points at once
     (wait=True: in this process until all end; wait=False: in a process of its own); on Slurm,
-    one job array."""
+    one job array, after `orch doctor`'s fast checks of its allocation unless check=False."""
     from orchestrator.backends import get_backend
 
     backend = get_backend(spec.base.backend)
@@ -597,6 +598,8 @@ def sweep(
     for config in spec.configs:
         backend.check_host(config)
     backend.check_sweep(spec)
+    if check and backend.foreground_hint is not None:  # submitted: as `orch submit` checks first
+        preflight(spec.configs[0])  # every point has the same allocation (check_sweep)
     handle = create_sweep(spec, sweep_id=sweep_id, config_file=config_file)
     return handle._start(backend, [run for _, run in handle.dir.points()], wait=wait, console=console)
 

@@ -280,6 +280,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--sweep-id", help="use this sweep id (default: <name>-<UTC time>-<random>)")
     p.add_argument("--json", action="store_true", help="print the sweep's final table as JSON")
+    p.add_argument(
+        "--no-check",
+        action="store_true",
+        help="slurm: submit without `orch doctor`'s fast checks (as `orch submit --no-check`)",
+    )
 
     p = _command(
         sub,
@@ -705,7 +710,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     spec = api.load_sweep(
         args.config, args.overrides, grid=args.grid, max_parallel=args.max_parallel, backend=args.backend
     )
-    return _finish_sweep(args, api.sweep(spec, sweep_id=args.sweep_id, config_file=args.config))
+    swept = api.sweep(spec, sweep_id=args.sweep_id, config_file=args.config, check=not args.no_check)
+    return _finish_sweep(args, swept)
 
 
 def _finish_sweep(args: argparse.Namespace, sweep: Any) -> int:

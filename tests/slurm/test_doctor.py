@@ -202,3 +202,16 @@ def test_gpus_per_node_against_the_partitions_gres(tmp_path):
         "fail  slurm       GPUs: 8 per node asked on 3 node(s); 0 node(s) of debug have that many"
         " (the most on one node: 4)"
     ]
+
+
+def test_a_slurm_sweep_is_checked_as_a_submit_is(tmp_path):
+    cfg = slurm_config(tmp_path, slurm={"partition": "nope"}, resources={"nodes": 1})
+    sweep = ("--set", "job.args=[--steps,5,--lr,{lr}]", "--grid", "lr=1.0e-3,3.0e-3")
+    proc = run_orch("sweep", str(cfg), *sweep, "--sweep-id", "checked")
+    assert proc.returncode == 1
+    assert proc.stderr.strip().startswith(
+        "orch sweep: slurm partition: slurm.partition: no partition 'nope' on this cluster; fix:"
+    )
+    assert not (tmp_path / "runs" / "checked").exists()
+    unchecked = run_orch("sweep", str(cfg), *sweep, "--sweep-id", "unchecked", "--no-check")
+    assert unchecked.returncode == 1 and "invalid partition specified: nope" in unchecked.stderr
