@@ -65,10 +65,6 @@ class StepProfiler:
         self._prof: Any = None
         self._cycles_left = self.repeat
 
-    @property
-    def window_steps(self) -> int:
-        return (self.warmup + self.active) * self.repeat
-
     def step(self, step: int) -> None:
         """After each optimizer step."""
         self.steps_seen += 1

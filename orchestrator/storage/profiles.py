@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from orchestrator.contract import PROFILE_DIR, attempt_number, rank_of_file
+from orchestrator.contract import PROFILE_DIR, attempt_dir_name, attempt_number, rank_of_file
 from orchestrator.storage.rundir import RunDir, join_url, url_to_fs
 
 
@@ -33,8 +33,6 @@ def read_top_ops(run: RunDir) -> dict[int, dict[int, dict[str, Any]]]:
 
 
 def trace_folder(run: RunDir, attempt: int) -> str:
-    from orchestrator.contract import attempt_dir_name
-
     return join_url(run.url, PROFILE_DIR, attempt_dir_name(attempt))
 
 

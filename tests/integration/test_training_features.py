@@ -13,19 +13,13 @@ import torch
 from orchestrator.runtime.sampler import ResumableDistributedSampler
 
 from ..conftest import JOBS, TEST_JOBS, read_events, run_orch, write_config
+from .test_exact_resume import final_digest
 
 pytestmark = pytest.mark.integration
 
 STEPS, ACCUM, INTERVAL = 40, 3, 8
 FACTORY = f"{JOBS / 'train_ddp.py'}:export_model"  # job.model_factory, for `orch export`
 ARGS = ["--steps", str(STEPS), "--grad-accum", str(ACCUM), "--log-every", "4", "--dataset-size", "1024"]
-
-
-def newest(config: Path, run_id: str) -> tuple[int, str]:
-    proc = run_orch("status", run_id, "--config", str(config), "--json")
-    assert proc.returncode == 0, proc.stderr
-    st = json.loads(proc.stdout)
-    return st["newest_checkpoint"], st["newest_checkpoint_digest"]
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +29,7 @@ def reference(tmp_path_factory) -> tuple[int, str]:
     cfg = write_config(tmp, JOBS / "train_ddp.py", args=ARGS, storage={"checkpoint_interval": INTERVAL})
     proc = run_orch("run", str(cfg), "--run-id", "ref", "--quiet")
     assert proc.returncode == 0, proc.stderr
-    return newest(cfg, "ref")
+    return final_digest("ref", cfg)
 
 
 @pytest.mark.parametrize("fault", ["kill", "preempt"])
@@ -66,7 +60,7 @@ def test_a_fault_mid_accumulation_resumes_to_the_uninterrupted_weights(tmp_path,
         assert restored[0] is None and 14 <= restored[1] < STEPS
         committed = [e["step"] for e in events if e["event"] == "checkpoint_committed"]
         assert restored[1] in committed
-    assert newest(cfg, "faulty") == reference
+    assert final_digest("faulty", cfg) == reference
 
 
 def test_activation_checkpointing_trains_bitwise_the_same_weights(tmp_path, reference):
@@ -78,7 +72,7 @@ def test_activation_checkpointing_trains_bitwise_the_same_weights(tmp_path, refe
     )
     proc = run_orch("run", str(cfg), "--run-id", "ac", "--quiet")
     assert proc.returncode == 0, proc.stderr
-    assert newest(cfg, "ac") == reference  # recomputed activations are the same numbers on CPU
+    assert final_digest("ac", cfg) == reference  # recomputed activations are the same numbers on CPU
 
 
 def trained_weights(config: Path, run_id: str, out: Path) -> dict[str, torch.Tensor]:
