@@ -2,13 +2,14 @@
 trained on, or saved.
 
 Checking a GPU value on the host every step would make each step wait for the GPU. Instead the
-guard ORs "not finite" into one flag on the values' own device (two tiny kernels a step) and
-reads it where the Checkpointer synchronises anyway: at its stop vote (every ~0.2 s of steps),
-where the flag travels in the same all-reduce, and before every save, so that no checkpoint
-ever holds a diverged state. Every rank learns of a divergence at the same step and raises
-DivergenceError; the supervisor treats it as its own failure class (never retried blindly), and
-with `restart.on_divergence: rollback` the next attempt restores the newest checkpoint and
-skips the data consumed since it (Checkpointer.restore).
+guard ORs "not finite" into a flag on the values' own device (two tiny kernels a step; one flag
+per device, since moving a flag between devices would be a copy, and a GPU-to-host one a sync)
+and reads them where the Checkpointer synchronises anyway: at its stop vote (every ~0.2 s of
+steps), where the verdict travels in the same all-reduce, and before every save, so that no
+checkpoint ever holds a diverged state. Every rank learns of a divergence at the same step and
+raises DivergenceError; the supervisor treats it as its own failure class (never retried
+blindly), and with `restart.on_divergence: rollback` the next attempt restores the newest
+checkpoint and skips the data consumed since it (Checkpointer.restore).
 """
 
 from __future__ import annotations
@@ -32,8 +33,11 @@ class DivergenceGuard:
     """Whether any value observed since the last read was not finite."""
 
     def __init__(self) -> None:
-        self._flag: torch.Tensor | None = None  # bool, on the observed values' device
-        self._host_flag = False  # python floats observed
+        # One pending bool flag per device that values were observed on. A flag is only ever
+        # ORed into, never replaced: a NaN on the GPU followed by a finite CPU tensor before
+        # the read must still be found (issue 27).
+        self._flags: dict[torch.device, torch.Tensor] = {}
+        self._host_flag = False  # python floats and CPU scalars observed
 
     def observe(self, *values: Any) -> None:
         """Note `values` (tensors of any shape, or numbers; None is ignored) without a sync."""
@@ -48,13 +52,15 @@ class DivergenceGuard:
                 self._host_flag |= not math.isfinite(value.item())
                 continue
             bad = torch.logical_not(torch.isfinite(value.detach()).all())
-            self._flag = bad if self._flag is None or self._flag.device != bad.device else self._flag | bad
+            pending = self._flags.get(bad.device)
+            self._flags[bad.device] = bad if pending is None else pending | bad
 
     def read(self) -> bool:
-        """Whether anything observed since the last read was not finite (a host sync); resets."""
-        bad = self._host_flag or (self._flag is not None and bool(self._flag.item()))
-        self._flag, self._host_flag = None, False
-        return bad
+        """Whether anything observed since the last read was not finite (a host sync per device
+        observed on); resets."""
+        flags, host = self._flags, self._host_flag
+        self._flags, self._host_flag = {}, False
+        return host or any(bool(flag.item()) for flag in flags.values())
 
 
 def message(first_step: int, last_step: int) -> str:

@@ -74,10 +74,26 @@ def test_padding_keeps_every_sample_of_an_uneven_epoch_across_a_world_size_chang
     assert {len(p) for p in parts} == {21}  # ceil(61 / 3): every rank steps alike
     seen = first + [i for p in parts for i in p]
     assert set(seen) == set(range(101)) and len(seen) == 101 + 2  # 2 padded, none lost
-    remainder = before[0].global_order()[40:].tolist()
-    assert sorted(seen)[:0] == [] and sorted(i for i in seen if seen.count(i) > 1) == sorted(
-        remainder[:2] * 2
-    )
+    # The padding is the epoch's first indices, not the resumed remainder's: what a world of 3
+    # pads with is a property of the epoch, wherever it resumed (issue 27).
+    order = before[0].global_order().tolist()
+    assert sorted(i for i in seen if seen.count(i) > 1) == sorted(order[:2] * 2)
+    assert [p[-1] for p in parts[1:]] == order[:2]
+
+
+def test_a_resume_in_an_uneven_epoch_pads_as_the_uninterrupted_run_does():
+    # Issue 27: 10 samples on 4 ranks pad with 2 (ceil(10 / 4) = 3 a rank). Resumed after one
+    # step of 1 a rank, ranks 2 and 3 used to pad with the remainder's first indices ([5,3],
+    # [7,9]) instead of the epoch's ([5,4], [7,1]).
+    def world(consumed_per_rank):
+        ranks = [ResumableDistributedSampler(10, rank=r, world_size=4, seed=1) for r in range(4)]
+        for s in ranks:
+            s.advance(consumed_per_rank)
+        return [list(s) for s in ranks]
+
+    uninterrupted = world(0)
+    assert uninterrupted[2][1:] == [5, 4] and uninterrupted[3][1:] == [7, 1]
+    assert world(1) == [part[1:] for part in uninterrupted]
 
 
 def test_drop_last_and_shuffle_are_saved_with_the_position():
@@ -87,3 +103,13 @@ def test_drop_last_and_shuffle_are_saved_with_the_position():
     restored.load_state_dict(s.state_dict())
     assert (restored.shuffle, restored.drop_last, restored.consumed) == (False, True, 6)
     assert list(restored) == list(s)
+
+
+def test_a_checkpoint_from_before_shuffle_and_drop_last_were_saved_still_resumes():
+    old = {"epoch": 1, "consumed": 6, "seed": 4, "dataset_len": 11}  # such files exist
+    restored = ResumableDistributedSampler(11, rank=1, world_size=2, seed=0, drop_last=False)
+    restored.load_state_dict(old)
+    full = ResumableDistributedSampler(11, rank=1, world_size=2, seed=4, drop_last=True)
+    full.set_epoch(1)
+    assert (restored.shuffle, restored.drop_last) == (True, True)
+    assert list(restored) == list(full)[3:] and len(restored) == 2
