@@ -4,6 +4,13 @@ Filesystems that rename atomically (local and shared filesystems):
 
     ckpt/step-00000100.tmp-<token>/   being written by incarnation <token>
     ckpt/step-00000100/               committed by rename: files + manifest.json + COMMITTED
+    ckpt/step-00000100.displaced-<token>/
+                                      an older incarnation's commit that a newer commit of the
+                                      step replaces; the step's commit while step-00000100/ is
+                                      missing (a crash between the two renames)
+
+Every name the protocol relies on (registrations, seals, commits, un-commits) has its directory
+fsync'd once made: a file's own fsync does not make its name survive a power loss.
 
 Object stores (s3://, memory://, ...), which cannot rename a prefix:
 
@@ -11,7 +18,8 @@ Object stores (s3://, memory://, ...), which cannot rename a prefix:
     ckpt/step-00000100/COMMITTED      created last and create-only; names the data prefix
 
 A checkpoint exists only when committed and its manifest verifies (every file present with the
-listed size and checksum). At most one commit per step: rename refuses an existing directory and
+listed size and checksum), and a manifest of any other shape is a corrupt checkpoint for every
+reader (`manifest_problem`). At most one commit per step: rename refuses an existing directory and
 the marker is create-only. Incarnations (attempts, requeued Slurm jobs) register under
 `ckpt/incarnations/`; a writer that sees a newer one registered is stale and may not commit
 (fencing). The controller reads checkpoints through this module, so it never imports torch.
@@ -23,6 +31,7 @@ import ctypes
 import errno
 import hashlib
 import json
+import math
 import os
 import re
 import secrets
@@ -32,7 +41,7 @@ import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from orchestrator.storage.faults import fault_point
 from orchestrator.storage.rundir import write_new_file
@@ -42,7 +51,10 @@ COMMITTED = "COMMITTED"
 INCARNATIONS = "incarnations"
 _SEAL_SUFFIX = ".seal"
 _STEP_DIR = re.compile(r"^step-(\d{8,})$")
-_TMP_DIR = re.compile(r"^step-(\d{8,})\.(tmp|stale)-i(\d+)-([0-9a-f]+)$")
+# Beside a step's directory: `tmp` being written, `stale` being deleted, `displaced` an older
+# incarnation's commit moved aside by a newer commit of the same step (local filesystems).
+_SIDE_DIR = re.compile(r"^step-(?P<step>\d{8,})\.(?P<kind>tmp|stale|displaced)-i(?P<inc>\d+)-[0-9a-f]+$")
+_DISPLACE_TRIES = 5
 _HASH_OVERLAP_MIN = 1 << 20
 _SMALL_WRITES_MAX = 1 << 20
 _READ_CHUNK = 32 << 20
@@ -79,7 +91,7 @@ def step_dir_name(step: int) -> str:
 
 
 def make_token(incarnation: int) -> str:
-    # Never negative: "i-00001" would not match _TMP_DIR, and retention would never find it.
+    # Never negative: "i-00001" would not match _SIDE_DIR, and retention would never find it.
     return f"i{max(incarnation, 0):06d}-{secrets.token_hex(4)}"
 
 
@@ -120,6 +132,95 @@ def checksum_for(entry: dict[str, Any]) -> tuple[Any, str]:
     if "crc32" in entry:
         return Crc32(), str(entry["crc32"])
     return hashlib.sha256(), str(entry["sha256"])
+
+
+# ------------------------------------------------------------------ the manifest's shape
+# Readers index manifests freely (restore, export, `orch checkpoints`), so the store checks a
+# manifest's whole shape where it reads one: anything else is a corrupt checkpoint, which every
+# reader handles (restore falls back to an older one), never a KeyError or ValueError.
+
+_CHECKSUM_OF_FORMAT = {1: "sha256", 2: "crc32"}  # what a format's entries list besides "size"
+_CHECKSUM_HEX = {"crc32": re.compile(r"^[0-9a-f]{8}$"), "sha256": re.compile(r"^[0-9a-f]{64}$")}
+_FILE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")  # in the step's directory: never a path
+
+
+def _is_int(value: Any) -> bool:
+    return type(value) is int  # True is an int to isinstance, never to a manifest
+
+
+def _is_number(value: Any) -> bool:
+    return type(value) in (int, float) and math.isfinite(value)
+
+
+def _is_layout(value: Any) -> bool:
+    return value is None or (
+        isinstance(value, list)
+        and all(isinstance(bucket, list) and all(isinstance(n, str) for n in bucket) for bucket in value)
+    )
+
+
+# The fields written beside "files" (by commit, and the runtime's meta), as readers may rely on
+# them. An absent one is fine (manifests written before it); unknown ones are left to their
+# readers. runtime/ddp_layout.py names "ddp_bucket_layout" (its MANIFEST_KEY).
+_META_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "created": (_is_number, "a time in seconds"),
+    "token": (lambda v: isinstance(v, str), "a string"),
+    "world_size": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "epoch": (_is_int, "an integer"),
+    "incarnation": (_is_int, "an integer"),
+    "model_digest": (lambda v: v is None or isinstance(v, str), "a string or null"),
+    "write_s": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
+    "ddp_bucket_layout": (_is_layout, "null or lists of parameter names"),
+}
+
+
+def entry_problem(entry: Any, checksums: tuple[str, ...] = ("crc32", "sha256")) -> str | None:
+    """What is wrong with one file's manifest entry, or None. An entry is what
+    `FileEntry.manifest_entry` writes: exactly a size and one checksum of `checksums`."""
+    if not isinstance(entry, dict):
+        return f"a {type(entry).__name__}, not a mapping"
+    algorithm = next((a for a in checksums if a in entry), None)
+    if algorithm is None or set(entry) != {"size", algorithm}:
+        wanted = " or ".join(f"['size', {a!r}]" for a in checksums)
+        return f"keys {sorted(str(k) for k in entry)}, not {wanted}"
+    size, checksum = entry["size"], entry[algorithm]
+    if not _is_int(size) or size < 0:
+        return f"size is {size!r}, not an integer >= 0"
+    if not isinstance(checksum, str) or not _CHECKSUM_HEX[algorithm].match(checksum):
+        return f"{algorithm} is {checksum!r}, not a {algorithm} in hex"
+    return None
+
+
+def manifest_problem(manifest: Any, step: int) -> str | None:
+    """What is wrong with the shape of `step`'s manifest, naming the field, or None."""
+    if not isinstance(manifest, dict):
+        return f"a {type(manifest).__name__}, not a mapping"
+    fmt = manifest.get("format")
+    if not _is_int(fmt) or fmt not in _CHECKSUM_OF_FORMAT:
+        return f"format is {fmt!r}, not one of {sorted(_CHECKSUM_OF_FORMAT)}"
+    if not _is_int(manifest.get("step")) or manifest["step"] != step:
+        return f"step is {manifest.get('step')!r}, not {step}"
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        return f"files is a {type(files).__name__}, not a mapping of file names to entries"
+    for name, entry in files.items():
+        if not _FILE_NAME.match(name):
+            return f"files: {name!r} is not a file name"
+        problem = entry_problem(entry, (_CHECKSUM_OF_FORMAT[fmt],))
+        if problem:
+            return f"files[{name!r}]: {problem}"
+    for key, (fits, shape) in _META_FIELDS.items():
+        if key in manifest and not fits(manifest[key]):
+            return f"{key} is {manifest[key]!r}, not {shape}"
+    return None
+
+
+def _checked_entry(entry: Any, where: str) -> dict[str, Any]:
+    """A caller's manifest entry (open_verified, read_file), checked like a manifest's own."""
+    problem = entry_problem(entry)
+    if problem:
+        raise CorruptCheckpoint(f"{where}: manifest entry: {problem}")
+    return entry
 
 
 @dataclass(frozen=True)
@@ -251,6 +352,8 @@ class CheckpointStore:
     def tmp_dir(self, step: int, token: str) -> str:
         path = f"{self.path}/{step_dir_name(step)}.tmp-{token}"
         if self.renames:
+            _make_dirs_durable(self.path)
+            # Not fsync'd into ckpt/ here: the commit's rename moves it, and that is fsync'd.
             os.makedirs(path, mode=0o700, exist_ok=True)
             fault_point("ckpt.tmp_created")
         return path
@@ -294,6 +397,9 @@ class CheckpointStore:
             **meta,
             "files": {e.name: e.manifest_entry() for e in sorted(entries, key=lambda e: e.name)},
         }
+        problem = manifest_problem(manifest, step)
+        if problem:  # never commit what every reader would call corrupt
+            raise ValueError(f"{step_dir_name(step)}: not committing a malformed manifest: {problem}")
         body = json.dumps(manifest, indent=1, sort_keys=True).encode()
         self.write_file(tmp, MANIFEST, body)
         fault_point("ckpt.manifest_written")
@@ -304,8 +410,8 @@ class CheckpointStore:
             _fsync_dir(tmp)
             fault_point("ckpt.before_commit")
             self._rename_into_place(tmp, final, step, token)
+            _fsync_dir(self.path)  # committed only once the rename is on disk
             fault_point("ckpt.after_commit")
-            _fsync_dir(self.path)
         else:
             marker = json.dumps({"dir": tmp.rsplit("/", 1)[-1], "token": token}).encode()
             fault_point("ckpt.before_commit")
@@ -323,19 +429,45 @@ class CheckpointStore:
         return final
 
     def _rename_into_place(self, tmp: str, final: str, step: int, token: str) -> None:
-        try:
-            os.rename(tmp, final)
+        """Rename `tmp` to `final`, displacing an older incarnation's commit of the step (one
+        that slipped in before our registration made it stale). A directory cannot be renamed
+        over a full one, so a displacement is two renames: the old commit to
+        `step-s.displaced-<its token>`, then ours into place. At every instant the step stays
+        committed: between the two (a crash), readers take the displaced directory as the
+        step's commit, and the next commit of the step first puts it back."""
+        for _ in range(_DISPLACE_TRIES):
+            self._restore_displaced(step)
+            if _renamed_into_empty(tmp, final):
+                return
+            existing = self._existing_incarnation(step)
+            if existing >= token_incarnation(token):
+                raise AlreadyCommitted(step, existing)
+            try:
+                os.rename(final, f"{self.path}/{step_dir_name(step)}.displaced-{make_token(existing)}")
+            except FileNotFoundError:
+                continue  # un-committed or displaced by another writer meanwhile: look again
+            fault_point("ckpt.displaced")
+            if _renamed_into_empty(tmp, final):
+                return
+            # Another writer put its commit (or the displaced one) back meanwhile: look again.
+        raise OSError(errno.EBUSY, f"{step_dir_name(step)}: its commit kept changing; not committing")
+
+    def _restore_displaced(self, step: int) -> None:
+        """Put a displaced commit back as `step-s/` when `step-s/` is missing (a crash between
+        a displacement's renames): then no commit can take the step without the incarnation
+        check, which a plain rename into the empty name would skip."""
+        final = f"{self.path}/{step_dir_name(step)}"
+        if os.path.lexists(final):
             return
-        except OSError as exc:
-            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
-                raise
-        # The step is already committed. Only an older incarnation's commit may be displaced:
-        # it slipped in before our registration made it stale.
-        existing = self._existing_incarnation(step)
-        if existing >= token_incarnation(token):
-            raise AlreadyCommitted(step, existing)
-        os.rename(final, f"{self.path}/{step_dir_name(step)}.stale-{make_token(existing)}")
-        os.rename(tmp, final)
+        holder = _commit_candidates(self.names()).get(step)  # names only: no stat per step
+        if holder is None or holder == step_dir_name(step):
+            return
+        try:
+            if not _renamed_into_empty(f"{self.path}/{holder}", final):
+                return  # another writer's commit is in place
+        except FileNotFoundError:
+            return  # another writer moved it first
+        _fsync_dir(self.path)
 
     def _displace_marker(self, final: str, step: int, token: str, marker: bytes) -> None:
         existing = self._existing_incarnation(step)
@@ -343,11 +475,12 @@ class CheckpointStore:
             raise AlreadyCommitted(step, existing)
         self.fs.pipe_file(f"{final}/{COMMITTED}", marker)
 
-    def _existing_incarnation(self, step: int) -> int:
-        """The incarnation that committed `step` (-1 when unreadable)."""
+    def _existing_incarnation(self, step: int, directory: str | None = None) -> int:
+        """The incarnation that committed `step` (-1 when unreadable); local filesystems read
+        it from `directory` when given (where the commit is), else from data_dir(step)."""
         try:
             if self.renames:
-                return token_incarnation(self.read_manifest(step).get("token", ""))
+                return token_incarnation(self.read_manifest(step, directory).get("token", ""))
             marker = json.loads(self.fs.cat_file(f"{self.path}/{step_dir_name(step)}/{COMMITTED}"))
             return token_incarnation(str(marker["token"]))
         except (CorruptCheckpoint, FileNotFoundError, ValueError, KeyError, TypeError):
@@ -398,9 +531,12 @@ class CheckpointStore:
     def _create(self, path: str, body: bytes) -> None:
         """Create-only write: FileExistsError when `path` exists."""
         if self.renames:
-            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+            _make_dirs_durable(os.path.dirname(path))
             # fsspec's local "create" mode checks, then writes: O_EXCL is the atomic form.
             write_new_file(path, body)
+            # The file is fsync'd, its name is not: without this a power loss could take a
+            # seal away and keep the commits after it (and accept a stale writer's late one).
+            _fsync_dir(os.path.dirname(path))
         else:
             self.fs.pipe_file(path, body, mode="create")
 
@@ -460,16 +596,23 @@ class CheckpointStore:
         removed by the newest incarnation's retention pass."""
         return self._split_fenced()[1]
 
+    def _commit_dirs(self) -> dict[int, str]:
+        """step -> the name in ckpt/ that holds its commit: `step-s` (with its commit marker),
+        or on local filesystems a displaced directory that a crash left without `step-s`."""
+        return {
+            step: name
+            for step, name in _commit_candidates(self.names()).items()
+            if self.fs.exists(f"{self.path}/{name}/{COMMITTED}")
+        }
+
     def _commit_records(self) -> list[tuple[int, int]]:
-        """(step, committing incarnation) for each step with a commit marker, newest first.
-        An unreadable manifest or marker reads as incarnation -1: restore's verification
-        deals with it, as with any corrupt checkpoint."""
+        """(step, committing incarnation) for each committed step, newest first. An
+        unreadable manifest or marker reads as incarnation -1: restore's verification deals
+        with it, as with any corrupt checkpoint."""
         records = []
-        for name in self.names():
-            m = _STEP_DIR.match(name)
-            if m and self.fs.exists(f"{self.path}/{name}/{COMMITTED}"):
-                step = int(m.group(1))
-                records.append((step, self._existing_incarnation(step)))
+        for step, name in self._commit_dirs().items():
+            directory = f"{self.path}/{name}" if self.renames else None
+            records.append((step, self._existing_incarnation(step, directory)))
         return sorted(records, reverse=True)
 
     def _split_fenced(self) -> tuple[list[int], list[int]]:
@@ -508,7 +651,8 @@ class CheckpointStore:
         name = step_dir_name(step)
         if self.renames:
             doomed = f"{self.path}/{name}.stale-{make_token(incarnation)}"
-            os.rename(f"{self.path}/{name}", doomed)
+            os.rename(self.data_dir(step), doomed)
+            _fsync_dir(self.path)  # un-committed on disk before any file goes
             self._rm_quietly(doomed)
             return
         data = self._data_name_or_none(step)
@@ -521,7 +665,10 @@ class CheckpointStore:
         """Where a committed checkpoint's files are."""
         final = f"{self.path}/{step_dir_name(step)}"
         if self.renames:
-            return final
+            if os.path.lexists(final):
+                return final
+            holder = self._commit_dirs().get(step)  # a displacement's two renames, half done
+            return f"{self.path}/{holder}" if holder else final
         try:
             marker = json.loads(self.fs.cat_file(f"{final}/{COMMITTED}"))
             name = marker["dir"]
@@ -534,16 +681,13 @@ class CheckpointStore:
     def read_manifest(self, step: int, directory: str | None = None) -> dict[str, Any]:
         try:
             manifest = json.loads(self.fs.cat_file(f"{directory or self.data_dir(step)}/{MANIFEST}"))
-        except (FileNotFoundError, ValueError, UnicodeDecodeError) as exc:
+        except (FileNotFoundError, ValueError, UnicodeDecodeError, RecursionError) as exc:
             raise CorruptCheckpoint(
                 f"{step_dir_name(step)}: manifest unreadable ({exc.__class__.__name__})"
             ) from None
-        if (
-            not isinstance(manifest, dict)
-            or manifest.get("step") != step
-            or not isinstance(manifest.get("files"), dict)
-        ):
-            raise CorruptCheckpoint(f"{step_dir_name(step)}: manifest does not describe this step")
+        problem = manifest_problem(manifest, step)
+        if problem:
+            raise CorruptCheckpoint(f"{step_dir_name(step)}/{MANIFEST}: {problem}")
         return manifest
 
     def local_path(self, step: int, name: str) -> str | None:
@@ -554,12 +698,13 @@ class CheckpointStore:
         """Local filesystems: open `directory/name`, check its size and checksum through that
         open file, and return the descriptor. A loader that maps /proc/self/fd/N then loads
         exactly the bytes that were verified, even if the path is displaced meanwhile."""
+        expect = _checked_entry(expect, where)
         try:
             fd = os.open(f"{directory}/{name}", os.O_RDONLY)
         except FileNotFoundError:
             raise CorruptCheckpoint(f"{where}: missing") from None
         try:
-            size = int(expect["size"])
+            size = expect["size"]
             buffers = [bytearray(min(max(size, 1), _READ_CHUNK)) for _ in range(2)]
             digest, expected = checksum_for(expect)
             pending = None
@@ -602,8 +747,10 @@ class CheckpointStore:
         so verification costs about one pass over the data. With keep=False only the check is
         done, through one small reused buffer (no page faults on a file-sized allocation).
         """
-        path = f"{directory or self.data_dir(step)}/{name}"
         where = f"{step_dir_name(step)}/{name}"
+        if expect is not None:
+            expect = _checked_entry(expect, where)
+        path = f"{directory or self.data_dir(step)}/{name}"
         try:
             fh = self.fs.open(path, "rb")
         except FileNotFoundError:
@@ -611,7 +758,7 @@ class CheckpointStore:
         with fh:
             if expect is None:
                 return bytearray(fh.read())
-            size = int(expect["size"])
+            size = expect["size"]
             buffers = [bytearray(size)] if keep else [bytearray(min(size, _READ_CHUNK)) for _ in range(2)]
             digest, expected = checksum_for(expect)
             pending = None
@@ -701,8 +848,12 @@ class CheckpointStore:
             good_set = set(known_good)
             good = [s for s in steps if s in good_set]
             doomed = [s for s in steps if len(good) >= keep and s < good[keep - 1]] if keep > 0 else []
+        # Directories that hold a commit: an object store's data prefixes, and a displaced
+        # directory that holds its step's commit (a crash between a displacement's renames).
         live_dirs = set()
-        if not self.renames:
+        if self.renames:
+            live_dirs.update(self._commit_dirs().values())
+        else:
             for step in steps:
                 try:
                     live_dirs.add(self.data_dir(step).rsplit("/", 1)[-1])
@@ -712,13 +863,14 @@ class CheckpointStore:
             if step in protected:
                 continue
             name = step_dir_name(step)
-            # Un-commit first, atomically, so a crash halfway through a delete never leaves a
-            # committed checkpoint with files missing.
+            # Un-commit first, atomically and durably, so a crash (or a power loss) halfway
+            # through a delete never leaves a committed checkpoint with files missing.
             if self.renames:
-                doomed = f"{self.path}/{name}.stale-{make_token(incarnation)}"
-                os.rename(f"{self.path}/{name}", doomed)
+                aside = f"{self.path}/{name}.stale-{make_token(incarnation)}"
+                os.rename(self.data_dir(step), aside)
+                _fsync_dir(self.path)
                 fault_point("ckpt.prune_uncommitted")
-                self.fs.rm(doomed, recursive=True)
+                self.fs.rm(aside, recursive=True)
             else:
                 data = self._data_name_or_none(step)
                 self.fs.rm(f"{self.path}/{name}/{COMMITTED}")
@@ -729,16 +881,18 @@ class CheckpointStore:
                     live_dirs.discard(data)
             removed.append(name)
         for name in self.names():
-            m = _TMP_DIR.match(name)
+            m = _SIDE_DIR.match(name)
             if not m or name in live_dirs:
                 continue
-            if m.group(2) == "stale" or int(m.group(3)) < incarnation:
+            # Stale and superseded displaced directories always go; a tmp directory only when
+            # an older incarnation (dead, or stale and fenced) was writing it.
+            if m["kind"] != "tmp" or int(m["inc"]) < incarnation:
                 path = f"{self.path}/{name}"
-                if self.renames and m.group(2) == "tmp":
+                if self.renames and m["kind"] != "stale":
                     # Moved aside first: a stale owner renaming it into a step at this moment
-                    # then fails (the directory is gone) instead of committing a directory
-                    # whose files are being deleted.
-                    aside = f"{self.path}/{step_dir_name(int(m.group(1)))}.stale-{make_token(incarnation)}"
+                    # (or a writer putting a displaced commit back) then fails, the directory
+                    # being gone, instead of committing a directory whose files are going.
+                    aside = f"{self.path}/{step_dir_name(int(m['step']))}.stale-{make_token(incarnation)}"
                     try:
                         os.rename(path, aside)
                     except FileNotFoundError:
@@ -788,11 +942,54 @@ def _start_writeback(fd: int, offset: int, nbytes: int) -> None:
 
 
 def _fsync_dir(path: str) -> None:
+    """Make the names in directory `path` durable: a file's own fsync does not (local
+    filesystems; object stores have no directories)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _make_dirs_durable(path: str) -> None:
+    """os.makedirs(path, exist_ok=True), with each directory it creates fsync'd into its
+    parent: the protocol relies on ckpt/ and ckpt/incarnations/ surviving a power loss."""
+    missing = []
+    while not os.path.isdir(path) and os.path.dirname(path) != path:
+        missing.append(path)
+        path = os.path.dirname(path)
+    for directory in reversed(missing):
+        try:
+            os.mkdir(directory, 0o700 if directory == missing[0] else 0o777)
+        except FileExistsError:
+            pass  # made meanwhile by another rank or process: fsync'd again below all the same
+        _fsync_dir(os.path.dirname(directory) or ".")
+
+
+def _renamed_into_empty(source: str, target: str) -> bool:
+    """Rename directory `source` to `target`; False when `target` exists and is not empty."""
+    try:
+        os.rename(source, target)
+        return True
+    except OSError as exc:
+        if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+            return False
+        raise
+
+
+def _commit_candidates(names: Iterable[str]) -> dict[int, str]:
+    """step -> the name that holds its commit, from the names in ckpt/: `step-s`, or when it
+    is missing the displaced directory with the newest incarnation (a displacement that
+    crashed between its renames; the step's commit is still the one it moved aside)."""
+    finals: dict[int, str] = {}
+    displaced: dict[int, tuple[int, str]] = {}
+    for name in names:
+        if m := _STEP_DIR.match(name):
+            finals[int(m.group(1))] = name
+        elif (m := _SIDE_DIR.match(name)) and m["kind"] == "displaced":
+            step, candidate = int(m["step"]), (int(m["inc"]), name)
+            displaced[step] = max(displaced.get(step, candidate), candidate)
+    return {**{step: name for step, (_, name) in displaced.items()}, **finals}
 
 
 def newest_committed(url: str) -> CheckpointInfo | None:
