@@ -119,9 +119,11 @@ def start_agents(
     nodes: int,
     env: dict[str, str] | None = None,
     job_python: str | None = None,
+    agent_env: dict[str, str] | None = None,
     **sections,
 ) -> tuple[Path, list[subprocess.Popen]]:
-    """One agent per simulated node, with the environment the supervisor gives srun."""
+    """One agent per simulated node, with the environment the supervisor gives srun (and
+    `agent_env`: a persistent agent's channel, say)."""
     job = {"env": env or {}, **({"python": job_python} if job_python else {})}
     cfg = load_config(
         str(
@@ -162,7 +164,13 @@ def start_agents(
                         str(script),
                         *args,
                     ],
-                    env={**os.environ, **shared, "SLURM_NODEID": str(node), "PYTHONPATH": str(REPO)},
+                    env={
+                        **os.environ,
+                        **shared,
+                        **(agent_env or {}),
+                        "SLURM_NODEID": str(node),
+                        "PYTHONPATH": str(REPO),
+                    },
                     stdin=subprocess.DEVNULL,
                     stdout=log,
                     stderr=log,
@@ -202,6 +210,35 @@ def test_agents_fork_their_nodes_ranks_with_the_env_contract(tmp_path: Path) -> 
             and f"forked ranks {2 * node}-{2 * node + 1}" in text
             and "exit 0" in text
         ), text
+
+
+def test_an_agent_cut_off_before_its_first_start_exits_non_zero(tmp_path: Path) -> None:
+    # A stand-in supervisor lets both agents connect and say HELLO, then closes node 0's
+    # channel without a word (as the hub did to agents past its 64th pending connection) and
+    # dismisses node 1 with EXIT. Node 0 must not leave as if it was done: srun's
+    # --kill-on-bad-exit and the supervisor see the step break only by its exit status.
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(120)
+    agent_env = {"ORCH_AGENT_ADDR": f"127.0.0.1:{listener.getsockname()[1]}", "ORCH_AGENT_TOKEN": "t"}
+    try:
+        run_dir, agents = start_agents(tmp_path, TEST_JOBS / "brief.py", [], nodes=2, agent_env=agent_env)
+        channels = {}
+        while len(channels) < 2:
+            sock, _ = listener.accept()
+            with sock.makefile("rb") as lines:
+                hello = json.loads(lines.readline())
+            assert hello["op"] == "hello" and hello["token"] == "t"
+            channels[hello["node"]] = sock
+        channels[1].sendall(b'{"op": "exit"}\n')
+        for sock in channels.values():
+            sock.close()
+        codes = _wait_all(agents)
+    finally:
+        listener.close()
+    assert codes[1] == 0 and codes[0] not in (0, PREEMPTED_EXIT_CODE), codes
+    log = (run_dir / "logs" / "attempt-0" / "node-0.log").read_text()
+    assert "closed before any START" in log, log
+    assert "forked ranks" not in log  # the fault fired before any attempt
 
 
 def test_first_failure_decides_the_exit_status_and_stops_the_rest(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -18,13 +19,54 @@ from ..conftest import REPO, TEST_JOBS, read_events, wait_for, write_config
 FAKE_SLURM = TEST_JOBS / "fake_slurm.py"
 
 
-def _supervisor(tmp_path: Path, script: Path, args: list[str], **sections) -> tuple[subprocess.Popen, Path]:
-    """The Slurm supervisor of a 2 x 2 run of `script`, started as its batch step."""
+# An srun whose step's tasks are a process group of their own (scancel ends the group, as Slurm
+# ends a step's tasks), and whose task on node @NODE@ never starts its agent: it hangs before
+# it could connect (a hung shared filesystem, say), and leaves a mark that it did.
+HANGING_SRUN = """
+import os, sys
+os.setsid()
+with open(os.environ["FAKE_SRUN_PID"], "w") as fh:
+    fh.write(str(os.getpid()))
+args = sys.argv[1:]
+cut = next(i for i, a in enumerate(args) if not a.startswith("--"))
+hang = 'if [ "$SLURM_NODEID" = "@NODE@" ]; then : >"$FAKE_SRUN_PID.hung"; exec sleep 600; fi; exec "$@"'
+fake = [sys.executable, @FAKE_SLURM@, "srun", *args[:cut]]
+os.execv(sys.executable, [*fake, "/bin/sh", "-c", hang, "-", *args[cut:]])
+"""
+
+
+def _tools(tmp_path: Path, hang_node: int | None) -> None:
     (tmp_path / "bin").mkdir()
-    for tool in ("srun", "scontrol"):
+    tools = {
+        tool: f'#!/bin/sh\nexec "{sys.executable}" "{FAKE_SLURM}" {tool} "$@"\n'
+        for tool in ("srun", "scontrol")
+    }
+    if hang_node is not None:
+        srun = tmp_path / "srun.py"
+        srun.write_text(
+            HANGING_SRUN.replace("@NODE@", str(hang_node)).replace("@FAKE_SLURM@", repr(str(FAKE_SLURM)))
+        )
+        pid = tmp_path / "srun.pid"
+        tools["srun"] = f'#!/bin/sh\nFAKE_SRUN_PID="{pid}" exec "{sys.executable}" "{srun}" "$@"\n'
+        tools["squeue"] = "#!/bin/sh\necho 4242.0\n"
+        tools["scancel"] = f'#!/bin/bash\nkill -KILL -- -"$(cat "{pid}")"\n'
+    for tool, text in tools.items():
         stub = tmp_path / "bin" / tool
-        stub.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{FAKE_SLURM}" {tool} "$@"\n')
+        stub.write_text(text)
         stub.chmod(0o755)
+
+
+def _supervisor(
+    tmp_path: Path,
+    script: Path,
+    args: list[str],
+    hang_node: int | None = None,
+    patch: str = "",
+    **sections,
+) -> tuple[subprocess.Popen, Path]:
+    """The Slurm supervisor of a 2 x 2 run of `script`, started as its batch step (`patch`:
+    Python run first in its process, to shorten one of its timeouts)."""
+    _tools(tmp_path, hang_node)
     cfg = write_config(
         tmp_path,
         script,
@@ -47,7 +89,7 @@ def _supervisor(tmp_path: Path, script: Path, args: list[str], **sections) -> tu
         "SLURM_RESTART_COUNT": "0",
         "FAKE_SLURM_LOG": str(tmp_path / "scontrol.log"),
     }
-    code = f"from orchestrator.backends.slurm.supervisor import supervise; supervise({run.url!r})"
+    code = f"{patch}\nfrom orchestrator.backends.slurm.supervisor import supervise; supervise({run.url!r})"
     proc = subprocess.Popen(
         [sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
@@ -122,3 +164,38 @@ def test_a_restart_forks_from_the_same_agents_at_once(tmp_path: Path) -> None:
             if "forked ranks" in x
         )
         assert float(line.split(" in ")[1].split("s")[0]) < 1.0, line  # no new import of torch
+
+
+def test_a_node_whose_agent_never_says_hello_breaks_the_step_within_the_deadline(tmp_path: Path) -> None:
+    # Node 1's task hangs before its agent connects; node 0's ranks would live 60 s. The step
+    # is broken once the agents' deadline to introduce themselves has passed (6 s here), the
+    # attempt ends naming node 1, and with no restarts left the run fails: nothing waits for
+    # a HELLO or an ENDED that cannot come.
+    proc, run_dir = _supervisor(
+        tmp_path,
+        TEST_JOBS / "brief.py",
+        ["--live-s", "60"],
+        hang_node=1,
+        patch="import orchestrator.backends.slurm.supervisor as s; s.AGENTS_JOIN_S = 6.0",
+        restart={"max_restarts": 0},
+    )
+    try:
+        assert proc.wait(timeout=45) == 1
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        pid = tmp_path / "srun.pid"
+        if pid.exists():
+            try:
+                os.killpg(int(pid.read_text()), signal.SIGKILL)  # the step's tasks, if left
+            except ProcessLookupError:
+                pass
+    events = read_events(run_dir)
+    # the fault fired: node 1's task hung instead of running its agent (node 0's joined: only
+    # node 1 is named below)
+    assert (tmp_path / "srun.pid.hung").exists()
+    assert [e["status"] for e in events if e["event"] == "attempt_ended"] == ["failed"]
+    (finished,) = [e for e in events if e["event"] == "run_finished"]
+    cause = finished["root_cause"]
+    assert finished["status"] == "failed" and cause["node_rank"] == 1, cause
+    assert "node 1 " in cause["message"] and "never introduced" in cause["message"], cause

@@ -8,7 +8,9 @@ its hub. The driver that uses them is supervisor.PersistentAgentAttempts.
 
 from __future__ import annotations
 
+import errno
 import hmac
+import resource
 import secrets
 import selectors
 import socket
@@ -20,24 +22,72 @@ from typing import Any
 from orchestrator.backends.slurm.channel import HELLO_TIMEOUT_S, Channel, ChannelClosed, Op
 from orchestrator.contract import ENV_AGENT_ADDR, ENV_AGENT_TOKEN
 
-MAX_PENDING = 64  # connections not yet introduced; more are closed at once
+# A HELLO is a node number, a token, a pid and a host name: far under this. A connection's
+# first line is read with one recv of at most this, so a stranger costs one small read a pump.
+MAX_HELLO_LINE = 4096
+# Connections accepted per pump; the rest wait in the kernel's queue (the listening socket stays
+# readable) for the next one, so that one pump stays short however many connect at once.
+ACCEPT_PER_PUMP = 256
+# Unintroduced connections the hub holds at most: what its process's descriptor limit leaves
+# after one per node and FD_RESERVE for the supervisor's own files and pipes, and never fewer
+# than MIN_PENDING. Only strangers are ever pending for long: an agent's HELLO comes with its
+# connection, and is read as soon as the connection is accepted.
+MIN_PENDING = 64
+FD_RESERVE = 256
+
+
+def pending_limit(nodes: int, open_files: int) -> int:
+    """How many connections may wait to introduce themselves (`open_files`: RLIMIT_NOFILE). Pure."""
+    return max(MIN_PENDING, open_files - nodes - FD_RESERVE)
+
+
+def is_agent_hello(message: Mapping[str, Any], token: str, nodes: int) -> bool:
+    """Whether a connection's first message is a HELLO from one of the step's agents: the step's
+    token and a node number of the step. Pure."""
+    node, given = message.get("node"), message.get("token")
+    return (
+        message.get("op") == Op.HELLO
+        and isinstance(given, str)
+        # bytes: compare_digest refuses str with non-ASCII characters (a TypeError)
+        and hmac.compare_digest(given.encode("utf-8", "replace"), token.encode())
+        and isinstance(node, int)
+        and not isinstance(node, bool)
+        and 0 <= node < nodes
+    )
 
 
 class AgentHub:
-    """The listening end: accepts agents, checks each one's token, and routes messages by node."""
+    """The listening end: accepts agents, checks each one's token, and routes messages by node.
+
+    No connection is closed unread, and none for how many others connected at the same
+    moment: each one accepted is read at once (an agent's HELLO is usually there already) and
+    then whenever it has more to say, until its first line is whole. That line must be an
+    agent's HELLO, else the connection is closed there and then; one that says nothing is
+    closed after HELLO_TIMEOUT_S, or when room is needed for a newer connection past
+    `max_pending` (the one silent longest goes first)."""
 
     def __init__(self, nodes: int) -> None:
         self.nodes = nodes
         # Every interface, a port the kernel picks and we hold for the step's life: no lease
-        # race (docs/design.md, MASTER_PORT) because the socket is never let go.
-        self.server = socket.create_server(("", 0), family=socket.AF_INET, backlog=max(16, nodes))
+        # race (docs/design.md, MASTER_PORT) because the socket is never let go. The queue is
+        # as long as the kernel allows: every agent of a big step connects at once.
+        self.server = socket.create_server(
+            ("", 0), family=socket.AF_INET, backlog=max(nodes, socket.SOMAXCONN)
+        )
         self.server.setblocking(False)
         self.port = self.server.getsockname()[1]
-        # epoll where there is one: select() cannot watch descriptors above 1024 (1000+ nodes)
+        # epoll where there is one: select() cannot watch descriptors above 1024 (1000+ nodes).
+        # Each key's data says what it is: None the listening socket, a Channel a connection
+        # not yet introduced, an int the node whose agent it is.
         self.selector = selectors.DefaultSelector()
         self.selector.register(self.server, selectors.EVENT_READ, None)
         self.token = secrets.token_hex(16)
-        self.pending: dict[Channel, float] = {}  # not yet introduced -> deadline
+        open_files = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if open_files == resource.RLIM_INFINITY:
+            open_files = 1 << 20
+        self.max_pending = pending_limit(nodes, open_files)
+        # not yet introduced -> deadline; in the order accepted, which is the deadlines' order
+        self.pending: dict[Channel, float] = {}
         self.agents: dict[int, Channel] = {}
         self.hellos: dict[int, dict[str, Any]] = {}
         self.closed: set[int] = set()  # nodes whose agent's connection closed
@@ -46,48 +96,59 @@ class AgentHub:
     def complete(self) -> bool:
         return len(self.agents) == self.nodes
 
+    def missing(self) -> list[int]:
+        """The nodes whose agent has not introduced itself (those that did and left are in
+        `closed`)."""
+        return [n for n in range(self.nodes) if n not in self.agents and n not in self.closed]
+
     def env(self, host: str) -> dict[str, str]:
         """What the step's agents need to find and prove themselves to this hub."""
         return {ENV_AGENT_ADDR: f"{host}:{self.port}", ENV_AGENT_TOKEN: self.token}
 
     def pump(self, timeout: float) -> list[tuple[int, dict[str, Any]]]:
         """Accept, introduce and read for up to `timeout`: the agents' messages, by node. A
-        node whose connection closes is added to `closed`."""
+        node whose connection closes is added to `closed`. Bounded: one small read per
+        connection that has not introduced itself, at most ACCEPT_PER_PUMP new ones."""
         messages: list[tuple[int, dict[str, Any]]] = []
+        accept = False
         for key, _ in self.selector.select(max(0.0, timeout)):
             item = key.data
             if item is None:
-                self._accept()
-            elif item in self.pending:
+                accept = True  # after the reads: a connection read now is not made room for
+            elif isinstance(item, Channel):
                 self._introduce(item)
-            else:
-                node = next((n for n, c in self.agents.items() if c is item), None)
-                if node is None:
-                    continue
+            elif item in self.agents:
                 try:
-                    messages.extend((node, m) for m in item.receive())
+                    messages.extend((item, m) for m in self.agents[item].receive())
                 except ChannelClosed:
-                    self._drop(node)
+                    self._drop(item)
+        if accept:
+            self._accept()
         now = time.monotonic()
-        for channel, deadline in list(self.pending.items()):
-            if now > deadline:  # a silent stranger: dropped
-                self._forget(channel)
+        while self.pending:
+            channel, deadline = next(iter(self.pending.items()))
+            if now <= deadline:
+                break
+            self._forget(channel)  # a silent stranger
         return messages
 
     def _accept(self) -> None:
-        while True:
+        for _ in range(ACCEPT_PER_PUMP):
             try:
                 sock, _ = self.server.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError:  # out of descriptors, say: the next pump tries again
-                return
-            if len(self.pending) >= MAX_PENDING:
-                sock.close()  # a flood of strangers must not crowd out the agents
-                continue
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE) and self.pending:
+                    self._forget(next(iter(self.pending)))  # room for one not yet read
+                    continue
+                return  # the next pump tries again
+            if len(self.pending) >= self.max_pending:
+                self._forget(next(iter(self.pending)))  # the one silent longest
             channel = Channel(sock)
             self.pending[channel] = time.monotonic() + HELLO_TIMEOUT_S
             self.selector.register(channel, selectors.EVENT_READ, channel)
+            self._introduce(channel)  # an agent's HELLO is usually there already
 
     def _forget(self, channel: Channel) -> None:
         self.pending.pop(channel, None)
@@ -98,28 +159,21 @@ class AgentHub:
         channel.close()
 
     def _introduce(self, channel: Channel) -> None:
+        """Read what a connection not yet introduced has sent: nothing whole yet, an agent's
+        HELLO (it becomes its node's channel), or anything else (closed)."""
         try:
-            messages = channel.receive()
+            hello = channel.first_message(MAX_HELLO_LINE)
         except ChannelClosed:
-            messages = None
-        if messages == []:
+            self._forget(channel)
+            return
+        if hello is None:
             return  # half a hello so far
-        hello = messages[0] if messages else {}
         node = hello.get("node")
-        token = hello.get("token")
-        if (
-            hello.get("op") != Op.HELLO
-            or not isinstance(token, str)
-            # bytes: compare_digest refuses str with non-ASCII characters (a TypeError)
-            or not hmac.compare_digest(token.encode("utf-8", "replace"), self.token.encode())
-            or not isinstance(node, int)
-            or isinstance(node, bool)
-            or not 0 <= node < self.nodes
-            or node in self.agents
-        ):
+        if not is_agent_hello(hello, self.token, self.nodes) or node in self.agents:
             self._forget(channel)  # not one of ours, or a second agent for one node
             return
         del self.pending[channel]
+        self.selector.modify(channel, selectors.EVENT_READ, node)
         self.agents[node] = channel
         self.hellos[node] = {k: v for k, v in hello.items() if k != "token"}
 
@@ -159,6 +213,7 @@ class AgentStep:
     def __init__(self, argv: Sequence[str], env: Mapping[str, str], nodes: int, host: str) -> None:
         self.hub = AgentHub(nodes)
         self.proc = subprocess.Popen(list(argv), env={**env, **self.hub.env(host)}, stdin=subprocess.DEVNULL)
+        self.began = time.monotonic()  # the agents' time to introduce themselves counts from here
         self.broken: str | None = None  # why this step must not run another attempt
 
     def exit_code(self) -> int | None:

@@ -19,6 +19,12 @@ never logged), then waits for orders:
                           ENDED {attempt, code, rank_codes}   the node's verdict (node_agent.exit_status)
 
 An agent whose connection closes stops its ranks and leaves: no rank outlives its supervisor.
+One whose connection closes before its first START and without an EXIT (refused by the hub, or
+its supervisor gone) leaves with a failure, so that the step is seen to break.
+
+The hub reads a connection's first line with one bounded read (Channel.first_message) as soon
+as it is accepted and whenever more arrives: a HELLO with the step's token lets an agent in,
+anything else closes the connection at that line.
 """
 
 from __future__ import annotations
@@ -106,6 +112,35 @@ class Channel:
         if not messages and self._closed is not None:
             raise ChannelClosed(self._closed)
         return messages
+
+    def first_message(self, limit: int) -> dict[str, Any] | None:
+        """The connection's first line as a JSON object, once it is whole (None until then),
+        from one read of at most `limit` bytes: a peer that has not introduced itself costs
+        one small read, whatever it sends. ChannelClosed if the line is longer than `limit`,
+        is not a JSON object, or the peer closed first. What follows it is left for receive()."""
+        if b"\n" not in self._buffer:
+            try:
+                chunk = self.sock.recv(limit + 1 - len(self._buffer))
+            except (BlockingIOError, InterruptedError):
+                chunk = None
+            except OSError as exc:
+                raise ChannelClosed(str(exc)) from None
+            if chunk == b"":
+                raise ChannelClosed("closed by the other side")
+            self._buffer += chunk or b""
+        line, newline, rest = self._buffer.partition(b"\n")
+        if not newline:
+            if len(line) > limit:
+                raise ChannelClosed(f"a first line longer than {limit} bytes")
+            return None
+        self._buffer = rest
+        try:
+            message = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ChannelClosed("a first line that is not JSON") from None
+        if not isinstance(message, dict):
+            raise ChannelClosed("a first line that is not a message")
+        return message
 
     def close(self) -> None:
         try:

@@ -22,7 +22,9 @@ itself never dies of those signals: it waits for its ranks to checkpoint and lea
 
 Exit status: 0 when every rank exited 0; 75 (preempted) when the failures were all stops on
 request; otherwise the first failing rank's status (128+N for a signal N), after stopping the
-node's other ranks. srun's --kill-on-bad-exit then ends the other nodes' agents.
+node's other ranks. srun's --kill-on-bad-exit then ends the other nodes' agents. A persistent
+agent leaves with 0 when told EXIT, and with CUT_OFF_EXIT_CODE when its channel closes before
+its first START without one.
 """
 
 from __future__ import annotations
@@ -68,6 +70,11 @@ POLL_S = 0.05
 FAILURE_STOP_GRACE_S = 2.0
 # The node's exit status when its fork server failed (the agent's record says how): not a rank's.
 LAUNCHER_FAILED_EXIT_CODE = 70
+# A persistent agent's exit status when its channel closed before any START and without an EXIT:
+# the supervisor's hub refused it, or the supervisor went away before the first attempt. Never
+# 0: the step is broken (the other nodes cannot rendezvous without this one), and only a failed
+# exit makes srun's --kill-on-bad-exit end it and the supervisor see it end.
+CUT_OFF_EXIT_CODE = 71
 
 
 def tasks_per_node(ranks_per_node: int, nodes: int) -> str:
@@ -142,6 +149,7 @@ class NodeAgent:
         self.exit_asked = False  # the supervisor said EXIT (or went away) during an attempt
         self.attempt: int | None = None  # a persistent agent's current attempt, as START named it
         self.orders: list[dict] = []  # the supervisor's messages read but not yet acted on
+        self.cut_off = False  # the channel closed without an EXIT
 
     @property
     def record_path(self) -> str:
@@ -318,6 +326,7 @@ class NodeAgent:
             select.select([channel], [], [], timeout)
             return channel.receive()
         except ChannelClosed:
+            self.cut_off = True
             return [{"op": Op.EXIT}]
         except InterruptedError:  # a forwarded signal woke the select
             return []
@@ -325,7 +334,8 @@ class NodeAgent:
     def _serve(self, launcher: ForkServerLauncher, channel: Channel) -> int:
         """A persistent agent: warm the fork server once, then run each attempt it is told to
         start, until EXIT or its channel closes. A fork server that failed an attempt is replaced
-        at the next START (ForkServerLauncher.start_attempt); the agent stays."""
+        at the next START (ForkServerLauncher.start_attempt); the agent stays. Cut off before
+        its first START, it fails (CUT_OFF_EXIT_CODE); after, a closed channel is an EXIT."""
         spec = self._specs({})[0][0]
         for note in launcher.warm(spec, os.path.join(self.log_dir, node_log_name(self.node_rank))):
             self._say(note)
@@ -348,6 +358,14 @@ class NodeAgent:
                 # Orders for this attempt that came after its ranks ended are moot; not an EXIT.
                 self.exit_asked |= any(m.get("op") == Op.EXIT for m in self.orders)
                 self.orders = []
+        if self.cut_off and self.attempt is None:
+            reason = (
+                "the node agent's channel to the supervisor closed before any START, without an EXIT"
+                " (the supervisor's hub refused it, or the supervisor is gone)"
+            )
+            self._say(f"{reason}; leaving with exit status {CUT_OFF_EXIT_CODE}")
+            self._record(AgentState.FAILED, reason=reason)
+            return CUT_OFF_EXIT_CODE
         self._say("leaving (the supervisor is done with this step)")
         return 0
 

@@ -307,9 +307,34 @@ RANK0_FIRST_WAIT_S = 2.0
 STARTED_WITHIN_S = 140.0
 # How long the agents of a step being ended get to stop their ranks and leave on their own.
 AGENTS_LEAVE_S = 10.0
+# How long a new step's agents get to introduce themselves (HELLO), from srun's start: srun may
+# wait for the previous step's nodes to be released, and each agent imports the orchestrator
+# from a shared filesystem that a big job's start makes slow. Past it the step is broken and the
+# nodes that never said hello are named: the others cannot rendezvous without them, and the
+# ENDED of a node that never joined would be waited for forever. (A candidate for a config
+# field, slurm.agents_join_s, for sites whose step launches are slower still.)
+AGENTS_JOIN_S = 300.0
 # How long a step whose agent's connection closed gets to end on its own (srun's
 # --kill-on-bad-exit ends the other agents) before the attempt is called over anyway.
 BROKEN_STEP_END_S = 10.0
+
+
+def unjoined_failure(missing: list[int], nodes: int, waited_s: float) -> RankFailure:
+    """The launcher failure of a step whose agents on `missing` nodes never introduced
+    themselves within `waited_s` of its start, named by the first of them. Pure."""
+    shown = ", ".join(str(n) for n in missing[:16])
+    if len(missing) > 16:
+        shown += f" and {len(missing) - 16} more"
+    if len(missing) == 1:
+        who = f"the node agent of node {shown} (1 of {nodes}) never introduced itself"
+    else:
+        who = f"the node agents of nodes {shown} ({len(missing)} of {nodes}) never introduced themselves"
+    return RankFailure.launcher_failed(
+        f"{who} to the supervisor within {waited_s:.0f}s of the step's start"
+        " (not started by srun, hung before connecting, or refused)",
+        node_rank=missing[0],
+        time=time.time(),
+    )
 
 
 class PersistentAgentAttempts(SrunAttempts):
@@ -440,12 +465,23 @@ class PersistentAgentAttempts(SrunAttempts):
             return ended
         if time.monotonic() >= self.next_agent_check:
             self.next_agent_check = time.monotonic() + AGENT_BEAT_S
-            self.lost_agent = self._silent_agent() or self._unstarted_agent()
+            self.lost_agent = self._unjoined_agents() or self._silent_agent() or self._unstarted_agent()
             if self.lost_agent is not None:
                 assert self.step is not None
                 self.step.broken = self.lost_agent.message
                 return Ended(failed=True)
         return None
+
+    def _unjoined_agents(self) -> RankFailure | None:
+        """The nodes whose agents have not introduced themselves AGENTS_JOIN_S after the step
+        started (a node of a kept step joined long ago: it cannot be one)."""
+        step = self.step
+        assert step is not None
+        waited = time.monotonic() - step.began
+        missing = step.hub.missing()
+        if not missing or waited <= AGENTS_JOIN_S:
+            return None
+        return unjoined_failure(missing, self.config.resources.nodes, waited)
 
     def _unstarted_agent(self) -> RankFailure | None:
         """An agent asked to start that has not said STARTED in STARTED_WITHIN_S: stopped
@@ -493,7 +529,10 @@ class PersistentAgentAttempts(SrunAttempts):
         step, self.step = self.step, None
         if step is None:
             return
-        # Closing the channels is every sound agent's EXIT: each stops its ranks and leaves.
+        # EXIT, then the channels closed: each sound agent stops its ranks and leaves, as told
+        # (one cut off without an EXIT before its first START would call itself failed).
+        for node in list(step.hub.agents):
+            step.hub.send(node, Op.EXIT)
         step.hub.close()
         try:
             step.proc.wait(timeout=0 if self.lost_agent is not None else AGENTS_LEAVE_S)
