@@ -12,6 +12,11 @@ A run started with wait=False is supervised by `orch resume RUN_DIR` in a new se
 console lines go to the run directory's supervisor.log), so it outlives the notebook's kernel
 and stops like any run: `r.cancel()`. Errors are OrchError (UsageError, ConfigError,
 RunNotFound) with a one-line message, as the CLI prints them.
+
+Whoever starts, resumes or submits a run holds the run directory's claim (storage/rundir.py:
+`claim_directory`) from before its state check until it stops acting on the run (a local run:
+until its supervision ends), and whoever runs or submits a sweep's points holds the sweep's: a
+second starter is refused in one line naming the holder, so no run and no point starts twice.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from typing import IO, Any
 from orchestrator.contract import Event
 from orchestrator.errors import OrchError, UsageError
 from orchestrator.launch.detached import console_log, start_detached
+from orchestrator.storage.faults import fault_point
 
 DEFAULT_CONFIG = "cluster.yaml"
 # States a run can be resumed from (`orch resume`).
@@ -84,6 +90,23 @@ def backend_for(config: Any, command: str) -> Any:
     if hint is not None:
         raise UsageError(hint)
     return backend
+
+
+def _claim(dir: Any, verb: str, what: str, doing: str, hint: str) -> Any:
+    """The directory's claim (a DirClaim, a context manager), or a one-line UsageError naming the
+    process that holds it."""
+    from orchestrator.storage.rundir import DirectoryClaimed
+
+    try:
+        return dir.claim()
+    except DirectoryClaimed as busy:
+        holder = busy.holder
+        who = f"pid {holder['pid']} on {holder.get('host')}" if holder.get("pid") else "another process"
+        raise UsageError(f"{verb}: {what} is already being {doing} by {who}; {hint}") from None
+    except OSError as exc:  # its directory cannot take the lock file (read-only, gone)
+        from orchestrator.storage.causes import storage_cause
+
+        raise UsageError(f"{verb}: cannot claim {what} at {dir.url}: {storage_cause(exc)}") from None
 
 
 def _check_before_creating(config: Any, backend: Any) -> None:
@@ -152,8 +175,9 @@ def run(
     _check_before_creating(config, backend)
     handle = create_run(config, run_id=run_id, config_file=config_file)
     if not wait:
-        return handle.start_in_background()
-    return handle._run_here(config, backend, show_ranks=show_ranks, ranks_to_stdout=ranks_to_stdout)
+        return handle.start_in_background()  # its supervisor takes the claim
+    with handle._claim("run"):
+        return handle._run_here(config, backend, show_ranks=show_ranks, ranks_to_stdout=ranks_to_stdout)
 
 
 def doctor(
@@ -189,7 +213,8 @@ def submit(
     if check:
         preflight(config)
     handle = create_run(config, run_id=run_id, config_file=config_file)
-    handle._submit(config, backend)
+    with handle._claim("submit"):
+        handle._submit(config, backend)
     return handle
 
 
@@ -387,15 +412,31 @@ class Run:
         if not wait and self.backend().foreground_hint is None:
             from orchestrator.spec.config import config_for_resume
 
-            # Checked here, in one line; the background process then does the rest.
-            self._check_resumable(self.status())
-            check_pass_env(config_for_resume(self.dir.read_run_config(), overrides))
+            # Checked here, in one line; the background process then does the rest, under a
+            # claim of its own (a starter that slips in between is refused there, in its log).
+            with self._claim("resume"):
+                self._check_resumable(self.status())
+                check_pass_env(config_for_resume(self.dir.read_run_config(), overrides))
             return self.start_in_background([arg for o in overrides for arg in ("--set", o)])
-        prepared = self._prepare_resume(overrides, show_ranks, announce)
-        if prepared is None:  # a scheduler's backend: the next attempt is a new job
-            return self
-        config, backend = prepared
-        return self._run_here(config, backend, show_ranks=show_ranks, ranks_to_stdout=ranks_to_stdout)
+        # Held from before the state check until the run's supervision here ends (or its job is
+        # submitted): another resume cannot pass the same check in between.
+        with self._claim("resume"):
+            prepared = self._prepare_resume(overrides, show_ranks, announce)
+            if prepared is None:  # a scheduler's backend: the next attempt is a new job
+                return self
+            config, backend = prepared
+            return self._run_here(config, backend, show_ranks=show_ranks, ranks_to_stdout=ranks_to_stdout)
+
+    def _claim(self, verb: str) -> Any:
+        """The run directory's claim, held by whoever starts, resumes, submits or supervises it
+        here; refused in one line naming the holder."""
+        return _claim(
+            self.dir,
+            verb,
+            f"run {self.run_id}",
+            "started or supervised",
+            f"`orch status {self.run_id}` follows it, `orch cancel {self.run_id}` stops it",
+        )
 
     def _prepare_resume(
         self, overrides: list[str], show_ranks: tuple[int, ...] | None, announce: IO[str] | None
@@ -407,6 +448,7 @@ class Run:
         backend = self.backend(events)
         st = self.status()
         self._check_resumable(st)
+        fault_point("resume.checked")  # a test holds a resume here, between its check and its start
         record = self.dir.read_run_config()
         config = config_for_resume(record, overrides)
         check_pass_env(config)
@@ -467,6 +509,8 @@ class Run:
 
     def _submit(self, config: Any, backend: Any) -> str:
         submission = backend.submit(config, self.dir, config.job.python or sys.executable)
+        # The job may already have started, and written `job_started`, before this lands: the
+        # status fold lets that start win whatever the order (supervision/status.py).
         self.dir.append_event(
             Event.SUBMITTED,
             backend=backend.name,
@@ -601,7 +645,9 @@ def sweep(
     if check and backend.foreground_hint is not None:  # submitted: as `orch submit` checks first
         preflight(spec.configs[0])  # every point has the same allocation (check_sweep)
     handle = create_sweep(spec, sweep_id=sweep_id, config_file=config_file)
-    return handle._start(backend, [run for _, run in handle.dir.points()], wait=wait, console=console)
+    with handle._claim("sweep") as claim:
+        points = [run for _, run in handle.dir.points()]
+        return handle._start(backend, points, claim, wait=wait, console=console)
 
 
 def create_sweep(spec: Any, *, sweep_id: str | None = None, config_file: str | None = None) -> Sweep:
@@ -736,35 +782,56 @@ class Sweep:
         from orchestrator.supervision.status import FINAL_STATES
 
         backend = get_backend(self.record().get("backend", "local"))
-        points = []
-        for run in self.points():
-            st = run.status()
-            if st.state == "succeeded":
-                continue
-            if st.state not in RESUMABLE:
+        # Taken before any point's state is read, held until the points are submitted or (run
+        # here) until the runner ends: a second resume would pass the same checks and start the
+        # points still queued a second time.
+        with self._claim("resume") as claim:
+            points = []
+            for run in self.points():
+                # A point that its own `orch resume SWEEP/N` is starting right now is that one's.
+                with run._claim("resume"):
+                    st = run.status()
+                if st.state == "succeeded":
+                    continue
+                if st.state not in RESUMABLE:
+                    raise UsageError(
+                        f"resume: point {run.run_id} is {st.state}; `orch cancel {self.sweep_id}` first"
+                        if st.state not in FINAL_STATES
+                        else f"resume: point {run.run_id} is {st.state}"
+                    )
+                points.append((run, st))
+            if not points:
                 raise UsageError(
-                    f"resume: point {run.run_id} is {st.state}; `orch cancel {self.sweep_id}` first"
-                    if st.state not in FINAL_STATES
-                    else f"resume: point {run.run_id} is {st.state}"
+                    f"resume: every point of sweep {self.sweep_id} succeeded; there is nothing to resume"
                 )
-            points.append((run, st))
-        if not points:
-            raise UsageError(
-                f"resume: every point of sweep {self.sweep_id} succeeded; there is nothing to resume"
-            )
-        if backend.foreground_hint is not None:  # submitted again: each point's ledger says it goes on
-            for run, st in points:
-                if st.state != "created":
-                    run._record_resume(backend.name, st, next_attempt(run.events()), [])
-        # (Locally, each point's own `orch resume` records it.)
-        return self._start(backend, [run.dir for run, _ in points], wait=wait, console=console)
+            if backend.foreground_hint is not None:  # submitted again: each point's ledger says it goes on
+                for run, st in points:
+                    if st.state != "created":
+                        run._record_resume(backend.name, st, next_attempt(run.events()), [])
+            # (Locally, each point's own `orch resume` records it, under the point's claim.)
+            return self._start(backend, [run.dir for run, _ in points], claim, wait=wait, console=console)
 
-    def _start(self, backend: Any, points: list[Any], *, wait: bool, console: IO[str] | None) -> Sweep:
+    def _claim(self, verb: str) -> Any:
+        """The sweep directory's claim, held by whoever runs or submits its points."""
+        return _claim(
+            self.dir,
+            verb,
+            f"sweep {self.sweep_id}",
+            "run or submitted",
+            f"`orch status {self.sweep_id}` follows it, `orch cancel {self.sweep_id}` stops it",
+        )
+
+    def _start(
+        self, backend: Any, points: list[Any], claim: Any, *, wait: bool, console: IO[str] | None
+    ) -> Sweep:
+        """Start `points` while holding the sweep's `claim` (for a runner in the background, the
+        claim passes to it: released here first, taken there)."""
         record = self.record()
         if backend.foreground_hint is not None:  # a scheduler: one job array of these points
             backend.submit_sweep(self.dir, record, points)
             return self
         if not wait:
+            claim.release()
             self.process = start_detached(
                 ["resume", self.url, "--quiet"], console_log(self.url, self.sweep_id)
             )

@@ -1,14 +1,20 @@
 """The run directory on storage (a path or any fsspec URL): run.yaml, events, logs.
 
-    <root>/<run-id>/run.yaml  events.jsonl  ckpt/  logs/attempt-N/rank-R.log  tb/
+    <root>/<run-id>/run.yaml  events.jsonl  .orch-claim  ckpt/  logs/attempt-N/rank-R.log  tb/
 
 Events are an append-only ledger. On a local or shared filesystem they are lines of
 events.jsonl, each written with one O_APPEND write; object stores cannot append, so there each
 event is one object under events/ and readers merge them in name order.
+
+Whoever starts or resumes a run (or runs a sweep's queue) first takes the directory's claim
+(`claim_directory`: an flock on `.orch-claim` in it) and holds it for as long as it acts on the
+run, so a state check and the start it allows are never split by another starter.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -115,6 +121,10 @@ class RunDir:
     def events(self) -> list[dict[str, Any]]:
         return read_events(self.url)
 
+    def claim(self) -> DirClaim:
+        """The run's exclusive claim (claim_directory): held by whoever starts or supervises it."""
+        return claim_directory(self.url)
+
     # ------------------------------------------------------------------ logs
 
     def logs_path(self, attempt: int) -> str:
@@ -188,6 +198,100 @@ class RunDir:
                 if rank is not None and name.endswith(".log"):
                     out[(n_attempt, rank)] = join(base, folder, name)
         return out
+
+
+# ---------------------------------------------------------------------------- claims
+
+CLAIM_FILE = ".orch-claim"
+# What a filesystem says when it has no locks to give (an NFS mount without a lock manager,
+# Lustre without -o flock): the claim then falls back to this host's own lock file.
+_NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
+
+
+class DirectoryClaimed(Exception):
+    """Another process holds the claim on a run's or sweep's directory. `holder`: what it wrote
+    (pid, host, since), or {} if it has not written it yet."""
+
+    def __init__(self, url: str, holder: dict[str, Any]) -> None:
+        super().__init__(f"{url} is claimed by {holder or 'another process'}")
+        self.url, self.holder = url, holder
+
+
+@dataclass
+class DirClaim:
+    """A held claim; release() (or leaving the `with`) drops it, and so does the holder's death
+    in any way: the kernel drops an flock with the last descriptor of its open file."""
+
+    path: str  # the lock file
+    _fd: int
+
+    def release(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> DirClaim:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def claim_path(url: str) -> str:
+    """The lock file of the directory at `url`: in it on a filesystem (an flock there is seen by
+    every process that can see the directory, other hosts too where the filesystem's locks are
+    shared: NFS's are), else in this host's temp directory (an object store has no locks, so a
+    claim on a remote run directory excludes only starters on this host)."""
+    if is_local_url(url):
+        return os.path.join(os.path.abspath(url.removeprefix("file://")), CLAIM_FILE)
+    return _host_claim_path(url)
+
+
+def _host_claim_path(url: str) -> str:
+    digest = hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:16]
+    folder = os.path.join(tempfile.gettempdir(), f"orch-{os.getuid()}", "claims")
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    return os.path.join(folder, f"{digest}.lock")
+
+
+def claim_directory(url: str) -> DirClaim:
+    """Take the exclusive claim on the run or sweep directory at `url`, without waiting:
+    DirectoryClaimed (naming the holder) if another process, or another claim of this one,
+    holds it. The holder's pid, host and start go into the lock file for that message."""
+    path = claim_path(url)
+    try:
+        return _lock(path, url)
+    except OSError as exc:
+        if exc.errno not in _NO_LOCKS:
+            raise
+    return _lock(_host_claim_path(url), url)
+
+
+def _lock(path: str, url: str) -> DirClaim:
+    # O_CLOEXEC (Python's default): no process the holder execs (ranks, the fork server, a
+    # sweep's points) inherits the claim and keeps it after the holder has gone.
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise DirectoryClaimed(url, _holder(path)) from None
+    except BaseException:
+        os.close(fd)
+        raise
+    holder = {"pid": os.getpid(), "host": this_host(), "since": round(time.time(), 3)}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(holder).encode(), 0)
+    return DirClaim(path, fd)
+
+
+def _holder(path: str) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            holder = json.loads(fh.read())
+    except (OSError, ValueError):  # not written yet (the holder is between its flock and write)
+        return {}
+    return holder if isinstance(holder, dict) else {}
 
 
 def create_directory(

@@ -2,6 +2,7 @@
 
     <root>/<sweep-id>/sweep.yaml     what was swept: the points' values, backend, max_parallel
                      /events.jsonl   the sweep's own ledger (a Slurm job array's id, cancels)
+                     /.orch-claim    the lock whoever runs or submits its points holds
                      /slurm/         submitit's files for the job array (slurm backend)
                      /<index>/       point `index`: run.yaml, events, ckpt/, logs/, tb/ (RunDir)
 
@@ -19,8 +20,10 @@ from typing import Any
 
 from orchestrator.contract import Event
 from orchestrator.storage.rundir import (
+    DirClaim,
     RunDir,
     append_event,
+    claim_directory,
     create_directory,
     is_local_url,
     join_url,
@@ -79,6 +82,11 @@ class SweepDir:
 
     def events(self) -> list[dict[str, Any]]:
         return read_events(self.url)
+
+    def claim(self) -> DirClaim:
+        """The sweep's exclusive claim (claim_directory): held by whoever runs or submits its
+        points, for the local runner its whole life."""
+        return claim_directory(self.url)
 
 
 def remove_tree(url: str) -> None:

@@ -221,6 +221,40 @@ def test_two_sweeps_of_eight_points_at_once_keep_every_point_apart(tmp_path):
     assert sorted(r["run_id"] for r in ls) == sorted(r["run_id"] for t in tables for r in t["rows"])
 
 
+def test_two_resumes_of_one_sweep_run_every_point_once(tmp_path):
+    """Two `orch resume SWEEP` at once on points still queued: one runner takes the sweep, the
+    other refuses in one line naming it (issue 27, point 7)."""
+    from orchestrator import api
+
+    cfg = write_config(
+        tmp_path,
+        TEST_JOBS / "brief.py",
+        args=["--live-s", "{s}"],
+        resources={"nodes": 1, "ranks_per_node": 1, "cpus_per_rank": 1},
+        launch={"mode": "subprocess"},
+        sweep={"grid": {"s": [0, 0.1, 0.2]}, "max_parallel": 1},
+    )
+    api.create_sweep(api.load_sweep(str(cfg)), sweep_id="twice")  # every point queued
+    procs = [
+        subprocess.Popen(
+            orch_cmd("resume", "twice", "--config", str(cfg)),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    ends = [(proc, *proc.communicate(timeout=180)) for proc in procs]
+    kinds = [[e["event"] for e in read_events(tmp_path / "runs" / "twice" / str(i))] for i in range(3)]
+    starts = [(k.count("run_started"), k.count("attempt_started")) for k in kinds]
+    assert starts == [(1, 1)] * 3, "every point ran exactly once"
+    (runner, _, _), (refused, _, said) = sorted(ends, key=lambda end: end[0].returncode)
+    assert runner.returncode == 0 and refused.returncode == 2, said
+    (line,) = said.strip().splitlines()
+    assert f"sweep twice is already being run or submitted by pid {runner.pid}" in line, line
+    assert [r["state"] for r in sweep_json(cfg, "twice")["rows"]] == ["succeeded"] * 3
+
+
 def readme_sweep_commands() -> list[list[str]]:
     """The `orch ...` lines of README.md's "Sweeps" section, as a shell splits them."""
     import re

@@ -2,7 +2,11 @@
 once, each an `orch resume POINT_DIR` process of its own (its own port lease, fork server,
 restarts and checkpoints: a point is a whole run). The terminal's Ctrl-C reaches only this
 runner, which asks every running point to stop (SIGTERM: a checkpoint first, as `orch cancel`)
-and starts no more; `orch resume SWEEP` continues the points that did not succeed."""
+and starts no more; `orch resume SWEEP` continues the points that did not succeed.
+
+The process that runs this runner holds the sweep's claim for the runner's life (api.py), so a
+second `orch resume SWEEP` is refused while points wait in this queue; each point's own
+`orch resume` takes the point's claim before it starts it."""
 
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ from orchestrator.storage.runid import point_index_of_path
 from orchestrator.storage.sweepdir import SweepDir
 from orchestrator.supervision.status import summarize
 
-from .liveness import process_start_time
+from .liveness import process_start_time, supervisor_alive
 
 POLL_S = 0.2
 
@@ -122,7 +126,11 @@ class SweepRunner:
 
     @staticmethod
     def _final_state(run: RunDir, proc: subprocess.Popen) -> str:
-        state = summarize(run.events())["state"]
-        if proc.returncode != 0 and state == "running":
-            return "lost"  # its supervisor died before recording an end: `orch resume` continues it
-        return state  # `created`: it never started (stopped before it could)
+        """The point's state once its `orch resume` has exited: `lost` if the supervisor it
+        recorded died before recording an end (this one, killed); `running` if another process
+        supervises it (a point resumed on its own holds its claim, and this one was refused);
+        `created` if it never started (stopped before it could)."""
+        events = run.events()
+        starts = [e for e in events if e.get("event") == Event.RUN_STARTED]
+        alive = supervisor_alive(starts[-1]) if starts and starts[-1].get("host") == this_host() else None
+        return summarize(events, supervisor_alive=alive)["state"]

@@ -23,12 +23,19 @@ def _job_id(events: Sequence[dict[str, Any]]) -> str | None:
 
 
 def _cancelled_before_it_ran(events: Sequence[dict[str, Any]], job_id: str) -> bool:
-    """Whether `orch cancel` reached this job (the latest submission) before it started. Pure."""
-    cancelled = started = False
+    """Whether `orch cancel` reached this job (the latest submission) before it started. Pure.
+    A `job_started` belongs to the latest submission before it, or, with none since the run's
+    last resume, to the next one: sbatch answers once the job is queued, and the job may start
+    (and write `job_started`) before `orch submit` appends `submitted`."""
+    cancelled = started = submitted = False
     for e in events:
         kind = e.get("event")
-        if kind == Event.SUBMITTED:
-            cancelled = started = False  # an earlier submission's story is not this job's
+        if kind == Event.RESUMED:
+            cancelled = started = submitted = False  # an earlier submission's story is not this job's
+        elif kind == Event.SUBMITTED:
+            if submitted:  # a later submission: the earlier one's start is not this job's
+                cancelled = started = False
+            submitted = True
         elif kind == Event.JOB_STARTED:
             started = True
         elif kind == Event.CANCEL_REQUESTED and str(e.get("job_id")) == job_id:
