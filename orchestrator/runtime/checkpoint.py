@@ -17,6 +17,7 @@ Loading uses `torch.load(weights_only=True)`.
 from __future__ import annotations
 
 import atexit
+import enum
 import hashlib
 import io
 import os
@@ -325,16 +326,27 @@ class DeferredCopies:
     Checkpointer._before_optimizer_step). Anything else (buffers, which a forward changes;
     RNG, sampler, scheduler, scaler, extra) is copied before save() returns.
 
-    A tensor changed in place before its copy (user code writing parameters outside the
-    optimizer's step) is caught by its version counter: that save is skipped, not committed
-    torn, and later saves copy everything before returning. Writes through `.data` bypass the
-    version counter; a job that writes parameters that way between a save and the next step
-    should not use async_save."""
+    A tensor written in place outside the optimizer's step (user code: an EMA swap) before or
+    while it is copied is caught by its version counter, and that save is skipped, never
+    committed torn. The check cannot run on the background thread when its copies end:
+    PyTorch bumps the counter when an in-place kernel returns, so a write that overlaps the copy
+    may still be running, its bump still to come. It runs on the training thread instead, the
+    only writer, at its first point after the copies where it runs no kernel: the optimizer's
+    step (which waits for the copies anyway) or the next wait(), save() or close() (`settle`).
+    Every write that began before that point has returned by then, with its bump. The commit
+    waits for that check; a write that came after the copy, before the check, skips the save
+    too (the counter cannot tell it from one that overlapped). Copying these tensors before
+    save() returns would close the window as well, at the cost this class exists to remove (a
+    memcpy of the weights and optimizer state on the training thread); the check costs one pass
+    over the version counters. Writes through `.data` bypass version counters; a job that
+    writes parameters that way between a save and the next step should not use async_save."""
 
     def __init__(self, storages: set[int]) -> None:
         self._storages = storages  # data pointers of the tensors that may be copied later
         self._copies: list[tuple[tuple[Any, ...], torch.Tensor, torch.Tensor, int]] = []
-        self.done = threading.Event()
+        self.done = threading.Event()  # every copy made (or failed)
+        self._settled = threading.Event()  # the training thread has compared the versions
+        self._changed: str | None = None
         self.finished_at: float | None = None
         self.gate_entered_at: float | None = None  # set by the optimizer's step, if it waited
 
@@ -347,19 +359,37 @@ class DeferredCopies:
     def __len__(self) -> int:
         return len(self._copies)
 
-    def run(self) -> str | None:
-        """Copy every deferred tensor; name the first one changed before its copy, if any."""
-        torn = None
+    def run(self) -> None:
+        """The background thread: copy every deferred tensor."""
         try:
-            for key, buf, src, version in self._copies:
+            for _key, buf, src, _version in self._copies:
                 buf.copy_(src)
-                if torn is None and src._version != version:
-                    torn = "/".join(str(k) for k in key)
         finally:
-            self._copies.clear()  # no reference to the live tensors outlives the copy
             self.finished_at = time.monotonic()
             self.done.set()
-        return torn
+
+    def settle(self) -> None:
+        """The training thread, at a point where it runs no kernel: wait for the copies, then
+        note the first tensor whose version moved since save() (see the class). Idempotent."""
+        if self._settled.is_set():
+            return
+        self.done.wait()
+        self._changed = next(
+            (
+                "/".join(str(k) for k in key)
+                for key, _buf, src, version in self._copies
+                if src._version != version
+            ),
+            None,
+        )
+        self._copies.clear()  # no reference to the live tensors outlives the check
+        self._settled.set()
+
+    def changed(self) -> str | None:
+        """The background thread, before the commit: wait for `settle`; the tensor written in
+        place between save() and it, if any."""
+        self._settled.wait()
+        return self._changed
 
     def waited_s(self) -> float:
         """How long the optimizer's step waited for the copies (0 if it never did)."""
@@ -367,6 +397,32 @@ class DeferredCopies:
         if entered is None or self.finished_at is None:
             return 0.0
         return max(0.0, self.finished_at - entered)
+
+
+class _Outcome(enum.Enum):
+    COMMITTED = "committed"
+    SKIPPED = "skipped"  # a deferred copy may be torn: not committed, and not an error
+    FAILED = "failed"
+    STALE = "stale"  # fenced by a newer incarnation
+
+
+@dataclass(frozen=True)
+class _SaveResult:
+    """What became of one save, as rank 0 decided it (or a rank's own failure outside the
+    protocol); every rank acts on the same one (Checkpointer._agree)."""
+
+    outcome: _Outcome
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class _PendingSave:
+    """An async save in flight, as save() left it; wait() concludes it on every rank alike."""
+
+    step: int
+    previous: int | None  # last_saved_step before it: what it goes back to if the save is not made
+    future: Future  # the background work: rank 0's _SaveResult (None on the other ranks)
+    copying: DeferredCopies | None  # rank 0's deferred copies, checked by the training thread
 
 
 class Checkpointer:
@@ -426,7 +482,7 @@ class Checkpointer:
         # self._group at the same moment, from another thread.
         self._vote_group = dist.new_group(backend="gloo") if dist.is_initialized() else None
         self._snapshot = Snapshot()
-        self._pending: Future | None = None
+        self._pending: _PendingSave | None = None
         self._ddp_layout: list[list[str]] | None = None  # recorded in manifests (ddp_layout.py)
         # Async saves copy parameters and optimizer state beside the next forward/backward
         # (DeferredCopies) when the optimizer is known: its step is where they change.
@@ -437,6 +493,10 @@ class Checkpointer:
             optimizer.register_step_pre_hook(self._before_optimizer_step)
         # Steps this process committed or verified: only those count toward `keep` (retention).
         self._known_good: set[int] = set()
+        # The newest step whose save was started and not found failed or skipped: the same on
+        # every rank wherever the job can read it, since it changes only in save() and wait()
+        # (close(), restore()), which every rank calls at the same point, and an async save's
+        # outcome is agreed there by a collective (_agree), never read from a background thread.
         self.last_saved_step: int | None = None
         self.last_save_s: float | None = None  # write + commit time of the last save
         self.last_block_s: float | None = None  # how long the last save blocked training
@@ -501,8 +561,9 @@ class Checkpointer:
             stop = self._read_vote()
             self._start_vote(step)
         if stop:
-            if self.last_saved_step != step:
-                self.save(step, epoch=epoch, extra=extra)
+            # Even if this step's save was started: save() first waits for it, and saves again
+            # if it was skipped (a no-op if it was made).
+            self.save(step, epoch=epoch, extra=extra)
             self.close()
             preemption.exit_preempted(step)
         if self.should_save(step):
@@ -600,13 +661,15 @@ class Checkpointer:
 
         Synchronous saves return once the checkpoint is committed. Async saves return once the
         state is copied; the write and commit run in the background, and the next save (or
-        close) waits for them and raises their error, if any.
+        wait(), close()) waits for them: there every rank learns the outcome at once and raises
+        its error, if any. Saving the step just saved is a no-op, so a job's final save may be
+        unconditional (it saves again a final save that was skipped).
         """
         self._check_boundary("save")
         self._epoch = epoch
         blocked_from = time.monotonic()
         heartbeat.beat(step, Phase.SAVE)
-        self.wait()
+        self.wait()  # the previous save's outcome, on every rank before anything reads it
         self._finish_vote()
         self._check_guard(step)
         token = make_token(self.incarnation)
@@ -637,19 +700,26 @@ class Checkpointer:
             future: Future = Future()
             blocked = time.monotonic() - blocked_from
             work: tuple[Any, ...] = (self._write_and_commit, step, epoch, token, app, mine, blocked, refused)
-            if defer is not None and len(defer):
-                self._copying = defer
-                work = (self._copy_then_commit, defer, self.last_saved_step, *work[1:])
+            copying = defer if defer is not None and len(defer) else None
+            if copying is not None:
+                self._copying = copying
+                work = (self._copy_then_commit, copying, *work[1:])
             thread = threading.Thread(
                 target=self._run_into, args=(future, *work), name="orch-ckpt-save", daemon=True
             )
             thread.start()
-            self._pending = future
+            self._pending = _PendingSave(
+                step=step, previous=self.last_saved_step, future=future, copying=copying
+            )
             self.last_block_s = time.monotonic() - blocked_from
             self.last_saved_step = step
             heartbeat.beat(step, Phase.TRAIN)
             return
-        self._write_and_commit(step, epoch, token, app, mine, None, refused)
+        try:
+            local = self._write_and_commit(step, epoch, token, app, mine, None, refused)
+        except Exception as exc:  # noqa: BLE001 - the peers wait in the agreement: join them
+            local = self._failed(step, exc)
+        self._conclude(self._agree(local), previous=self.last_saved_step)
         self.last_block_s = time.monotonic() - blocked_from
         self.last_saved_step = step
         heartbeat.beat(step, Phase.TRAIN)
@@ -663,21 +733,34 @@ class Checkpointer:
         return {t.untyped_storage().data_ptr() for t in tensors}
 
     def _before_optimizer_step(self, _optimizer: Any, _args: Any, _kwargs: Any) -> None:
-        """The optimizer is about to change what an async save may still be copying: wait."""
-        copying = self._copying
+        """The optimizer is about to change what an async save may still be copying: wait, and
+        check the copies (DeferredCopies.settle: no kernel of this thread runs now)."""
+        copying, self._copying = self._copying, None
         if copying is None:
             return
         if not copying.done.is_set():
             copying.gate_entered_at = time.monotonic()
-            copying.done.wait()
-            self.last_block_s = (self.last_block_s or 0.0) + copying.waited_s()
-        self._copying = None
+        copying.settle()
+        self.last_block_s = (self.last_block_s or 0.0) + copying.waited_s()
 
-    def _copy_then_commit(self, defer: DeferredCopies, previous: int | None, step: int, *args: Any) -> None:
+    def _copy_then_commit(
+        self,
+        defer: DeferredCopies,
+        step: int,
+        epoch: int,
+        token: str,
+        app: dict[str, Any] | None,
+        mine: dict[str, Any],
+        blocked_s: float | None,
+        refused: str | None,
+    ) -> _SaveResult | None:
         """An async save's background work when copies were deferred: copy, then write and
-        commit; a save whose tensors changed before they were copied is skipped on every rank."""
-        if self._write_and_commit(step, *args, torn=defer.run(), deferred=defer):
-            self.last_saved_step = previous  # not saved: a later save of this step must happen
+        commit (a failed copy fails the save inside the protocol, on every rank)."""
+        try:
+            defer.run()
+        except Exception as exc:  # noqa: BLE001 - MemoryError and friends: every rank must hear of it
+            refused = refused or f"the async save's copy failed: {_one_line(exc)}"
+        return self._write_and_commit(step, epoch, token, app, mine, blocked_s, refused, deferred=defer)
 
     @staticmethod
     def _run_into(future: Future, fn: Callable[..., Any], *args: Any) -> None:
@@ -695,25 +778,26 @@ class Checkpointer:
         mine: dict[str, Any],
         blocked_s: float | None = None,
         refused: str | None = None,
-        torn: str | None = None,
         deferred: DeferredCopies | None = None,
-    ) -> bool:
-        """Write, gather, commit. `blocked_s`: how long training waited (async: the snapshot;
-        None for a synchronous save, which blocks for all of this). `refused`: why this save
-        must not be written at all (rank 0's check of `extra`). `torn`: the tensor that changed
-        before its deferred copy (rank 0): the save is skipped on every rank, with a warning,
-        and later saves copy before returning. Returns whether it was skipped so.
+    ) -> _SaveResult | None:
+        """Write, gather, and on rank 0 commit: rank 0 returns what became of the save, the
+        other ranks None; the caller makes every rank act on rank 0's result (_agree: save() at
+        once, wait() for an async save). `blocked_s`: how long training waited (async: the
+        snapshot; None for a synchronous save, which blocks for all of this). `refused`: why
+        this save must not be written at all (rank 0's check of `extra`). `deferred`: rank 0's
+        deferred copies, made: before committing, rank 0 waits for the training thread's check
+        of them (DeferredCopies.changed), and a tensor written in place meanwhile skips the save.
+        Only rank 0 waits there, after the gather: no collective of a background save waits
+        for the training thread, which may not reach its check for a long time (an evaluation).
 
-        Every rank reaches the gather and the broadcast whatever fails before them (any
-        exception, not only OSError): a rank that left early would leave its peers blocked in
-        the collective until the group's timeout."""
+        Every rank reaches the gather whatever fails before it (any exception, not only
+        OSError), and rank 0 returns a result whatever fails after it: a rank that left early
+        would leave its peers blocked in the collective until the group's timeout."""
         started = time.monotonic()
         tmp = ""
         entries: list[FileEntry] = []
         error: str | None = f"rank {self.ctx.rank}: {refused}" if refused else None
         digest = None
-        if torn is not None:
-            error = f"rank {self.ctx.rank}: {torn} changed in place before the async save copied it"
         try:
             if error is not None:
                 raise _Refused
@@ -741,62 +825,87 @@ class Checkpointer:
             # A storage failure is named in words ("storage full"): it becomes the run's root cause.
             error = f"rank {self.ctx.rank}: {storage_cause(exc)}"
         gathered = self._all_gather((entries, error))
+        if not self.ctx.is_main:
+            self.last_save_s = time.monotonic() - started
+            return None
         errors = [err for _, err in gathered if err]
-        result: tuple[str, str] | None = None
-        if self.ctx.is_main:
-            if torn is not None:
-                result = ("torn", f"checkpoint {step_dir_name(step)} skipped: {error}")
-            elif errors:
-                result = ("error", f"checkpoint {step_dir_name(step)} not saved: {errors[0]}")
-            else:
-                try:
-                    self.store.commit(
-                        tmp,
-                        step,
-                        token,
-                        [e for ents, _ in gathered for e in ents],
-                        {
-                            "epoch": epoch,
-                            "world_size": self.ctx.world_size,
-                            "model_digest": digest,
-                            "incarnation": self.incarnation,
-                            # what a preemption warning must leave time for (lead-time check)
-                            "write_s": round(time.monotonic() - started, 3),
-                            DDP_LAYOUT_KEY: self._ddp_layout,
-                        },
-                    )
-                except StaleIncarnation as exc:
-                    result = ("stale", str(exc))
-                except AlreadyCommitted as exc:
-                    # By a newer incarnation: fenced. By this one: a step saved twice with other
-                    # saves in between (the same step again in a row is a no-op, see save()).
-                    kind = "stale" if exc.incarnation > self.incarnation else "error"
-                    result = (kind, f"checkpoint {step_dir_name(step)} not committed: {exc}")
-                except Exception as exc:  # noqa: BLE001 - see the docstring
-                    cause = storage_cause(exc)
-                    result = ("error", f"checkpoint {step_dir_name(step)} not committed: {cause}")
-            if result is not None:
-                self._discard(tmp, step)
-            else:
-                write_s = time.monotonic() - started
-                self._known_good.add(step)
-                if blocked_s is not None and deferred is not None:
-                    blocked_s += deferred.waited_s()  # the optimizer's step waited for the copies
-                self._record_commit(step, digest, write_s, write_s if blocked_s is None else blocked_s)
-                try:
-                    self.store.prune(self.keep, self.incarnation, protect=[step], known_good=self._known_good)
-                except Exception as exc:  # noqa: BLE001 - housekeeping: never fail a committed save
-                    _warn(f"could not delete old checkpoints: {storage_cause(exc)}")
-        result = self._broadcast(result)
+        name = step_dir_name(step)
+        result: _SaveResult | None = None  # None: commit
+        if errors:
+            result = _SaveResult(_Outcome.FAILED, f"checkpoint {name} not saved: {errors[0]}")
+        elif deferred is not None and (changed := deferred.changed()) is not None:
+            result = _SaveResult(
+                _Outcome.SKIPPED,
+                f"checkpoint {name} skipped: rank 0: {changed} changed in place before the async save"
+                " could check its copy (between save() and the optimizer's next step)",
+            )
+        else:
+            try:
+                self.store.commit(
+                    tmp,
+                    step,
+                    token,
+                    [e for ents, _ in gathered for e in ents],
+                    {
+                        "epoch": epoch,
+                        "world_size": self.ctx.world_size,
+                        "model_digest": digest,
+                        "incarnation": self.incarnation,
+                        # what a preemption warning must leave time for (lead-time check)
+                        "write_s": round(time.monotonic() - started, 3),
+                        DDP_LAYOUT_KEY: self._ddp_layout,
+                    },
+                )
+            except StaleIncarnation as exc:
+                result = _SaveResult(_Outcome.STALE, str(exc))
+            except AlreadyCommitted as exc:
+                # By a newer incarnation: fenced. By this one: a step saved twice with other
+                # saves in between (the same step again in a row is a no-op, see save()).
+                kind = _Outcome.STALE if exc.incarnation > self.incarnation else _Outcome.FAILED
+                result = _SaveResult(kind, f"checkpoint {name} not committed: {exc}")
+            except Exception as exc:  # noqa: BLE001 - see the docstring
+                result = _SaveResult(
+                    _Outcome.FAILED, f"checkpoint {name} not committed: {storage_cause(exc)}"
+                )
         if result is not None:
-            kind, message = result
-            if kind == "torn":
-                _warn(f"{message}; later async saves copy every tensor before training goes on")
-                self._defer_copies = False
-                return True
-            raise (StaleIncarnationError if kind == "stale" else CheckpointError)(message)
+            self._discard(tmp, step)
+            return result
+        write_s = time.monotonic() - started
+        self._known_good.add(step)
+        if blocked_s is not None and deferred is not None:
+            blocked_s += deferred.waited_s()  # the optimizer's step waited for the copies
+        self._record_commit(step, digest, write_s, write_s if blocked_s is None else blocked_s)
+        try:
+            self.store.prune(self.keep, self.incarnation, protect=[step], known_good=self._known_good)
+        except Exception as exc:  # noqa: BLE001 - housekeeping: never fail a committed save
+            _warn(f"could not delete old checkpoints: {storage_cause(exc)}")
         self.last_save_s = time.monotonic() - started
-        return False
+        return _SaveResult(_Outcome.COMMITTED)
+
+    def _failed(self, step: int, exc: BaseException) -> _SaveResult:
+        """This rank's own failure outside the save's protocol, as a result to agree on."""
+        return _SaveResult(
+            _Outcome.FAILED,
+            f"checkpoint {step_dir_name(step)} not saved: rank {self.ctx.rank}: {storage_cause(exc)}",
+        )
+
+    def _agree(self, local: _SaveResult | None) -> _SaveResult | None:
+        """Collective: the one result every rank acts on, the first rank's that has one (rank 0
+        decides every save it reached the end of; another rank has one only if it failed
+        outside the protocol)."""
+        return next((result for result in self._all_gather(local) if result is not None), None)
+
+    def _conclude(self, result: _SaveResult | None, previous: int | None) -> None:
+        """Act on an agreed result, on every rank alike: a skipped or failed save sets
+        last_saved_step back to `previous` (the step may be saved again); a failure raises."""
+        if result is None or result.outcome is _Outcome.COMMITTED:
+            return
+        self.last_saved_step = previous
+        if result.outcome is _Outcome.SKIPPED:
+            _warn(f"{result.message}; later async saves copy every tensor before training goes on")
+            self._defer_copies = False
+            return
+        raise (StaleIncarnationError if result.outcome is _Outcome.STALE else CheckpointError)(result.message)
 
     def _record_commit(self, step: int, digest: str | None, write_s: float, block_s: float) -> None:
         """Supervisors check the signal lead time against write_s; goodput counts block_s."""
@@ -812,8 +921,8 @@ class Checkpointer:
         """Delete a failed save's files, unless they are committed after all (a commit whose
         reply was lost, or an error raised after the commit landed).
 
-        Never raises: it runs between rank 0's gather and its broadcast, and storage that just
-        failed the save (unreachable, full) often fails this too. Files left behind are a
+        Never raises: it runs between rank 0's gather and the agreement on the result, and
+        storage that just failed the save (unreachable, full) often fails this too. Files left behind are a
         dead save's; retention deletes them later."""
         try:
             if not tmp or self.store.commits_dir(step, tmp):
@@ -829,16 +938,36 @@ class Checkpointer:
             preemption.request(preemption.requested() or signal.SIGUSR2)
 
     def wait(self) -> None:
-        """Wait for a background save; raise its error."""
+        """Wait for a background save; raise its error. Collective, like save(): every rank
+        calls it at the same point (save(), close() and restore() do), and there every rank
+        learns the save's outcome from rank 0 (_agree): a save that failed or was skipped sets
+        last_saved_step back here, on every rank at once."""
         pending, self._pending = self._pending, None
         if pending is not None:
-            pending.result()
+            self._conclude(self._agree(self._finished(pending)), previous=pending.previous)
+
+    def _finished(self, pending: _PendingSave) -> _SaveResult | None:
+        """This rank's background save, ended: rank 0's result (None on the other ranks), or
+        this rank's failure outside the protocol. Rank 0 checks its deferred copies first: the
+        training thread runs no kernel here (DeferredCopies), and its background save waits
+        for the check before it commits."""
+        if pending.copying is not None:
+            self._copying = None
+            pending.copying.settle()
+        try:
+            return pending.future.result()
+        except Exception as exc:  # noqa: BLE001 - becomes the agreed error on every rank
+            return self._failed(pending.step, exc)
 
     def _wait_quietly(self) -> None:
-        try:
-            self.wait()
-        except Exception as exc:  # noqa: BLE001 - at exit, report and move on
-            _warn(str(exc))
+        """At exit: let a background save end (rank 0 commits it) without wait()'s collective,
+        which the peers may never join now; report what did not go well."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        result = self._finished(pending)
+        if result is not None and result.outcome is not _Outcome.COMMITTED:
+            _warn(result.message)
 
     def close(self) -> None:
         """Wait for a background save to commit; raise its error."""
@@ -857,45 +986,72 @@ class Checkpointer:
 
         What rank 0 loads itself it keeps from the verification: the verified bytes (object
         stores), or the open files it checked (filesystems).
+
+        Nothing rank 0 does here may raise before the broadcast: its peers wait in it. A step
+        that fails to verify in any way is skipped (with a warning); a listing that fails is
+        one CheckpointError on every rank.
         """
         choice: _Chosen | None = None
         held: dict[str, Any] = {}
+        failure: str | None = None
         if self.ctx.is_main:
-            own = (STATE_FILE, rank_file(0))  # what rank 0 loads, whatever the world size
-            for step in self.store.committed_steps():
+            try:
+                steps = self.store.committed_steps()
+            except Exception as exc:  # noqa: BLE001 - any storage client's error, see the docstring
+                steps, failure = [], f"cannot list the committed checkpoints: {storage_cause(exc)}"
+            for step in steps:
                 if step in skip:
                     continue
-                fds: dict[str, int] = {}
-                try:
-                    if self.store.renames:
-                        info = self.store.verify(step, skip=own)
-                        where = step_dir_name(step)
-                        for name in own:
-                            if name in info.manifest["files"]:
-                                fds[name] = self.store.open_verified(
-                                    info.directory, name, info.manifest["files"][name], f"{where}/{name}"
-                                )
-                        held = fds
-                    else:
-                        info = self.store.verify(step, keep=own)
-                        held = dict(info.data)
-                except CorruptCheckpoint as exc:
-                    _close_all(fds)
-                    _warn(f"skipping corrupt checkpoint: {exc}")
-                    # Un-committed, so that retention never counts it as one of the `keep`.
-                    try:
-                        self.store.uncommit(step, self.incarnation)
-                    except OSError as uncommit_error:
-                        _warn(f"could not un-commit {step_dir_name(step)}: {uncommit_error}")
-                    continue
-                except OSError as exc:  # the storage, not the checkpoint: skip it, keep it
-                    _close_all(fds)
-                    _warn(f"skipping {step_dir_name(step)}: storage error: {exc.strerror or exc}")
-                    continue
-                choice = _Chosen(step=step, manifest=info.manifest, directory=info.directory)
-                self._known_good.add(step)
-                break
-        return self._broadcast(choice), held
+                verified = self._verify_for_restore(step)
+                if verified is not None:
+                    choice, held = verified
+                    self._known_good.add(step)
+                    break
+        choice, failure = self._broadcast((choice, failure))
+        if failure is not None:
+            raise CheckpointError(failure)
+        return choice, held
+
+    def _verify_for_restore(self, step: int) -> tuple[_Chosen, dict[str, Any]] | None:
+        """Rank 0: verify one committed step, keeping what rank 0 loads itself (see _pick_step),
+        or None, with a warning, if it does not verify. Never raises (but BaseException), and
+        closes every file it opened unless it returns them."""
+        own = (STATE_FILE, rank_file(0))  # what rank 0 loads, whatever the world size
+        where = step_dir_name(step)
+        fds: dict[str, int] = {}
+        try:
+            if self.store.renames:
+                info = self.store.verify(step, skip=own)
+                for name in own:
+                    if name in info.manifest["files"]:
+                        fds[name] = self.store.open_verified(
+                            info.directory, name, info.manifest["files"][name], f"{where}/{name}"
+                        )
+                held: dict[str, Any] = fds
+            else:
+                info = self.store.verify(step, keep=own)
+                held = dict(info.data)
+            return _Chosen(step=step, manifest=info.manifest, directory=info.directory), held
+        except CorruptCheckpoint as exc:
+            _close_all(fds)
+            _warn(f"skipping corrupt checkpoint: {exc}")
+            # Un-committed, so that retention never counts it as one of the `keep`.
+            try:
+                self.store.uncommit(step, self.incarnation)
+            except Exception as uncommit_error:  # noqa: BLE001 - any storage client's error
+                _warn(f"could not un-commit {where}: {storage_cause(uncommit_error)}")
+        except OSError as exc:  # the storage, not the checkpoint: skip it, keep it
+            _close_all(fds)
+            _warn(f"skipping {where}: storage error: {exc.strerror or exc}")
+        except Exception as exc:  # noqa: BLE001 - what the store did not foresee (a malformed
+            # manifest entry, a client library's own error): skip it and keep it, like a storage
+            # error, since the fault may not be the checkpoint's.
+            _close_all(fds)
+            _warn(f"skipping {where}: it could not be verified: {type(exc).__name__}: {_one_line(exc)}")
+        except BaseException:
+            _close_all(fds)
+            raise
+        return None
 
     def restore(self) -> Progress | None:
         """Load the newest committed checkpoint that verifies into the registered objects."""
@@ -979,28 +1135,38 @@ class Checkpointer:
         """After a divergence, with restart.on_divergence: rollback, this attempt restarts from
         the newest checkpoint (before the divergence) but not from its data: the sampler skips
         to where the data stood when the divergence was found, so the window that caused it is
-        not trained on again. Returns the epoch to go on in (None: no rollback)."""
+        not trained on again. Returns the epoch to go on in when the data moved forward; None
+        when it goes on from the checkpoint's own position (`step`, `epoch`): no rollback, or
+        nothing to skip by."""
         skip = self._broadcast(self._rollback_target() if self.ctx.is_main else None)
         if skip is None:
             return None
-        before = dict(self.sampler.state_dict()) if self.sampler is not None else None
         target = skip.get("sampler")
-        if before is not None and target:
-            if (int(target["epoch"]), int(target["consumed"])) <= (before["epoch"], before["consumed"]):
-                return None  # this checkpoint is past the window already (a later attempt saved it)
-            self.sampler.epoch = int(target["epoch"])
-            self.sampler.consumed = int(target["consumed"])
-        elif self.ctx.is_main:
-            _warn(
-                "rolling back after a divergence without skipping any data: the Checkpointer has no"
-                " sampler= (or the divergence recorded none), so the same data comes again"
+        if self.sampler is None or not target:
+            # Without a sampler position on both sides nothing can move: the data goes on from
+            # the checkpoint's own epoch (not the divergence's, which would skip the epochs in
+            # between without a word), and the ledger says that nothing was skipped.
+            if self.ctx.is_main:
+                _warn(
+                    "rolling back after a divergence without skipping any data: the Checkpointer has"
+                    " no sampler= (or the divergence recorded none), so the same data comes again"
+                    f" from epoch {epoch}"
+                )
+            self._record(
+                Event.ROLLED_BACK, step=step, diverged_at=skip.get("last_step"), skipped=0, epoch=epoch
             )
+            return None
+        before = dict(self.sampler.state_dict())
+        if (int(target["epoch"]), int(target["consumed"])) <= (before["epoch"], before["consumed"]):
+            return None  # this checkpoint is past the window already (a later attempt saved it)
+        self.sampler.epoch = int(target["epoch"])
+        self.sampler.consumed = int(target["consumed"])
         new_epoch = int(skip.get("epoch", epoch))
         self._record(
             Event.ROLLED_BACK,
             step=step,
             diverged_at=skip.get("last_step"),
-            skipped=_skipped_samples(before, skip.get("sampler")),
+            skipped=_skipped_samples(before, target),
             epoch=new_epoch,
         )
         return new_epoch
