@@ -258,8 +258,93 @@ LAUNCHER_TYPE = "LauncherFailed"
 def error_record(
     kind: str, message: str, *, rank: int, time: float, pid: int, **extra: object
 ) -> dict[str, Any]:
-    """What a rank writes to its error file: an uncaught exception, or a stop on request."""
+    """What a rank writes to its error file: an uncaught exception, or a stop on request.
+
+    `type` is the exception's class name (the supervisor's policy decides on it, never on the
+    message's words); an exception's record also has `where` (error_location) and `traceback`.
+    """
     return {"rank": rank, "type": kind, "message": message, "time": time, "pid": pid, **extra}
+
+
+def _library_dirs() -> tuple[str, ...]:
+    """Where code that is not the job's own lives: Python's library, installed packages, and
+    this package (a job's call into orchestrator.runtime is named at the job's line)."""
+    import sysconfig
+
+    paths = sysconfig.get_paths()
+    dirs = {paths[k] for k in ("stdlib", "platstdlib", "purelib", "platlib") if paths.get(k)}
+    dirs.add(os.path.dirname(os.path.abspath(__file__)))
+    return tuple(os.path.join(d, "") for d in dirs)
+
+
+def error_location(exc: BaseException) -> str | None:
+    """`FILE:LINE` where the job's own code raised `exc`: the innermost frame of its traceback
+    outside the library (an error raised inside torch is named at the job's call into it), or
+    for a SyntaxError the line that does not parse; None when no frame is the job's."""
+    if isinstance(exc, SyntaxError) and exc.filename and exc.lineno:
+        return f"{exc.filename}:{exc.lineno}"
+    library = _library_dirs()
+    where = None
+    tb = exc.__traceback__
+    while tb is not None:
+        name = tb.tb_frame.f_code.co_filename
+        if not name.startswith("<") and not os.path.abspath(name).startswith(library):
+            where = f"{name}:{tb.tb_lineno}"
+        tb = tb.tb_next
+    return where
+
+
+def exception_record(exc: BaseException, *, rank: int, time: float, pid: int) -> dict[str, Any]:
+    """The error record of an uncaught exception: its class, message, where, and traceback."""
+    import traceback
+
+    return error_record(
+        type(exc).__name__,
+        str(exc)[:4000],
+        rank=rank,
+        time=time,
+        pid=pid,
+        where=error_location(exc),
+        traceback="".join(traceback.format_exception(type(exc), exc, exc.__traceback__))[-20000:],
+    )
+
+
+# Blank bytes a rank's error file holds from its start (blank reads as "no record"): when the
+# run directory's disk is full at the moment of failure, often because of that failure, the
+# record is written over them instead of being lost with the root cause it names.
+ERROR_FILE_RESERVED_BYTES = 8192
+
+
+def write_error_record(path: str, record: dict[str, Any]) -> None:
+    """Write a rank's error record atomically; on a full disk, over the blank space reserved
+    for it (without the traceback, which also reaches the rank's log, and a shorter message)."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(record, fh)
+        os.replace(tmp, path)
+        return
+    except OSError:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+    fitted = {k: v for k, v in record.items() if k != "traceback"}
+    fitted["message"] = str(record.get("message", ""))[: ERROR_FILE_RESERVED_BYTES // 2]
+    body = json.dumps(fitted).encode()
+    try:
+        size = os.path.getsize(path)
+        if size < len(body):
+            return  # not reserved, or holding a longer record: nothing fits safely
+        fd = os.open(path, os.O_WRONLY)
+    except OSError:
+        return  # the traceback still reaches the rank's log
+    try:
+        os.pwrite(fd, body.ljust(size, b" "), 0)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def read_error_record(path: str) -> dict[str, Any] | None:

@@ -38,6 +38,8 @@ import sys
 import time
 from typing import Any
 
+from orchestrator.launch import entry
+
 _PR_SET_PDEATHSIG = 1
 
 
@@ -277,34 +279,24 @@ def _fresh_process_state(env: dict[str, str]) -> None:
 
 
 def _run_entrypoint(argv: list[str]) -> int:
-    """Run `python SCRIPT ARGS` or `python -m MODULE ARGS` in this process; the exit code."""
+    """Run `python SCRIPT ARGS` or `python -m MODULE ARGS` in this process; the exit code. An
+    uncaught exception is printed and recorded in the rank's error file (launch/entry.py)."""
     import atexit
-    import runpy
     import threading
     import traceback
 
     code = 0
+    entry.install_recorder()
     try:
-        if argv[1] == "-m":
-            sys.argv = [argv[2], *argv[3:]]
-            sys.path[0] = os.getcwd()
-            runpy.run_module(argv[2], run_name="__main__", alter_sys=True)
-        else:
-            script = os.path.abspath(argv[1])
-            sys.argv = [argv[1], *argv[2:]]
-            sys.path[0] = os.path.dirname(script)
-            runpy.run_path(script, run_name="__main__")
+        entry.run(argv[1:])
     except SystemExit as exc:
         code = _exit_status(exc.code)
     except KeyboardInterrupt:
         traceback.print_exc()
         code = -signal.SIGINT
-    except BaseException:  # noqa: BLE001 - print it as the interpreter would, exit 1
-        exc_type, exc, tb = sys.exc_info()
-        tb = _from_the_entrypoint(tb, runpy.__file__)
-        if exc is not None:
-            exc.__traceback__ = tb  # the interpreter prints the exception's own traceback
-        sys.excepthook(exc_type, exc, tb)
+    except BaseException as exc:  # noqa: BLE001 - print (and record) it as the interpreter would, exit 1
+        exc.__traceback__ = entry.from_the_job(exc.__traceback__)  # for every hook, the runtime's too
+        sys.excepthook(type(exc), exc, exc.__traceback__)
         code = 1
     # The interpreter's own shutdown: wait for non-daemon threads, run atexit, flush.
     try:
@@ -321,18 +313,6 @@ def _run_entrypoint(argv: list[str]) -> int:
         signal.signal(-code, signal.SIG_DFL)
         os.kill(os.getpid(), -code)
     return code & 0xFF
-
-
-def _from_the_entrypoint(tb: Any, runpy_file: str) -> Any:
-    """The traceback without its top frames from this file and runpy: what `python train.py`
-    prints, so a rank's error reads the same forked or not."""
-    ours = {os.path.abspath(__file__), os.path.abspath(runpy_file), "<frozen runpy>"}
-    while tb is not None and tb.tb_next is not None:
-        name = tb.tb_frame.f_code.co_filename
-        if name not in ours and os.path.abspath(name) not in ours:
-            break
-        tb = tb.tb_next
-    return tb
 
 
 def _exit_status(value: Any) -> int:

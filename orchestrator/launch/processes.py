@@ -15,6 +15,7 @@ import ctypes
 import os
 import signal
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Mapping, Protocol, Sequence
@@ -185,6 +186,16 @@ def start_reaper() -> tuple[subprocess.Popen, int]:
     return reaper, write_end
 
 
+def recorded_argv(argv: Sequence[str]) -> list[str]:
+    """A rank's command line run through orchestrator.launch.entry, which records an uncaught
+    exception from the job's first line on (an import that fails, before the job imports the
+    runtime). Only in this interpreter, which has this package: a job.python of its own may not
+    (its ranks then have the runtime's record, once the job imports it)."""
+    if os.path.abspath(argv[0]) != os.path.abspath(sys.executable):
+        return list(argv)
+    return [argv[0], "-m", "orchestrator.launch.entry", *argv[1:]]
+
+
 class SubprocessLauncher:
     """A fresh interpreter per rank (what torchrun does): always safe, ~1.5 s of imports each."""
 
@@ -202,7 +213,7 @@ class SubprocessLauncher:
                 fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
                 try:
                     popen = subprocess.Popen(
-                        list(spec.argv),
+                        recorded_argv(spec.argv),
                         env=env,
                         stdin=subprocess.DEVNULL,
                         stdout=fd,

@@ -1,38 +1,43 @@
 """Each rank writes an error file on an uncaught exception, so the supervisor can name the
-root cause (type, message, traceback, time) instead of guessing from exit codes."""
+root cause (type, message, where, traceback, time) instead of guessing from exit codes.
+
+The launchers record an uncaught exception too (orchestrator/launch/entry.py), from the job's
+first line on; this hook is for ranks started otherwise (torchrun, a job.python of its own),
+and its record, written first, is the one kept."""
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import sys
 import time
-import traceback
 from types import TracebackType
 
-from orchestrator.contract import ENV_ERROR_FILE, error_record
+from orchestrator.contract import (
+    ENV_ERROR_FILE,
+    ERROR_FILE_RESERVED_BYTES,
+    error_record,
+    exception_record,
+    write_error_record,
+)
 
 _installed = False
 
+RESERVED_BYTES = ERROR_FILE_RESERVED_BYTES
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "-1"))
+
 
 def write_error_file(exc: BaseException, path: str | None = None) -> None:
-    write_record(
-        type(exc).__name__,
-        str(exc)[:4000],
-        path=path,
-        traceback="".join(traceback.format_exception(type(exc), exc, exc.__traceback__))[-20000:],
-    )
-
-
-# Blank bytes the error file holds from the rank's start (blank reads as "no record"): when the
-# run directory's disk is full at the moment of failure, often because of that failure, the
-# record is written over them instead of being lost with the root cause it names.
-RESERVED_BYTES = 8192
+    path = path or os.environ.get(ENV_ERROR_FILE)
+    if path:
+        write_error_record(path, exception_record(exc, rank=_rank(), time=time.time(), pid=os.getpid()))
 
 
 def reserve(path: str | None = None) -> None:
-    """Allocate this rank's error file now, as blank space, unless it exists."""
+    """Allocate this rank's error file now, as blank space, unless it exists (see
+    contract.ERROR_FILE_RESERVED_BYTES)."""
     path = path or os.environ.get(ENV_ERROR_FILE)
     if not path:
         return
@@ -52,41 +57,9 @@ def write_record(kind: str, message: str, *, path: str | None = None, **extra: o
     """Write this rank's exit record (an error, or a preemption) atomically; on a full disk,
     over the space reserved for it."""
     path = path or os.environ.get(ENV_ERROR_FILE)
-    if not path:
-        return
-    record = error_record(
-        kind, message, rank=int(os.environ.get("RANK", "-1")), time=time.time(), pid=os.getpid(), **extra
-    )
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(record, fh)
-        os.replace(tmp, path)
-    except OSError:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        _write_in_reserved_space(path, record)
-
-
-def _write_in_reserved_space(path: str, record: dict[str, object]) -> None:
-    """Overwrite the blank space `reserve` allocated (no new blocks needed), without the
-    traceback (it also reaches the rank's log) and with the message cut to fit."""
-    fitted = {k: v for k, v in record.items() if k != "traceback"}
-    fitted["message"] = str(record.get("message", ""))[: RESERVED_BYTES // 2]
-    body = json.dumps(fitted).encode()
-    try:
-        size = os.path.getsize(path)
-        if size < len(body):
-            return  # not reserved, or holding a longer record: nothing fits safely
-        fd = os.open(path, os.O_WRONLY)
-    except OSError:
-        return  # the traceback still reaches the rank's log
-    try:
-        os.pwrite(fd, body.ljust(size, b" "), 0)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    if path:
+        record = error_record(kind, message, rank=_rank(), time=time.time(), pid=os.getpid(), **extra)
+        write_error_record(path, record)
 
 
 def install_excepthook() -> None:

@@ -24,22 +24,25 @@ from orchestrator.contract import (
     STALE_TYPE,
 )
 
-# Errors that fail the same way every time: restarting cannot help.
+# Errors of the job's own code: they fail the same way on every attempt, so none is retried.
 NON_RETRYABLE_TYPES = frozenset(
     {
         "SyntaxError",
         "IndentationError",
-        "ImportError",
-        "ModuleNotFoundError",
+        "TabError",
         "NameError",
         "AttributeError",
         "TypeError",
-        "FileNotFoundError",
         "KeyError",
         "NotImplementedError",
         "DeviceError",  # orchestrator.runtime.device: the rank cannot get a GPU of its own
     }
 )
+# Something the job needs from its machine is not there: a module, a file. When every rank
+# fails so before the run's first step, no retry brings it (policy.decide's start-up rule);
+# later in a run, an import or an open on a flaky shared filesystem can fail once and work on
+# the next attempt, so there it is retried as any other error.
+MISSING_TYPES = frozenset({"ImportError", "ModuleNotFoundError", "FileNotFoundError"})
 
 _PEER_LOSS = re.compile(
     r"(Connection closed by peer|Connection reset by peer|Broken pipe|connection refused|"
@@ -88,6 +91,22 @@ HINTS = {
         "this error repeats on every attempt, so it was not retried:"
         " fix the code or the config and submit again"
     ),
+    "missing": (
+        "the job could not find a module or file it needs: install the module for the Python that runs"
+        " the job (job.python, else the one orch runs with; under Slurm, on the nodes), or fix the import"
+        " or the path"
+    ),
+    "int_env": (
+        "init_process_group takes numbers, and environment variables are strings: pass"
+        " rank=int(os.environ['RANK']), world_size=int(os.environ['WORLD_SIZE']), or leave both out"
+        " (init_method='env://' reads RANK and WORLD_SIZE itself)"
+    ),
+    "nccl_without_gpu": (
+        "the nccl backend needs a GPU for every rank, and this rank has none (no GPU visible, no driver,"
+        " or a torch built without CUDA): on CPUs use gloo (distributed.backend: gloo, or"
+        " backend='gloo'), or give every rank a GPU (resources.gpus_per_node; under Slurm, a GPU"
+        " partition)"
+    ),
     "usage": (
         "the job rejected its own command line (exit 2, a usage error), so it was not retried: check job.args"
     ),
@@ -114,6 +133,8 @@ class FailureClass(StrEnum):
     DEVICE_MISMATCH = "device_mismatch"
     COMMUNICATION = "communication"  # lost a peer: usually a victim, not the cause
     USER_ERROR = "user_error"  # fails the same way every time
+    MISSING = "missing"  # a module or file the job needs is not there (MISSING_TYPES)
+    SETUP = "setup"  # a known error of setting a job up (STARTUP_ERRORS): wrong from the start
     HANG = "hang"
     DIVERGED = "diverged"  # a non-finite loss or gradient norm: a retry from the same data repeats it
     SIGNAL = "signal"  # killed from outside
@@ -122,14 +143,49 @@ class FailureClass(StrEnum):
 
 
 @dataclass(frozen=True)
+class KnownError:
+    """An error of setting a job up that its words identify (`pattern`, over "Type: message"),
+    with its fix (HINTS[name]). Matching words only names the error and attaches the fix; the
+    start-up rule (policy.decide) still needs every rank to fail so before the first step."""
+
+    name: str
+    pattern: re.Pattern[str]
+
+
+# Known start-up errors, in one place. A CUDA out-of-memory and tensors on different devices
+# have their own classes and hints (_OOM, _DEVICE_MISMATCH).
+STARTUP_ERRORS = (
+    # The PyTorch guide's init_process_group(..., rank=os.environ['RANK'], ...), typed as read:
+    # torch's rendezvous refuses strings, naming this rank's value ("`rank` must be an integer. 3").
+    KnownError("int_env", re.compile(r"`(rank|world_size)` must be an integer")),
+    KnownError(
+        "nccl_without_gpu",
+        re.compile(
+            r"Distributed package doesn't have NCCL built in|ProcessGroupNCCL is only supported with GPUs"
+            r"|Torch not compiled with CUDA enabled|Found no NVIDIA driver|No CUDA GPUs are available"
+        ),
+    ),
+)
+
+
+@dataclass(frozen=True)
 class Classified:
     kind: FailureClass
     retryable: bool
     hint: str | None
+    # No retry cures it when it stops the run's first attempt on every rank before the first
+    # step (policy.decide's start-up rule): a missing module, a known start-up error, and every
+    # error that is never retried anyway.
+    fatal_at_start: bool = False
+    known: str | None = None  # the STARTUP_ERRORS entry it matched
 
 
 def is_peer_loss(message: str) -> bool:
     return bool(_PEER_LOSS.search(message or ""))
+
+
+def known_startup_error(text: str) -> KnownError | None:
+    return next((k for k in STARTUP_ERRORS if k.pattern.search(text)), None)
 
 
 def classify(*, exitcode: int | None, error_type: str | None, message: str) -> Classified:
@@ -142,14 +198,20 @@ def classify(*, exitcode: int | None, error_type: str | None, message: str) -> C
         return Classified(FailureClass.HANG, True, HINTS["hang"])
     if error_type == DIVERGED_TYPE:
         return Classified(FailureClass.DIVERGED, False, HINTS["diverged"])
+    # Only an error that came with its record (a class): a log line names no exception for sure.
+    known = known_startup_error(text) if error_type is not None else None
+    if known is not None:
+        return Classified(FailureClass.SETUP, True, HINTS[known.name], fatal_at_start=True, known=known.name)
     if _OOM.search(text):
         return Classified(FailureClass.OOM, True, HINTS["oom"])
     if _DEVICE_MISMATCH.search(text):
-        return Classified(FailureClass.DEVICE_MISMATCH, False, HINTS["device_mismatch"])
+        return Classified(FailureClass.DEVICE_MISMATCH, False, HINTS["device_mismatch"], fatal_at_start=True)
     if error_type in NON_RETRYABLE_TYPES:
-        return Classified(FailureClass.USER_ERROR, False, HINTS["user_error"])
+        return Classified(FailureClass.USER_ERROR, False, HINTS["user_error"], fatal_at_start=True)
+    if error_type in MISSING_TYPES:
+        return Classified(FailureClass.MISSING, True, HINTS["missing"], fatal_at_start=True)
     if error_type is None and exitcode == USAGE_EXIT_CODE and _USAGE_ERROR.search(message or ""):
-        return Classified(FailureClass.USER_ERROR, False, HINTS["usage"])
+        return Classified(FailureClass.USER_ERROR, False, HINTS["usage"], fatal_at_start=True)
     if _NCCL.search(text):
         return Classified(FailureClass.COMMUNICATION, True, HINTS["nccl"])
     if is_peer_loss(text):
@@ -171,6 +233,7 @@ class RankFailure:
     time: float
     error_type: str | None
     message: str
+    where: str | None = None  # FILE:LINE of the job's code that raised it, from its record
 
     @property
     def who(self) -> str:
@@ -188,11 +251,30 @@ class RankFailure:
             how = f"killed by {signal.Signals(-self.exitcode).name}"
         else:
             how = f"exit code {self.exitcode}"
-        return f"{self.who} {how}: {self.message}" if self.message else f"{self.who} {how}"
+        at = f" (at {self.where})" if self.where else ""
+        return f"{self.who} {how}: {self.message}{at}" if self.message else f"{self.who} {how}{at}"
 
     @property
     def classified(self) -> Classified:
         return classify(exitcode=self.exitcode, error_type=self.error_type, message=self.message)
+
+    @property
+    def own(self) -> bool:
+        """Whether the rank failed of its own accord: not stopped (on request, by a signal such
+        as the supervisor's stop), not a peer's victim, not a launcher or a hang."""
+        return (
+            self.rank is not None
+            and (self.error_type is not None or self.exitcode > 0)
+            and self.error_type not in (LAUNCHER_TYPE, HANG_TYPE)
+            and not self.is_stop_on_request
+            and not is_peer_loss(self.message)
+        )
+
+    @property
+    def signature(self) -> tuple[str | None, str]:
+        """What two ranks share when they failed the same way: the class and the message, or
+        the known error it is (its message may name the rank: "`rank` must be an integer. 3")."""
+        return self.error_type, self.classified.known or self.message
 
     @property
     def is_stop_on_request(self) -> bool:
@@ -207,6 +289,7 @@ class RankFailure:
             "time": round(self.time, 6),
             "error_type": self.error_type,
             "message": self.message,
+            "where": self.where,
             "class": c.kind.value,
             "hint": c.hint,
         }
@@ -238,7 +321,16 @@ class RankFailure:
             time=float(record.get("time") or time),
             error_type=error_type,
             message=text[:500],
+            where=str(record["where"]) if record.get("where") else None,
         )
+
+
+def one_failure_everywhere(failures: Sequence[RankFailure]) -> bool:
+    """Whether every rank that failed of its own accord failed the same way (RankFailure.own,
+    .signature). The ranks the supervisor stopped once the first failure was seen did not get
+    to fail, or not: they count neither way."""
+    own = {f.signature for f in failures if f.own}
+    return len(own) == 1
 
 
 def root_cause(failures: Sequence[RankFailure], first_seen: int | None = None) -> RankFailure | None:

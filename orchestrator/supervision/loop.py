@@ -5,7 +5,7 @@ or is stopped.
         succeeded / stopped           -> finish
         failed, restarts left         -> backoff, next attempt from the newest checkpoint
         preempted                     -> resume (locally a new attempt; Slurm: requeue the job)
-        not retryable, crash loop, no restarts left -> give up
+        not retryable, cannot start, crash loop, no restarts left -> give up
 
 A backend supplies only the hooks of `AttemptDriver`: how an attempt's processes start, are
 polled, signalled and stopped, and what each failed rank left behind. Every decision (root
@@ -22,13 +22,20 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
-from orchestrator.contract import HANG_TYPE, Event, read_heartbeat
+from orchestrator.contract import HANG_TYPE, Event, Phase, read_heartbeat
 from orchestrator.spec.config import ClusterConfig
 from orchestrator.spec.plan import REDACTED
 from orchestrator.storage.ckpt_store import newest_committed
 from orchestrator.storage.rundir import RunDir
-from orchestrator.supervision.failures import RankFailure, root_cause
-from orchestrator.supervision.policy import Action, AttemptState, Decision, PolicyState, decide
+from orchestrator.supervision.failures import RankFailure, one_failure_everywhere, root_cause
+from orchestrator.supervision.policy import (
+    Action,
+    AttemptFacts,
+    AttemptState,
+    Decision,
+    PolicyState,
+    decide,
+)
 from orchestrator.supervision.watchdog import Silence, silent_ranks, stopped_ranks
 
 # How often the watchdog reads heartbeats, and how long stacks get to reach the logs.
@@ -103,12 +110,26 @@ class RunHooks(Protocol):
         leaves and the run continues elsewhere (Slurm: the job was requeued)."""
 
 
+Beat = tuple[int, float, str, float]  # contract.read_heartbeat: step, time, phase, step-time EMA
+
+
+def past_first_step(beats: Mapping[int, Beat | None]) -> bool:
+    """Whether a heartbeat shows a rank past its first step: a step counted, or a phase only
+    training reaches. Until then the runtime beats `init` at step 0, and a job that does not
+    use the runtime never beats. `exit` at step 0 says nothing: the runtime's shutdown beats it
+    whatever the step (Checkpointer.close beats its last saved step or 0), so the loop keeps
+    what it saw while the attempt ran."""
+    training = (Phase.TRAIN, Phase.SYNC, Phase.SAVE)
+    return any(b is not None and (b[0] > 0 or b[2] in training) for b in beats.values())
+
+
 @dataclass(frozen=True)
 class AttemptOutcome:
     attempt: int
     state: AttemptState
     root_cause: RankFailure | None
     duration_s: float
+    facts: AttemptFacts | None = None  # how far it got, for the policy's start-up rule
 
 
 @dataclass(frozen=True)
@@ -166,6 +187,8 @@ class Supervision:
     lease_port: Callable[[int | None], AbstractContextManager[Any]]
     poll_s: float = 0.05
     first_attempt: int = 0
+    # Whether a heartbeat of the running attempt has shown a rank past its first step.
+    _reached_step: bool = field(default=False, init=False)
 
     def node_of(self, rank: int | None) -> int | None:
         return None if rank is None else rank // self.config.resources.ranks_per_node
@@ -178,7 +201,7 @@ class Supervision:
         while True:
             outcome = self.run_attempt(attempt, newest)
             newest = newest_checkpoint(self.run)
-            decision = decide(cfg.restart, state, outcome.state, outcome.root_cause, newest)
+            decision = decide(cfg.restart, state, outcome.state, outcome.root_cause, newest, outcome.facts)
             state = decision.state
             if outcome.state is AttemptState.FAILED and outcome.root_cause is not None:
                 hint = outcome.root_cause.classified.hint
@@ -221,6 +244,7 @@ class Supervision:
     def run_attempt(self, attempt: int, checkpoint: int | None) -> AttemptOutcome:
         """One attempt, which resumes from `checkpoint` (the newest committed step, or None)."""
         cfg = self.config
+        self._reached_step = False
         fixed = cfg.distributed.master_port if isinstance(cfg.distributed.master_port, int) else None
         started_at = time.time()
         with self.lease_port(fixed) as lease:
@@ -254,6 +278,11 @@ class Supervision:
         first_seen = seen.first_seen if seen is not None else None
         failures = self.driver.failures(ended) if ended.failed else []
         root = hang or root_cause(failures, first_seen)
+        facts = AttemptFacts(
+            attempt=attempt,
+            reached_step=self._reached_step or past_first_step(self._beats(started.heartbeats)),
+            one_failure_everywhere=hang is None and one_failure_everywhere(failures),
+        )
         if root is not None:
             root = without_secrets(root, self.config.job.pass_env)
         if stopped:
@@ -275,7 +304,7 @@ class Supervision:
             **ended.fields,
         )
         self.run.publish_logs(attempt)  # a run directory on an object store gets the staged logs
-        return AttemptOutcome(attempt=attempt, state=state, root_cause=root, duration_s=duration)
+        return AttemptOutcome(attempt=attempt, state=state, root_cause=root, duration_s=duration, facts=facts)
 
     def _watch(self, started: Started, attempt: int) -> tuple[Ended | None, RankFailure | None]:
         """Until the attempt ends on its own (its Ended), a rank hangs (its failure), or a stop
@@ -293,8 +322,14 @@ class Supervision:
             time.sleep(self.poll_s)
         return None, None
 
+    @staticmethod
+    def _beats(heartbeats: Mapping[int, str]) -> dict[int, Beat | None]:
+        return {r: read_heartbeat(p) for r, p in heartbeats.items()}
+
     def _check_hang(self, heartbeats: Mapping[int, str], attempt: int) -> RankFailure | None:
-        beats = {r: read_heartbeat(p) for r, p in heartbeats.items()}
+        beats = self._beats(heartbeats)
+        # Remembered: a rank's last beat may say less than it did (the runtime's shutdown).
+        self._reached_step = self._reached_step or past_first_step(beats)
         now = time.time()
         silent = silent_ranks(self.config.watchdog, beats, now)
         # A stopped process (state T) is certainly the culprit, in any phase: a rank stopped

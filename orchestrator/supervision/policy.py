@@ -41,6 +41,16 @@ class PolicyState:
 
 
 @dataclass(frozen=True)
+class AttemptFacts:
+    """What tells a job that cannot start from one that failed on the way (the loop gathers
+    them from the attempt's number, its ranks' heartbeats and every failed rank)."""
+
+    attempt: int  # the attempt's number in the run: 0 is the run's first
+    reached_step: bool  # a rank's heartbeat got past its first step
+    one_failure_everywhere: bool  # failures.one_failure_everywhere: every rank failed alike
+
+
+@dataclass(frozen=True)
 class Decision:
     action: Action
     state: PolicyState
@@ -53,15 +63,33 @@ def backoff_delay(restart: RestartSpec, restart_number: int) -> float:
     return min(restart.backoff_max_s, restart.backoff_s * (2 ** (restart_number - 1)))
 
 
+def cannot_start(root: RankFailure, facts: AttemptFacts, progressed: bool) -> bool:
+    """The start-up rule: the run's first attempt failed before any step, every rank that
+    failed did so alike, and with an error no retry cures at start (Classified.fatal_at_start:
+    a missing module, a syntax error, a known start-up error...). A user error: not retried.
+
+    Only the first attempt: a later one (a restart after progress, a resumed or requeued run)
+    ran before, so a module or file missing now may be a flaky shared filesystem, and a retry
+    may find it (failures.MISSING_TYPES)."""
+    return (
+        facts.attempt == 0
+        and not facts.reached_step
+        and not progressed
+        and facts.one_failure_everywhere
+        and root.classified.fatal_at_start
+    )
+
+
 def decide(
     restart: RestartSpec,
     state: PolicyState,
     outcome: AttemptState,
     root: RankFailure | None,
     newest_checkpoint: int | None,
+    facts: AttemptFacts | None = None,
 ) -> Decision:
     """What to do after an attempt that ended `outcome`, with the run's newest committed
-    checkpoint now `newest_checkpoint`.
+    checkpoint now `newest_checkpoint`; `facts` (None: unknown) say how far it got.
 
     An attempt made progress when it committed a checkpoint: then the no-progress count starts
     again at 0; otherwise it grows by one, and at `restart.crash_loop_attempts` the run stops (a
@@ -83,6 +111,13 @@ def decide(
         return Decision(
             Action.LEAVE, state, "a newer incarnation of this run has started; leaving it the run"
         )
+    if root is not None and facts is not None and cannot_start(root, facts, progressed):
+        return Decision(
+            Action.GIVE_UP,
+            state,
+            "not restarting: the job cannot start (every rank failed alike before its first step,"
+            " with an error no retry cures)",
+        )
     diverged = root is not None and root.classified.kind is FailureClass.DIVERGED
     if diverged and restart.on_divergence == "fail":
         return Decision(
@@ -95,8 +130,9 @@ def decide(
         return Decision(
             Action.GIVE_UP,
             state,
+            # The hint is said with the failure (loop.py), once.
             f"not restarting: {root.error_type or f'exit code {root.exitcode}'} fails the same way on every"
-            f" attempt ({root.classified.hint})",
+            " attempt",
         )
     if looping:
         return Decision(

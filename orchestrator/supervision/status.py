@@ -73,20 +73,30 @@ def summarize(
     warnings: list[str] = []
     divergences: list[dict[str, Any]] = []
     cancel_requested = False
+    # A `job_started` belongs to the latest submission before it, or, with none since the last
+    # resume, to the next one: sbatch answers once the job is queued, and the job may start (and
+    # write job_started, even run_finished) before `submitted` lands. Its late `submitted` does
+    # not make the run pending again.
+    submitted = job_started = False
     last_event_time = None
     for ev in events:
         kind = ev.get("event")
         last_event_time = ev.get("time", last_event_time)
         if kind == Event.RESUMED:  # the run goes on: its earlier end no longer stands
             finished, root, cancel_requested = None, None, False
+            submitted = job_started = False
             state = "created"  # until the next attempt is submitted or started
         elif kind == Event.SUBMITTED:
-            state, backend, job_id = "pending", ev.get("backend"), ev.get("job_id")
+            job_started = job_started and not submitted  # a later submission starts afresh
+            submitted = True
+            backend, job_id = ev.get("backend"), ev.get("job_id")
             started = started if started is not None else ev.get("time")
+            if not job_started:
+                state = "pending"
         elif kind == Event.CANCEL_REQUESTED:
             cancel_requested = True
         elif kind == Event.JOB_STARTED:
-            state = "running"
+            state, job_started = "running", True
             backend = ev.get("backend", backend)
         elif kind in (Event.PREEMPTED, Event.REQUEUED):  # until the next attempt starts
             state = "preempted-requeued"
@@ -265,6 +275,10 @@ def format_status(st: RunStatus) -> str:
         if rc.get("node_rank") is not None:
             who += f" (node {rc['node_rank']})"
         lines.append(f"root cause {who}: exit {rc.get('exitcode')} {rc.get('message') or ''}".rstrip())
+        if rc.get("where"):
+            lines.append(f"           at {rc['where']}")
+        if rc.get("hint"):
+            lines.append(f"hint       {rc['hint']}")
     for path in st.flight_recorder_dumps:
         lines.append(f"nccl trace {path}")
     for d in st.divergences:

@@ -185,7 +185,11 @@ def test_a_divergence_fails_the_run_at_once_with_the_guides_hints(tmp_path):
     assert committed == [10, 20]
     status = run_orch("status", "nan", "--config", str(cfg))
     assert "DivergenceError: training diverged" in status.stdout
-    assert f"diverged   steps 21-{diverged['last_step']} (attempt 0)" in status.stdout
+    # The guard knows the step to within a vote interval: on a busy machine the vote can catch
+    # the divergence on the very step it happened, and `orch status` then names one step.
+    last = diverged["last_step"]
+    span = "step 21" if last == 21 else f"steps 21-{last}"
+    assert f"diverged   {span} (attempt 0)" in status.stdout
     console = proc.stdout + proc.stderr
     assert "lower the learning rate" in console and "restart.on_divergence: rollback" in console
     st = json.loads(run_orch("status", "nan", "--config", str(cfg), "--json").stdout)

@@ -24,6 +24,7 @@ from orchestrator.storage.rundir import RunDir
 from ..conftest import REPO, TEST_JOBS, read_events, run_orch, write_config
 
 SCRIPTED = TEST_JOBS / "scripted.py"
+CANNOT_START = TEST_JOBS / "cannot_start.py"
 FAKE_SLURM = TEST_JOBS / "fake_slurm.py"
 
 # What the supervisor does after each attempt, read back from its events.
@@ -59,12 +60,14 @@ def root_causes(events: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
     ]
 
 
-def config_for(tmp_path: Path, backend: str, timeline: list[dict[str, Any]], **sections: Any) -> Path:
+def config_for(
+    tmp_path: Path, backend: str, timeline: list[dict[str, Any]], script: Path = SCRIPTED, **sections: Any
+) -> Path:
     sections.setdefault("resources", {"nodes": 2, "ranks_per_node": 2, "cpus_per_rank": 1})
     sections.setdefault("launch", {"mode": "subprocess"})
     return write_config(
         tmp_path,
-        SCRIPTED,
+        script,
         backend=backend,
         job={"env": {"SCRIPT_TIMELINE": json.dumps(timeline), "PYTHONPATH": str(REPO)}},
         **sections,
@@ -271,3 +274,18 @@ def test_persistent_node_agents_decide_as_a_step_per_attempt(tmp_path: Path, tim
         "preemption": [(0, "preempted", "resume"), (1, "succeeded", "finish")],
     }[timeline_name]
     assert seen["task-per-rank"][0] == expected, seen
+
+
+def test_a_job_that_cannot_start_is_not_retried_by_either(tmp_path: Path) -> None:
+    # Issue 27, point 9: every rank fails to import a module before its first step, in the run's
+    # first attempt. The fork server that starts the ranks (locally, and in the Slurm node
+    # agents) records the error; the one policy then gives up at once on both backends.
+    sections = {"launch": {"mode": "auto"}, "restart": {"max_restarts": 3, "backoff_s": 0.05}}
+    local_dir, local = run_local(tmp_path, [], script=CANNOT_START, **sections)
+    slurm_dir, slurm = run_slurm(tmp_path, [], script=CANNOT_START, **sections)
+    assert decisions(local) == decisions(slurm) == [(0, "failed", "give_up")]
+    assert [c[3] for c in root_causes(local)] == [c[3] for c in root_causes(slurm)] == ["missing"]
+    for run_dir, events in ((local_dir, local), (slurm_dir, slurm)):
+        assert "cannot start" in next(e for e in events if e["event"] == "giving_up")["reason"]
+        text = run_orch("status", str(run_dir)).stdout
+        assert f"at {CANNOT_START}:4" in text, text

@@ -13,7 +13,7 @@ import psutil
 import pytest
 import yaml
 
-from ..conftest import JOBS, run_orch, write_config
+from ..conftest import JOBS, read_events, run_orch, write_config
 
 
 def one_line_exit(proc: subprocess.CompletedProcess, code: int) -> str:
@@ -106,3 +106,131 @@ def test_a_run_directory_that_cannot_be_created_is_one_line(cfg):
     # Refused by the backend's storage probe or by creating the run directory: either names both.
     assert line.startswith("storage.root: ") and "s3://orch-no-bucket/runs" in line
     assert "NoCredentialsError" in line
+
+
+# ---------------------------------------------------------------------------- start-up errors
+# Issue 27, point 9: a job that cannot start fails the same way on every attempt; restarting it
+# three times (until the crash-loop rule stops it) only repeats the error. Said once, with its
+# line, and not retried; a failure that differs between ranks or comes after a step still is.
+
+
+def start_script(tmp_path: Path, text: str, **sections: object) -> tuple[Path, Path]:
+    """A job script of `text` and its config (2 ranks, 2 restarts allowed)."""
+    script = tmp_path / "train.py"
+    script.write_text(text)
+    sections.setdefault("restart", {"max_restarts": 2, "backoff_s": 0.1, "stop_grace_s": 3})
+    return script, write_config(tmp_path, script, **sections)
+
+
+def attempts_and_restarts(run_dir: Path) -> tuple[list[int], int]:
+    events = read_events(run_dir)
+    started = [e["attempt"] for e in events if e["event"] == "attempt_started"]
+    return started, sum(e["event"] == "restart_scheduled" for e in events)
+
+
+def orch_lines(stderr: str) -> list[str]:
+    """The supervisor's lines about attempts (not the final summary, which says the outcome)."""
+    return [line for line in stderr.splitlines() if line.startswith("[orch]") and "failed after" not in line]
+
+
+def said_once_not_retried(proc: subprocess.CompletedProcess, run_dir: Path, error: str, where: str) -> str:
+    """The run failed after one attempt, with no restart, and its error was said once with its
+    file:line; the line that says it."""
+    assert proc.returncode == 1, proc.stderr
+    assert attempts_and_restarts(run_dir) == ([0], 0), proc.stderr
+    lines = orch_lines(proc.stderr)
+    saying = [line for line in lines if error in line]
+    assert len(saying) == 1 and where in saying[0], proc.stderr
+    assert not any(" from the newest committed checkpoint" in line for line in lines), proc.stderr
+    return saying[0]
+
+
+@pytest.mark.parametrize("mode", ["auto", "subprocess"])
+def test_a_missing_import_is_said_once_and_not_retried(tmp_path, mode):
+    script, cfg = start_script(
+        tmp_path, "import os\nimport orch_no_such_module_for_the_test  # noqa\n", launch={"mode": mode}
+    )
+    proc = run_orch("run", str(cfg), "--run-id", "imp", "--quiet")
+    run_dir = tmp_path / "runs" / "imp"
+    error = "ModuleNotFoundError: No module named 'orch_no_such_module_for_the_test'"
+    said_once_not_retried(proc, run_dir, error, f"{script}:2")
+    status = run_orch("status", str(run_dir)).stdout
+    assert error in status and f"{script}:2" in status and "hint" in status, status
+    cause = json.loads(run_orch("status", str(run_dir), "--json").stdout)["root_cause"]
+    assert cause["error_type"] == "ModuleNotFoundError" and cause["where"] == f"{script}:2", cause
+
+
+def test_a_missing_module_entrypoint_is_not_retried(tmp_path):
+    cfg = write_config(tmp_path, "unused.py", job={"script": None, "module": "orch_no_such_pkg_for_the_test"})
+    proc = run_orch("run", str(cfg), "--run-id", "mod", "--quiet")
+    assert proc.returncode == 1, proc.stderr
+    assert attempts_and_restarts(tmp_path / "runs" / "mod") == ([0], 0), proc.stderr
+    assert "No module named orch_no_such_pkg_for_the_test" in proc.stderr
+
+
+def test_the_guides_init_snippet_with_string_ranks_gets_the_fix(tmp_path):
+    # The PyTorch guide's call, typed as a reader would: env:// values passed as strings.
+    script, cfg = start_script(
+        tmp_path,
+        "import os\n"
+        "import torch.distributed as dist\n"
+        "dist.init_process_group(\n"
+        "    backend='gloo', init_method='env://',\n"
+        "    rank=os.environ['RANK'], world_size=os.environ['WORLD_SIZE'],\n"
+        ")\n",
+    )
+    proc = run_orch("run", str(cfg), "--run-id", "snip", "--quiet")
+    said_once_not_retried(proc, tmp_path / "runs" / "snip", "must be an integer", f"{script}:3")
+    assert "int(os.environ['RANK'])" in proc.stderr, proc.stderr
+
+
+def test_a_syntax_error_is_said_once_and_not_retried(tmp_path):
+    script, cfg = start_script(tmp_path, "import os\n\n\ndef f(:\n    pass\n")
+    proc = run_orch("run", str(cfg), "--run-id", "syn", "--quiet")
+    said_once_not_retried(proc, tmp_path / "runs" / "syn", "SyntaxError", f"{script}:4")
+
+
+def test_start_up_errors_that_differ_between_ranks_are_retried(tmp_path):
+    # Rank 1 cannot import one module; rank 0 reports another when it is stopped (its SIGTERM
+    # handler raises it), so both ranks' records exist and disagree: not one cause, retried.
+    ready = tmp_path / "rank0-ready"
+    script, cfg = start_script(
+        tmp_path,
+        "import os, signal, time\n"
+        "if os.environ['RANK'] == '0':\n"
+        "    def stopped(*_):\n"
+        "        raise ModuleNotFoundError(\"No module named 'orch_missing_a'\")\n"
+        "    signal.signal(signal.SIGTERM, stopped)\n"
+        f"    open({str(ready)!r}, 'w').close()\n"
+        "    time.sleep(60)\n"
+        f"while not os.path.exists({str(ready)!r}):\n"
+        "    time.sleep(0.01)\n"
+        "import orch_missing_b  # noqa\n",
+        restart={"max_restarts": 1, "backoff_s": 0.1, "stop_grace_s": 5},
+    )
+    proc = run_orch("run", str(cfg), "--run-id", "differ", "--quiet")
+    run_dir = tmp_path / "runs" / "differ"
+    assert proc.returncode == 1 and attempts_and_restarts(run_dir) == ([0, 1], 1), proc.stderr
+    records = {
+        json.loads((run_dir / "logs" / "attempt-0" / f"rank-{r}.error.json").read_text())["message"]
+        for r in (0, 1)
+    }
+    assert records == {"No module named 'orch_missing_a'", "No module named 'orch_missing_b'"}  # fired
+
+
+def test_an_import_error_after_the_first_step_is_retried(tmp_path):
+    # Mid-run, an import that fails (a flaky shared filesystem) may work on the next attempt.
+    _, cfg = start_script(
+        tmp_path,
+        "import torch.distributed as dist\n"
+        "from orchestrator import runtime\n"
+        "from orchestrator.runtime import heartbeat\n"
+        "ctx = runtime.init()\n"
+        "heartbeat.beat(1)  # step 1 done\n"
+        "dist.barrier()\n"
+        "import orch_missing_mid_run  # noqa\n",
+        restart={"max_restarts": 1, "backoff_s": 0.1, "stop_grace_s": 3},
+    )
+    proc = run_orch("run", str(cfg), "--run-id", "mid", "--quiet")
+    assert proc.returncode == 1, proc.stderr
+    assert attempts_and_restarts(tmp_path / "runs" / "mid") == ([0, 1], 1), proc.stderr

@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import signal
+from dataclasses import replace
 
 import pytest
 
 from orchestrator.spec.config import RestartSpec
-from orchestrator.supervision.failures import FailureClass, RankFailure, exception_line, root_cause
-from orchestrator.supervision.policy import Action, AttemptState, PolicyState, decide
+from orchestrator.supervision.failures import (
+    FailureClass,
+    RankFailure,
+    exception_line,
+    one_failure_everywhere,
+    root_cause,
+)
+from orchestrator.supervision.loop import past_first_step
+from orchestrator.supervision.policy import Action, AttemptFacts, AttemptState, PolicyState, decide
 
 RESTART = RestartSpec(max_restarts=3, backoff_s=1.0, backoff_max_s=3.0, crash_loop_attempts=2)
 
@@ -177,3 +185,80 @@ def test_rollbacks_count_as_restarts_and_stop_in_a_crash_loop() -> None:
     assert actions == [Action.ROLLBACK, Action.GIVE_UP, Action.GIVE_UP]
     # Other failures still restart as before under on_divergence: rollback.
     assert decide(rollback, PolicyState(), AttemptState.FAILED, failure(1, 1.0), 10).action is Action.RESTART
+
+
+# ---------------------------------------------------------------------------- start-up rule
+# Issue 27, point 9: a job that cannot start is a user error, said once and not retried.
+
+START = AttemptFacts(attempt=0, reached_step=False, one_failure_everywhere=True)
+MISSING = failure(0, 1.0, "ModuleNotFoundError", "No module named 'safetensors'")
+
+
+def test_a_job_that_cannot_start_is_not_retried() -> None:
+    decision = decide(RESTART, PolicyState(), AttemptState.FAILED, MISSING, None, START)
+    assert decision.action is Action.GIVE_UP and "cannot start" in (decision.reason or "")
+    assert decision.state.restarts == 0
+
+
+@pytest.mark.parametrize(
+    "facts, newest",
+    [
+        (replace(START, attempt=1), None),  # a later attempt: a flaky filesystem may come back
+        (replace(START, reached_step=True), None),  # mid-run
+        (replace(START, one_failure_everywhere=False), None),  # the ranks disagree
+        (START, 10),  # it committed a checkpoint: it did start
+        (None, None),  # nothing known of how far it got
+    ],
+)
+def test_a_missing_module_later_or_on_some_ranks_is_retried(facts: AttemptFacts | None, newest) -> None:
+    decision = decide(RESTART, PolicyState(), AttemptState.FAILED, MISSING, newest, facts)
+    assert decision.action is Action.RESTART, decision
+
+
+def test_an_ordinary_error_at_start_is_retried() -> None:
+    err = failure(0, 1.0, "RuntimeError", "connection to the data server failed")
+    assert decide(RESTART, PolicyState(), AttemptState.FAILED, err, None, START).action is Action.RESTART
+
+
+def test_known_start_up_errors_carry_their_fix() -> None:
+    # The PyTorch guide's snippet with rank=os.environ['RANK']: each rank's message names its
+    # own value, and still they failed alike.
+    ranks = [failure(r, 1.0, "RuntimeError", f"`rank` must be an integer. {r}") for r in (0, 1)]
+    c = ranks[0].classified
+    assert c.kind is FailureClass.SETUP and c.fatal_at_start and "int(os.environ['RANK'])" in (c.hint or "")
+    assert one_failure_everywhere(ranks)
+    assert decide(RESTART, PolicyState(), AttemptState.FAILED, ranks[0], None, START).action is Action.GIVE_UP
+    nccl = failure(0, 1.0, "RuntimeError", "Distributed package doesn't have NCCL built in").classified
+    assert nccl.kind is FailureClass.SETUP and "gloo" in (nccl.hint or "")
+    oom = failure(0, 1.0, "OutOfMemoryError", "CUDA out of memory. Tried to allocate 2 GiB").classified
+    assert oom.kind is FailureClass.OOM and oom.retryable and "batch size" in (oom.hint or "")
+
+
+def test_one_failure_everywhere_counts_only_ranks_that_failed_of_their_own() -> None:
+    b = failure(1, 1.1, "ModuleNotFoundError", "No module named 'b'")
+    stopped = failure(1, 1.2, None, "", code=-signal.SIGTERM)  # our stop, before it could fail
+    peer = failure(1, 1.2, "RuntimeError", "Connection closed by peer")
+    assert one_failure_everywhere([MISSING, stopped]) and one_failure_everywhere([MISSING, peer])
+    assert not one_failure_everywhere([MISSING, b])
+    assert not one_failure_everywhere([stopped])
+
+
+def test_a_missing_module_is_its_own_class() -> None:
+    c = MISSING.classified
+    assert c.kind is FailureClass.MISSING and c.retryable and c.fatal_at_start
+    assert failure(0, 1.0, "SyntaxError", "invalid syntax").classified.fatal_at_start
+
+
+def test_the_error_is_said_with_its_line() -> None:
+    located = replace(MISSING, where="/job/train.py:3")
+    assert located.describe.endswith("No module named 'safetensors' (at /job/train.py:3)")
+    assert located.to_json()["where"] == "/job/train.py:3"
+    record = {"type": "ModuleNotFoundError", "message": "No module named 'x'", "where": "/job/t.py:2"}
+    assert RankFailure.from_record(record, rank=0, node_rank=0, exitcode=1, time=0.0).where == "/job/t.py:2"
+
+
+def test_past_first_step_reads_the_heartbeats() -> None:
+    assert not past_first_step({0: None, 1: (0, 1.0, "init", 0.0)})
+    assert not past_first_step({0: (0, 1.0, "exit", 0.0)})  # shutdown beats exit at step 0
+    assert past_first_step({0: (0, 1.0, "init", 0.0), 1: (1, 1.0, "train", 0.01)})
+    assert past_first_step({0: (0, 1.0, "save", 0.0)})
