@@ -102,7 +102,7 @@ def _claim(dir: Any, verb: str, what: str, doing: str, hint: str) -> Any:
     except DirectoryClaimed as busy:
         holder = busy.holder
         who = f"pid {holder['pid']} on {holder.get('host')}" if holder.get("pid") else "another process"
-        raise UsageError(f"{verb}: {what} is already being {doing} by {who}; {hint}") from None
+        raise UsageError(f"{verb}: {what} is running ({doing} by {who}); {hint}") from None
     except OSError as exc:  # its directory cannot take the lock file (read-only, gone)
         from orchestrator.storage.causes import storage_cause
 

@@ -4,8 +4,18 @@
 # (scripts/lint.sh: ruff and the import graph), then run the whole test suite: tests/unit,
 # tests/processes, tests/integration (real gloo ranks, an S3 API server on 127.0.0.1) and
 # tests/slurm (a real Slurm cluster of 3 slurmd nodes that the tests start and stop).
+#
+# scripts/test.sh --fast [PYTEST ARGS]: the inner loop (under 5 minutes on 2 cores): lint, then
+# every test not marked `slow`: no Slurm cluster, no long jobs, nothing installed but .venv.
+# CI runs everything.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+fast=0
+if [ "${1:-}" = "--fast" ]; then
+  fast=1
+  shift
+  export ORCH_SKIP_SLURM=1 ORCH_SKIP_BROWSER=1
+fi
 scripts/bootstrap.sh
 if [ "$(id -u)" = 0 ] && [ "${ORCH_SKIP_BROWSER:-0}" != 1 ]; then
   scripts/install-browser.sh >/dev/null  # the report test opens its HTML in headless chromium
@@ -23,6 +33,9 @@ scripts/lint.sh
 # cores, but the Slurm tests that race real time (a time limit's warning lead, a requeue) can be
 # starved by the other worker's gloo ranks, so CI runs one process.
 workers=${ORCH_TEST_WORKERS:-0}
+if [ "$fast" = 1 ]; then
+  exec .venv/bin/python -m pytest -q -m "not slow" "$@"
+fi
 if [ "$workers" = 0 ]; then
   exec .venv/bin/python -m pytest -q "$@"
 fi

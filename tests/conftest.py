@@ -31,6 +31,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     runs it while the other runs every other module. Then the quick unit modules: xdist queues
     one unit behind the Slurm group before it starts, and that one should be short."""
     first = (SLURM_TESTS, "tests/unit/")
+    for item in items:
+        if item.nodeid.startswith(SLURM_TESTS):  # a real cluster: never in `scripts/test.sh --fast`
+            item.add_marker(pytest.mark.slow)
     # stable: each group keeps its own order
     items.sort(key=lambda item: next((i for i, p in enumerate(first) if item.nodeid.startswith(p)), 2))
 

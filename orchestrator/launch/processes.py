@@ -193,6 +193,8 @@ def recorded_argv(argv: Sequence[str]) -> list[str]:
     (its ranks then have the runtime's record, once the job imports it)."""
     if os.path.abspath(argv[0]) != os.path.abspath(sys.executable):
         return list(argv)
+    if len(argv) < 2 or (argv[1].startswith("-") and argv[1] != "-m"):
+        return list(argv)  # `python -c CODE` or other interpreter options: the entry runs a script or -m
     return [argv[0], "-m", "orchestrator.launch.entry", *argv[1:]]
 
 

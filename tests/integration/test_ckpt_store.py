@@ -196,6 +196,7 @@ def test_crash_at_every_io_boundary_leaves_a_loadable_checkpoint(request, tmp_pa
         assert_all_committed_verify(store)
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_instants_never_leaves_a_bad_checkpoint(shared_url):
     store = CheckpointStore(shared_url)
     rng = random.Random(1234)

@@ -15,7 +15,7 @@ from orchestrator.storage.rundir import RunDir
 
 from ..conftest import JOBS, S3_BUCKET, TEST_JOBS, orch_cmd, read_events, run_orch, wait_for, write_config
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 STEPS = 90
 ARGS = ["--steps", str(STEPS), "--log-every", "1", "--step-sleep", "0.04", "--dataset-size", "1024"]

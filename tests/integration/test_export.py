@@ -16,7 +16,7 @@ import torch
 
 from ..conftest import JOBS, run_orch, write_config
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 RUN_ID = "exp"
 # Checkpoints at 250 and 500: the docs' example exports step 500.

@@ -16,6 +16,8 @@ import pytest
 
 from ..conftest import TEST_JOBS, read_events, run_orch, write_config
 
+pytestmark = pytest.mark.slow
+
 
 def _records(run_dir: Path, world: int) -> list[dict]:
     return [json.loads((run_dir / f"gpu-{rank}.json").read_text()) for rank in range(world)]

@@ -16,7 +16,7 @@ import yaml
 
 from ..conftest import JOBS, TEST_JOBS, orch_cmd, read_events, run_orch, wait_for, write_config
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 ARGS = ["--steps", "60", "--log-every", "10", "--step-sleep", "0.05", "--dataset-size", "1024"]
 

@@ -12,7 +12,7 @@ import pytest
 
 from ..conftest import TEST_JOBS, orch_cmd, read_events, run_orch, write_config
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 RUNS = 20
 ARGS = ["--steps", "12"]

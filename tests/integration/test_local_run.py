@@ -17,7 +17,7 @@ from orchestrator.contract import CONTRACT_VARS
 
 from ..conftest import JOBS, TEST_JOBS, orch_cmd, read_events, run_orch, wait_for, write_config
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 TRAIN = JOBS / "train_ddp.py"
 

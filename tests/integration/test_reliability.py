@@ -7,7 +7,7 @@ import pytest
 
 from ..conftest import TEST_JOBS, read_events, run_orch, write_config
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 @pytest.mark.parametrize("live_s", ["0", "3"], ids=["exit-at-once", "live-a-while"])

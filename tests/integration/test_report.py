@@ -16,7 +16,7 @@ import pytest
 
 from ..conftest import JOBS, REPO, orch_cmd, read_events, run_orch, wait_for, write_config
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARGS = ["--steps", "100", "--log-every", "5", "--step-sleep", "0.04", "--dataset-size", "512"]

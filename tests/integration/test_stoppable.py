@@ -19,7 +19,7 @@ import pytest
 
 from ..conftest import TEST_JOBS, orch_cmd, read_events, start_moto, wait_for, write_config
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 GRACE_S = 3.0
 BOUND_S = GRACE_S + 5.0  # the promise: stopped within the grace + 5 s

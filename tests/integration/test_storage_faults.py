@@ -32,7 +32,7 @@ from orchestrator.storage.rundir import RunDir
 
 from ..conftest import JOBS, S3_BUCKET, orch_cmd, read_events, run_orch, wait_for, write_config
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 ARGS = ["--steps", "60", "--step-sleep", "0.05", "--dataset-size", "512"]
 

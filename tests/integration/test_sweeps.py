@@ -17,7 +17,7 @@ import yaml
 
 from ..conftest import JOBS, TEST_JOBS, orch_cmd, read_events, run_orch, wait_for, write_config
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 TRAIN = ["--steps", "40", "--log-every", "10", "--dataset-size", "512", "--lr", "{lr}"]
 
@@ -251,7 +251,7 @@ def test_two_resumes_of_one_sweep_run_every_point_once(tmp_path):
     (runner, _, _), (refused, _, said) = sorted(ends, key=lambda end: end[0].returncode)
     assert runner.returncode == 0 and refused.returncode == 2, said
     (line,) = said.strip().splitlines()
-    assert f"sweep twice is already being run or submitted by pid {runner.pid}" in line, line
+    assert f"sweep twice is running (run or submitted by pid {runner.pid}" in line, line
     assert [r["state"] for r in sweep_json(cfg, "twice")["rows"]] == ["succeeded"] * 3
 
 

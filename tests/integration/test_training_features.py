@@ -15,7 +15,7 @@ from orchestrator.runtime.sampler import ResumableDistributedSampler
 from ..conftest import JOBS, TEST_JOBS, read_events, run_orch, write_config
 from .test_exact_resume import final_digest
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 STEPS, ACCUM, INTERVAL = 40, 3, 8
 FACTORY = f"{JOBS / 'train_ddp.py'}:export_model"  # job.model_factory, for `orch export`

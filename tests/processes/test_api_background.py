@@ -15,7 +15,7 @@ from orchestrator.errors import ConfigError, OrchError
 
 from ..conftest import TEST_JOBS, write_config
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import pytest
 
 from ..conftest import REPO
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def doc_blocks() -> list[str]:

@@ -50,4 +50,4 @@ def test_two_resumes_of_one_stopped_run_start_it_once(tmp_path):
     assert kinds.count("resumed") == 1 and kinds.count("run_started") == 2, kinds  # the run, one resume
     assert second.returncode == 2, second.stderr
     (line,) = second.stderr.strip().splitlines()
-    assert f"run once is already being started or supervised by pid {first.pid}" in line, line
+    assert f"run once is running (started or supervised by pid {first.pid}" in line, line

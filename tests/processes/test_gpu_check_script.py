@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from ..conftest import REPO
 
 SCRIPT = REPO / "scripts" / "gpu-check.sh"
@@ -31,6 +33,7 @@ def test_on_a_host_without_a_gpu_it_says_why_in_one_line() -> None:
     assert missing.returncode == 2 and "no Python at '/nonexistent/python'" in missing.stderr
 
 
+@pytest.mark.slow
 def test_the_whole_check_runs_on_cpu(tmp_path: Path) -> None:
     proc = subprocess.run(
         [str(SCRIPT), "--cpu", "--steps", "250", "--report", str(tmp_path)],

@@ -13,9 +13,12 @@ import sys
 import sysconfig
 from pathlib import Path
 
+import pytest
 import yaml
 
 from ..conftest import REPO
+
+pytestmark = pytest.mark.slow  # builds a wheel and a fresh venv
 
 
 def _run(argv: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:

@@ -128,6 +128,12 @@ def step_argv(
     job_argv = entrypoint_argv(config, config.job.python or python)
     if uses_node_agent(config):
         return [*argv, "/bin/bash", str(NODE_SCRIPT), python, "--", *job_argv]
+    if config.job.python in (None, python):
+        # Through orchestrator.launch.entry, as the local launchers and the node agents' fork
+        # servers run a job: an exception from the job's first line (a failed import) is an
+        # error record, so a job that cannot start is not retried. Only with orch's own
+        # interpreter: a job.python of its own may not have this package.
+        job_argv = (job_argv[0], "-m", "orchestrator.launch.entry", *job_argv[1:])
     return [*argv, "/bin/bash", str(TASK_SCRIPT), *job_argv]
 
 
