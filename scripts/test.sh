@@ -28,11 +28,12 @@ if [ "${ORCH_SKIP_SLURM:-0}" != 1 ]; then
   fi
 fi
 scripts/lint.sh
-# One process by default. ORCH_TEST_WORKERS=2 runs two pytest-xdist workers, the Slurm group
-# beside everything else (tests/conftest.py makes the units): ~28 minutes instead of ~40 on 2
-# cores, but the Slurm tests that race real time (a time limit's warning lead, a requeue) can be
-# starved by the other worker's gloo ranks, so CI runs one process.
-workers=${ORCH_TEST_WORKERS:-0}
+# Two pytest-xdist workers by default (tests/conftest.py makes the units): the Slurm group, which
+# mostly waits on the scheduler, beside everything else. A clean clone of 6ffb2ee took 25 min of
+# tests this way while four other agents' test runs loaded the machine (load average up to 29),
+# every Slurm test passing; one process took ~30 min on an idle machine. ORCH_TEST_WORKERS=0
+# runs one process.
+workers=${ORCH_TEST_WORKERS:-2}
 if [ "$fast" = 1 ]; then
   exec .venv/bin/python -m pytest -q -m "not slow" "$@"
 fi

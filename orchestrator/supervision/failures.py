@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import signal
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Any
 
@@ -134,7 +134,6 @@ class FailureClass(StrEnum):
     COMMUNICATION = "communication"  # lost a peer: usually a victim, not the cause
     USER_ERROR = "user_error"  # fails the same way every time
     MISSING = "missing"  # a module or file the job needs is not there (MISSING_TYPES)
-    SETUP = "setup"  # a known error of setting a job up (STARTUP_ERRORS): wrong from the start
     HANG = "hang"
     DIVERGED = "diverged"  # a non-finite loss or gradient norm: a retry from the same data repeats it
     SIGNAL = "signal"  # killed from outside
@@ -144,12 +143,17 @@ class FailureClass(StrEnum):
 
 @dataclass(frozen=True)
 class KnownError:
-    """An error of setting a job up that its words identify (`pattern`, over "Type: message"),
-    with its fix (HINTS[name]). Matching words only names the error and attaches the fix; the
-    start-up rule (policy.decide) still needs every rank to fail so before the first step."""
+    """A known error of setting a job up: an exception class (`types`, the record's type field)
+    and the words that tell it among that class's errors (`pattern`, over the message). Knowing
+    it names it and attaches its fix (HINTS[name]); the failure's class still comes from its
+    exception type. `fatal_at_start` is data: whether, failing so on every rank before the first
+    step (policy.cannot_start), it is a user error that no retry cures, where its type alone
+    (a RuntimeError, an AssertionError) would say nothing."""
 
     name: str
+    types: frozenset[str]
     pattern: re.Pattern[str]
+    fatal_at_start: bool
 
 
 # Known start-up errors, in one place. A CUDA out-of-memory and tensors on different devices
@@ -157,13 +161,20 @@ class KnownError:
 STARTUP_ERRORS = (
     # The PyTorch guide's init_process_group(..., rank=os.environ['RANK'], ...), typed as read:
     # torch's rendezvous refuses strings, naming this rank's value ("`rank` must be an integer. 3").
-    KnownError("int_env", re.compile(r"`(rank|world_size)` must be an integer")),
+    # A RuntimeError: only this entry makes it fatal at start (a code bug, the same everywhere).
+    KnownError(
+        "int_env", frozenset({"RuntimeError"}), re.compile(r"`(rank|world_size)` must be an integer"), True
+    ),
+    # No GPU for nccl: the same on every rank of every node is the job's configuration; on one
+    # node only, a bad node (the start-up rule then retries: it needs the failure on every node).
     KnownError(
         "nccl_without_gpu",
+        frozenset({"RuntimeError", "DistBackendError", "AssertionError"}),
         re.compile(
             r"Distributed package doesn't have NCCL built in|ProcessGroupNCCL is only supported with GPUs"
             r"|Torch not compiled with CUDA enabled|Found no NVIDIA driver|No CUDA GPUs are available"
         ),
+        True,
     ),
 )
 
@@ -174,21 +185,40 @@ class Classified:
     retryable: bool
     hint: str | None
     # No retry cures it when it stops the run's first attempt on every rank before the first
-    # step (policy.decide's start-up rule): a missing module, a known start-up error, and every
-    # error that is never retried anyway.
+    # step (policy.decide's start-up rule): a missing module, every error that is never retried
+    # anyway (by its type), and a known start-up error whose entry says so (data).
     fatal_at_start: bool = False
-    known: str | None = None  # the STARTUP_ERRORS entry it matched
+    known: str | None = None  # the STARTUP_ERRORS entry it is
 
 
 def is_peer_loss(message: str) -> bool:
     return bool(_PEER_LOSS.search(message or ""))
 
 
-def known_startup_error(text: str) -> KnownError | None:
-    return next((k for k in STARTUP_ERRORS if k.pattern.search(text)), None)
+def known_startup_error(error_type: str | None, message: str) -> KnownError | None:
+    """The STARTUP_ERRORS entry for an exception of class `error_type` saying `message`: only
+    among the entries for that class (None: a log line, which names no exception for sure)."""
+    if error_type is None:
+        return None
+    return next((k for k in STARTUP_ERRORS if error_type in k.types and k.pattern.search(message)), None)
 
 
 def classify(*, exitcode: int | None, error_type: str | None, message: str) -> Classified:
+    """The failure's class, from its exception type (and exit code) first; a known start-up
+    error (STARTUP_ERRORS) adds its name, its fix and, as its entry says, fatal_at_start."""
+    base = _classify(exitcode=exitcode, error_type=error_type, message=message)
+    known = known_startup_error(error_type, message or "")
+    if known is None or base.kind in (FailureClass.PREEMPTED, FailureClass.STALE, FailureClass.HANG):
+        return base
+    return replace(
+        base,
+        hint=HINTS[known.name],
+        known=known.name,
+        fatal_at_start=base.fatal_at_start or known.fatal_at_start,
+    )
+
+
+def _classify(*, exitcode: int | None, error_type: str | None, message: str) -> Classified:
     text = f"{error_type or ''}: {message or ''}"
     if exitcode == PREEMPTED_EXIT_CODE or error_type == PREEMPTED_TYPE:
         return Classified(FailureClass.PREEMPTED, True, None)
@@ -198,10 +228,6 @@ def classify(*, exitcode: int | None, error_type: str | None, message: str) -> C
         return Classified(FailureClass.HANG, True, HINTS["hang"])
     if error_type == DIVERGED_TYPE:
         return Classified(FailureClass.DIVERGED, False, HINTS["diverged"])
-    # Only an error that came with its record (a class): a log line names no exception for sure.
-    known = known_startup_error(text) if error_type is not None else None
-    if known is not None:
-        return Classified(FailureClass.SETUP, True, HINTS[known.name], fatal_at_start=True, known=known.name)
     if _OOM.search(text):
         return Classified(FailureClass.OOM, True, HINTS["oom"])
     if _DEVICE_MISMATCH.search(text):
@@ -325,12 +351,26 @@ class RankFailure:
         )
 
 
-def one_failure_everywhere(failures: Sequence[RankFailure]) -> bool:
-    """Whether every rank that failed of its own accord failed the same way (RankFailure.own,
-    .signature). The ranks the supervisor stopped once the first failure was seen did not get
-    to fail, or not: they count neither way."""
-    own = {f.signature for f in failures if f.own}
-    return len(own) == 1
+def one_failure_everywhere(failures: Sequence[RankFailure], *, nodes: int, ranks_per_node: int) -> bool:
+    """Whether the job failed alike everywhere, not one rank or one node of it: every rank that
+    failed of its own accord (RankFailure.own) failed the same way (.signature), and those ranks
+    are the whole world, or more than one rank with one on every node.
+
+    Ranks that the stop after the first failure ended before they could fail (our SIGTERM, a
+    node agent's stop, srun's --kill-on-bad-exit) count neither way. Locally the loop lets the
+    others fail on their own first (loop.START_FAILURE_SETTLE_S), and an error every rank meets
+    is then recorded by every rank; across nodes a node's first failure stops its others, so
+    every node having failed alike is the most that can be asked. A single rank failing alone
+    (a missing node-local shard) or one node's ranks (a node without GPUs) is not enough: a
+    retry may not meet it."""
+    own = [f for f in failures if f.own]
+    if len({f.signature for f in own}) != 1:
+        return False
+    ranks = {f.rank for f in own}
+    if len(ranks) == nodes * ranks_per_node:
+        return True
+    on_nodes = {f.node_rank if f.node_rank is not None else (f.rank or 0) // ranks_per_node for f in own}
+    return len(ranks) > 1 and len(on_nodes) == nodes
 
 
 def root_cause(failures: Sequence[RankFailure], first_seen: int | None = None) -> RankFailure | None:

@@ -41,6 +41,17 @@ from orchestrator.supervision.watchdog import Silence, silent_ranks, stopped_ran
 # How often the watchdog reads heartbeats, and how long stacks get to reach the logs.
 WATCHDOG_PERIOD_S = 0.5
 STACK_DUMP_WAIT_S = 1.0
+# When a rank fails before any rank's first step in the run's first attempt, how long the rest
+# get to end on their own before they are stopped. The start-up rule (policy.cannot_start) counts
+# only ranks that failed on their own, and an error that every rank meets (an import) reaches
+# them at slightly different moments: stopped at once, a rank is killed before its error, or
+# while writing its record (seen in 1 run of 5 with 2 ranks, in 6 of 15 with fresh interpreters).
+# Over as soon as no rank runs; a rank that waits for the failed one (a rendezvous) costs the
+# whole wait, once. Only where the backend sees its ranks' processes (process_state): under Slurm
+# a node's agent, or srun, stops the others itself.
+START_FAILURE_SETTLE_S = 2.0
+# Process states of a rank that is not running any more (a zombie not yet reaped).
+ENDED_STATES = frozenset({None, "Z", "X"})
 
 
 def next_attempt(events: list[dict[str, Any]]) -> int:
@@ -269,6 +280,9 @@ class Supervision:
                 f"attempt {attempt}: {how} {len(started.heartbeats)} rank(s), MASTER_PORT={lease.port}"
             )
             seen, hang = self._watch(started, attempt)
+            reached = self._reached_step or past_first_step(self._beats(started.heartbeats))
+            if seen is not None and seen.failed and attempt == 0 and not reached:
+                self._let_the_rest_fail(started)
             stopped = self.hooks.stop_requested()
             if stopped:
                 self.hooks.say("stopping every rank")
@@ -278,10 +292,12 @@ class Supervision:
         first_seen = seen.first_seen if seen is not None else None
         failures = self.driver.failures(ended) if ended.failed else []
         root = hang or root_cause(failures, first_seen)
+        res = cfg.resources
         facts = AttemptFacts(
             attempt=attempt,
-            reached_step=self._reached_step or past_first_step(self._beats(started.heartbeats)),
-            one_failure_everywhere=hang is None and one_failure_everywhere(failures),
+            reached_step=reached or past_first_step(self._beats(started.heartbeats)),
+            one_failure_everywhere=hang is None
+            and one_failure_everywhere(failures, nodes=res.nodes, ranks_per_node=res.ranks_per_node),
         )
         if root is not None:
             root = without_secrets(root, self.config.job.pass_env)
@@ -321,6 +337,15 @@ class Supervision:
                     return None, hang
             time.sleep(self.poll_s)
         return None, None
+
+    def _let_the_rest_fail(self, started: Started) -> None:
+        """Before the ranks left after a start-up failure are stopped: until none runs, for
+        START_FAILURE_SETTLE_S at most, or until a stop is asked."""
+        deadline = time.monotonic() + START_FAILURE_SETTLE_S
+        while time.monotonic() < deadline and not self.hooks.stop_requested():
+            if all(self.driver.process_state(rank) in ENDED_STATES for rank in started.heartbeats):
+                return
+            time.sleep(self.poll_s)
 
     @staticmethod
     def _beats(heartbeats: Mapping[int, str]) -> dict[int, Beat | None]:

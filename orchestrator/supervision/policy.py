@@ -47,7 +47,9 @@ class AttemptFacts:
 
     attempt: int  # the attempt's number in the run: 0 is the run's first
     reached_step: bool  # a rank's heartbeat got past its first step
-    one_failure_everywhere: bool  # failures.one_failure_everywhere: every rank failed alike
+    # failures.one_failure_everywhere: the ranks that failed on their own failed alike, and they
+    # are every rank, or more than one with one on every node (not one rank's or one node's error)
+    one_failure_everywhere: bool
 
 
 @dataclass(frozen=True)
@@ -64,9 +66,12 @@ def backoff_delay(restart: RestartSpec, restart_number: int) -> float:
 
 
 def cannot_start(root: RankFailure, facts: AttemptFacts, progressed: bool) -> bool:
-    """The start-up rule: the run's first attempt failed before any step, every rank that
-    failed did so alike, and with an error no retry cures at start (Classified.fatal_at_start:
-    a missing module, a syntax error, a known start-up error...). A user error: not retried.
+    """The start-up rule: the run's first attempt failed before any step, alike everywhere (on
+    every rank, or on more than one rank and every node: AttemptFacts.one_failure_everywhere),
+    and with an error no retry cures at start (Classified.fatal_at_start: a missing module, a
+    syntax error, a known start-up error...). A user error: not retried. One rank's or one
+    node's failure is retried however fatal it looks: a missing node-local file, a node without
+    GPUs, are not the job's.
 
     Only the first attempt: a later one (a restart after progress, a resumed or requeued run)
     ran before, so a module or file missing now may be a flaky shared filesystem, and a retry
@@ -115,7 +120,7 @@ def decide(
         return Decision(
             Action.GIVE_UP,
             state,
-            "not restarting: the job cannot start (every rank failed alike before its first step,"
+            "not restarting: the job cannot start (it failed alike on every node before its first step,"
             " with an error no retry cures)",
         )
     diverged = root is not None and root.classified.kind is FailureClass.DIVERGED

@@ -234,3 +234,23 @@ def test_an_import_error_after_the_first_step_is_retried(tmp_path):
     proc = run_orch("run", str(cfg), "--run-id", "mid", "--quiet")
     assert proc.returncode == 1, proc.stderr
     assert attempts_and_restarts(tmp_path / "runs" / "mid") == ([0, 1], 1), proc.stderr
+
+
+def test_one_ranks_missing_file_at_start_is_retried(tmp_path):
+    # Issue 27, follow-up 10: rank 1 cannot open its node-local shard; rank 0 is fine (it waits
+    # for its peer, as in a rendezvous) and is stopped. One rank's error is not the job's: the
+    # run restarts, though the error is one that would be fatal on every rank.
+    script, cfg = start_script(
+        tmp_path,
+        "import os, time\n"
+        "if os.environ['RANK'] == '1':\n"
+        f"    open({str(tmp_path / 'local' / 'shard-1')!r})\n"
+        "time.sleep(60)\n",
+        restart={"max_restarts": 1, "backoff_s": 0.1, "stop_grace_s": 3},
+    )
+    proc = run_orch("run", str(cfg), "--run-id", "shard", "--quiet")
+    run_dir = tmp_path / "runs" / "shard"
+    assert proc.returncode == 1 and attempts_and_restarts(run_dir) == ([0, 1], 1), proc.stderr
+    record = json.loads((run_dir / "logs" / "attempt-0" / "rank-1.error.json").read_text())
+    assert record["type"] == "FileNotFoundError" and record["where"] == f"{script}:3"  # fired
+    assert not (run_dir / "logs" / "attempt-0" / "rank-0.error.json").exists()  # rank 0 was stopped

@@ -225,22 +225,96 @@ def test_known_start_up_errors_carry_their_fix() -> None:
     # own value, and still they failed alike.
     ranks = [failure(r, 1.0, "RuntimeError", f"`rank` must be an integer. {r}") for r in (0, 1)]
     c = ranks[0].classified
-    assert c.kind is FailureClass.SETUP and c.fatal_at_start and "int(os.environ['RANK'])" in (c.hint or "")
-    assert one_failure_everywhere(ranks)
+    # Its class is its type's (a RuntimeError); its entry names it, adds the fix and, as data,
+    # makes it fatal at start.
+    assert c.kind is FailureClass.ERROR and c.known == "int_env" and c.fatal_at_start
+    assert "int(os.environ['RANK'])" in (c.hint or "")
+    assert one_failure_everywhere(ranks, nodes=1, ranks_per_node=2)
     assert decide(RESTART, PolicyState(), AttemptState.FAILED, ranks[0], None, START).action is Action.GIVE_UP
     nccl = failure(0, 1.0, "RuntimeError", "Distributed package doesn't have NCCL built in").classified
-    assert nccl.kind is FailureClass.SETUP and "gloo" in (nccl.hint or "")
+    assert (
+        nccl.kind is FailureClass.ERROR and nccl.known == "nccl_without_gpu" and "gloo" in (nccl.hint or "")
+    )
     oom = failure(0, 1.0, "OutOfMemoryError", "CUDA out of memory. Tried to allocate 2 GiB").classified
     assert oom.kind is FailureClass.OOM and oom.retryable and "batch size" in (oom.hint or "")
 
 
+def test_the_class_comes_from_the_exception_type_not_the_words() -> None:
+    # The same words under a type the table does not name, or in a log line (no type): not the
+    # known error, no fix, not fatal at start. A missing file is MISSING whatever it says.
+    for kind in ("ValueError", None):
+        words = failure(0, 1.0, kind, "`rank` must be an integer. 0").classified
+        assert words.known is None and words.hint is None and not words.fatal_at_start, kind
+    missing = failure(0, 1.0, "FileNotFoundError", "No CUDA GPUs are available").classified
+    assert missing.kind is FailureClass.MISSING and missing.hint == MISSING.classified.hint
+
+
+# Issue 27, follow-up 10: "failed alike on every rank" must mean every rank (or every node),
+# not the one rank that failed before the supervisor stopped the others.
+
+
+def stopped_rank(rank: int) -> RankFailure:
+    return failure(rank, 1.2, None, "", code=-signal.SIGTERM)  # our stop, before it could fail
+
+
+def test_one_rank_of_four_failing_at_start_is_restarted() -> None:
+    # A missing node-local shard: rank 2 of one node's four fails, the supervisor stops the rest.
+    shard = failure(2, 1.0, "FileNotFoundError", "[Errno 2] No such file or directory: '/local/shard-2'")
+    failures = [replace(f, node_rank=0) for f in (stopped_rank(0), stopped_rank(1), shard, stopped_rank(3))]
+    alike = one_failure_everywhere(failures, nodes=1, ranks_per_node=4)
+    decision = decide(
+        RESTART, PolicyState(), AttemptState.FAILED, shard, None, replace(START, one_failure_everywhere=alike)
+    )
+    assert decision.action is Action.RESTART, decision
+
+
+def test_one_node_without_gpus_at_start_is_restarted() -> None:
+    # Two nodes of two ranks: node 1 has no GPU; node 0's ranks were stopped.
+    no_gpu = [failure(r, 1.0, "RuntimeError", "No CUDA GPUs are available") for r in (2, 3)]
+    assert no_gpu[0].classified.fatal_at_start  # fatal, were it everywhere
+    assert not one_failure_everywhere([stopped_rank(0), stopped_rank(1), *no_gpu], nodes=2, ranks_per_node=2)
+
+
+def test_every_rank_failing_with_the_same_import_error_gives_up() -> None:
+    failures = [
+        replace(failure(r, 1.0, "ImportError", "cannot import name 'x' from 'y'"), node_rank=0)
+        for r in range(4)
+    ]
+    alike = one_failure_everywhere(failures, nodes=1, ranks_per_node=4)
+    decision = decide(
+        RESTART,
+        PolicyState(),
+        AttemptState.FAILED,
+        failures[0],
+        None,
+        replace(START, one_failure_everywhere=alike),
+    )
+    assert decision.action is Action.GIVE_UP, decision
+
+
+def test_one_failure_everywhere_needs_every_rank_or_every_node() -> None:
+    def imp(rank: int) -> RankFailure:
+        return failure(rank, 1.0, "ImportError", "No module named 'x'")
+
+    # Across nodes each node's first failure stops its others: one on every node is enough.
+    assert one_failure_everywhere(
+        [imp(0), stopped_rank(1), imp(2), stopped_rank(3)], nodes=2, ranks_per_node=2
+    )
+    assert not one_failure_everywhere([imp(0), stopped_rank(1), stopped_rank(2)], nodes=2, ranks_per_node=2)
+    # One rank of a world of one is the whole world.
+    assert one_failure_everywhere([imp(0)], nodes=1, ranks_per_node=1)
+    assert not one_failure_everywhere([imp(0), stopped_rank(1)], nodes=1, ranks_per_node=2)
+
+
 def test_one_failure_everywhere_counts_only_ranks_that_failed_of_their_own() -> None:
+    world = {"nodes": 1, "ranks_per_node": 2}
     b = failure(1, 1.1, "ModuleNotFoundError", "No module named 'b'")
-    stopped = failure(1, 1.2, None, "", code=-signal.SIGTERM)  # our stop, before it could fail
     peer = failure(1, 1.2, "RuntimeError", "Connection closed by peer")
-    assert one_failure_everywhere([MISSING, stopped]) and one_failure_everywhere([MISSING, peer])
-    assert not one_failure_everywhere([MISSING, b])
-    assert not one_failure_everywhere([stopped])
+    assert one_failure_everywhere([MISSING, replace(MISSING, rank=1)], **world)
+    assert not one_failure_everywhere([MISSING, stopped_rank(1)], **world)  # one rank is not all
+    assert not one_failure_everywhere([MISSING, peer], **world)
+    assert not one_failure_everywhere([MISSING, b], **world)
+    assert not one_failure_everywhere([stopped_rank(1)], **world)
 
 
 def test_a_missing_module_is_its_own_class() -> None:

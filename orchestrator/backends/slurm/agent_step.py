@@ -21,6 +21,7 @@ from typing import Any
 
 from orchestrator.backends.slurm.channel import HELLO_TIMEOUT_S, Channel, ChannelClosed, Op
 from orchestrator.contract import ENV_AGENT_ADDR, ENV_AGENT_TOKEN
+from orchestrator.errors import OrchError
 
 # A HELLO is a node number, a token, a pid and a host name: far under this. A connection's
 # first line is read with one recv of at most this, so a stranger costs one small read a pump.
@@ -28,17 +29,43 @@ MAX_HELLO_LINE = 4096
 # Connections accepted per pump; the rest wait in the kernel's queue (the listening socket stays
 # readable) for the next one, so that one pump stays short however many connect at once.
 ACCEPT_PER_PUMP = 256
-# Unintroduced connections the hub holds at most: what its process's descriptor limit leaves
-# after one per node and FD_RESERVE for the supervisor's own files and pipes, and never fewer
-# than MIN_PENDING. Only strangers are ever pending for long: an agent's HELLO comes with its
-# connection, and is read as soon as the connection is accepted.
-MIN_PENDING = 64
+# Descriptors the hub's process keeps for what is not the hub's: the supervisor's own files,
+# pipes and srun. The rest of its limit is the hub's: one connection per node (introduced or not
+# yet), and STRANGER_ROOM at least for connections that are not agents (a port scan, a stale
+# agent of an older step) while they get their HELLO_TIMEOUT_S.
 FD_RESERVE = 256
+STRANGER_ROOM = 64
+# After an accept refused for want of a descriptor with nothing of the hub's to let go, the
+# listening socket is not watched for this long (it stays readable: watching it would make
+# every pump return at once); it is watched again sooner when the hub closes a connection.
+ACCEPT_RETRY_S = 0.1
 
 
-def pending_limit(nodes: int, open_files: int) -> int:
-    """How many connections may wait to introduce themselves (`open_files`: RLIMIT_NOFILE). Pure."""
-    return max(MIN_PENDING, open_files - nodes - FD_RESERVE)
+class DescriptorLimitError(OrchError):
+    """The process may not open as many files as the hub of a step's agents needs."""
+
+
+def descriptors_needed(nodes: int) -> int:
+    """The RLIMIT_NOFILE a hub of `nodes` agents needs in the supervisor's process. Pure."""
+    return nodes + STRANGER_ROOM + FD_RESERVE
+
+
+def soft_limit_for(nodes: int, soft: int, hard: int) -> int:
+    """The soft RLIMIT_NOFILE to run a hub of `nodes` agents with, from the process's `soft` and
+    `hard` limits: `soft` when it is enough, else raised to what the hub needs (the common soft
+    limit, 1024, is less than a 1,000-node step needs; the hard limit is usually far higher).
+    Raises DescriptorLimitError when the hard limit itself is too low. Pure."""
+    needed = descriptors_needed(nodes)
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return soft
+    if hard != resource.RLIM_INFINITY and hard < needed:
+        raise DescriptorLimitError(
+            f"the supervisor may open {hard} files at most (hard limit; soft {soft}) and the persistent"
+            f" node agents of {nodes} nodes need {needed}: raise it where the job is submitted and on"
+            f" its first node (`ulimit -n {needed}` before `orch submit`, or nofile in"
+            " /etc/security/limits.conf), or set slurm.persistent_agents: false"
+        )
+    return needed
 
 
 def is_agent_hello(message: Mapping[str, Any], token: str, nodes: int) -> bool:
@@ -63,10 +90,20 @@ class AgentHub:
     moment: each one accepted is read at once (an agent's HELLO is usually there already) and
     then whenever it has more to say, until its first line is whole. That line must be an
     agent's HELLO, else the connection is closed there and then; one that says nothing is
-    closed after HELLO_TIMEOUT_S, or when room is needed for a newer connection past
-    `max_pending` (the one silent longest goes first)."""
+    closed after HELLO_TIMEOUT_S, or when its descriptor is needed for a newer connection (the
+    one silent longest goes first).
+
+    Its process's soft descriptor limit is raised to what `nodes` agents need (or the hub
+    refuses to exist: DescriptorLimitError): at the common 1024, a 1,100-node step's accepts
+    would fail with EMFILE and its agents never all be let in."""
 
     def __init__(self, nodes: int) -> None:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        wanted = soft_limit_for(nodes, soft, hard)  # before anything is opened: may refuse
+        if wanted != soft:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        # Connections (introduced or not) the hub may hold: its share of the limit.
+        self.max_connections = (1 << 20 if wanted == resource.RLIM_INFINITY else wanted) - FD_RESERVE
         self.nodes = nodes
         # Every interface, a port the kernel picks and we hold for the step's life: no lease
         # race (docs/design.md, MASTER_PORT) because the socket is never let go. The queue is
@@ -81,11 +118,10 @@ class AgentHub:
         # not yet introduced, an int the node whose agent it is.
         self.selector = selectors.DefaultSelector()
         self.selector.register(self.server, selectors.EVENT_READ, None)
+        # When the listening socket is watched again after an accept found no descriptor free
+        # (ACCEPT_RETRY_S); None while it is watched.
+        self.accept_paused_until: float | None = None
         self.token = secrets.token_hex(16)
-        open_files = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-        if open_files == resource.RLIM_INFINITY:
-            open_files = 1 << 20
-        self.max_pending = pending_limit(nodes, open_files)
         # not yet introduced -> deadline; in the order accepted, which is the deadlines' order
         self.pending: dict[Channel, float] = {}
         self.agents: dict[int, Channel] = {}
@@ -111,6 +147,11 @@ class AgentHub:
         connection that has not introduced itself, at most ACCEPT_PER_PUMP new ones."""
         messages: list[tuple[int, dict[str, Any]]] = []
         accept = False
+        paused = self.accept_paused_until
+        if paused is not None and time.monotonic() >= paused:
+            self._listen()
+        elif paused is not None:
+            timeout = min(timeout, paused - time.monotonic())  # watched again on time
         for key, _ in self.selector.select(max(0.0, timeout)):
             item = key.data
             if item is None:
@@ -139,16 +180,33 @@ class AgentHub:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE) and self.pending:
-                    self._forget(next(iter(self.pending)))  # room for one not yet read
-                    continue
-                return  # the next pump tries again
-            if len(self.pending) >= self.max_pending:
+                if exc.errno not in (errno.EMFILE, errno.ENFILE):
+                    return  # the next pump tries again
+                if not self.pending:
+                    # No descriptor, and none of the hub's own to let go: the connection waits
+                    # in the kernel's queue. Not watched for a while, or every pump would
+                    # return at once to fail the same accept (a busy loop).
+                    self._pause_accepting()
+                    return
+                self._forget(next(iter(self.pending)))  # room for one not yet read
+                continue
+            if len(self.agents) + len(self.pending) >= self.max_connections and self.pending:
                 self._forget(next(iter(self.pending)))  # the one silent longest
             channel = Channel(sock)
             self.pending[channel] = time.monotonic() + HELLO_TIMEOUT_S
             self.selector.register(channel, selectors.EVENT_READ, channel)
             self._introduce(channel)  # an agent's HELLO is usually there already
+
+    def _pause_accepting(self) -> None:
+        if self.accept_paused_until is None:
+            self.selector.unregister(self.server)
+        self.accept_paused_until = time.monotonic() + ACCEPT_RETRY_S
+
+    def _listen(self) -> None:
+        """Watch the listening socket again (a descriptor may be free)."""
+        if self.accept_paused_until is not None:
+            self.accept_paused_until = None
+            self.selector.register(self.server, selectors.EVENT_READ, None)
 
     def _forget(self, channel: Channel) -> None:
         self.pending.pop(channel, None)
@@ -157,6 +215,7 @@ class AgentHub:
         except (KeyError, ValueError):
             pass
         channel.close()
+        self._listen()  # its descriptor is free
 
     def _introduce(self, channel: Channel) -> None:
         """Read what a connection not yet introduced has sent: nothing whole yet, an agent's
@@ -185,6 +244,7 @@ class AgentHub:
             except (KeyError, ValueError):
                 pass
             channel.close()
+            self._listen()  # its descriptor is free
         self.closed.add(node)
 
     def send(self, node: int, op: Op, **fields: Any) -> bool:

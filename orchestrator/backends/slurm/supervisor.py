@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import glob
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -26,7 +27,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from orchestrator.backends.slurm.agent_step import AgentStep
+from orchestrator.backends.slurm.agent_step import AgentStep, DescriptorLimitError, soft_limit_for
 from orchestrator.backends.slurm.channel import Op
 from orchestrator.backends.slurm.hostlist import expand_hostlist
 from orchestrator.backends.slurm.node_agent import FAILURE_STOP_GRACE_S
@@ -679,6 +680,13 @@ def supervise(run_url: str) -> None:
     )
     _log(f"job {job_id} (requeue {restart_count}) on {','.join(nodes)}; next attempt {attempt}")
     started = time.time()
+    if uses_persistent_agents(config):
+        # Refused before any attempt, as the run's end: every attempt's hub would fail the same way.
+        try:
+            soft_limit_for(config.resources.nodes, *resource.getrlimit(resource.RLIMIT_NOFILE))
+        except DescriptorLimitError as exc:
+            run.append_event(Event.RUN_FINISHED, status="failed", reason=str(exc), job_id=job_id, exit_code=1)
+            raise RuntimeError(str(exc)) from None
     driver = (
         PersistentAgentAttempts(config, run, job_id, nodes[0])
         if uses_persistent_agents(config)
