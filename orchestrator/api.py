@@ -21,6 +21,7 @@ second starter is refused in one line naming the holder, so no run and no point 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -95,10 +96,13 @@ def backend_for(config: Any, command: str) -> Any:
 def _claim(dir: Any, verb: str, what: str, doing: str, hint: str) -> Any:
     """The directory's claim (a DirClaim, a context manager), or a one-line UsageError naming the
     process that holds it."""
+    from orchestrator.storage.private import NotPrivate
     from orchestrator.storage.rundir import DirectoryClaimed
 
     try:
         return dir.claim()
+    except NotPrivate as exc:  # its lock file is a link, or another user's (storage/private.py)
+        raise UsageError(f"{verb}: cannot claim {what}: {exc}") from None
     except DirectoryClaimed as busy:
         holder = busy.holder
         who = f"pid {holder['pid']} on {holder.get('host')}" if holder.get("pid") else "another process"
@@ -645,9 +649,12 @@ def sweep(
     if check and backend.foreground_hint is not None:  # submitted: as `orch submit` checks first
         preflight(spec.configs[0])  # every point has the same allocation (check_sweep)
     handle = create_sweep(spec, sweep_id=sweep_id, config_file=config_file)
-    with handle._claim("sweep") as claim:
-        points = [run for _, run in handle.dir.points()]
-        return handle._start(backend, points, claim, wait=wait, console=console)
+    with handle._claim("sweep") as claim, contextlib.ExitStack() as held:
+        points = handle.points()
+        if backend.foreground_hint is not None:  # submitted: each point held until it is (_start)
+            for point in points:
+                held.enter_context(point._claim("sweep"))
+        return handle._start(backend, [point.dir for point in points], claim, wait=wait, console=console)
 
 
 def create_sweep(spec: Any, *, sweep_id: str | None = None, config_file: str | None = None) -> Sweep:
@@ -782,15 +789,20 @@ class Sweep:
         from orchestrator.supervision.status import FINAL_STATES
 
         backend = get_backend(self.record().get("backend", "local"))
+        submitted = backend.foreground_hint is not None
         # Taken before any point's state is read, held until the points are submitted or (run
         # here) until the runner ends: a second resume would pass the same checks and start the
         # points still queued a second time.
-        with self._claim("resume") as claim:
+        with self._claim("resume") as claim, contextlib.ExitStack() as held:
             points = []
             for run in self.points():
                 # A point that its own `orch resume SWEEP/N` is starting right now is that one's.
-                with run._claim("resume"):
-                    st = run.status()
+                # Submitted, each point's claim is held until its `submitted` is appended
+                # (_start); run here, each point's own `orch resume` takes it, so it goes now.
+                point_claim = held.enter_context(run._claim("resume"))
+                st = run.status()
+                if not submitted:
+                    point_claim.release()
                 if st.state == "succeeded":
                     continue
                 if st.state not in RESUMABLE:
@@ -804,7 +816,7 @@ class Sweep:
                 raise UsageError(
                     f"resume: every point of sweep {self.sweep_id} succeeded; there is nothing to resume"
                 )
-            if backend.foreground_hint is not None:  # submitted again: each point's ledger says it goes on
+            if submitted:  # submitted again: each point's ledger says it goes on
                 for run, st in points:
                     if st.state != "created":
                         run._record_resume(backend.name, st, next_attempt(run.events()), [])
@@ -825,7 +837,11 @@ class Sweep:
         self, backend: Any, points: list[Any], claim: Any, *, wait: bool, console: IO[str] | None
     ) -> Sweep:
         """Start `points` while holding the sweep's `claim` (for a runner in the background, the
-        claim passes to it: released here first, taken there)."""
+        claim passes to it: released here first, taken there). Submitted, the caller holds every
+        point's claim too, until the job array's `submitted` is in each point's ledger: an
+        `orch resume SWEEP/N` meanwhile would find the point `created` (or stopped) and submit it
+        a second time. One descriptor per point: a sweep needs fewer points than the open-file
+        limit (`ulimit -n`, 1024 by default; Slurm's MaxArraySize is 1001 by default)."""
         record = self.record()
         if backend.foreground_hint is not None:  # a scheduler: one job array of these points
             backend.submit_sweep(self.dir, record, points)

@@ -28,7 +28,9 @@ def console_log(url: str, name: str) -> str:
 
 def start_detached(orch_args: list[str], log_path: str) -> subprocess.Popen:
     """`orch ARGS` (this interpreter) in a new session, its console appended to `log_path`."""
-    fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    # O_NOFOLLOW: a link put where the log goes (by another user, in a shared temp folder) is
+    # refused, not appended to.
+    fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         return subprocess.Popen(
             [sys.executable, "-m", "orchestrator.cli", *orch_args],

@@ -8,6 +8,7 @@ for one attempt; each attempt takes a fresh one, so no rendezvous state outlives
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import random
@@ -65,7 +66,17 @@ def lease_port(fixed: int | None = None, *, rng: random.Random | None = None) ->
         start = (rng or random.SystemRandom()).randrange(lo, hi)
         candidates = [lo + (start - lo + i) % (hi - lo) for i in range(hi - lo)]
     for port in candidates:
-        fd = os.open(os.path.join(lock_dir, f"{port}.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            # O_NOFOLLOW: never lock (or create) whatever a link someone put here points to.
+            fd = os.open(
+                os.path.join(lock_dir, f"{port}.lock"),
+                os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                0o600,
+            )
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                continue
+            raise
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:

@@ -21,12 +21,13 @@ import os
 import secrets
 import shutil
 import socket
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from orchestrator.contract import METRICS_FILE, Event, attempt_dir_name, attempt_number, rank_of_file
+from orchestrator.storage.faults import fault_point
+from orchestrator.storage.private import open_private_file, user_temp_dir, user_temp_path
 from orchestrator.storage.runid import run_id_of_path
 
 
@@ -133,19 +134,25 @@ class RunDir:
         if self.is_local:
             base = os.path.join(self.local_path, "logs")
         else:
-            # Named by the run directory's URL too: two runs with one id under two roots must
-            # not append to one another's staged logs, which publish_logs would then upload
-            # into the wrong run.
-            digest = hashlib.sha256(self.url.rstrip("/").encode()).hexdigest()[:12]
-            staging = f"{self.run_id.replace('/', '-')}-{digest}"
-            base = os.path.join(tempfile.gettempdir(), f"orch-{os.getuid()}", staging, "logs")
+            base = user_temp_path(self._staging, "logs")
         return os.path.join(base, attempt_dir_name(attempt))
 
+    @property
+    def _staging(self) -> str:
+        """A remote run's folder in this user's temp folder. Named by the run directory's URL
+        too: two runs with one id under two roots must not append to one another's staged logs,
+        which publish_logs would then upload into the wrong run."""
+        digest = hashlib.sha256(self.url.rstrip("/").encode()).hexdigest()[:12]
+        return f"{self.run_id.replace('/', '-')}-{digest}"
+
     def logs_dir(self, attempt: int) -> str:
-        """logs_path(attempt), created."""
-        path = self.logs_path(attempt)
-        os.makedirs(path, mode=0o700, exist_ok=True)
-        return path
+        """logs_path(attempt), created (a remote run's: in this user's private temp folder, which
+        no other user can have made first, or linked elsewhere: storage/private.py)."""
+        if self.is_local:
+            path = self.logs_path(attempt)
+            os.makedirs(path, mode=0o700, exist_ok=True)
+            return path
+        return user_temp_dir(self._staging, "logs", attempt_dir_name(attempt))
 
     def publish_logs(self, attempt: int) -> None:
         """Copy a remote run's staged logs of one attempt into the run directory."""
@@ -248,16 +255,17 @@ def claim_path(url: str) -> str:
 
 
 def _host_claim_path(url: str) -> str:
+    # Anyone can compute this path: its folder must be this user's alone (storage/private.py).
     digest = hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:16]
-    folder = os.path.join(tempfile.gettempdir(), f"orch-{os.getuid()}", "claims")
-    os.makedirs(folder, mode=0o700, exist_ok=True)
-    return os.path.join(folder, f"{digest}.lock")
+    return os.path.join(user_temp_dir("claims"), f"{digest}.lock")
 
 
 def claim_directory(url: str) -> DirClaim:
     """Take the exclusive claim on the run or sweep directory at `url`, without waiting:
     DirectoryClaimed (naming the holder) if another process, or another claim of this one,
-    holds it. The holder's pid, host and start go into the lock file for that message."""
+    holds it. The holder's pid, host and start go into the lock file for that message.
+    NotPrivate (an OSError of one line) if the lock file, or this host's folder for it, is a
+    link or another user's: nothing is written through it."""
     path = claim_path(url)
     try:
         return _lock(path, url)
@@ -268,27 +276,37 @@ def claim_directory(url: str) -> DirClaim:
 
 
 def _lock(path: str, url: str) -> DirClaim:
-    # O_CLOEXEC (Python's default): no process the holder execs (ranks, the fork server, a
-    # sweep's points) inherits the claim and keeps it after the holder has gone.
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    # Never through a link, only a regular file of this user's (a run directory on shared
+    # storage may be writable by others); O_CLOEXEC: no process the holder execs (ranks, the
+    # fork server, a sweep's points) inherits the claim and keeps it after the holder has gone.
+    fd = open_private_file(path, os.O_RDWR)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
+        holder = _holder(fd)
         os.close(fd)
-        raise DirectoryClaimed(url, _holder(path)) from None
+        raise DirectoryClaimed(url, holder) from None
     except BaseException:
         os.close(fd)
         raise
-    holder = {"pid": os.getpid(), "host": this_host(), "since": round(time.time(), 3)}
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, json.dumps(holder).encode(), 0)
+    try:
+        fault_point("claim.holder")  # a test fails the holder's write here
+        holder = {"pid": os.getpid(), "host": this_host(), "since": round(time.time(), 3)}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(holder).encode(), 0)
+    except OSError:
+        # A full or failing disk: the lock, not its text, is the claim, so it is kept; a starter
+        # refused meanwhile is told "another process" (an empty file) instead of a pid.
+        pass
+    except BaseException:  # anything else (Ctrl-C, a bug): no claim, and no descriptor, leaks
+        os.close(fd)
+        raise
     return DirClaim(path, fd)
 
 
-def _holder(path: str) -> dict[str, Any]:
+def _holder(fd: int) -> dict[str, Any]:
     try:
-        with open(path, encoding="utf-8") as fh:
-            holder = json.loads(fh.read())
+        holder = json.loads(os.pread(fd, 4096, 0).decode())
     except (OSError, ValueError):  # not written yet (the holder is between its flock and write)
         return {}
     return holder if isinstance(holder, dict) else {}
