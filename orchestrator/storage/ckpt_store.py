@@ -18,11 +18,15 @@ Object stores (s3://, memory://, ...), which cannot rename a prefix:
     ckpt/step-00000100/COMMITTED      created last and create-only; names the data prefix
 
 A checkpoint exists only when committed and its manifest verifies (every file present with the
-listed size and checksum), and a manifest of any other shape is a corrupt checkpoint for every
-reader (`manifest_problem`). At most one commit per step: rename refuses an existing directory and
-the marker is create-only. Incarnations (attempts, requeued Slurm jobs) register under
-`ckpt/incarnations/`; a writer that sees a newer one registered is stale and may not commit
-(fencing). The controller reads checkpoints through this module, so it never imports torch.
+listed size and checksum). A manifest whose format, step or file entries (names, sizes,
+checksums) are malformed is a corrupt checkpoint for every reader (`manifest_problem`); its other
+fields (created, epoch, world_size, ...) are information that readers take defensively, never a
+reason to call a checkpoint corrupt (restore deletes corrupt ones).
+
+At most one commit per step: rename refuses an existing directory and the marker is
+create-only. Incarnations (attempts, requeued Slurm jobs) register under `ckpt/incarnations/`; a
+writer that sees a newer one registered is stale and may not commit (fencing). The controller
+reads checkpoints through this module, so it never imports torch.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 from orchestrator.storage.faults import fault_point
 from orchestrator.storage.rundir import write_new_file
@@ -95,8 +99,9 @@ def make_token(incarnation: int) -> str:
     return f"i{max(incarnation, 0):06d}-{secrets.token_hex(4)}"
 
 
-def token_incarnation(token: str) -> int:
-    m = re.match(r"^i(\d+)-", token)
+def token_incarnation(token: Any) -> int:
+    """The incarnation a token names; -1 for anything that is not a token (a manifest's field)."""
+    m = re.match(r"^i(\d+)-", token) if isinstance(token, str) else None
     return int(m.group(1)) if m else -1
 
 
@@ -135,9 +140,12 @@ def checksum_for(entry: dict[str, Any]) -> tuple[Any, str]:
 
 
 # ------------------------------------------------------------------ the manifest's shape
-# Readers index manifests freely (restore, export, `orch checkpoints`), so the store checks a
-# manifest's whole shape where it reads one: anything else is a corrupt checkpoint, which every
-# reader handles (restore falls back to an older one), never a KeyError or ValueError.
+# Readers index a manifest's files freely (restore, export, `orch checkpoints`), so the store
+# checks what integrity needs where it reads one: format, step and the file entries. A manifest
+# malformed there is a corrupt checkpoint, which every reader handles (restore falls back to an
+# older one and un-commits it), never a KeyError or ValueError. The other fields are information
+# (when, by whom, which epoch): one of an odd type never makes a good checkpoint corrupt, which
+# would get it deleted; their readers check each one's type (CheckpointInfo's properties).
 
 _CHECKSUM_OF_FORMAT = {1: "sha256", 2: "crc32"}  # what a format's entries list besides "size"
 _CHECKSUM_HEX = {"crc32": re.compile(r"^[0-9a-f]{8}$"), "sha256": re.compile(r"^[0-9a-f]{64}$")}
@@ -150,28 +158,6 @@ def _is_int(value: Any) -> bool:
 
 def _is_number(value: Any) -> bool:
     return type(value) in (int, float) and math.isfinite(value)
-
-
-def _is_layout(value: Any) -> bool:
-    return value is None or (
-        isinstance(value, list)
-        and all(isinstance(bucket, list) and all(isinstance(n, str) for n in bucket) for bucket in value)
-    )
-
-
-# The fields written beside "files" (by commit, and the runtime's meta), as readers may rely on
-# them. An absent one is fine (manifests written before it); unknown ones are left to their
-# readers. runtime/ddp_layout.py names "ddp_bucket_layout" (its MANIFEST_KEY).
-_META_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "created": (_is_number, "a time in seconds"),
-    "token": (lambda v: isinstance(v, str), "a string"),
-    "world_size": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    "epoch": (_is_int, "an integer"),
-    "incarnation": (_is_int, "an integer"),
-    "model_digest": (lambda v: v is None or isinstance(v, str), "a string or null"),
-    "write_s": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
-    "ddp_bucket_layout": (_is_layout, "null or lists of parameter names"),
-}
 
 
 def entry_problem(entry: Any, checksums: tuple[str, ...] = ("crc32", "sha256")) -> str | None:
@@ -192,7 +178,8 @@ def entry_problem(entry: Any, checksums: tuple[str, ...] = ("crc32", "sha256")) 
 
 
 def manifest_problem(manifest: Any, step: int) -> str | None:
-    """What is wrong with the shape of `step`'s manifest, naming the field, or None."""
+    """What makes `step`'s manifest unfit to verify the checkpoint by, naming the field, or None:
+    its format, step and file entries. Other fields are never a problem (see above)."""
     if not isinstance(manifest, dict):
         return f"a {type(manifest).__name__}, not a mapping"
     fmt = manifest.get("format")
@@ -209,10 +196,14 @@ def manifest_problem(manifest: Any, step: int) -> str | None:
         problem = entry_problem(entry, (_CHECKSUM_OF_FORMAT[fmt],))
         if problem:
             return f"files[{name!r}]: {problem}"
-    for key, (fits, shape) in _META_FIELDS.items():
-        if key in manifest and not fits(manifest[key]):
-            return f"{key} is {manifest[key]!r}, not {shape}"
     return None
+
+
+def manifest_int(manifest: dict[str, Any], key: str) -> int | None:
+    """An integer information field of a manifest (world_size, incarnation, ...), or None when
+    it is absent or of another type: such fields are not checked (see above)."""
+    value = manifest.get(key)
+    return value if _is_int(value) else None
 
 
 def _checked_entry(entry: Any, where: str) -> dict[str, Any]:
@@ -235,17 +226,21 @@ class CheckpointInfo:
     def size(self) -> int:
         return sum(int(f["size"]) for f in self.manifest.get("files", {}).values())
 
+    # Information fields, of the type promised whatever the manifest holds (None: unknown).
+
     @property
     def model_digest(self) -> str | None:
-        return self.manifest.get("model_digest")
+        digest = self.manifest.get("model_digest")
+        return digest if isinstance(digest, str) else None
 
     @property
     def created(self) -> float | None:
-        return self.manifest.get("created")
+        created = self.manifest.get("created")
+        return float(created) if _is_number(created) else None
 
     @property
     def incarnation(self) -> int:
-        return token_incarnation(self.manifest.get("token", ""))
+        return token_incarnation(self.manifest.get("token"))
 
 
 def sha256_bytes(data: bytes | memoryview) -> str:
@@ -346,6 +341,9 @@ class CheckpointStore:
         self.url = url.rstrip("/")
         self.fs, self.path = fsspec.core.url_to_fs(self.url)
         self.renames = isinstance(self.fs, LocalFileSystem)
+        # Steps with a displaced directory in the newest listing of ckpt/ (None: not listed yet).
+        # A commit looks for displaced commits to put back only for these (see _rename_into_place).
+        self._displaced_seen: set[int] | None = None
 
     # ------------------------------------------------------------------ writing
 
@@ -388,17 +386,21 @@ class CheckpointStore:
     def commit(
         self, tmp: str, step: int, token: str, entries: Iterable[FileEntry], meta: dict[str, Any]
     ) -> str:
-        """Write the manifest, check the fence, and make the checkpoint visible atomically."""
+        """Write the manifest, check the fence, and make the checkpoint visible atomically.
+
+        `meta` is information for readers, of any JSON type: the protocol's own fields (format,
+        step, created, token, files) are the store's, written after it so that it cannot
+        override them."""
         manifest = {
+            **meta,
             "format": 2,  # 1: sha256 per file; 2: crc32
             "step": step,
             "created": time.time(),
             "token": token,
-            **meta,
             "files": {e.name: e.manifest_entry() for e in sorted(entries, key=lambda e: e.name)},
         }
         problem = manifest_problem(manifest, step)
-        if problem:  # never commit what every reader would call corrupt
+        if problem:  # a file name that is a path: never commit what every reader calls corrupt
             raise ValueError(f"{step_dir_name(step)}: not committing a malformed manifest: {problem}")
         body = json.dumps(manifest, indent=1, sort_keys=True).encode()
         self.write_file(tmp, MANIFEST, body)
@@ -434,9 +436,19 @@ class CheckpointStore:
         over a full one, so a displacement is two renames: the old commit to
         `step-s.displaced-<its token>`, then ours into place. At every instant the step stays
         committed: between the two (a crash), readers take the displaced directory as the
-        step's commit, and the next commit of the step first puts it back."""
-        for _ in range(_DISPLACE_TRIES):
-            self._restore_displaced(step)
+        step's commit, and the next commit of the step first puts it back.
+
+        Putting one back needs a listing of ckpt/ (a displaced name holds a random part), which
+        a commit does not pay for on every save: the first try looks only when the store's
+        newest listing showed a displaced directory of the step, or when it has listed nothing
+        yet. One displaced after that listing was either an older incarnation's commit, moved by
+        a writer older than this one (this commit would displace it in turn: the plain rename
+        into the empty name comes to the same), or moved by a newer incarnation: then this
+        writer is stale, and its fence check (just before) or, past it, the newer incarnation's
+        seal keeps this commit out. Every later try looks."""
+        for attempt in range(_DISPLACE_TRIES):
+            if attempt > 0 or self._displaced_seen is None or step in self._displaced_seen:
+                self._restore_displaced(step)
             if _renamed_into_empty(tmp, final):
                 return
             existing = self._existing_incarnation(step)
@@ -446,6 +458,8 @@ class CheckpointStore:
                 os.rename(final, f"{self.path}/{step_dir_name(step)}.displaced-{make_token(existing)}")
             except FileNotFoundError:
                 continue  # un-committed or displaced by another writer meanwhile: look again
+            if self._displaced_seen is not None:
+                self._displaced_seen.add(step)  # left there if the rename below fails
             fault_point("ckpt.displaced")
             if _renamed_into_empty(tmp, final):
                 return
@@ -550,10 +564,10 @@ class CheckpointStore:
         except FileNotFoundError:
             return []
 
-    def _sealed_incarnations(self) -> list[int]:
+    def _sealed_incarnations(self, names: list[str] | None = None) -> list[int]:
         return sorted(
             int(n.removesuffix(_SEAL_SUFFIX))
-            for n in self._incarnation_names()
+            for n in (self._incarnation_names() if names is None else names)
             if n.endswith(_SEAL_SUFFIX) and n.removesuffix(_SEAL_SUFFIX).isdigit()
         )
 
@@ -564,8 +578,9 @@ class CheckpointStore:
         except (FileNotFoundError, ValueError, KeyError, TypeError, AttributeError):
             return None  # unreadable: as if that incarnation never sealed
 
-    def newest_incarnation(self) -> int:
-        return max((int(n) for n in self._incarnation_names() if n.isdigit()), default=-1)
+    def newest_incarnation(self, names: list[str] | None = None) -> int:
+        names = self._incarnation_names() if names is None else names
+        return max((int(n) for n in names if n.isdigit()), default=-1)
 
     def check_fence(self, incarnation: int) -> None:
         newest = self.newest_incarnation()
@@ -583,9 +598,13 @@ class CheckpointStore:
         # commits and, worse, a newer incarnation's registration (fencing).
         self.fs.invalidate_cache()
         try:
-            return [p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.path, detail=False)]
+            names = [p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.path, detail=False)]
         except FileNotFoundError:
-            return []
+            names = []
+        self._displaced_seen = {
+            int(m["step"]) for n in names if (m := _SIDE_DIR.match(n)) and m["kind"] == "displaced"
+        }
+        return names
 
     def committed_steps(self) -> list[int]:
         """Committed steps, newest first (not yet verified); without fenced commits."""
@@ -596,28 +615,38 @@ class CheckpointStore:
         removed by the newest incarnation's retention pass."""
         return self._split_fenced()[1]
 
-    def _commit_dirs(self) -> dict[int, str]:
+    def _commit_dirs(
+        self, names: list[str] | None = None, marked: dict[str, bool] | None = None
+    ) -> dict[int, str]:
         """step -> the name in ckpt/ that holds its commit: `step-s` (with its commit marker),
-        or on local filesystems a displaced directory that a crash left without `step-s`."""
-        return {
-            step: name
-            for step, name in _commit_candidates(self.names()).items()
-            if self.fs.exists(f"{self.path}/{name}/{COMMITTED}")
-        }
+        or on local filesystems a displaced directory that a crash left without `step-s`.
+        From `names` (a listing in hand) or a fresh listing; `marked` remembers, per name,
+        whether it holds a commit marker, so that a caller asks once per name."""
+        names = self.names() if names is None else names
+        marked = {} if marked is None else marked
+        found = {}
+        for step, name in _commit_candidates(names).items():
+            if name not in marked:
+                marked[name] = self.fs.exists(f"{self.path}/{name}/{COMMITTED}")
+            if marked[name]:
+                found[step] = name
+        return found
 
-    def _commit_records(self) -> list[tuple[int, int]]:
+    def _commit_records(self, commit_dirs: dict[int, str] | None = None) -> list[tuple[int, int]]:
         """(step, committing incarnation) for each committed step, newest first. An
         unreadable manifest or marker reads as incarnation -1: restore's verification deals
         with it, as with any corrupt checkpoint."""
         records = []
-        for step, name in self._commit_dirs().items():
+        for step, name in (self._commit_dirs() if commit_dirs is None else commit_dirs).items():
             directory = f"{self.path}/{name}" if self.renames else None
             records.append((step, self._existing_incarnation(step, directory)))
         return sorted(records, reverse=True)
 
-    def _split_fenced(self) -> tuple[list[int], list[int]]:
-        records = self._commit_records()
-        sealed = self._sealed_incarnations()
+    def _split_fenced(
+        self, commit_dirs: dict[int, str] | None = None, sealed: list[int] | None = None
+    ) -> tuple[list[int], list[int]]:
+        records = self._commit_records(commit_dirs)
+        sealed = self._sealed_incarnations() if sealed is None else sealed
         seals: dict[int, dict[str, int] | None] = {}
         accepted, fenced = [], []
         for step, by in records:
@@ -834,13 +863,24 @@ class CheckpointStore:
         With `known_good` (steps this writer committed or verified), only those count toward
         `keep`: a checkpoint nobody has verified since its commit may be corrupt, and counting
         it could delete the only good one. Nothing is deleted until `keep` good ones exist.
+
+        It runs after every save, so it lists ckpt/ (and incarnations/) once and asks once
+        per commit for its marker: on Lustre each is a request to the metadata server. What
+        appears after that listing is left to the next pass.
         """
-        if self.newest_incarnation() > incarnation:
+        registered = self._incarnation_names()
+        if self.newest_incarnation(registered) > incarnation:
             return []  # a stale writer (paused past the fence check) deletes nothing
         protected = set(protect)
         removed = []
-        steps, fenced = self._split_fenced()
+        listing = self.names()
+        marked: dict[str, bool] = {}
+        commit_dirs = self._commit_dirs(listing, marked)
+        steps, fenced = self._split_fenced(commit_dirs, self._sealed_incarnations(registered))
+        gone = set()  # names in the listing that this pass took away
         for step in fenced:  # a stale writer's late commit: never loaded, so never kept
+            # Its data: the directory itself, or on object stores the prefix its marker names.
+            gone.add(commit_dirs[step] if self.renames else self._data_name_or_none(step) or "")
             self.uncommit(step, incarnation)
             removed.append(step_dir_name(step))
         doomed = steps[keep:]
@@ -852,7 +892,9 @@ class CheckpointStore:
         # directory that holds its step's commit (a crash between a displacement's renames).
         live_dirs = set()
         if self.renames:
-            live_dirs.update(self._commit_dirs().values())
+            # Without the fenced commits just taken away: a displaced commit they had superseded
+            # is its step's commit again.
+            live_dirs.update(self._commit_dirs([n for n in listing if n not in gone], marked).values())
         else:
             for step in steps:
                 try:
@@ -867,7 +909,8 @@ class CheckpointStore:
             # through a delete never leaves a committed checkpoint with files missing.
             if self.renames:
                 aside = f"{self.path}/{name}.stale-{make_token(incarnation)}"
-                os.rename(self.data_dir(step), aside)
+                os.rename(f"{self.path}/{commit_dirs[step]}", aside)
+                gone.add(commit_dirs[step])
                 _fsync_dir(self.path)
                 fault_point("ckpt.prune_uncommitted")
                 self.fs.rm(aside, recursive=True)
@@ -879,10 +922,11 @@ class CheckpointStore:
                 if data:
                     self._rm_quietly(f"{self.path}/{data}")
                     live_dirs.discard(data)
+                    gone.add(data)
             removed.append(name)
-        for name in self.names():
+        for name in listing:
             m = _SIDE_DIR.match(name)
-            if not m or name in live_dirs:
+            if not m or name in live_dirs or name in gone:
                 continue
             # Stale and superseded displaced directories always go; a tmp directory only when
             # an older incarnation (dead, or stale and fenced) was writing it.

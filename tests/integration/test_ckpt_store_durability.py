@@ -4,7 +4,9 @@ A file's fsync does not make its directory entry durable: after a power loss a r
 seal or an un-commit can vanish while later changes survive. Every entry the protocol relies on
 is followed by an fsync of its directory (checked here by watching the real system calls), and
 the displacement of a step's commit is recoverable at every instant (a real writer process
-crashed by a failpoint between its two renames)."""
+crashed by a failpoint between its two renames), at no cost to the saves that displace nothing:
+a commit does not list ckpt/, and retention lists it once (each a readdir on Lustre's metadata
+server, and retention's look at each commit a stat there)."""
 
 from __future__ import annotations
 
@@ -181,3 +183,58 @@ def test_a_checkpoint_left_in_between_can_be_uncommitted_and_pruned(tmp_path):
     assert fresh.committed_steps() == [20]
     fresh.uncommit(20, 2)
     assert fresh.committed_steps() == [] and sorted(fresh.names()) == ["incarnations"]
+
+
+class Listings:
+    """Listings of ckpt/ and looks for a commit marker, as the store asks its filesystem."""
+
+    def __init__(self, store: CheckpointStore, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.listed: list[str] = []
+        self.markers: list[str] = []
+        real_ls, real_exists = store.fs.ls, store.fs.exists
+
+        def ls(path, *args, **kwargs):
+            if str(path).rstrip("/") == store.path:
+                self.listed.append(str(path))
+            return real_ls(path, *args, **kwargs)
+
+        def exists(path, *args, **kwargs):
+            if str(path).endswith("/COMMITTED"):
+                self.markers.append(str(path))
+            return real_exists(path, *args, **kwargs)
+
+        # fsspec shares the instance between stores: undone after the test.
+        monkeypatch.setattr(store.fs, "ls", ls)
+        monkeypatch.setattr(store.fs, "exists", exists)
+
+    def clear(self) -> None:
+        self.listed.clear()
+        self.markers.clear()
+
+
+def test_a_commit_lists_nothing_and_retention_lists_once(tmp_path, monkeypatch):
+    url = str(tmp_path / "ckpt")
+    store = CheckpointStore(url)
+    store.register_incarnation(0)
+    for step in (10, 20, 30):
+        _save(store, step, 0)
+    calls = Listings(store, monkeypatch)
+    _save(store, 40, 0)
+    assert calls.listed == [], "a commit that displaces nothing listed ckpt/"
+    assert calls.markers == []
+
+    calls.clear()
+    removed = store.prune(2, 0, protect=[40], known_good=[10, 20, 30, 40])
+    assert sorted(removed) == ["step-00000010", "step-00000020"]
+    assert len(calls.listed) == 1, calls.listed
+    assert sorted(calls.markers) == sorted(f"{store.path}/step-{s:08d}/COMMITTED" for s in (10, 20, 30, 40))
+    assert store.committed_steps() == [40, 30]
+
+    # A displaced commit in the listing in hand is still put back before a commit of its step.
+    os.rename(f"{url}/step-00000030", f"{url}/step-00000030.displaced-{make_token(0)}")
+    assert store.committed_steps() == [40, 30]  # the listing that shows it
+    paused = store
+    monkeypatch.setattr(paused, "check_fence", lambda incarnation: None)
+    with pytest.raises(AlreadyCommitted):
+        _save(paused, 30, 0, b"again")
+    assert os.path.isdir(f"{url}/step-00000030")
