@@ -246,8 +246,9 @@ def main() -> None:
             continue
         break
 
-    if ckpt.last_saved_step != step:
-        ckpt.save(step, epoch=epoch)  # the final state, so runs compare by their newest checkpoint
+    # The final state, so runs compare by their newest checkpoint. Unconditional: saving the
+    # step just saved is a no-op, and a save of it that was skipped (torn) is made again.
+    ckpt.save(step, epoch=epoch)
     ckpt.close()
     metrics.close()
     if ctx.is_main:

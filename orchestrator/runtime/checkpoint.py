@@ -54,6 +54,7 @@ from orchestrator.storage.ckpt_store import (
     FileEntry,
     StaleIncarnation,
     make_token,
+    manifest_int,
     step_dir_name,
 )
 from orchestrator.storage.faults import fault_point
@@ -275,8 +276,25 @@ def _skipped_samples(before: dict[str, Any] | None, after: dict[str, Any] | None
     return epochs * int(before["dataset_len"]) + int(after["consumed"]) - int(before["consumed"])
 
 
+def saved_after(diverged: dict[str, Any], step: int, saved_by: int | None) -> bool:
+    """Whether the checkpoint of `step`, saved by incarnation `saved_by`, comes after the
+    divergence `diverged` (its event): past its last step, or saved by a later attempt (the
+    rollback's own, say, at a step inside the diverged window). Restoring it rolls nothing back,
+    whether or not a sampler position tells so. An incarnation is the attempt that ran it
+    (ORCH_INCARNATION); a checkpoint that names none is judged by its step alone."""
+    if step > int(diverged.get("last_step", step)):
+        return True
+    attempt = diverged.get("attempt")
+    return saved_by is not None and attempt is not None and saved_by > int(attempt)
+
+
 def _warn(text: str) -> None:
     print(f"[orch.checkpoint] {text}", file=sys.stderr, flush=True)
+
+
+def _raise(result: _SaveResult) -> NoReturn:
+    """A failed or fenced save's error."""
+    raise (StaleIncarnationError if result.outcome is _Outcome.STALE else CheckpointError)(result.message)
 
 
 class Snapshot:
@@ -332,7 +350,10 @@ class DeferredCopies:
     PyTorch bumps the counter when an in-place kernel returns, so a write that overlaps the copy
     may still be running, its bump still to come. It runs on the training thread instead, the
     only writer, at its first point after the copies where it runs no kernel: the optimizer's
-    step (which waits for the copies anyway) or the next wait(), save() or close() (`settle`).
+    step (which waits for the copies anyway), the next wait(), save() or close() (`settle`),
+    or, once the copies are done, any other entry of the training thread into the runtime: a
+    forward of the model (a pre-hook, so an evaluation that never steps the optimizer still
+    lets the save commit), step_end(), should_save() (Checkpointer._settle_if_copied).
     Every write that began before that point has returned by then, with its bump. The commit
     waits for that check; a write that came after the copy, before the check, skips the save
     too (the counter cannot tell it from one that overlapped). Copying these tensors before
@@ -408,8 +429,9 @@ class _Outcome(enum.Enum):
 
 @dataclass(frozen=True)
 class _SaveResult:
-    """What became of one save, as rank 0 decided it (or a rank's own failure outside the
-    protocol); every rank acts on the same one (Checkpointer._agree)."""
+    """What became of one save, as rank 0 decided it (or as another rank knows it: a write
+    that failed on any rank, gathered by all, or its own failure outside the protocol); every
+    rank acts on the same one (Checkpointer._agree)."""
 
     outcome: _Outcome
     message: str = ""
@@ -417,7 +439,8 @@ class _SaveResult:
 
 @dataclass(frozen=True)
 class _PendingSave:
-    """An async save in flight, as save() left it; wait() concludes it on every rank alike."""
+    """An async save in flight, as save() left it; the next save() or close() concludes it on
+    every rank alike (Checkpointer._conclude_pending)."""
 
     step: int
     previous: int | None  # last_saved_step before it: what it goes back to if the save is not made
@@ -488,15 +511,18 @@ class Checkpointer:
         # (DeferredCopies) when the optimizer is known: its step is where they change.
         self._defer_copies = self.async_save and optimizer is not None
         self._copying: DeferredCopies | None = None
+        self._training_thread: int | None = None  # the thread that calls save(): the only writer
         if self._defer_copies:
             assert optimizer is not None
             optimizer.register_step_pre_hook(self._before_optimizer_step)
+            unwrap(model).register_forward_pre_hook(self._before_forward)
         # Steps this process committed or verified: only those count toward `keep` (retention).
         self._known_good: set[int] = set()
         # The newest step whose save was started and not found failed or skipped: the same on
-        # every rank wherever the job can read it, since it changes only in save() and wait()
-        # (close(), restore()), which every rank calls at the same point, and an async save's
-        # outcome is agreed there by a collective (_agree), never read from a background thread.
+        # every rank wherever the job can read it, since it changes only in save(), close() and
+        # restore(), which every rank calls at the same point, and an async save's outcome is
+        # agreed there by a collective (_agree), never read from a background thread nor by
+        # wait() (which one rank may call alone).
         self.last_saved_step: int | None = None
         self.last_save_s: float | None = None  # write + commit time of the last save
         self.last_block_s: float | None = None  # how long the last save blocked training
@@ -549,6 +575,7 @@ class Checkpointer:
         vote or save, whichever comes first, and nothing diverged is ever saved.
         """
         self._check_boundary("step_end")
+        self._settle_if_copied()
         self._epoch = epoch
         self._guard.observe(loss, grad_norm)
         if self._profiler is not None:
@@ -636,6 +663,7 @@ class Checkpointer:
         return self._vote_every
 
     def should_save(self, step: int) -> bool:
+        self._settle_if_copied()
         return step > 0 and step % self.interval == 0 and step != self.last_saved_step
 
     def _app_state(self, step: int, epoch: int, extra: dict[str, Any] | None) -> dict[str, Any]:
@@ -660,16 +688,17 @@ class Checkpointer:
         """Collective: every rank calls it with the same step.
 
         Synchronous saves return once the checkpoint is committed. Async saves return once the
-        state is copied; the write and commit run in the background, and the next save (or
-        wait(), close()) waits for them: there every rank learns the outcome at once and raises
-        its error, if any. Saving the step just saved is a no-op, so a job's final save may be
-        unconditional (it saves again a final save that was skipped).
+        state is copied; the write and commit run in the background, and the next save() or
+        close() waits for them: there every rank learns the outcome at once and raises its
+        error, if any. Saving the step just saved is a no-op, so a job's final save should be
+        unconditional: it saves again a final save that was skipped.
         """
         self._check_boundary("save")
         self._epoch = epoch
+        self._training_thread = threading.get_ident()
         blocked_from = time.monotonic()
         heartbeat.beat(step, Phase.SAVE)
-        self.wait()  # the previous save's outcome, on every rank before anything reads it
+        self._conclude_pending()  # the previous save's outcome, on every rank before anything reads it
         self._finish_vote()
         self._check_guard(step)
         token = make_token(self.incarnation)
@@ -680,7 +709,7 @@ class Checkpointer:
             )
         if step == self.last_saved_step:
             # Saved already (a periodic save, then the script's own final save of the same
-            # step): committed, or its error raised by wait() above. Nothing changes by saving
+            # step): committed, or its error raised by _conclude_pending() above. Nothing changes by saving
             # it again, and the commit would be refused as a duplicate.
             heartbeat.beat(step, Phase.TRAIN)
             return
@@ -743,6 +772,23 @@ class Checkpointer:
         copying.settle()
         self.last_block_s = (self.last_block_s or 0.0) + copying.waited_s()
 
+    def _before_forward(self, _module: Any, _args: Any) -> None:
+        """A forward of the model (training or evaluation) is about to run on this thread."""
+        if torch.compiler.is_compiling():  # traced into a graph: no Python runs there per call
+            return
+        self._settle_if_copied()
+
+    def _settle_if_copied(self) -> None:
+        """At an entry of the training thread into the runtime, where it runs no kernel: if an
+        async save's deferred copies are done, check them now (DeferredCopies.settle), so that
+        its commit does not wait for the optimizer's next step, which an evaluation may put off
+        for many minutes. Never waits: copies still running are checked at a later entry."""
+        copying = self._copying
+        if copying is None or not copying.done.is_set() or threading.get_ident() != self._training_thread:
+            return
+        self._copying = None
+        copying.settle()
+
     def _copy_then_commit(
         self,
         defer: DeferredCopies,
@@ -781,8 +827,9 @@ class Checkpointer:
         deferred: DeferredCopies | None = None,
     ) -> _SaveResult | None:
         """Write, gather, and on rank 0 commit: rank 0 returns what became of the save, the
-        other ranks None; the caller makes every rank act on rank 0's result (_agree: save() at
-        once, wait() for an async save). `blocked_s`: how long training waited (async: the
+        other ranks None, or the write failures that every rank gathered; the caller makes every
+        rank act on rank 0's result (_agree: in save() at once; for an async save, in the next
+        save() or close()). `blocked_s`: how long training waited (async: the
         snapshot; None for a synchronous save, which blocks for all of this). `refused`: why
         this save must not be written at all (rank 0's check of `extra`). `deferred`: rank 0's
         deferred copies, made: before committing, rank 0 waits for the training thread's check
@@ -825,21 +872,25 @@ class Checkpointer:
             # A storage failure is named in words ("storage full"): it becomes the run's root cause.
             error = f"rank {self.ctx.rank}: {storage_cause(exc)}"
         gathered = self._all_gather((entries, error))
-        if not self.ctx.is_main:
-            self.last_save_s = time.monotonic() - started
-            return None
         errors = [err for _, err in gathered if err]
         name = step_dir_name(step)
-        result: _SaveResult | None = None  # None: commit
-        if errors:
-            result = _SaveResult(_Outcome.FAILED, f"checkpoint {name} not saved: {errors[0]}")
-        elif deferred is not None and (changed := deferred.changed()) is not None:
+        failed = _SaveResult(_Outcome.FAILED, f"checkpoint {name} not saved: {errors[0]}") if errors else None
+        if not self.ctx.is_main:
+            self.last_save_s = time.monotonic() - started
+            return failed  # known here too: wait() raises it on every rank
+        result: _SaveResult | None = failed  # None: commit
+        # The wait for the training thread's check of the copies is not writing: it is left out
+        # of write_s (what a preemption warning must leave time for, see check_lead_time).
+        checked_from = time.monotonic()
+        changed = deferred.changed() if deferred is not None and result is None else None
+        held_s = time.monotonic() - checked_from
+        if changed is not None:
             result = _SaveResult(
                 _Outcome.SKIPPED,
                 f"checkpoint {name} skipped: rank 0: {changed} changed in place before the async save"
                 " could check its copy (between save() and the optimizer's next step)",
             )
-        else:
+        elif result is None:
             try:
                 self.store.commit(
                     tmp,
@@ -852,7 +903,7 @@ class Checkpointer:
                         "model_digest": digest,
                         "incarnation": self.incarnation,
                         # what a preemption warning must leave time for (lead-time check)
-                        "write_s": round(time.monotonic() - started, 3),
+                        "write_s": round(time.monotonic() - started - held_s, 3),
                         DDP_LAYOUT_KEY: self._ddp_layout,
                     },
                 )
@@ -870,7 +921,7 @@ class Checkpointer:
         if result is not None:
             self._discard(tmp, step)
             return result
-        write_s = time.monotonic() - started
+        write_s = time.monotonic() - started - held_s
         self._known_good.add(step)
         if blocked_s is not None and deferred is not None:
             blocked_s += deferred.waited_s()  # the optimizer's step waited for the copies
@@ -879,7 +930,7 @@ class Checkpointer:
             self.store.prune(self.keep, self.incarnation, protect=[step], known_good=self._known_good)
         except Exception as exc:  # noqa: BLE001 - housekeeping: never fail a committed save
             _warn(f"could not delete old checkpoints: {storage_cause(exc)}")
-        self.last_save_s = time.monotonic() - started
+        self.last_save_s = time.monotonic() - started - held_s
         return _SaveResult(_Outcome.COMMITTED)
 
     def _failed(self, step: int, exc: BaseException) -> _SaveResult:
@@ -895,17 +946,24 @@ class Checkpointer:
         outside the protocol)."""
         return next((result for result in self._all_gather(local) if result is not None), None)
 
-    def _conclude(self, result: _SaveResult | None, previous: int | None) -> None:
+    def _conclude(self, result: _SaveResult | None, previous: int | None, *, last: bool = False) -> None:
         """Act on an agreed result, on every rank alike: a skipped or failed save sets
-        last_saved_step back to `previous` (the step may be saved again); a failure raises."""
+        last_saved_step back to `previous` (the step may be saved again); a failure raises, and
+        so does a skipped save that is the `last` (close(): nothing will save it again, and the
+        run would end without its final checkpoint, silently)."""
         if result is None or result.outcome is _Outcome.COMMITTED:
             return
         self.last_saved_step = previous
         if result.outcome is _Outcome.SKIPPED:
-            _warn(f"{result.message}; later async saves copy every tensor before training goes on")
             self._defer_copies = False
+            if last:
+                raise CheckpointError(
+                    f"{result.message}; it was the last save before close(), so the run ends without it:"
+                    " save again after the in-place write, before close()"
+                )
+            _warn(f"{result.message}; later async saves copy every tensor before training goes on")
             return
-        raise (StaleIncarnationError if result.outcome is _Outcome.STALE else CheckpointError)(result.message)
+        _raise(result)
 
     def _record_commit(self, step: int, digest: str | None, write_s: float, block_s: float) -> None:
         """Supervisors check the signal lead time against write_s; goodput counts block_s."""
@@ -938,13 +996,25 @@ class Checkpointer:
             preemption.request(preemption.requested() or signal.SIGUSR2)
 
     def wait(self) -> None:
-        """Wait for a background save; raise its error. Collective, like save(): every rank
-        calls it at the same point (save(), close() and restore() do), and there every rank
-        learns the save's outcome from rank 0 (_agree): a save that failed or was skipped sets
-        last_saved_step back here, on every rank at once."""
+        """Wait for this rank's part of a background save to end; raise its error as far as
+        this rank knows it (rank 0: any; another rank: a write that failed on any rank).
+
+        Local: one rank may call it alone. It changes nothing that every rank must agree on
+        (last_saved_step; a skipped save's warning): the next save() or close(), which every
+        rank calls at the same point, agrees on the outcome and acts on it there, raising the
+        error on every rank (again, on a rank whose wait() raised it)."""
+        pending = self._pending
+        if pending is not None:
+            result = self._finished(pending)  # kept in the pending save's future for the agreement
+            if result is not None and result.outcome in (_Outcome.FAILED, _Outcome.STALE):
+                _raise(result)
+
+    def _conclude_pending(self, *, last: bool = False) -> None:
+        """Collective (save(), close(), restore()): every rank learns the background save's
+        outcome from rank 0 (_agree) and acts on it at once (_conclude)."""
         pending, self._pending = self._pending, None
         if pending is not None:
-            self._conclude(self._agree(self._finished(pending)), previous=pending.previous)
+            self._conclude(self._agree(self._finished(pending)), previous=pending.previous, last=last)
 
     def _finished(self, pending: _PendingSave) -> _SaveResult | None:
         """This rank's background save, ended: rank 0's result (None on the other ranks), or
@@ -970,12 +1040,15 @@ class Checkpointer:
             _warn(result.message)
 
     def close(self) -> None:
-        """Wait for a background save to commit; raise its error."""
+        """Collective: wait for a background save to commit; raise its error on every rank, or
+        a CheckpointError if it was skipped (the last save, and not made)."""
         if self._profiler is not None:
             self._profiler.close()
         self._finish_vote()
-        self.wait()
-        heartbeat.beat(self.last_saved_step or 0, Phase.EXIT)  # shutting down: no hang limit
+        try:
+            self._conclude_pending(last=True)
+        finally:
+            heartbeat.beat(self.last_saved_step or 0, Phase.EXIT)  # shutting down: no hang limit
 
     # ------------------------------------------------------------------ restore
 
@@ -1082,7 +1155,7 @@ class Checkpointer:
     def _restore(self) -> Progress | None:
         """Load the newest checkpoint that verifies and loads on every rank; any failure to
         load one (storage, format, refusal) falls back to the next older, with a warning."""
-        self.wait()
+        self._conclude_pending()
         # The model's pages are mapped beside the verification read, not during the copy.
         populating = prefault.start(unwrap(self.model))
         skip: set[int] = set()
@@ -1124,22 +1197,24 @@ class Checkpointer:
             self.sampler.load_state_dict(rank_state["sampler"])
         progress = app["progress"]
         self.last_saved_step = self._clean_step = int(progress["step"])
-        epoch = self._roll_forward_data(int(progress["step"]), int(progress["epoch"]))
+        saved_by = manifest_int(chosen.manifest, "incarnation")  # information: read defensively
+        epoch = self._roll_forward_data(int(progress["step"]), int(progress["epoch"]), saved_by)
         return Progress(
             step=int(progress["step"]),
             epoch=int(progress["epoch"]) if epoch is None else epoch,
             extra=_owned(dict(app.get("extra", {}))),
         )
 
-    def _roll_forward_data(self, step: int, epoch: int) -> int | None:
+    def _roll_forward_data(self, step: int, epoch: int, saved_by: int | None = None) -> int | None:
         """After a divergence, with restart.on_divergence: rollback, this attempt restarts from
         the newest checkpoint (before the divergence) but not from its data: the sampler skips
         to where the data stood when the divergence was found, so the window that caused it is
         not trained on again. Returns the epoch to go on in when the data moved forward; None
-        when it goes on from the checkpoint's own position (`step`, `epoch`): no rollback, or
+        when it goes on from the checkpoint's own position (`step`, `epoch`): no rollback, a
+        checkpoint from after the divergence (`saved_by`: the incarnation that saved it), or
         nothing to skip by."""
         skip = self._broadcast(self._rollback_target() if self.ctx.is_main else None)
-        if skip is None:
+        if skip is None or saved_after(skip, step, saved_by):
             return None
         target = skip.get("sampler")
         if self.sampler is None or not target:
@@ -1242,7 +1317,7 @@ class Checkpointer:
                     f"{where}/{name}",
                 )
 
-            same_world = int(manifest.get("world_size", -1)) == self.ctx.world_size
+            same_world = manifest_int(manifest, "world_size") == self.ctx.world_size
             rank_state = load(rank_file(self.ctx.rank) if same_world else rank_file(0))
             app = load(STATE_FILE)
             for key in ("model", "progress"):

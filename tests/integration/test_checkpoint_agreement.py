@@ -2,7 +2,13 @@
 save skipped as torn changes `last_saved_step` on every rank at once, never from rank 0's
 background thread; an in-place write that overlaps the background copy is caught; a restore
 whose newest checkpoint cannot even be verified falls back on every rank instead of raising on
-rank 0 alone; and a rollback without a sampler says what it does (nothing skipped)."""
+rank 0 alone; and a rollback without a sampler says what it does (nothing skipped).
+
+The follow-up (issue 27, second review, points 4, 5, 7, 9): an async save commits as soon as
+the training thread passes any of the runtime's entry points after its copies (a forward is
+one), and its write time leaves out that wait; a save skipped and never made again fails
+close(); wait() is local to its rank; a rollback is recorded once, not by every later restore
+of a checkpoint saved after the divergence."""
 
 from __future__ import annotations
 
@@ -10,6 +16,7 @@ import dataclasses
 import json
 import os
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -103,11 +110,9 @@ def _torn_save_rank(rank: int, world: int, url: str, port: int, out: str) -> Non
     assert _join_background_save(60)
     seen: list[int | None] = [None] * world
     dist.all_gather_object(seen, ckpt.last_saved_step)
-    if len(set(seen)) == 1:
-        # The example job's final save (jobs/train_ddp.py); with ranks that disagree, rank 0
-        # would enter the save's collectives alone, so it runs only where they agree.
-        if ckpt.last_saved_step != step:
-            ckpt.save(step)
+    # The example job's final save (jobs/train_ddp.py), unconditional: it learns that step 1
+    # was skipped (every rank at once) and saves it again, copying every tensor first.
+    ckpt.save(step)
     ckpt.close()
     result = {
         "seen": seen,
@@ -137,9 +142,10 @@ def test_a_torn_async_save_changes_last_saved_step_on_every_rank_at_once(tmp_pat
     # Until a point that every rank passes (the final save, close), every rank says step 1 was
     # saved; rank 0's background thread alone used to set it back to None.
     assert [r["seen"] for r in results] == [[1, 1], [1, 1]], results
-    # close() learnt the save was skipped, on both ranks, and nothing torn was committed.
-    assert [r["after_close"] for r in results] == [None, None], results
-    assert CheckpointStore(url).committed_steps() == []
+    # The final save learnt the save was skipped, on both ranks, and made it again: the step is
+    # committed, from copies made after the in-place write.
+    assert [r["after_close"] for r in results] == [1, 1], results
+    assert CheckpointStore(url).committed_steps() == [1]
     assert (
         "checkpoint step-00000001 skipped: rank 0: model/0.weight changed in place" in capfd.readouterr().err
     )
@@ -169,11 +175,10 @@ def test_an_in_place_write_that_overlaps_the_background_copy_is_never_committed(
     torch.autograd.graph.increment_version(weight)  # ... and returns
     ckpt.wait()
     assert CheckpointStore(url).committed_steps() == []  # a torn copy was never committed
-    assert ckpt.last_saved_step is None
+    ckpt.save(2)  # every rank learns of the skip here; later saves copy first, and commit
     assert (
         "checkpoint step-00000001 skipped: rank 0: model/0.weight changed in place" in capfd.readouterr().err
     )
-    ckpt.save(2)  # later saves copy first, and commit
     ckpt.close()
     assert CheckpointStore(url).committed_steps() == [2]
 
@@ -311,3 +316,180 @@ def test_a_rollback_that_cannot_skip_goes_on_in_the_checkpoints_epoch_and_says_s
     (rolled,) = [e for e in run.events() if e["event"] == Event.ROLLED_BACK]
     assert (rolled["step"], rolled["skipped"], rolled["epoch"]) == (10, 0, 2)
     assert "without skipping any data" in capfd.readouterr().err
+
+
+# ---------------------------------------------------------------- follow-up: the check's settle points
+
+
+def test_an_async_save_commits_while_the_job_only_evaluates(ctx, tmp_path, monkeypatch):
+    # Save at the end of an epoch, then validate: forward passes only, no optimizer step. The
+    # copies are done; the first forward after them checks them, and the save commits then,
+    # not at the next optimizer step (which may be many minutes of evaluation away).
+    go, copied = hold_copies(monkeypatch)
+    model, opt = make_parts()
+    train_step(model, opt)
+    url = str(tmp_path / "ckpt")
+    ckpt = runtime.Checkpointer(ctx, model=model, optimizer=opt, url=url, async_save=True)
+    ckpt.save(1)
+    go.set()
+    assert copied.wait(60)
+    with torch.no_grad():
+        model(torch.randn(4, 8))  # one evaluation batch
+    assert _join_background_save(10), "the save waits for the optimizer's next step"
+    assert CheckpointStore(url).committed_steps() == [1]
+    assert ckpt.last_saved_step == 1
+    ckpt.close()
+
+
+def test_an_evaluation_that_holds_the_check_is_not_counted_as_write_time(ctx, tmp_path, monkeypatch):
+    # write_s is what a preemption warning must leave time for (the lead-time check, doctor):
+    # the time the commit waited for the training thread's check is not writing.
+    run = RunDir(str(tmp_path / "run"))
+    run.create({"run_id": "run", "config": {}})
+    go, copied = hold_copies(monkeypatch)
+    model, opt = make_parts()
+    train_step(model, opt)
+    url = run.child("ckpt")
+    context = dataclasses.replace(ctx, run_dir=run.url)
+    ckpt = runtime.Checkpointer(context, model=model, optimizer=opt, url=url, async_save=True)
+    ckpt.save(1)
+    go.set()
+    assert copied.wait(60)
+    evaluation_s = 1.0
+    time.sleep(evaluation_s)  # an evaluation that reaches none of the runtime's settle points
+    ckpt.close()
+    (committed,) = [e for e in run.events() if e["event"] == Event.CHECKPOINT_COMMITTED]
+    manifest = CheckpointStore(url).info(1).manifest
+    assert committed["write_s"] < evaluation_s and manifest["write_s"] < evaluation_s, (committed, manifest)
+
+
+# ---------------------------------------------------------------- follow-up: a skipped final save
+
+
+def test_close_raises_when_the_save_it_waits_for_was_skipped(ctx, tmp_path, monkeypatch, capfd):
+    # Nothing saves again after close(): a run that ended there without its final checkpoint
+    # would succeed with older state than it trained, silently.
+    go, _copied = hold_copies(monkeypatch)
+    model, opt = make_parts()
+    train_step(model, opt)
+    url = str(tmp_path / "ckpt")
+    ckpt = runtime.Checkpointer(ctx, model=model, optimizer=opt, url=url, async_save=True)
+    ckpt.save(1)
+    with torch.no_grad():
+        model[0].weight.mul_(0.5)  # an in-place write before the copy: that save is skipped
+    go.set()
+    with pytest.raises(CheckpointError, match=r"step-00000001 skipped: .* the run ends without it"):
+        ckpt.close()
+    assert CheckpointStore(url).committed_steps() == []
+    assert ckpt.last_saved_step is None
+
+
+# ---------------------------------------------------------------- follow-up: wait() is local
+
+
+def _spawn(fn, args: tuple, nprocs: int, deadline_s: float) -> None:
+    """Run `fn` on `nprocs` spawned ranks; fail if they have not all ended by the deadline."""
+    context = mp.start_processes(fn, args=args, nprocs=nprocs, start_method="spawn", join=False)
+    deadline = time.monotonic() + deadline_s
+    try:
+        while not context.join(timeout=1):
+            assert time.monotonic() < deadline, f"the ranks did not end within {deadline_s}s (a hang)"
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+                process.join()
+
+
+def _lone_wait_rank(rank: int, world: int, url: str, port: int, out: str) -> None:
+    os.environ.update(
+        {
+            "RANK": str(rank),
+            "WORLD_SIZE": str(world),
+            "LOCAL_RANK": str(rank),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }
+    )
+    ctx = runtime.init(backend="gloo", timeout_s=15)
+    model, opt = make_parts()
+    ckpt = runtime.Checkpointer(ctx, model=model, optimizer=opt, url=url, async_save=True, interval=10**6)
+    train_step(model, opt)
+    ckpt.save(1)
+    if rank == 0:
+        ckpt.wait()  # rank 0 alone: say, before it logs the checkpoint somewhere
+    dist.barrier()  # the training's next collective, on the default group
+    train_step(model, opt)
+    ckpt.save(2)
+    ckpt.close()
+    Path(out, f"rank-{rank}.json").write_text(json.dumps({"saved": ckpt.last_saved_step}))
+    runtime.shutdown()
+
+
+def test_wait_on_one_rank_alone_does_not_hang_the_job(tmp_path):
+    from orchestrator.launch.ports import lease_port
+
+    url = str(tmp_path / "ckpt")
+    with lease_port() as lease:
+        _spawn(_lone_wait_rank, (2, url, lease.port, str(tmp_path)), nprocs=2, deadline_s=60)
+    results = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in range(2)]
+    assert [r["saved"] for r in results] == [2, 2]
+    assert CheckpointStore(url).committed_steps() == [2, 1]
+
+
+def test_wait_leaves_last_saved_step_to_the_next_save(ctx, tmp_path, monkeypatch, capfd):
+    # A skip found by wait() on one rank must not change what that rank reads before the
+    # others learn of it: last_saved_step changes only where every rank is (save, close).
+    go, _copied = hold_copies(monkeypatch)
+    model, opt = make_parts()
+    train_step(model, opt)
+    url = str(tmp_path / "ckpt")
+    ckpt = runtime.Checkpointer(ctx, model=model, optimizer=opt, url=url, async_save=True)
+    ckpt.save(1)
+    with torch.no_grad():
+        model[0].weight.mul_(0.5)
+    go.set()
+    ckpt.wait()
+    assert ckpt.last_saved_step == 1
+    assert "skipped" not in capfd.readouterr().err
+    ckpt.save(1)  # the job's final save: learns of the skip and saves the step again
+    assert "checkpoint step-00000001 skipped" in capfd.readouterr().err
+    ckpt.close()
+    assert CheckpointStore(url).committed_steps() == [1]
+    assert ckpt.last_saved_step == 1
+
+
+# ---------------------------------------------------------------- follow-up: one rollback, recorded once
+
+
+@pytest.mark.parametrize("saved_later", [20, 40])
+def test_a_rollback_without_a_sampler_is_recorded_once_not_on_every_later_restore(
+    ctx, tmp_path, saved_later, capfd
+):
+    # Attempt 1 rolls back to step 10 (nothing to skip: no sampler) and saves `saved_later`,
+    # within the diverged steps 31-34 or past them: attempt 2 restores a checkpoint made after
+    # the divergence, and rolls nothing back.
+    run = RunDir(str(tmp_path / "run"))
+    run.create({"run_id": "run", "config": {}})
+
+    def checkpointer(attempt: int) -> runtime.Checkpointer:
+        model, opt = make_parts()
+        context = dataclasses.replace(ctx, run_dir=run.url, attempt=attempt)
+        return runtime.Checkpointer(context, model=model, optimizer=opt, url=run.child("ckpt"))
+
+    first = checkpointer(0)
+    first.save(10)
+    first.close()
+    run.append_event(Event.DIVERGED, attempt=0, first_step=31, last_step=34, epoch=0, sampler=None)
+    run.append_event(Event.ROLLBACK_SCHEDULED, attempt=0, to_step=10)
+    rollback = checkpointer(1)
+    assert rollback.restore().step == 10
+    rollback.save(saved_later)
+    rollback.close()
+    capfd.readouterr()
+    later = checkpointer(2)
+    assert later.restore().step == saved_later
+    later.close()
+    rolled = [(e["attempt"], e["step"]) for e in run.events() if e["event"] == Event.ROLLED_BACK]
+    assert rolled == [(1, 10)]
+    assert "rolling back" not in capfd.readouterr().err

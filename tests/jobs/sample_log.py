@@ -47,7 +47,6 @@ with open(path, "a") as out:
             batch = []
     if batch:
         train_on(batch)
-if ckpt.last_saved_step != step:
-    ckpt.save(step)
+ckpt.save(step)  # a no-op if step_end saved it; made again if that save was skipped
 ckpt.close()
 runtime.shutdown()
