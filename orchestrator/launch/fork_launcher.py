@@ -21,7 +21,6 @@ from __future__ import annotations
 import ast
 import json
 import os
-import select
 import signal
 import socket
 import subprocess
@@ -41,6 +40,7 @@ from orchestrator.launch.processes import (
     process_state,
     start_reaper,
 )
+from orchestrator.launch.readiness import wait_ready
 from orchestrator.spec.config import ClusterConfig
 from orchestrator.spec.plan import RankSpec
 
@@ -189,7 +189,7 @@ class ForkServer:
         """Read and dispatch what the server has sent, waiting up to `timeout` for the first byte."""
         if not self.alive:
             return
-        readable, _, _ = select.select([self.sock], [], [], max(0.0, timeout))
+        readable, _ = wait_ready([self.sock], timeout=max(0.0, timeout))
         while readable:
             try:
                 data = self.sock.recv(1 << 20)
@@ -203,7 +203,7 @@ class ForkServer:
             for line in lines:
                 if line:
                     self._dispatch(json.loads(line))
-            readable, _, _ = select.select([self.sock], [], [], 0)
+            readable, _ = wait_ready([self.sock], timeout=0)
 
     def _dispatch(self, message: dict[str, Any]) -> None:
         if "exited" in message:
@@ -236,7 +236,7 @@ class ForkServer:
         while data:
             if not self.alive:
                 raise ForkServerError("the fork server is gone")
-            readable, writable, _ = select.select([self.sock], [self.sock], [], 1.0)
+            readable, writable = wait_ready([self.sock], [self.sock], timeout=1.0)
             if readable:
                 self.drain()
             if writable and self.alive:

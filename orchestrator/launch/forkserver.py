@@ -31,7 +31,6 @@ import importlib
 import io
 import json
 import os
-import select
 import signal
 import socket
 import sys
@@ -39,6 +38,7 @@ import time
 from typing import Any
 
 from orchestrator.launch import entry
+from orchestrator.launch.readiness import wait_ready
 
 _PR_SET_PDEATHSIG = 1
 
@@ -171,7 +171,7 @@ def serve(sock: socket.socket, modules: list[str]) -> None:
     signal.signal(signal.SIGCHLD, lambda *_: None)
     children: set[int] = set()
     while True:
-        readable, writable, _ = select.select([sock, wake_r], [sock] if channel.outbox else [], [])
+        readable, writable = wait_ready([sock, wake_r], [sock] if channel.outbox else [])
         if writable:
             channel.flush()
         if wake_r in readable:

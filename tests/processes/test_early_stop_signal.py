@@ -9,7 +9,6 @@ job ran into its time limit without a checkpoint."""
 from __future__ import annotations
 
 import os
-import select
 import signal
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import time
 from pathlib import Path
 
 from orchestrator.launch.processes import SubprocessLauncher
+from orchestrator.launch.readiness import wait_ready
 from orchestrator.spec.plan import RankSpec
 
 from ..conftest import REPO
@@ -41,7 +41,7 @@ JOB = (
 
 
 def _wait_line(stream, timeout: float = 30) -> str:
-    ready, _, _ = select.select([stream], [], [], timeout)
+    ready, _ = wait_ready([stream], timeout=timeout)
     assert ready, "the job printed nothing"
     return stream.readline()
 

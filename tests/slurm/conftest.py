@@ -87,12 +87,29 @@ def status(cfg: Path, run_id: str) -> dict:
 def wait_final(cfg: Path, run_id: str, timeout: float = 300) -> dict:
     """Until both sides agree the run is over: the supervisor records its outcome a moment before
     the batch script exits and Slurm leaves RUNNING, so a final state alone can still show the job
-    live in the scheduler."""
+    live in the scheduler. And until the supervisor has recorded the run's end (`run_finished`
+    after the latest start): a cancelled job is CANCELLED in Slurm while its supervisor still
+    stops the ranks with a checkpoint, and between a failed attempt and its restart the ledger
+    says failed; a busy machine can also time out the scheduler query. A supervisor that never
+    records its end (killed) is given 20 s."""
     deadline = time.monotonic() + timeout
+    final_since = None
     while time.monotonic() < deadline:
         st = status(cfg, run_id)
         scheduler_live = st.get("slurm_state") in ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING")
         if st["state"] in ("succeeded", "failed", "stopped", "cancelled") and not scheduler_live:
-            return st
+            final_since = final_since or time.monotonic()
+            if _end_recorded(Path(st["run_dir"])) or time.monotonic() - final_since > 20:
+                return st
+        else:
+            final_since = None
         time.sleep(1)
     raise AssertionError(f"run {run_id} did not finish in {timeout}s: {st}")
+
+
+def _end_recorded(run_dir: Path) -> bool:
+    lines = (run_dir / "events.jsonl").read_text().splitlines()
+    kinds = [json.loads(line)["event"] for line in lines if line]
+    starts = [i for i, k in enumerate(kinds) if k in ("job_started", "resumed", "restart_scheduled")]
+    ends = [i for i, k in enumerate(kinds) if k == "run_finished"]
+    return bool(ends) and (not starts or ends[-1] > starts[-1])

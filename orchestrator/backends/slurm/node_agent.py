@@ -30,7 +30,6 @@ its first START without one.
 from __future__ import annotations
 
 import os
-import select
 import signal
 import socket
 import sys
@@ -57,6 +56,7 @@ from orchestrator.contract import (
 from orchestrator.launch.fork_launcher import ForkServerLauncher
 from orchestrator.launch.gpus import visible_ids
 from orchestrator.launch.processes import AttemptGroup, RankProcess
+from orchestrator.launch.readiness import wait_ready
 from orchestrator.spec.config import ClusterConfig, config_from_run_record
 from orchestrator.spec.plan import RankSpec, gpu_slices, own_contract_env
 from orchestrator.storage.rundir import RunDir
@@ -323,7 +323,7 @@ class NodeAgent:
             orders, self.orders = self.orders, []
             return orders
         try:
-            select.select([channel], [], [], timeout)
+            wait_ready([channel], timeout=timeout)
             return channel.receive()
         except ChannelClosed:
             self.cut_off = True
