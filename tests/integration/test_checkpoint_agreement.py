@@ -363,12 +363,9 @@ def test_an_evaluation_that_holds_the_check_is_not_counted_as_write_time(ctx, tm
     assert committed["write_s"] < evaluation_s and manifest["write_s"] < evaluation_s, (committed, manifest)
 
 
-# ---------------------------------------------------------------- follow-up: a skipped final save
-
-
-def test_close_raises_when_the_save_it_waits_for_was_skipped(ctx, tmp_path, monkeypatch, capfd):
-    # Nothing saves again after close(): a run that ended there without its final checkpoint
-    # would succeed with older state than it trained, silently.
+def a_skipped_async_save(ctx, tmp_path, monkeypatch) -> tuple[runtime.Checkpointer, str]:
+    """An async save of step 1 whose parameter is written in place before its held copy runs:
+    that save is skipped. Returns the Checkpointer and its storage URL."""
     go, _copied = hold_copies(monkeypatch)
     model, opt = make_parts()
     train_step(model, opt)
@@ -376,8 +373,18 @@ def test_close_raises_when_the_save_it_waits_for_was_skipped(ctx, tmp_path, monk
     ckpt = runtime.Checkpointer(ctx, model=model, optimizer=opt, url=url, async_save=True)
     ckpt.save(1)
     with torch.no_grad():
-        model[0].weight.mul_(0.5)  # an in-place write before the copy: that save is skipped
+        model[0].weight.mul_(0.5)  # an in-place write before the copy
     go.set()
+    return ckpt, url
+
+
+# ---------------------------------------------------------------- follow-up: a skipped final save
+
+
+def test_close_raises_when_the_save_it_waits_for_was_skipped(ctx, tmp_path, monkeypatch, capfd):
+    # Nothing saves again after close(): a run that ended there without its final checkpoint
+    # would succeed with older state than it trained, silently.
+    ckpt, url = a_skipped_async_save(ctx, tmp_path, monkeypatch)
     with pytest.raises(CheckpointError, match=r"step-00000001 skipped: .* the run ends without it"):
         ckpt.close()
     assert CheckpointStore(url).committed_steps() == []
@@ -440,15 +447,7 @@ def test_wait_on_one_rank_alone_does_not_hang_the_job(tmp_path):
 def test_wait_leaves_last_saved_step_to_the_next_save(ctx, tmp_path, monkeypatch, capfd):
     # A skip found by wait() on one rank must not change what that rank reads before the
     # others learn of it: last_saved_step changes only where every rank is (save, close).
-    go, _copied = hold_copies(monkeypatch)
-    model, opt = make_parts()
-    train_step(model, opt)
-    url = str(tmp_path / "ckpt")
-    ckpt = runtime.Checkpointer(ctx, model=model, optimizer=opt, url=url, async_save=True)
-    ckpt.save(1)
-    with torch.no_grad():
-        model[0].weight.mul_(0.5)
-    go.set()
+    ckpt, url = a_skipped_async_save(ctx, tmp_path, monkeypatch)
     ckpt.wait()
     assert ckpt.last_saved_step == 1
     assert "skipped" not in capfd.readouterr().err
