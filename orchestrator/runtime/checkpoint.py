@@ -446,6 +446,7 @@ class _PendingSave:
     previous: int | None  # last_saved_step before it: what it goes back to if the save is not made
     future: Future  # the background work: rank 0's _SaveResult (None on the other ranks)
     copying: DeferredCopies | None  # rank 0's deferred copies, checked by the training thread
+    thread: threading.Thread  # joined once the future is done: no save thread outlives close()
 
 
 class Checkpointer:
@@ -738,7 +739,7 @@ class Checkpointer:
             )
             thread.start()
             self._pending = _PendingSave(
-                step=step, previous=self.last_saved_step, future=future, copying=copying
+                step=step, previous=self.last_saved_step, future=future, copying=copying, thread=thread
             )
             self.last_block_s = time.monotonic() - blocked_from
             self.last_saved_step = step
@@ -1028,6 +1029,13 @@ class Checkpointer:
             return pending.future.result()
         except Exception as exc:  # noqa: BLE001 - becomes the agreed error on every rank
             return self._failed(pending.step, exc)
+        finally:
+            # The thread has only its own frames to leave. Joined, it cannot still be running
+            # when the process exits: a daemon thread that the interpreter's shutdown finds in a
+            # C++ frame is ended there, and the process aborts ("terminate called without an
+            # active exception"). A rank that had finished its work exited so once in CI; this
+            # is the one thread of ours that could still run then.
+            pending.thread.join()
 
     def _wait_quietly(self) -> None:
         """At exit: let a background save end (rank 0 commits it) without wait()'s collective,

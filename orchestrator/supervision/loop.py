@@ -22,7 +22,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
-from orchestrator.contract import HANG_TYPE, Event, Phase, read_heartbeat
+from orchestrator.contract import HANG_TYPE, Event, read_heartbeat
 from orchestrator.spec.config import ClusterConfig
 from orchestrator.spec.plan import REDACTED
 from orchestrator.storage.ckpt_store import newest_committed
@@ -32,24 +32,18 @@ from orchestrator.supervision.policy import (
     Action,
     AttemptFacts,
     AttemptState,
+    Beat,
     Decision,
     PolicyState,
     decide,
+    past_first_step,
+    settle_before_stop,
 )
 from orchestrator.supervision.watchdog import Silence, silent_ranks, stopped_ranks
 
 # How often the watchdog reads heartbeats, and how long stacks get to reach the logs.
 WATCHDOG_PERIOD_S = 0.5
 STACK_DUMP_WAIT_S = 1.0
-# When a rank fails before any rank's first step in the run's first attempt, how long the rest
-# get to end on their own before they are stopped. The start-up rule (policy.cannot_start) counts
-# only ranks that failed on their own, and an error that every rank meets (an import) reaches
-# them at slightly different moments: stopped at once, a rank is killed before its error, or
-# while writing its record (seen in 1 run of 5 with 2 ranks, in 6 of 15 with fresh interpreters).
-# Over as soon as no rank runs; a rank that waits for the failed one (a rendezvous) costs the
-# whole wait, once. Only where the backend sees its ranks' processes (process_state): under Slurm
-# a node's agent, or srun, stops the others itself.
-START_FAILURE_SETTLE_S = 2.0
 # Process states of a rank that is not running any more (a zombie not yet reaped).
 ENDED_STATES = frozenset({None, "Z", "X"})
 
@@ -119,19 +113,6 @@ class RunHooks(Protocol):
     def resume(self, attempt: int, newest_checkpoint: int | None) -> bool:
         """After a preemption: True to run the next attempt here, False when this process
         leaves and the run continues elsewhere (Slurm: the job was requeued)."""
-
-
-Beat = tuple[int, float, str, float]  # contract.read_heartbeat: step, time, phase, step-time EMA
-
-
-def past_first_step(beats: Mapping[int, Beat | None]) -> bool:
-    """Whether a heartbeat shows a rank past its first step: a step counted, or a phase only
-    training reaches. Until then the runtime beats `init` at step 0, and a job that does not
-    use the runtime never beats. `exit` at step 0 says nothing: the runtime's shutdown beats it
-    whatever the step (Checkpointer.close beats its last saved step or 0), so the loop keeps
-    what it saw while the attempt ran."""
-    training = (Phase.TRAIN, Phase.SYNC, Phase.SAVE)
-    return any(b is not None and (b[0] > 0 or b[2] in training) for b in beats.values())
 
 
 @dataclass(frozen=True)
@@ -281,8 +262,9 @@ class Supervision:
             )
             seen, hang = self._watch(started, attempt)
             reached = self._reached_step or past_first_step(self._beats(started.heartbeats))
-            if seen is not None and seen.failed and attempt == 0 and not reached:
-                self._let_the_rest_fail(started)
+            settle_s = settle_before_stop(attempt, reached)
+            if seen is not None and seen.failed and settle_s > 0:
+                self._let_the_rest_fail(started, settle_s)
             stopped = self.hooks.stop_requested()
             if stopped:
                 self.hooks.say("stopping every rank")
@@ -338,10 +320,11 @@ class Supervision:
             time.sleep(self.poll_s)
         return None, None
 
-    def _let_the_rest_fail(self, started: Started) -> None:
-        """Before the ranks left after a start-up failure are stopped: until none runs, for
-        START_FAILURE_SETTLE_S at most, or until a stop is asked."""
-        deadline = time.monotonic() + START_FAILURE_SETTLE_S
+    def _let_the_rest_fail(self, started: Started, settle_s: float) -> None:
+        """Before the ranks left after a start-up failure are stopped (policy.settle_before_stop):
+        until none runs, for `settle_s` at most, or until a stop is asked. A backend that does not
+        see its ranks' processes (process_state None: Slurm) holds its own stop instead."""
+        deadline = time.monotonic() + settle_s
         while time.monotonic() < deadline and not self.hooks.stop_requested():
             if all(self.driver.process_state(rank) in ENDED_STATES for rank in started.heartbeats):
                 return

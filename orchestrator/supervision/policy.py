@@ -6,9 +6,11 @@ decides whether a run restarts, resumes, or gives up, so the two backends cannot
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from enum import StrEnum
 
+from orchestrator.contract import Phase
 from orchestrator.spec.config import RestartSpec
 from orchestrator.supervision.failures import FailureClass, RankFailure
 
@@ -38,6 +40,38 @@ class PolicyState:
     restarts: int = 0  # restarts used after failures (preemptions do not count)
     without_progress: int = 0  # attempts in a row that ended without a new committed checkpoint
     last_checkpoint: int | None = None  # the newest committed step when the last attempt ended
+
+
+Beat = tuple[int, float, str, float]  # contract.read_heartbeat: step, time, phase, step-time EMA
+
+# After a rank fails in the run's first attempt before any step, the other ranks get this long to
+# fail on their own before they are stopped: the start-up rule (cannot_start) needs to see an
+# error on every rank, or on more than one rank and every node, and a stop that came first would
+# hide it (the job would be retried): an error that every rank meets (an import) reaches them at
+# slightly different moments, and stopped at once a rank is killed before its error or while
+# writing its record (seen in 1 run of 5 with 2 ranks, in 6 of 15 with fresh interpreters; on
+# Slurm, the first node's failure stopped the other node's ranks). Over as soon as no rank runs;
+# a rank that waits for the failed one (a rendezvous) costs the whole wait, once.
+START_FAILURE_SETTLE_S = 2.0
+
+
+def past_first_step(beats: Mapping[int, Beat | None]) -> bool:
+    """Whether a heartbeat shows a rank past its first step: a step counted, or a phase only
+    training reaches. Until then the runtime beats `init` at step 0, and a job that does not
+    use the runtime never beats. `exit` at step 0 says nothing: the runtime's shutdown beats it
+    whatever the step (Checkpointer.close beats its last saved step or 0), so a watcher keeps
+    what it saw while the attempt ran."""
+    training = (Phase.TRAIN, Phase.SYNC, Phase.SAVE)
+    return any(b is not None and (b[0] > 0 or b[2] in training) for b in beats.values())
+
+
+def settle_before_stop(attempt: int, reached_step: bool) -> float:
+    """Seconds to leave the other ranks running after a rank's failure before stopping them:
+    START_FAILURE_SETTLE_S in the run's first attempt before any step, else none (no checkpoint
+    can complete without the failed rank; the restart should begin at once). Every place that
+    stops ranks after a failure asks this: the local loop, the Slurm supervisor's STOP to the
+    other nodes, and each node agent's stop of its node's other ranks."""
+    return START_FAILURE_SETTLE_S if attempt == 0 and not reached_step else 0.0
 
 
 @dataclass(frozen=True)

@@ -341,6 +341,30 @@ def test_an_async_save_commits_while_the_job_only_evaluates(ctx, tmp_path, monke
     ckpt.close()
 
 
+def test_close_leaves_no_save_thread_running(ctx, tmp_path, monkeypatch):
+    # The background save's thread still has its own frames to leave after it hands over its
+    # result; a daemon thread that the interpreter's shutdown finds running may abort the
+    # process. Slowed here: the thread lingers half a second after its result.
+    run_into = runtime.Checkpointer._run_into
+    lingered = threading.Event()
+
+    def lingering(future, fn, *args):  # noqa: ANN001, ANN202 - as Checkpointer._run_into
+        run_into(future, fn, *args)
+        if threading.current_thread().name == "orch-ckpt-save":
+            time.sleep(0.5)
+            lingered.set()
+
+    monkeypatch.setattr(runtime.Checkpointer, "_run_into", staticmethod(lingering))
+    model, opt = make_parts()
+    train_step(model, opt)
+    ckpt = runtime.Checkpointer(ctx, model=model, optimizer=opt, url=str(tmp_path / "ckpt"), async_save=True)
+    ckpt.save(1)
+    train_step(model, opt)
+    ckpt.close()
+    assert lingered.is_set(), "the save thread never lingered"
+    assert not [t for t in threading.enumerate() if t.name == "orch-ckpt-save"]
+
+
 def test_an_evaluation_that_holds_the_check_is_not_counted_as_write_time(ctx, tmp_path, monkeypatch):
     # write_s is what a preemption warning must leave time for (the lead-time check, doctor):
     # the time the commit waited for the training thread's check is not writing.

@@ -8,6 +8,7 @@ process it stopped was in state T, the one it killed is gone) before judging the
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -17,7 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from ..conftest import TEST_JOBS, orch_cmd, read_events, start_moto, wait_for, write_config
+from ..conftest import TEST_JOBS, orch_cmd, read_events, run_orch, start_moto, wait_for, write_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -138,6 +139,11 @@ def test_a_second_sigterm_stops_at_once(tmp_path):
     assert orch.returncode == 128 + signal.SIGTERM
     assert "a second stop signal: killed every rank" in orch.stderr.read()
     _assert_nothing_left(started["pids"])
+    # The forced stop still recorded the run's end (its storage answered): stopped, not lost.
+    end = read_events(run_dir)[-1]
+    assert end["event"] == "run_finished" and end["status"] == "stopped" and end["forced"], end
+    assert end["reason"] == "a second stop signal: every rank killed", end
+    assert json.loads(run_orch("status", str(run_dir), "--json").stdout)["state"] == "stopped"
 
 
 @pytest.fixture

@@ -355,6 +355,31 @@ def test_non_retryable_error_fails_at_once(tmp_path):
     assert st["root_cause"]["message"] == "NameError: name 'lr' is not defined"
 
 
+def test_a_job_that_cannot_start_is_said_once_and_not_retried(tmp_path):
+    # Every rank fails to import a module before it could import the runtime (issue 27.9): the
+    # node agents' fork servers run the job through orchestrator.launch.entry, which records the
+    # error; the supervisor holds its STOP to the other node (policy.settle_before_stop), so the
+    # failure is seen on both nodes, and the one policy gives up. (A step per attempt, mode
+    # subprocess, cannot hold it: srun's --kill-on-bad-exit stops the other node at once.)
+    cfg = slurm_config(
+        tmp_path,
+        TEST_JOBS / "cannot_start.py",
+        [],
+        resources={"nodes": 2, "ranks_per_node": 1},
+        restart={"max_restarts": 5, "backoff_s": 0.2},
+        launch={"mode": "auto"},
+    )
+    submit(cfg, "nostart")
+    st = wait_final(cfg, "nostart")
+    assert st["state"] == "failed" and st["attempts"] == 1, st
+    assert st["root_cause"]["message"].startswith("ModuleNotFoundError: No module named"), st
+    events = read_events(tmp_path / "runs" / "nostart")
+    assert "cannot start" in next(e for e in events if e["event"] == "giving_up")["reason"]
+    assert not [e for e in events if e["event"] == "restart_scheduled"]
+    text = run_orch("status", "nostart", "--config", str(cfg)).stdout
+    assert f"at {TEST_JOBS / 'cannot_start.py'}:4" in text, text
+
+
 def test_lead_time_shorter_than_checkpoint_time_is_reported(tmp_path):
     cfg = slurm_config(
         tmp_path,

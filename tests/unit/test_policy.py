@@ -15,8 +15,16 @@ from orchestrator.supervision.failures import (
     one_failure_everywhere,
     root_cause,
 )
-from orchestrator.supervision.loop import past_first_step
-from orchestrator.supervision.policy import Action, AttemptFacts, AttemptState, PolicyState, decide
+from orchestrator.supervision.policy import (
+    START_FAILURE_SETTLE_S,
+    Action,
+    AttemptFacts,
+    AttemptState,
+    PolicyState,
+    decide,
+    past_first_step,
+    settle_before_stop,
+)
 
 RESTART = RestartSpec(max_restarts=3, backoff_s=1.0, backoff_max_s=3.0, crash_loop_attempts=2)
 
@@ -336,3 +344,11 @@ def test_past_first_step_reads_the_heartbeats() -> None:
     assert not past_first_step({0: (0, 1.0, "exit", 0.0)})  # shutdown beats exit at step 0
     assert past_first_step({0: (0, 1.0, "init", 0.0), 1: (1, 1.0, "train", 0.01)})
     assert past_first_step({0: (0, 1.0, "save", 0.0)})
+
+
+def test_the_ranks_left_after_a_failure_settle_only_before_the_first_step_of_the_first_attempt() -> None:
+    # The local loop, the Slurm supervisor and each node agent ask this before stopping the
+    # ranks left after a failure; only the start-up rule's case waits.
+    assert settle_before_stop(0, reached_step=False) == START_FAILURE_SETTLE_S > 0
+    assert settle_before_stop(0, reached_step=True) == 0
+    assert settle_before_stop(1, reached_step=False) == 0

@@ -42,13 +42,17 @@ from orchestrator.spec.config import ClusterConfig
 from orchestrator.spec.plan import build_local_plan
 from orchestrator.storage.rundir import RunDir, this_host
 from orchestrator.supervision.failures import RankFailure, abort_line, exception_line
-from orchestrator.supervision.loop import Ended, Started, Supervision, next_attempt
+from orchestrator.supervision.loop import Ended, Started, Supervision, newest_checkpoint, next_attempt
 from orchestrator.supervision.policy import Action, AttemptState
 from orchestrator.supervision.status import attempt_beats, declared_total_steps, live_progress, progress_line
 
 # After a stop request, how long past restart.stop_grace_s the run may take to end before it is
 # killed outright (issue 13: stoppable within the grace + 5 s, whatever it waits on).
 STOP_DEADLINE_S = 4.0
+# A forced stop still tries to record the run's end (stopped, and why), for this long at most: the
+# storage may be what hangs (so within the issue-13 bound: the grace + 5 s). Recorded, the run reads
+# `stopped` (or `cancelled`), not `lost`.
+FORCED_END_RECORD_S = 0.75
 
 
 @dataclass(frozen=True)
@@ -213,6 +217,9 @@ class Supervisor:
     _stop_requested: threading.Event = field(default_factory=threading.Event, init=False)
     _stop_signal: int | None = field(default=None, init=False)
     _stop_deadline: threading.Timer | None = field(default=None, init=False)
+    # Held while the run's end is recorded (by the loop, or by a forced stop): one record, never two.
+    _end_lock: threading.Lock = field(default_factory=threading.Lock, init=False)
+    _end_recorded: bool = field(default=False, init=False)
     _attempts: LocalAttempts | None = field(default=None, init=False)
     _total_steps: int | None = field(default=None, init=False)
     _total_read_at: float = field(default=-1e9, init=False)
@@ -250,9 +257,11 @@ class Supervisor:
         self._stop_deadline.start()
 
     def _force_stop(self, signum: int, why: str) -> None:
-        """Kill every process of the run and leave now. The run's end is not recorded (its
-        storage may be what hangs): `orch status` shows it as lost, `orch resume` continues it
-        from its newest committed checkpoint."""
+        """Kill every process of the run and leave now. The run's end is recorded if the storage
+        takes it within FORCED_END_RECORD_S (a start-up slowed by a loaded machine is no reason
+        to call the run lost); if the storage is what hangs, it is not, and `orch status` shows
+        the run as lost. Either way `orch resume` continues it from its newest committed
+        checkpoint."""
         try:
             if self._attempts is not None:
                 self._attempts.kill_all()
@@ -262,8 +271,39 @@ class Supervisor:
                 file=self.console,
                 flush=True,
             )
+            recorder = threading.Thread(
+                target=self._record_forced_end, args=(signum, why), name="orch-forced-end", daemon=True
+            )
+            recorder.start()
+            recorder.join(FORCED_END_RECORD_S)
         finally:
             os._exit(128 + signum)
+
+    def _record_forced_end(self, signum: int, why: str) -> None:
+        """The forced stop's record of the run's end: stopped, killed, and why. Nothing if the
+        loop is recording the end itself (or did), or the storage does not answer."""
+        if not self._end_lock.acquire(timeout=FORCED_END_RECORD_S):
+            return  # the loop is stuck recording the end: the storage hangs
+        try:
+            if self._end_recorded:
+                return
+            self._end_recorded = True
+            attempt = self._attempts.attempt if self._attempts is not None else None
+            self.run.append_event(
+                Event.RUN_FINISHED,
+                status="stopped",
+                attempts=attempt + 1 if attempt is not None else 0,
+                wall_s=None,
+                newest_checkpoint=newest_checkpoint(self.run),
+                root_cause=None,
+                reason=f"{why}: every rank killed",
+                exit_code=128 + signum,
+                forced=True,
+            )
+        except Exception:  # noqa: BLE001 - best effort: the run then shows as lost, as before
+            pass
+        finally:
+            self._end_lock.release()
 
     def request_preemption(self, signum: int = signal.SIGUSR2) -> None:
         """What SIGUSR2 to `orch run` does: forward it to every rank (not their children), so
@@ -354,18 +394,22 @@ class Supervisor:
             newest_checkpoint=result.newest_checkpoint,
             exit_code=exit_code,
         )
-        self.run.append_event(  # may hang on stalled storage: the stop deadline still holds
-            Event.RUN_FINISHED,
-            status=status,
-            attempts=run_result.attempts,
-            wall_s=round(run_result.wall_s, 3),
-            newest_checkpoint=result.newest_checkpoint,
-            root_cause=cause.to_json() if cause else None,
-            reason=result.decision.reason
-            if result.decision.action in (Action.GIVE_UP, Action.LEAVE)
-            else None,
-            exit_code=exit_code,
-        )
-        if self._stop_deadline is not None:
-            self._stop_deadline.cancel()  # ended in time
+        with self._end_lock:
+            if self._end_recorded:  # a forced stop recorded it, and is leaving now
+                return run_result
+            self._end_recorded = True
+            self.run.append_event(  # may hang on stalled storage: the stop deadline still holds
+                Event.RUN_FINISHED,
+                status=status,
+                attempts=run_result.attempts,
+                wall_s=round(run_result.wall_s, 3),
+                newest_checkpoint=result.newest_checkpoint,
+                root_cause=cause.to_json() if cause else None,
+                reason=result.decision.reason
+                if result.decision.action in (Action.GIVE_UP, Action.LEAVE)
+                else None,
+                exit_code=exit_code,
+            )
+            if self._stop_deadline is not None:
+                self._stop_deadline.cancel()  # ended in time
         return run_result

@@ -41,6 +41,7 @@ from orchestrator.contract import (
     AGENT_BEAT_S,
     ENV_AGENT_ADDR,
     ENV_AGENT_TOKEN,
+    ENV_ATTEMPT,
     ENV_GPUS_PER_RANK,
     ENV_LOG_DIR,
     ENV_RUN_DIR,
@@ -49,8 +50,10 @@ from orchestrator.contract import (
     AgentState,
     node_agent_record_name,
     node_log_name,
+    rank_files,
     rank_files_env,
     rank_log_name,
+    read_heartbeat,
     write_agent_record,
 )
 from orchestrator.launch.fork_launcher import ForkServerLauncher
@@ -60,6 +63,7 @@ from orchestrator.launch.readiness import wait_ready
 from orchestrator.spec.config import ClusterConfig, config_from_run_record
 from orchestrator.spec.plan import RankSpec, gpu_slices, own_contract_env
 from orchestrator.storage.rundir import RunDir
+from orchestrator.supervision.policy import past_first_step, settle_before_stop
 
 # Slurm's signals that the ranks act on: stop (USR2, TERM, INT), stack dumps (USR1), wake-up.
 FORWARDED_SIGNALS = (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGCONT)
@@ -278,13 +282,17 @@ class NodeAgent:
         A fork server that dies or is stopped fails the node: its ranks die with it. A
         persistent agent also obeys its supervisor meanwhile (SIGNAL, STOP, EXIT)."""
         next_beat = 0.0
+        stop_at: float | None = None  # after a rank's failure: when the others are stopped
         while group.alive():
             if self._launcher_failed(launcher):
                 launcher.abandon()
                 group.stop(0)
                 return LAUNCHER_FAILED_EXIT_CODE
             codes = [r.popen.returncode for r in group.ranks]
-            if any(c not in (0, None, PREEMPTED_EXIT_CODE) for c in codes):
+            if stop_at is None and any(c not in (0, None, PREEMPTED_EXIT_CODE) for c in codes):
+                settle_s = settle_before_stop(self._attempt_number(), self._reached_step(group))
+                stop_at = time.monotonic() + settle_s
+            if stop_at is not None and time.monotonic() >= stop_at:
                 group.stop(min(self.config.restart.stop_grace_s, FAILURE_STOP_GRACE_S))
                 break
             if time.monotonic() >= next_beat:
@@ -305,6 +313,16 @@ class NodeAgent:
         if self._launcher_failed(launcher):  # it died and its ranks with it (PDEATHSIG)
             return LAUNCHER_FAILED_EXIT_CODE
         return exit_status(group.ranks)
+
+    def _attempt_number(self) -> int:
+        """The attempt this agent runs: a persistent agent's START names it; a step per attempt
+        has it in its environment."""
+        return self.attempt if self.attempt is not None else int(os.environ.get(ENV_ATTEMPT, "0"))
+
+    def _reached_step(self, group: AttemptGroup) -> bool:
+        """Whether one of the node's ranks got past its first step (its heartbeat says so)."""
+        beats = {r.spec.rank: read_heartbeat(rank_files(self.log_dir, r.spec.rank)[1]) for r in group.ranks}
+        return past_first_step(beats)
 
     def _launcher_failed(self, launcher: ForkServerLauncher) -> bool:
         """Whether the node's fork server died or was stopped; if so, said and recorded."""

@@ -50,13 +50,14 @@ from orchestrator.contract import (
     rank_of_file,
     read_agent_record,
     read_error_record,
+    read_heartbeat,
 )
 from orchestrator.launch.ports import lease_port
 from orchestrator.spec.config import ClusterConfig, config_from_run_record
 from orchestrator.storage.rundir import RunDir
 from orchestrator.supervision.failures import RankFailure, exception_line, is_peer_loss
 from orchestrator.supervision.loop import Ended, Started, Supervision, next_attempt
-from orchestrator.supervision.policy import Action, AttemptState
+from orchestrator.supervision.policy import Action, AttemptState, past_first_step, settle_before_stop
 
 
 def _log(text: str) -> None:
@@ -355,13 +356,14 @@ class PersistentAgentAttempts(SrunAttempts):
         self.asked_at: dict[int, float] = {}  # node -> when it was sent this attempt's START
         self.reports: dict[int, int] = {}  # node -> its verdict (ENDED) this attempt
         self.stop_order: dict[str, Any] | None = None  # the STOP every node of the attempt gets
+        self.stop_due: float | None = None  # after a node's failure: when the others get the STOP
         self.broken_since: float | None = None
 
     def start(self, attempt: int, master_port: int) -> Started:
         self.log_dir = log_dir = self.run.logs_dir(attempt)
         self.attempt, self.lost_agent, self.agent_beats = attempt, None, {}
         self.start_sent, self.started, self.reports, self.asked_at = set(), set(), {}, {}
-        self.stop_order, self.broken_since = None, None
+        self.stop_order, self.stop_due, self.broken_since = None, None, None
         self.start_env = self._attempt_env(attempt, master_port)
         # What a step of its own would have shown the attempt's ranks as the step's name.
         self.start_env["SLURM_JOB_NAME"] = attempt_step_name(self.config, attempt)
@@ -424,15 +426,27 @@ class PersistentAgentAttempts(SrunAttempts):
             if message.get("op") == Op.ENDED and message.get("attempt") == self.attempt:
                 code = int(message.get("code", 1))
                 self.reports[node] = code
-                if code not in (0, PREEMPTED_EXIT_CODE) and self.stop_order is None:
+                if code not in (0, PREEMPTED_EXIT_CODE) and self.stop_due is None:
                     # A node's rank failed: no checkpoint can complete without it, so the other
-                    # nodes' ranks get the short grace a step's --kill-on-bad-exit gives.
-                    self._stop_all(FAILURE_STOP_GRACE_S)
+                    # nodes' ranks get the short grace a step's --kill-on-bad-exit gives; in the
+                    # run's first attempt before any step, only after they had the time to fail
+                    # on their own (policy.settle_before_stop: the start-up rule needs it).
+                    self.stop_due = time.monotonic() + settle_before_stop(self.attempt, self._reached_step())
+        if self.stop_due is not None and self.stop_order is None and time.monotonic() >= self.stop_due:
+            self._stop_all(FAILURE_STOP_GRACE_S)
         if step.hub.closed and step.broken is None:
             step.broken = f"the node agent of node {min(step.hub.closed)} closed its connection"
             self.broken_since = time.monotonic()
         if send and step.broken is None:
             self._send_starts()
+
+    def _reached_step(self) -> bool:
+        """Whether a rank of this attempt got past its first step (its heartbeat says so); read
+        only where the answer matters (the run's first attempt)."""
+        if self.attempt != 0:
+            return True
+        world = self.config.resources.world_size
+        return past_first_step({r: read_heartbeat(rank_files(self.log_dir, r)[1]) for r in range(world)})
 
     def _stop_all(self, grace_s: float) -> None:
         self.stop_order = {"grace_s": grace_s}
