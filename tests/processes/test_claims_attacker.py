@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-import pwd
 import shutil
-import subprocess
 import tempfile
 from pathlib import Path
 
@@ -19,33 +17,11 @@ import pytest
 from orchestrator.storage.private import NotPrivate
 from orchestrator.storage.rundir import claim_directory
 
-ATTACKER = "orch-attacker"
+from ..attacker import as_attacker, attacker_uid, needs_root
+
 URL = "s3://bucket/runs/r1"
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root, to act as a second user")
-
-
-def attacker_uid() -> int:
-    try:
-        return pwd.getpwnam(ATTACKER).pw_uid
-    except KeyError:
-        proc = subprocess.run(
-            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", ATTACKER],
-            capture_output=True,
-            text=True,
-        )
-        # 9: made meanwhile by another test process.
-        assert proc.returncode in (0, 9), proc.stderr
-        return pwd.getpwnam(ATTACKER).pw_uid
-
-
-def as_attacker(script: str) -> None:
-    """A shell script run as the second user (it cannot reach the venv's interpreter)."""
-    attacker_uid()
-    proc = subprocess.run(
-        ["runuser", "-u", ATTACKER, "--", "sh", "-ec", script], capture_output=True, text=True
-    )
-    assert proc.returncode == 0, proc.stderr
+pytestmark = needs_root
 
 
 @pytest.fixture
