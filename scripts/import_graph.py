@@ -27,7 +27,9 @@ ALLOWED: dict[str, set[str]] = {
     "storage": {"contract", "errors"},
     "spec": {"contract", "errors"},
     "runtime": {"contract", "storage"},
-    "launch": {"contract", "spec"},
+    # storage for private.py: port leases and a background supervisor's console live in this
+    # user's checked private folder of the temp directory (storage never imports launch).
+    "launch": {"contract", "spec", "storage"},
     "supervision": {"contract", "errors", "spec", "storage"},
     "backends": {"contract", "errors", "spec", "storage", "launch", "supervision"},
     # Before a submit: the environment, config, storage and backend, checked (`orch doctor`);

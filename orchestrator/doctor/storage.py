@@ -1,7 +1,8 @@
 """The storage root, checked the way runs use it: a file written, read back and removed (the
-credentials of an object store included), the create-only write that checkpoint commits rely on,
-free space against the newest checkpoint's size, and the preemption warning's lead against how
-long that checkpoint took to write."""
+credentials of an object store included), the folder modes (no other user can swap a run
+directory: a local root and every folder above it), the create-only write that checkpoint
+commits rely on, free space against the newest checkpoint's size, and the preemption warning's
+lead against how long that checkpoint took to write."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from orchestrator.spec.config import ClusterConfig
 from orchestrator.storage.catalog import list_entries
 from orchestrator.storage.causes import storage_cause
 from orchestrator.storage.ckpt_store import newest_committed
+from orchestrator.storage.root_safety import open_folder_above
 from orchestrator.storage.rundir import RunDir, is_local_url, url_to_fs
 
 AREA = "storage"
@@ -32,6 +34,8 @@ def storage_checks(config: ClusterConfig) -> list[Check]:
     checks = [written]
     if written.status is not Status.OK:
         return checks  # nothing else can be learned from a root that cannot be written
+    if is_local_url(root):  # an object store has no folder modes (nor anyone to rename in it)
+        checks.append(_bounded(lambda: _folder_modes(root), "folder modes", root))
     checks.append(_bounded(lambda: _create_only(root), "create-only writes", root))
     newest = _newest_checkpoint(root, config.job_name)
     checks.append(_free_space(root, newest))
@@ -97,6 +101,19 @@ def _writable(root: str) -> Check:
             "check the storage",
         )
     return ok(AREA, "root writable", f"{root}: a file written, read back and removed")
+
+
+def _folder_modes(root: str) -> Check:
+    """No other user may rename entries in the root or in any folder above it: they could swap a
+    run directory for one of theirs, whose config or Slurm pickle then runs as you (root_safety)."""
+    path = os.path.abspath(root.removeprefix("file://"))
+    try:
+        found = open_folder_above(path)
+    except OSError as exc:
+        return fail(AREA, "folder modes", f"{path}: {storage_cause(exc)}", "check the folders' permissions")
+    if found is not None:
+        return fail(AREA, "folder modes", found.detail(path), found.fix)
+    return ok(AREA, "folder modes", f"{path} and every folder above it: no other user can swap a run there")
 
 
 def _create_only(root: str) -> Check:

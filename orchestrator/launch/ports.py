@@ -8,23 +8,23 @@ for one attempt; each attempt takes a fresh one, so no rendezvous state outlives
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import os
 import random
 import socket
-import tempfile
 from dataclasses import dataclass
+
+from orchestrator.storage.private import NotPrivate, open_private_file, private_dir, user_temp_dir
 
 PORT_RANGE = (20000, 32000)
 
 
 def _lock_dir() -> str:
-    path = os.environ.get("ORCH_PORT_LOCK_DIR") or os.path.join(
-        tempfile.gettempdir(), f"orch-ports-{os.getuid()}"
-    )
-    os.makedirs(path, mode=0o700, exist_ok=True)
-    return path
+    """ORCH_PORT_LOCK_DIR, else `<tmp>/orch-$UID/ports`: either checked private to this user
+    (storage/private.py). Anyone can compute the default's path; a folder another user made
+    there could hold every lock forever or see our leases."""
+    chosen = os.environ.get("ORCH_PORT_LOCK_DIR")
+    return private_dir(chosen) if chosen else user_temp_dir("ports")
 
 
 @dataclass
@@ -67,16 +67,10 @@ def lease_port(fixed: int | None = None, *, rng: random.Random | None = None) ->
         candidates = [lo + (start - lo + i) % (hi - lo) for i in range(hi - lo)]
     for port in candidates:
         try:
-            # O_NOFOLLOW: never lock (or create) whatever a link someone put here points to.
-            fd = os.open(
-                os.path.join(lock_dir, f"{port}.lock"),
-                os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
-                0o600,
-            )
-        except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                continue
-            raise
+            # Never a link, nor a file someone else made (ours is private: only we could).
+            fd = open_private_file(os.path.join(lock_dir, f"{port}.lock"), os.O_RDWR)
+        except NotPrivate:
+            continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import atexit
 import os
+import shutil
 import tempfile
 import time
 from typing import Any
 
 from orchestrator.contract import METRICS_WRITE_S
 from orchestrator.storage.goodput import ledger
-from orchestrator.storage.rundir import RunDir, write_metrics
+from orchestrator.storage.private import user_temp_dir
+from orchestrator.storage.rundir import RunDir, upload_own_file, url_to_fs, write_metrics
 
 from .dist import DistContext
 
@@ -28,13 +30,17 @@ class Metrics:
             run_dir = ctx.run_dir or ""
             if run_dir and "://" not in run_dir:
                 logdir = os.path.join(run_dir, "tb")
-            else:
+            elif run_dir:
                 # TensorBoard writes through local files; remote run dirs get a copy of them at
                 # close and at exit (a preemption stop exits from step_end), for `orch report`.
-                logdir = os.path.join(tempfile.gettempdir(), f"orch-{os.getuid()}", ctx.run_id, "tb")
-                if run_dir:
-                    self._publish_to = f"{run_dir.rstrip('/')}/tb"
-                    atexit.register(self._publish)
+                # Staged in a fresh folder of this attempt's own (mkdtemp: 0700, a name no one
+                # can have taken first), so no other user can read the scalars or plant a file.
+                logdir = tempfile.mkdtemp(prefix=f"orch-tb-{ctx.run_id.replace('/', '-')}-")
+                self._publish_to = f"{run_dir.rstrip('/')}/tb"
+                atexit.register(self._publish)
+            else:
+                # No run directory: where the user looks for them, checked private to this user.
+                logdir = user_temp_dir(ctx.run_id, "tb")
         from torch.utils.tensorboard import SummaryWriter  # lazy: pulls in tensorboard
 
         self._writer = SummaryWriter(log_dir=logdir, filename_suffix=f".attempt{ctx.attempt}")
@@ -84,21 +90,23 @@ class Metrics:
             self._write_last()
             self._writer.close()
             self._writer = None
-            self._publish()
+            if self._publish_to is not None and self._publish():
+                # Published whole: the staged copy goes (atexit then has nothing to do).
+                shutil.rmtree(self._logdir, ignore_errors=True)
+                self._publish_to = None
 
-    def _publish(self) -> None:
+    def _publish(self) -> bool:
         """Copy this attempt's event file to a remote run directory (best effort, like
-        metrics.json: a storage hiccup costs the report its curves, not the run)."""
+        metrics.json: a storage hiccup costs the report its curves, not the run). Only regular
+        files of this user's are copied (upload_own_file); False if the storage failed."""
         if self._publish_to is None:
-            return
+            return False
         if self._writer is not None:
             self._writer.flush()
         try:
-            import fsspec
-
+            fs, path = url_to_fs(self._publish_to)
             for name in os.listdir(self._logdir):
-                with open(os.path.join(self._logdir, name), "rb") as src:
-                    with fsspec.open(f"{self._publish_to}/{name}", "wb") as dst:
-                        dst.write(src.read())
+                upload_own_file(fs, os.path.join(self._logdir, name), f"{path}/{name}")
         except Exception:  # noqa: BLE001 - any storage's error
-            pass
+            return False
+        return True

@@ -29,7 +29,7 @@ from orchestrator.contract import (
     top_ops_name,
 )
 from orchestrator.storage.profiles import format_top_ops
-from orchestrator.storage.rundir import is_local_url, join_url
+from orchestrator.storage.rundir import is_local_url, join_url, upload_own_file, url_to_fs
 
 TOP_OPS = 15  # rows of the table in the rank's log and in top_ops.json
 
@@ -141,12 +141,11 @@ class StepProfiler:
             self._stop()
 
     def _upload(self) -> None:
-        import fsspec
-
+        """The traces, from the private folder mkdtemp made, into the run directory: only
+        regular files of this user's, read without following a link (upload_own_file)."""
+        fs, path = url_to_fs(self.out_url)
         for name in os.listdir(self.local_dir):
-            with open(os.path.join(self.local_dir, name), "rb") as src:
-                with fsspec.open(join_url(self.out_url, name), "wb") as dst:
-                    dst.write(src.read())
+            upload_own_file(fs, os.path.join(self.local_dir, name), f"{path}/{name}")
 
 
 def top_ops(prof: Any, steps: int, limit: int = TOP_OPS) -> dict[str, Any]:

@@ -27,7 +27,14 @@ from typing import Any
 
 from orchestrator.contract import METRICS_FILE, Event, attempt_dir_name, attempt_number, rank_of_file
 from orchestrator.storage.faults import fault_point
-from orchestrator.storage.private import open_private_file, user_temp_dir, user_temp_path
+from orchestrator.storage.private import (
+    NotPrivate,
+    existing_user_temp_dir,
+    open_own_file,
+    open_private_file,
+    user_temp_dir,
+    user_temp_path,
+)
 from orchestrator.storage.runid import run_id_of_path
 
 
@@ -154,18 +161,29 @@ class RunDir:
             return path
         return user_temp_dir(self._staging, "logs", attempt_dir_name(attempt))
 
+    def staged_logs(self, attempt: int) -> str | None:
+        """The folder of this attempt's rank logs if there is one: a local run's, or for a
+        remote run the staging folder, only once checked private to this user at every level
+        (storage/private.py; NotPrivate if another user made it). Nothing is made."""
+        if self.is_local:
+            path = self.logs_path(attempt)
+            return path if os.path.isdir(path) else None
+        return existing_user_temp_dir(self._staging, "logs", attempt_dir_name(attempt))
+
     def publish_logs(self, attempt: int) -> None:
-        """Copy a remote run's staged logs of one attempt into the run directory."""
+        """Copy a remote run's staged logs of one attempt into the run directory: only regular
+        files of this user's (upload_own_file: a link among them is not followed)."""
         if self.is_local:
             return
-        fs, path = url_to_fs(self.url)
-        local = self.logs_path(attempt)
-        if not os.path.isdir(local):
+        local = self.staged_logs(attempt)
+        if local is None:
             return  # published already
+        fs, path = url_to_fs(self.url)
+        into = f"{path}/logs/{attempt_dir_name(attempt)}"
         for name in sorted(os.listdir(local)):
-            fs.put_file(os.path.join(local, name), f"{path}/logs/{attempt_dir_name(attempt)}/{name}")
+            upload_own_file(fs, os.path.join(local, name), f"{into}/{name}")
         # Every file is in the run directory now: the staged copy goes (an upload that failed
-        # above raised first and kept it).
+        # above raised first and kept it; rmtree removes a link, never what it points to).
         shutil.rmtree(local, ignore_errors=True)
 
     def publish_run_logs(self) -> None:
@@ -173,12 +191,13 @@ class RunDir:
         then remove the run's staging folder once nothing in it is left unpublished."""
         if self.is_local:
             return
+        logs = existing_user_temp_dir(self._staging, "logs")
+        if logs is None:
+            return
         fs, path = url_to_fs(self.url)
-        logs = os.path.dirname(self.logs_path(0))
         for name in sorted(safe_listdir(logs)):
             local = os.path.join(logs, name)
-            if attempt_number(name) is None and os.path.isfile(local):
-                fs.put_file(local, f"{path}/logs/{name}")
+            if attempt_number(name) is None and upload_own_file(fs, local, f"{path}/logs/{name}"):
                 os.unlink(local)
         for folder in (logs, os.path.dirname(logs)):
             try:
@@ -401,6 +420,25 @@ def read_metrics(run: RunDir) -> dict[str, Any]:
     except (OSError, ValueError):  # none yet (FileNotFoundError is an OSError), or cut short
         return {}
     return record if isinstance(record, dict) else {}
+
+
+# Read and written a piece at a time: a rank's log may be larger than memory would like.
+UPLOAD_CHUNK = 4 << 20
+
+
+def upload_own_file(fs: Any, local: str, remote: str) -> bool:
+    """Copy the local file into `remote` on `fs` if it is a regular file of this user's, read
+    through a descriptor opened without following links (storage/private.py): False, and
+    nothing copied, for a link (whatever it points to, ~/.ssh included, stays on this host),
+    another user's file, a folder or a FIFO. In place of fsspec's put_file, which opens the
+    path and so follows a link."""
+    try:
+        fd = open_own_file(local)
+    except NotPrivate:
+        return False
+    with os.fdopen(fd, "rb") as src, fs.open(remote, "wb") as dst:
+        shutil.copyfileobj(src, dst, UPLOAD_CHUNK)
+    return True
 
 
 def safe_listdir(path: str) -> list[str]:

@@ -17,6 +17,7 @@ from orchestrator.contract import Event
 from orchestrator.errors import OrchError, UsageError
 from orchestrator.spec.config import ClusterConfig
 from orchestrator.storage.causes import storage_cause
+from orchestrator.storage.root_safety import check_storage_root
 from orchestrator.storage.rundir import RunDir, is_local_url, this_host, url_to_fs
 from orchestrator.storage.sweepdir import SweepDir
 from orchestrator.supervision.status import LiveState
@@ -146,10 +147,13 @@ class LocalBackend:
         """Any fsspec URL works (logs are staged locally and uploaded per attempt), but the
         storage must take writes: an object store must answer one listing, bounded in time, so
         that a wrong endpoint or missing credentials stop `orch` in one line before anything
-        starts; an existing local root must take a file (read-only, or refused)."""
+        starts; an existing local root must take a file (read-only, or refused), and no other
+        user may be able to swap its run directories (root_safety)."""
         if not is_local_url(storage_root):
             probe_storage(storage_root, STORAGE_PROBE_S)
-        elif os.path.isdir(root := storage_root.removeprefix("file://")):
+            return
+        check_storage_root(storage_root)
+        if os.path.isdir(root := storage_root.removeprefix("file://")):
             probe_local_root(root)
 
     def check_host(self, config: ClusterConfig) -> None:
@@ -168,6 +172,15 @@ class LocalBackend:
                 f"resources.gpus_per_node: {res.nodes} node(s) x {res.gpus_per_node} GPU(s) = {need},"
                 f" but this host has {len(have)} ({gpus.describe()})"
             )
+        from orchestrator.storage.private import NotPrivate, user_temp_dir
+
+        try:
+            # Port leases, claims and staged logs live in this user's folder of the host's temp
+            # directory: made or checked private now, before anything is created (once ours, no
+            # one else can replace it: the temp directory is sticky).
+            user_temp_dir()
+        except NotPrivate as exc:
+            raise UsageError(f"temp directory: {exc}") from None
 
     def run(self, config: ClusterConfig, run: RunDir, options: RunOptions) -> Any:
         from orchestrator.backends.local.supervisor import Supervisor
