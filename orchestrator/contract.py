@@ -13,8 +13,9 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Iterable, Mapping, Sequence
 from enum import StrEnum
-from typing import Any
+from typing import Any, AnyStr
 
 # ---------------------------------------------------------------------------- environment
 
@@ -72,6 +73,9 @@ ENV_LOG_DIR = "ORCH_LOG_DIR"  # Slurm: the attempt's log folder, where each rank
 # agent gives each rank it forks this many of the node's GPUs, as srun would give each task.
 ENV_GPUS_PER_RANK = "ORCH_GPUS_PER_RANK"
 ENV_FAULT = "ORCH_FAULT"  # failpoints for fault-injection tests (orchestrator.storage.faults)
+# job.pass_env's names (never their values), comma-separated: a rank masks those variables'
+# values in the error record it writes (exception_record), as its launcher masks its log.
+ENV_PASS_ENV = "ORCH_MASKED_VARS"
 RUNTIME_VARS: tuple[str, ...] = (
     ENV_CKPT_INTERVAL,
     ENV_CKPT_KEEP,
@@ -85,9 +89,67 @@ RUNTIME_VARS: tuple[str, ...] = (
     ENV_INCARNATION,
     ENV_HEARTBEAT_FILE,
     ENV_ELASTIC_ERROR_FILE,
+    ENV_PASS_ENV,
     "OMP_NUM_THREADS",
     "PYTHONUNBUFFERED",
 )
+
+# ---------------------------------------------------------------------------- secrets
+
+# What stands in for a job.pass_env value wherever orch writes or shows text that held one.
+REDACTED = "<redacted>"
+# Values shorter than this are not masked: replacing every "1", "yes" or "gpu" would garble
+# every log and hide nothing a guess would not find (CI systems skip short secrets too).
+MIN_SECRET_CHARS = 4
+
+
+def secret_values(names: Iterable[str], environ: Mapping[str, str]) -> tuple[str, ...]:
+    """The values to mask: those of the variables `names` in `environ` that are at least
+    MIN_SECRET_CHARS long, longest first (a secret that holds another is replaced whole)."""
+    values = {environ.get(name, "") for name in names}
+    return tuple(sorted((v for v in values if len(v) >= MIN_SECRET_CHARS), key=len, reverse=True))
+
+
+def passed_secrets(environ: Mapping[str, str]) -> tuple[str, ...]:
+    """In a rank: the values of the variables that ENV_PASS_ENV names."""
+    return secret_values(filter(None, environ.get(ENV_PASS_ENV, "").split(",")), environ)
+
+
+def replace_secrets(text: AnyStr, secrets: Sequence[AnyStr], marker: AnyStr) -> AnyStr:
+    """`text` with each whole occurrence of a secret replaced by `marker` (secrets longest first)."""
+    for secret in secrets:
+        if secret in text:
+            text = text.replace(secret, marker)
+    return text
+
+
+def secret_start_at_end(text: AnyStr, secrets: Sequence[AnyStr], shortest: int) -> int:
+    """How many characters at the end of `text` begin a secret without completing it (the
+    longest such end, at least `shortest` long), or 0: what a cut through a secret leaves."""
+    found = 0
+    for secret in secrets:
+        longest = min(len(secret) - 1, len(text))
+        start = text.find(secret[:1], len(text) - longest) if longest >= max(shortest, 1) else -1
+        # Candidates from the longest end down; the first that begins the secret is its longest.
+        while start != -1 and len(text) - start >= max(shortest, found + 1):
+            if secret.startswith(text[start:]):
+                found = len(text) - start
+                break
+            start = text.find(secret[:1], start + 1)
+    return found
+
+
+def redact_text(text: str, secrets: Sequence[str], limit: int | None = None) -> str:
+    """`text` with each secret replaced by REDACTED, then cut to `limit` characters. Redacted
+    before the cut, so a secret across the cut is replaced whole; and a text that ends with the
+    first MIN_SECRET_CHARS or more characters of a secret, as one cut through it before it
+    reached us does, ends with REDACTED instead."""
+    text = replace_secrets(text, secrets, REDACTED)
+    if limit is not None:
+        text = text[:limit]
+    cut = secret_start_at_end(text, secrets, MIN_SECRET_CHARS)
+    return text[: len(text) - cut] + REDACTED if cut else text
+
 
 # ---------------------------------------------------------------------------- exit codes
 
@@ -294,18 +356,22 @@ def error_location(exc: BaseException) -> str | None:
     return where
 
 
-def exception_record(exc: BaseException, *, rank: int, time: float, pid: int) -> dict[str, Any]:
-    """The error record of an uncaught exception: its class, message, where, and traceback."""
+def exception_record(
+    exc: BaseException, *, rank: int, time: float, pid: int, secrets: Sequence[str] = ()
+) -> dict[str, Any]:
+    """The error record of an uncaught exception: its class, message, where, and traceback,
+    with each of `secrets` (passed_secrets: the job.pass_env values) redacted before the cuts."""
     import traceback
 
+    trace = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     return error_record(
         type(exc).__name__,
-        str(exc)[:4000],
+        redact_text(str(exc), secrets, limit=4000),
         rank=rank,
         time=time,
         pid=pid,
         where=error_location(exc),
-        traceback="".join(traceback.format_exception(type(exc), exc, exc.__traceback__))[-20000:],
+        traceback=redact_text(trace, secrets)[-20000:],
     )
 
 

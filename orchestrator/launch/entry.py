@@ -23,7 +23,13 @@ import sys
 import time
 from types import TracebackType
 
-from orchestrator.contract import ENV_ERROR_FILE, exception_record, read_error_record, write_error_record
+from orchestrator.contract import (
+    ENV_ERROR_FILE,
+    exception_record,
+    passed_secrets,
+    read_error_record,
+    write_error_record,
+)
 
 
 def run(argv: list[str]) -> None:
@@ -55,14 +61,20 @@ def from_the_job(tb: TracebackType | None) -> TracebackType | None:
 
 def record(exc: BaseException) -> None:
     """Write the rank's error record of `exc`, unless the rank has one already (the runtime's
-    hook, which runs before this one, wrote it)."""
+    hook, which runs before this one, wrote it); job.pass_env values in it are redacted."""
     path = os.environ.get(ENV_ERROR_FILE)
     if not path or read_error_record(path) is not None:
         return
     rank = os.environ.get("RANK", "")
     write_error_record(
         path,
-        exception_record(exc, rank=int(rank) if rank.isdecimal() else -1, time=time.time(), pid=os.getpid()),
+        exception_record(
+            exc,
+            rank=int(rank) if rank.isdecimal() else -1,
+            time=time.time(),
+            pid=os.getpid(),
+            secrets=passed_secrets(os.environ),
+        ),
     )
 
 

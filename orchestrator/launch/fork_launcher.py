@@ -14,6 +14,9 @@ the server restarted without it, so one unsafe library does not cost the whole s
 Exit statuses: the ranks are the server's children, so the server reaps them and reports
 each exit over its socket; `ForkedProcess` offers the part of `subprocess.Popen` that the
 supervisor uses (pid, returncode, poll, wait).
+
+Output: the server opens each rank's log file, or, when job.pass_env has a value to mask, gives
+the rank the pipe to the attempt's masker that came with its spawn request (processes.MaskedOutput).
 """
 
 from __future__ import annotations
@@ -34,10 +37,12 @@ from orchestrator.launch.forkserver import (
 )  # at import: no imports after fork (import lock)
 from orchestrator.launch.processes import (
     AttemptGroup,
+    MaskedOutput,
     RankProcess,
     SubprocessLauncher,
     _set_parent_death_signal,
     process_state,
+    rank_environment,
     start_reaper,
 )
 from orchestrator.launch.readiness import wait_ready
@@ -229,9 +234,11 @@ class ForkServer:
         except subprocess.TimeoutExpired:  # pragma: no cover
             self.proc.kill()
 
-    def _send(self, message: dict[str, Any]) -> None:
+    def _send(self, message: dict[str, Any], fds: Sequence[int] = ()) -> None:
         """Send without ever blocking while the server may be blocked sending to us: whenever
-        the socket has no room, read (and dispatch) what the server sent, then try again."""
+        the socket has no room, read (and dispatch) what the server sent, then try again.
+        `fds` go with the message's first byte (SCM_RIGHTS), so they reach the server no later
+        than the message does."""
         data = memoryview(json.dumps(message).encode() + b"\n")
         while data:
             if not self.alive:
@@ -241,7 +248,11 @@ class ForkServer:
                 self.drain()
             if writable and self.alive:
                 try:
-                    sent = self.sock.send(data, socket.MSG_DONTWAIT)
+                    if fds:
+                        sent = socket.send_fds(self.sock, [data], fds, socket.MSG_DONTWAIT)
+                        fds = ()
+                    else:
+                        sent = self.sock.send(data, socket.MSG_DONTWAIT)
                 except (BlockingIOError, InterruptedError):
                     continue
                 except OSError as exc:
@@ -264,14 +275,20 @@ class ForkServer:
             self.drain(0.5)
         return self.hello
 
-    def spawn_all(self, requests: Sequence[dict[str, Any]]) -> list[int]:
+    def spawn_all(
+        self, requests: Sequence[dict[str, Any]], outputs: Sequence[int] | None = None
+    ) -> list[int]:
         """Fork one rank per request; their pids, in order. All requests go out before any
-        reply is read, so the server forks back to back."""
+        reply is read, so the server forks back to back. `outputs`: each rank's stdout and
+        stderr (a pipe to the masker), sent along, in place of opening the request's log."""
         ids = []
-        for request in requests:
+        for i, request in enumerate(requests):
             self._next_id += 1
             ids.append(self._next_id)
-            self._send({"spawn": self._next_id, **request})
+            if outputs is None:
+                self._send({"spawn": self._next_id, **request})
+            else:
+                self._send({"spawn": self._next_id, **request, "output_fd": True}, [outputs[i]])
         pids = []
         for request_id in ids:
             while request_id not in self.replies:
@@ -370,7 +387,8 @@ class ForkServerLauncher:
         self.config = config
         self.server_log = server_log  # default: RUN_DIR/logs/forkserver.log
         self.python = python
-        self.fallback = SubprocessLauncher()
+        self.pass_env = config.job.pass_env
+        self.fallback = SubprocessLauncher(self.pass_env)
         self.server: ForkServer | None = None
         self.refusal = fork_refusal(config, python)
         self.preload = preload_list(config)
@@ -409,11 +427,12 @@ class ForkServerLauncher:
         reaper, pipe = start_reaper()
         group = AttemptGroup(pgid=reaper.pid, reaper=reaper, reaper_pipe=pipe, launched_by="fork")
         try:
+            group.output = MaskedOutput.start(self.pass_env, log_paths)
             cwd = os.getcwd()
             requests = [
                 {
                     "argv": list(spec.argv),
-                    "env": {**os.environ, **spec.env, **extra},
+                    "env": rank_environment(spec, extra, self.pass_env),
                     "cwd": cwd,
                     "log": log,
                     "pgid": group.pgid,
@@ -421,7 +440,12 @@ class ForkServerLauncher:
                 for spec, log, extra in zip(specs, log_paths, extra_env, strict=True)
             ]
             started = time.time()
-            pids = self.server.spawn_all(requests)
+            outputs = group.output.rank_ends if group.output is not None else None
+            try:
+                pids = self.server.spawn_all(requests, outputs)
+            finally:
+                if group.output is not None:
+                    group.output.hand_over()
             for spec, log, pid in zip(specs, log_paths, pids, strict=True):
                 group.ranks.append(
                     RankProcess(spec=spec, popen=self.server.handles[pid], log_path=log, started=started)

@@ -18,6 +18,8 @@ Protocol: newline-delimited JSON on a SOCK_STREAM socketpair.
   server -> {"ready": true, "preloaded": [...], "import_s": s}
             or  {"ready": false, "reason": ..., "module": ...}
   client -> {"spawn": id, "argv": [...], "env": {...}, "cwd": ..., "log": path, "pgid": n}
+            with "output_fd": true, the rank's stdout and stderr come with the message
+            (SCM_RIGHTS: a pipe to the masker, orchestrator.launch.masking) instead of `log`
   server -> {"spawned": id, "pid": n}  or  {"spawned": id, "error": "..."}
   server -> {"exited": pid, "code": n}   (n < 0: killed by signal -n, as subprocess reports it)
 The server exits when the socket closes (the supervisor is gone) or on its parent's death.
@@ -35,12 +37,16 @@ import signal
 import socket
 import sys
 import time
+from collections import deque
 from typing import Any
 
 from orchestrator.launch import entry
 from orchestrator.launch.readiness import wait_ready
 
 _PR_SET_PDEATHSIG = 1
+# Descriptors one read may bring: Linux ends a read after a message that carries some, and a
+# spawn request carries one.
+MAX_FDS_PER_READ = 16
 
 
 def _prctl_pdeathsig() -> None:
@@ -101,6 +107,8 @@ class _Channel:
         self.sock = sock
         self.buffer = b""
         self.outbox = bytearray()
+        # Descriptors received and not yet taken, in the order of the messages they came with.
+        self.fds: deque[int] = deque()
 
     def send(self, message: dict[str, Any]) -> None:
         self.outbox += json.dumps(message).encode() + b"\n"
@@ -121,8 +129,12 @@ class _Channel:
         self.outbox.clear()
 
     def receive(self) -> list[dict[str, Any]] | None:
-        """The complete messages now readable; None at EOF."""
-        data = self.sock.recv(1 << 20)
+        """The complete messages now readable; None at EOF. A message's descriptors are queued
+        by the time it is complete: they come with its first byte."""
+        data, fds, flags, _ = socket.recv_fds(self.sock, 1 << 20, MAX_FDS_PER_READ)
+        if flags & socket.MSG_CTRUNC:  # some were dropped: no message could be matched to its own
+            raise RuntimeError("descriptors from the client were cut off (MSG_CTRUNC)")
+        self.fds.extend(fds)
         if not data:
             return None
         self.buffer += data
@@ -199,19 +211,31 @@ def _reap(channel: _Channel, children: set[int]) -> None:
         channel.send({"exited": pid, "code": code, "at": time.time()})  # when reaped, not when read
 
 
+def _output(channel: _Channel, request: dict[str, Any]) -> int | str:
+    """The rank's stdout and stderr: the descriptor that came with the request, or its log
+    file opened; what went wrong otherwise."""
+    if request.get("output_fd"):
+        return channel.fds.popleft() if channel.fds else "no output descriptor came with the request"
+    try:
+        return os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    except OSError as exc:
+        return f"cannot open {request['log']}: {exc}"
+
+
 def _spawn(
     channel: _Channel, request: dict[str, Any], children: set[int], private_fds: tuple[int, ...]
 ) -> None:
-    try:
-        log_fd = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    except OSError as exc:
-        channel.send({"spawned": request["spawn"], "error": f"cannot open {request['log']}: {exc}"})
+    log_fd = _output(channel, request)
+    if isinstance(log_fd, str):
+        channel.send({"spawned": request["spawn"], "error": log_fd})
         return
     server = os.getpid()
     pid = os.fork()
     if pid == 0:  # the rank
         try:
-            _become_rank(request, log_fd, private_fds, server)
+            # Other ranks' outputs, received and not yet used: a rank holding one would keep
+            # that rank's pipe open after it ended.
+            _become_rank(request, log_fd, (*private_fds, *channel.fds), server)
         finally:
             os._exit(70)  # only reached if setting up the rank itself failed
     os.close(log_fd)

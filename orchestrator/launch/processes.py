@@ -7,11 +7,16 @@ pipe reaches EOF and the reaper SIGKILLs the whole group, which also takes DataL
 other grandchildren that a parent-death signal would miss. Each rank also gets
 PR_SET_PDEATHSIG(SIGKILL) as a second line. The leader lives as long as the attempt, so ranks can
 always join its group.
+
+A rank's stdout and stderr are its log file, opened for it; when job.pass_env has a value to
+mask, they are a pipe to the attempt's masker instead (MaskedOutput, orchestrator.launch.masking),
+which writes the log files with those values replaced.
 """
 
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import os
 import signal
 import subprocess
@@ -20,6 +25,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Mapping, Protocol, Sequence
 
+from orchestrator.contract import ENV_PASS_ENV, secret_values
 from orchestrator.spec.plan import RankSpec
 
 _PR_SET_PDEATHSIG = 1
@@ -34,6 +40,9 @@ except OSError:  # pragma: no cover - non-glibc platforms
 _REAPER_SCRIPT = "while read -r _; do :; done; kill -KILL 0"
 # How long AttemptGroup.close waits, in all, for the reaper and then for the ranks' exit statuses.
 CLOSE_WAIT_S = 5.0
+# A rank's pipe to the masker holds this much (Linux's default most for a user): a rank blocks
+# on a print only when the masker is this far behind.
+PIPE_BYTES = 1 << 20
 
 
 def process_state(pid: int) -> str | None:
@@ -75,6 +84,85 @@ class RankProcess:
         return code
 
 
+def rank_environment(spec: RankSpec, extra: Mapping[str, str], pass_env: Sequence[str]) -> dict[str, str]:
+    """A rank's whole environment: this process's (which holds the job.pass_env values), the
+    plan's, the launcher's, and the pass_env names, so that the rank redacts their values from
+    its error record (contract.exception_record)."""
+    names = {ENV_PASS_ENV: ",".join(pass_env)} if pass_env else {}
+    return {**os.environ, **spec.env, **extra, **names}
+
+
+@dataclass
+class MaskedOutput:
+    """The ranks' stdout and stderr through one masker process, which writes each rank's log
+    file with every job.pass_env value replaced (orchestrator.launch.masking). Each rank gets
+    the write end of its own pipe (`rank_ends`); the masker holds the read ends and the logs,
+    and leaves once every pipe has ended, so what a killed rank wrote last still reaches its
+    file. It runs in a process group of its own, with the stop signals ignored: a stop of the
+    attempt's group, or Ctrl-C at the terminal, does not cut the ranks' last words off."""
+
+    process: subprocess.Popen
+    rank_ends: list[int]
+
+    @classmethod
+    def start(cls, pass_env: Sequence[str], log_paths: Sequence[str]) -> MaskedOutput | None:
+        """The masker for these logs, or None when no pass_env value needs masking: the ranks
+        then write their files directly, at no cost."""
+        if not secret_values(pass_env, os.environ):
+            return None
+        ours: list[int] = []  # every descriptor opened here, closed once the masker has them
+        rank_ends: list[int] = []
+        pairs: list[str] = []
+        try:
+            for path in log_paths:
+                log = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+                ours.append(log)
+                read_end, write_end = os.pipe()
+                ours.append(read_end)
+                rank_ends.append(write_end)
+                _widen(write_end)
+                pairs.append(f"{read_end}:{log}")
+            process = subprocess.Popen(
+                [sys.executable, "-m", "orchestrator.launch.masking", ",".join(pass_env), *pairs],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,  # stderr stays: a masker that fails says why
+                pass_fds=ours,
+                process_group=0,
+                preexec_fn=_ignore_stop_signals,
+            )
+        except BaseException:
+            for fd in rank_ends:
+                os.close(fd)
+            raise
+        finally:
+            for fd in ours:
+                os.close(fd)
+        return cls(process=process, rank_ends=rank_ends)
+
+    def hand_over(self) -> None:
+        """Close this process's copies of the ranks' ends (each rank holds its own now): only
+        then can a pipe end when its rank does."""
+        while self.rank_ends:
+            os.close(self.rank_ends.pop())
+
+    def finish(self, timeout: float) -> None:
+        """Wait until the masker has written everything the ranks wrote (they are gone); after
+        `timeout`, kill it (a process that escaped the attempt's group still holds a pipe)."""
+        self.hand_over()
+        try:
+            self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def _widen(pipe_end: int) -> None:
+    try:
+        fcntl.fcntl(pipe_end, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+    except OSError:  # over /proc/sys/fs/pipe-max-size: the default 64 KiB still works
+        pass
+
+
 @dataclass
 class AttemptGroup:
     """The processes of one attempt: a reaper leading the group, and the ranks in it."""
@@ -85,6 +173,7 @@ class AttemptGroup:
     ranks: list[RankProcess] = field(default_factory=list)
     launched_by: str = "subprocess"
     notice: str | None = None  # what the launcher wants said (e.g. why it could not fork)
+    output: MaskedOutput | None = None  # the ranks' masker, when job.pass_env has values to mask
 
     def alive(self) -> list[RankProcess]:
         return [r for r in self.ranks if r.poll() is None]
@@ -124,6 +213,9 @@ class AttemptGroup:
             except subprocess.TimeoutExpired:  # unkillable (D state), or nobody left to report it
                 pass
             r.poll()
+        if self.output is not None:  # the logs are whole before anyone reads their ends
+            self.output.finish(timeout=max(0.5, deadline - time.monotonic()))
+            self.output = None
 
 
 class Launcher(Protocol):
@@ -199,9 +291,13 @@ def recorded_argv(argv: Sequence[str]) -> list[str]:
 
 
 class SubprocessLauncher:
-    """A fresh interpreter per rank (what torchrun does): always safe, ~1.5 s of imports each."""
+    """A fresh interpreter per rank (what torchrun does): always safe, ~1.5 s of imports each.
+    `pass_env`: job.pass_env, whose values are masked in the ranks' logs and error records."""
 
     name = "subprocess"
+
+    def __init__(self, pass_env: Sequence[str] = ()) -> None:
+        self.pass_env = tuple(pass_env)
 
     def start_attempt(
         self, specs: Sequence[RankSpec], log_paths: Sequence[str], extra_env: Sequence[Mapping[str, str]]
@@ -210,13 +306,16 @@ class SubprocessLauncher:
         group = AttemptGroup(pgid=reaper.pid, reaper=reaper, reaper_pipe=pipe)
         parent = os.getpid()
         try:
-            for spec, log_path, extra in zip(specs, log_paths, extra_env, strict=True):
-                env = {**os.environ, **spec.env, **extra}
-                fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            group.output = MaskedOutput.start(self.pass_env, log_paths)
+            for i, (spec, log_path, extra) in enumerate(zip(specs, log_paths, extra_env, strict=True)):
+                if group.output is not None:
+                    fd = os.dup(group.output.rank_ends[i])  # hand_over closes the original
+                else:
+                    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
                 try:
                     popen = subprocess.Popen(
                         recorded_argv(spec.argv),
-                        env=env,
+                        env=rank_environment(spec, extra, self.pass_env),
                         stdin=subprocess.DEVNULL,
                         stdout=fd,
                         stderr=fd,
@@ -232,6 +331,9 @@ class SubprocessLauncher:
         except BaseException:
             group.close()
             raise
+        finally:
+            if group.output is not None:
+                group.output.hand_over()
         return group
 
     def failure(self) -> str | None:

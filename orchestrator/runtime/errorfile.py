@@ -17,6 +17,7 @@ from orchestrator.contract import (
     ERROR_FILE_RESERVED_BYTES,
     error_record,
     exception_record,
+    passed_secrets,
     write_error_record,
 )
 
@@ -30,9 +31,14 @@ def _rank() -> int:
 
 
 def write_error_file(exc: BaseException, path: str | None = None) -> None:
+    """The record of `exc`, with the job.pass_env values it holds redacted (the supervisor
+    copies its message into events.jsonl; the file itself is in the run directory)."""
     path = path or os.environ.get(ENV_ERROR_FILE)
     if path:
-        write_error_record(path, exception_record(exc, rank=_rank(), time=time.time(), pid=os.getpid()))
+        record = exception_record(
+            exc, rank=_rank(), time=time.time(), pid=os.getpid(), secrets=passed_secrets(os.environ)
+        )
+        write_error_record(path, record)
 
 
 def reserve(path: str | None = None) -> None:

@@ -20,19 +20,21 @@ from orchestrator.contract import (
     ENV_COLLECTIVE_TIMEOUT,
     ENV_DETERMINISTIC,
     ENV_DIST_BACKEND,
+    ENV_PASS_ENV,
     ENV_PROFILE,
     ENV_RUN_DIR,
     ENV_RUN_ID,
     ENV_VISIBLE_GPUS,
     PER_RANK_VARS,
+    REDACTED,
     ROLE_NAME,
     encode_profile,
 )
 from orchestrator.spec.config import ClusterConfig, is_secret_name
 
-# What renders show in place of a secret-looking or passed-through value. The config refuses
-# secret-looking names in job.env; redact() still hides them wherever else they come from.
-REDACTED = "<redacted>"
+# REDACTED (contract.py: one marker for renders, logs and records) is what renders show in place
+# of a secret-looking or passed-through value. The config refuses secret-looking names in job.env;
+# redact() still hides them wherever else they come from.
 
 
 def shared_contract_env(
@@ -103,6 +105,8 @@ def runtime_env(config: ClusterConfig) -> dict[str, str]:
         "OMP_NUM_THREADS": str(config.resources.cpus_per_rank),
         "PYTHONUNBUFFERED": "1",
         **({ENV_PROFILE: profile_setting(config)} if config.profile.enabled else {}),
+        # The names (never the values) whose values a rank's error record redacts.
+        **({ENV_PASS_ENV: ",".join(config.job.pass_env)} if config.job.pass_env else {}),
     }
 
 

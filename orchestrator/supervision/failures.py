@@ -22,7 +22,13 @@ from orchestrator.contract import (
     PREEMPTED_EXIT_CODE,
     PREEMPTED_TYPE,
     STALE_TYPE,
+    redact_text,
 )
+
+# The characters of a failure's message that decisions read and events.jsonl and the console
+# show. The message itself is kept whole, so that job.pass_env values are redacted in all of it
+# before it is cut (a secret across the cut left its start visible).
+MESSAGE_LIMIT = 500
 
 # Errors of the job's own code: they fail the same way on every attempt, so none is retried.
 NON_RETRYABLE_TYPES = frozenset(
@@ -258,8 +264,19 @@ class RankFailure:
     exitcode: int
     time: float
     error_type: str | None
-    message: str
+    message: str  # whole, as recorded; `head` is what is decided on, stored and shown
     where: str | None = None  # FILE:LINE of the job's code that raised it, from its record
+
+    @property
+    def head(self) -> str:
+        return self.message[:MESSAGE_LIMIT]
+
+    def without_secrets(self, secrets: Sequence[str]) -> RankFailure:
+        """This failure with each of `secrets` (the job.pass_env values) redacted from its whole
+        message, and a message that ends with a secret's first characters (cut before it reached
+        us) ending with the redaction marker instead: it goes into events.jsonl."""
+        message = redact_text(self.message, secrets)
+        return self if message == self.message else replace(self, message=message)
 
     @property
     def who(self) -> str:
@@ -270,7 +287,7 @@ class RankFailure:
     @property
     def describe(self) -> str:
         if self.error_type == LAUNCHER_TYPE:  # the message names the process and what happened
-            return self.message
+            return self.head
         if self.error_type == HANG_TYPE:
             how = "hung"
         elif self.exitcode < 0:
@@ -278,11 +295,11 @@ class RankFailure:
         else:
             how = f"exit code {self.exitcode}"
         at = f" (at {self.where})" if self.where else ""
-        return f"{self.who} {how}: {self.message}{at}" if self.message else f"{self.who} {how}{at}"
+        return f"{self.who} {how}: {self.head}{at}" if self.message else f"{self.who} {how}{at}"
 
     @property
     def classified(self) -> Classified:
-        return classify(exitcode=self.exitcode, error_type=self.error_type, message=self.message)
+        return classify(exitcode=self.exitcode, error_type=self.error_type, message=self.head)
 
     @property
     def own(self) -> bool:
@@ -293,14 +310,14 @@ class RankFailure:
             and (self.error_type is not None or self.exitcode > 0)
             and self.error_type not in (LAUNCHER_TYPE, HANG_TYPE)
             and not self.is_stop_on_request
-            and not is_peer_loss(self.message)
+            and not is_peer_loss(self.head)
         )
 
     @property
     def signature(self) -> tuple[str | None, str]:
         """What two ranks share when they failed the same way: the class and the message, or
         the known error it is (its message may name the rank: "`rank` must be an integer. 3")."""
-        return self.error_type, self.classified.known or self.message
+        return self.error_type, self.classified.known or self.head
 
     @property
     def is_stop_on_request(self) -> bool:
@@ -314,7 +331,7 @@ class RankFailure:
             "exitcode": self.exitcode,
             "time": round(self.time, 6),
             "error_type": self.error_type,
-            "message": self.message,
+            "message": self.head,
             "where": self.where,
             "class": c.kind.value,
             "hint": c.hint,
@@ -330,7 +347,7 @@ class RankFailure:
             exitcode=-signal.SIGKILL,
             time=time,
             error_type=LAUNCHER_TYPE,
-            message=message[:500],
+            message=message,
         )
 
     @classmethod
@@ -346,7 +363,7 @@ class RankFailure:
             exitcode=exitcode,
             time=float(record.get("time") or time),
             error_type=error_type,
-            message=text[:500],
+            message=text,
             where=str(record["where"]) if record.get("where") else None,
         )
 
@@ -390,18 +407,18 @@ def root_cause(failures: Sequence[RankFailure], first_seen: int | None = None) -
     if not failures:
         return None
     seen = next((f for f in failures if f.rank == first_seen), None) if first_seen is not None else None
-    if seen is not None and not is_peer_loss(seen.message):
+    if seen is not None and not is_peer_loss(seen.head):
         recorded = [
             f
             for f in failures
-            if f.error_type is not None and not f.is_stop_on_request and not is_peer_loss(f.message)
+            if f.error_type is not None and not f.is_stop_on_request and not is_peer_loss(f.head)
         ]
         if seen.is_stop_on_request:
             return min(recorded, key=lambda f: f.time) if recorded else seen
         earlier = [f for f in recorded if f.time < seen.time]
         return min(earlier, key=lambda f: f.time) if earlier else seen
     real = [f for f in failures if not f.is_stop_on_request]
-    primary = [f for f in real if not is_peer_loss(f.message)]
+    primary = [f for f in real if not is_peer_loss(f.head)]
     if not primary:
         stops = [f for f in failures if f.is_stop_on_request]
         if stops:
@@ -415,7 +432,7 @@ def abort_line(lines: Sequence[str]) -> str:
     logging the collective that failed; else the usual exception line."""
     for line in reversed(lines):
         if _NCCL.search(line):
-            return line.strip()[:500]
+            return line.strip()
     return exception_line(lines)
 
 
@@ -427,7 +444,7 @@ def exception_line(lines: Sequence[str]) -> str:
     if starts:
         for line in lines[starts[-1] + 1 :]:
             if line.strip() and not line[0].isspace():
-                return line.strip()[:500]
+                return line.strip()
     for line in reversed(lines):
         stripped = line.strip()
         if (
@@ -435,5 +452,5 @@ def exception_line(lines: Sequence[str]) -> str:
             and not stripped.startswith(("File ", "^", "~"))
             and ("Error" in stripped or "Exception" in stripped or ": " in stripped)
         ):
-            return stripped[:500]
-    return lines[-1].strip()[:500] if lines else ""
+            return stripped
+    return lines[-1].strip() if lines else ""

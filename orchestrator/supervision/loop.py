@@ -19,12 +19,11 @@ import signal
 import time
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from orchestrator.contract import HANG_TYPE, Event, read_heartbeat
+from orchestrator.contract import HANG_TYPE, Event, read_heartbeat, secret_values
 from orchestrator.spec.config import ClusterConfig
-from orchestrator.spec.plan import REDACTED
 from orchestrator.storage.ckpt_store import newest_committed
 from orchestrator.storage.rundir import RunDir
 from orchestrator.supervision.failures import RankFailure, one_failure_everywhere, root_cause
@@ -156,15 +155,10 @@ def hang_failure(silence: Silence, node_rank: int | None) -> RankFailure:
 
 
 def without_secrets(failure: RankFailure, pass_env: tuple[str, ...]) -> RankFailure:
-    """The failure with every job.pass_env value in its message replaced: a job that puts its
-    token in an exception must not put it in events.jsonl (values under 4 characters are left:
-    replacing every "1" would garble the message and hide nothing)."""
-    message = failure.message
-    # Longest first: a secret that contains another must not be left half-replaced.
-    for value in sorted((os.environ.get(name, "") for name in pass_env), key=len, reverse=True):
-        if len(value) >= 4 and value in message:
-            message = message.replace(value, REDACTED)
-    return failure if message == failure.message else replace(failure, message=message)
+    """The failure with every job.pass_env value redacted from its whole message
+    (RankFailure.without_secrets): a job that puts its token in an exception must not put it
+    in events.jsonl."""
+    return failure.without_secrets(secret_values(pass_env, os.environ))
 
 
 @dataclass

@@ -1,18 +1,21 @@
 """Secrets are never at rest in clear: a secret-looking name in job.env is refused before anything
 is written, and a job.pass_env value reaches every rank but no file of the run directory (on
-local disk or on the S3 API server on 127.0.0.1), nor orch's own output."""
+local disk or on the S3 API server on 127.0.0.1), nor orch's own output, even when the job
+prints it or dies of an exception that holds it: it is masked as `<redacted>`."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
 import pytest
 
+from orchestrator.spec.plan import REDACTED
 from orchestrator.storage.rundir import RunDir
 
-from ..conftest import S3_BUCKET, run_orch, write_config
+from ..conftest import S3_BUCKET, TEST_JOBS, read_events, run_orch, write_config
 
 pytestmark = pytest.mark.integration
 
@@ -115,3 +118,45 @@ def test_staged_logs_of_two_remote_runs_with_one_id_stay_apart():
     one, other = RunDir(f"s3://{S3_BUCKET}/a/run-1"), RunDir(f"s3://{S3_BUCKET}/b/run-1")
     assert one.run_id == other.run_id and one.logs_path(0) != other.logs_path(0)
     assert RunDir(f"s3://{S3_BUCKET}/a/run-1/").logs_path(0) == one.logs_path(0)
+
+
+@pytest.mark.parametrize("mode, hook", [("auto", "--runtime-hook"), ("subprocess", None)])
+def test_a_job_that_prints_its_secret_leaves_it_redacted_everywhere(tmp_path, mode, hook):
+    # tests/jobs/leak_secret.py: rank 0 prints the value whole, in two writes half a second
+    # apart, on stderr, and dies of an exception that holds it (recorded by the runtime's hook,
+    # or by the launcher's entry); rank 1 is killed while writing its first 6 characters.
+    cfg = write_config(
+        tmp_path,
+        TEST_JOBS / "leak_secret.py",
+        args=[SECRET_NAME, *([hook] if hook else [])],
+        job={"pass_env": [SECRET_NAME]},
+        launch={"mode": mode},
+        restart={"max_restarts": 0},
+    )
+    env = {SECRET_NAME: SECRET}
+    proc = run_orch("run", str(cfg), "--run-id", "leaky", env=env)
+    assert proc.returncode == 1, proc.stderr
+    report = run_orch("report", "leaky", "--config", str(cfg), env=env)
+    assert report.returncode == 0, report.stderr
+    run_dir = tmp_path / "runs" / "leaky"
+    files = _local_files(run_dir)
+    # The job did leak it, and every way in was masked.
+    logs = run_dir / "logs" / "attempt-0"
+    assert (logs / "rank-0.log").read_text().splitlines()[:3] == [
+        f"rank 0 prints token={REDACTED}",
+        f"rank 0 writes token={REDACTED} in two writes",
+        f"rank 0 on stderr token={REDACTED}",
+    ]
+    assert f"RuntimeError: could not log in with token={REDACTED}" in (logs / "rank-0.log").read_text()
+    assert (logs / "rank-1.log").read_text().strip() == f"rank 1 dies writing token={REDACTED}"
+    assert REDACTED in json.loads((logs / "rank-0.error.json").read_text())["traceback"]
+    causes = [e["root_cause"] for e in read_events(run_dir) if e.get("root_cause")]
+    assert causes and all(
+        c["message"] == f"RuntimeError: could not log in with token={REDACTED}" for c in causes
+    )
+    assert f"[rank 0] rank 0 writes token={REDACTED} in two writes" in proc.stdout
+    assert f"could not log in with token={REDACTED}" in proc.stderr
+    assert any(name.endswith("report.html") for name in files)
+    assert_not_at_rest(files, proc.stdout, proc.stderr, report.stdout, report.stderr)
+    for name, data in files.items():  # nor the start of it, where a write or a record was cut
+        assert SECRET[:6].encode() not in data, f"{name} holds the secret's start"

@@ -22,7 +22,10 @@ from orchestrator.launch.fork_launcher import (
     job_imports,
     preload_list,
 )
+from orchestrator.launch.processes import MaskedOutput
 from orchestrator.spec.config import parse_config
+
+from ..conftest import wait_for
 
 
 def test_job_imports_are_the_top_level_imports_except_local_modules(tmp_path: Path) -> None:
@@ -220,5 +223,55 @@ def test_server_refuses_to_fork_after_an_import_that_starts_a_thread(tmp_path: P
             "module": "threadstarter",
             "preloaded": ["json"],
         }
+    finally:
+        server.close()
+
+
+def test_forked_ranks_write_through_the_masker_and_lose_nothing_when_killed(tmp_path, monkeypatch) -> None:
+    # With a job.pass_env value to mask, each rank's stdout and stderr are a pipe (sent to the
+    # server with the spawn request) that the masker copies to its log with the value replaced.
+    secret = "sk-test-0123456789abcdef"
+    monkeypatch.setenv("ORCH_TEST_TOKEN", secret)
+    read = "import os, sys, time; v = os.environ['ORCH_TEST_TOKEN']; "
+    server = _server(tmp_path, [])
+    try:
+        server.wait_ready(60)
+        pgid = os.getpgid(0)
+        requests = [
+            _request(tmp_path, "sleeper", "import time; time.sleep(60)", pgid),
+            _request(
+                tmp_path,
+                "split",
+                read + "sys.stdout.write('token=' + v[:5]); sys.stdout.flush(); time.sleep(0.3); "
+                "print(v[5:] + ' end'); print('err ' + v, file=sys.stderr)",
+                pgid,
+            ),
+            _request(
+                tmp_path,
+                "killed",
+                read
+                + "sys.stdout.write('dying token=' + v[:6]); sys.stdout.flush(); os.kill(os.getpid(), 9)",
+                pgid,
+            ),
+        ]
+        output = MaskedOutput.start(["ORCH_TEST_TOKEN"], [r["log"] for r in requests])
+        assert output is not None
+        try:
+            pids = server.spawn_all(requests, output.rank_ends)
+        finally:
+            output.hand_over()
+        sleeper, split, killed = (server.handles[p] for p in pids)
+        assert split.wait(30) == 0 and killed.wait(30) == -signal.SIGKILL
+        # Each log is whole once its rank has exited, while another rank still runs: no rank
+        # holds another's pipe. The killed rank's last, unfinished write is there, redacted.
+        logs = {name: tmp_path / f"{name}.log" for name in ("split", "killed")}
+        wait_for(lambda: logs["killed"].read_text() == "dying token=<redacted>", 10, "the killed rank's log")
+        wait_for(lambda: logs["split"].read_text() == "token=<redacted> end\nerr <redacted>\n", 10, "split")
+        assert sleeper.poll() is None and output.process.poll() is None
+        os.kill(sleeper.pid, signal.SIGKILL)
+        assert sleeper.wait(30) == -signal.SIGKILL
+        output.finish(10)
+        assert output.process.returncode == 0  # it left on its own: every pipe had ended
+        assert oct(logs["split"].stat().st_mode & 0o777) == "0o600"
     finally:
         server.close()

@@ -283,7 +283,7 @@ class SrunAttempts:
         own = [
             f
             for f in failed
-            if f.rank is not None and not f.is_stop_on_request and not is_peer_loss(f.message)
+            if f.rank is not None and not f.is_stop_on_request and not is_peer_loss(f.head)
         ]
         if self.lost_agent is not None:
             return [self.lost_agent, *own]
