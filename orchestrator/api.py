@@ -243,15 +243,16 @@ class Run:
 
     def backend(self, events: list[dict[str, Any]] | None = None) -> Any:
         """The backend the run was started on: its events say, else its run.yaml."""
-        from orchestrator.backends import get_backend
-
         events = self.events() if events is None else events
         named = [
             e["backend"]
             for e in events
             if e.get("event") in (Event.SUBMITTED, Event.RUN_STARTED, Event.JOB_STARTED) and e.get("backend")
         ]
-        return get_backend(named[-1] if named else self.dir.read_run_config().get("backend", "local"))
+        if named:
+            return _recorded_backend(named[-1], f"run {self.run_id}: events.jsonl")
+        recorded = self.dir.read_run_config().get("backend", "local")
+        return _recorded_backend(recorded, f"run {self.run_id}: run.yaml")
 
     def status(self) -> Any:
         """The run's RunStatus (state, attempts, newest checkpoint, root cause, goodput...)."""
@@ -448,6 +449,12 @@ class Run:
         from orchestrator.spec.config import config_for_resume, config_to_dict
         from orchestrator.supervision.loop import next_attempt
 
+        if self.dir.is_local:
+            # Before run.yaml is read (it names the script a resume starts, and the storage root
+            # checked below): a run directory another user could have swapped is not read.
+            from orchestrator.storage.root_safety import check_run_directory
+
+            check_run_directory(self.dir.url)
         events = self.events()
         backend = self.backend(events)
         st = self.status()
@@ -536,6 +543,17 @@ class Run:
             ["resume", self.url, "--quiet", *extra_args], console_log(self.dir.url, self.run_id)
         )
         return self
+
+
+def _recorded_backend(name: Any, where: str) -> Any:
+    """The backend a run or sweep directory names; an unknown name (a directory may be written by
+    others) is one line naming the file, never a traceback."""
+    from orchestrator.backends import get_backend
+
+    try:
+        return get_backend(name)
+    except ValueError as exc:
+        raise OrchError(f"{where}: {exc}") from None
 
 
 def _await_start(process: subprocess.Popen | None, started: Any, timeout_s: float = 60.0) -> None:
@@ -756,9 +774,7 @@ class Sweep:
         """Block until the sweep is settled: no point running or queued (every point ended, or a
         stopped sweep's unstarted points left `created`); the SweepStatus. TimeoutError after
         `timeout` seconds."""
-        from orchestrator.backends import get_backend
-
-        backend = get_backend(self.record().get("backend", "local"))
+        backend = self._backend()
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             if self.process is None or self.process.poll() is not None:
@@ -775,20 +791,21 @@ class Sweep:
         sweep's supervisor, which stops each running point with a checkpoint."""
         if index is not None:
             return self.point(index).cancel()
-        from orchestrator.backends import get_backend
-
         _await_start(
             self.process, lambda: any(e.get("event") == Event.SWEEP_STARTED for e in self.dir.events())
         )
-        return get_backend(self.record().get("backend", "local")).cancel_sweep(self.dir, self.points())
+        return self._backend().cancel_sweep(self.dir, self.points())
 
     def resume(self, *, wait: bool = True, console: IO[str] | None = None) -> Sweep:
         """Start again every point that has not succeeded, each from its newest checkpoint."""
-        from orchestrator.backends import get_backend
         from orchestrator.supervision.loop import next_attempt
         from orchestrator.supervision.status import FINAL_STATES
 
-        backend = get_backend(self.record().get("backend", "local"))
+        if self.dir.is_local:  # as Run._prepare_resume: before sweep.yaml names what runs
+            from orchestrator.storage.root_safety import check_run_directory
+
+            check_run_directory(self.dir.url)
+        backend = self._backend()
         submitted = backend.foreground_hint is not None
         # Taken before any point's state is read, held until the points are submitted or (run
         # here) until the runner ends: a second resume would pass the same checks and start the
@@ -822,6 +839,9 @@ class Sweep:
                         run._record_resume(backend.name, st, next_attempt(run.events()), [])
             # (Locally, each point's own `orch resume` records it, under the point's claim.)
             return self._start(backend, [run.dir for run, _ in points], claim, wait=wait, console=console)
+
+    def _backend(self) -> Any:
+        return _recorded_backend(self.record().get("backend", "local"), f"sweep {self.sweep_id}: sweep.yaml")
 
     def _claim(self, verb: str) -> Any:
         """The sweep directory's claim, held by whoever runs or submits its points."""

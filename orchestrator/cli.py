@@ -17,6 +17,7 @@ from typing import Any, Sequence
 from orchestrator import __version__
 from orchestrator.backends import backend_names
 from orchestrator.errors import OrchError, UsageError
+from orchestrator.storage.private import NotPrivate
 
 DEFAULT_CONFIG = "cluster.yaml"
 
@@ -917,6 +918,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return exc.exit_code
+    except NotPrivate as exc:  # a folder or file another user made or could aim (storage/private.py)
+        print(f"orch {args.command}: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"orch {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -2,11 +2,14 @@
 (srun: one task per node, the config's partition, account, QOS, GPUs and extra flags, its setup
 lines) runs probe_node.py on every node. Each node's findings come back on srun's output, not
 through the storage, so a run directory the nodes cannot see is reported, not silently lost;
-the login node then looks for the file each node wrote (the storage shared both ways)."""
+the login node then looks for the file each node wrote (the storage shared both ways). The nodes'
+connection test proves itself with a random token this side gives srun's environment
+(probe_link.ENV_PROBE_TOKEN), never its command line: the job id is no secret."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import time
@@ -14,6 +17,7 @@ import uuid
 from typing import Any
 
 from orchestrator.doctor.check import Check, Status, fail, ok
+from orchestrator.doctor.probe_link import ENV_PROBE_TOKEN, new_token
 from orchestrator.doctor.probe_node import PREFIX
 from orchestrator.spec.config import ClusterConfig
 from orchestrator.storage.rundir import join_url, this_host, url_to_fs
@@ -81,16 +85,17 @@ def probe_checks(config: ClusterConfig, python: str, timeout_s: float) -> list[C
     argv = probe_argv(config, python, probe_dir)
     started = time.monotonic()
     try:
-        proc = _run_probe(argv, timeout_s)
+        proc = _run_probe(argv, timeout_s, {**os.environ, ENV_PROBE_TOKEN: new_token()})
         return _read(config, proc, fs, path, time.monotonic() - started, timeout_s)
     finally:
         _remove(fs, path)  # after reading: the nodes' files are part of what is checked
 
 
-def _run_probe(argv: list[str], timeout_s: float) -> subprocess.CompletedProcess:
-    """srun, bounded: past the limit it is asked to stop (SIGTERM: srun cancels its job, queued
-    or running), and whatever the nodes printed so far is kept. returncode 124: timed out."""
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def _run_probe(argv: list[str], timeout_s: float, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """srun with `env` (it passes it on to the nodes), bounded: past the limit it is asked to
+    stop (SIGTERM: srun cancels its job, queued or running), and whatever the nodes printed so
+    far is kept. returncode 124: timed out."""
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         out, err = proc.communicate(timeout=timeout_s)
         return subprocess.CompletedProcess(argv, proc.returncode, out, err)
@@ -103,7 +108,7 @@ def _run_probe(argv: list[str], timeout_s: float) -> subprocess.CompletedProcess
             out, err = proc.communicate()
         job = _JOB_ID.search(err or "")
         if job:  # srun gone before its job: make sure no allocation is left behind
-            subprocess.run(["scancel", job.group(1)], capture_output=True, timeout=30, check=False)
+            subprocess.run(["scancel", "--", job.group(1)], capture_output=True, timeout=30, check=False)
         return subprocess.CompletedProcess(argv, 124, out or "", err or "")
 
 

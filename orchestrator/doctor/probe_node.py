@@ -4,7 +4,9 @@ srun carries back to the login node, so nothing here depends on the storage bein
 slurmstepd forwards output in pieces of at most 1024 bytes, each labelled on its own: the
 report goes out in numbered pieces well under that (`ORCH-PROBE i/n <text>`), which the login
 node puts back together per task. Imports only the stdlib until it checks the storage, the
-orchestrator's runtime and torch.
+orchestrator's runtime and torch. The connection test between the nodes (probe_link.py) proves
+itself with the token the login node gave srun's environment (ENV_PROBE_TOKEN), which this
+process removes from its own environment before it imports or starts anything.
 
     python -m orchestrator.doctor.probe_node PROBE_DIR GPUS_PER_NODE
 """
@@ -20,81 +22,29 @@ import threading
 import time
 from typing import Any
 
+from orchestrator.doctor.probe_link import CONNECT_S, ENV_PROBE_TOKEN, ProbeListener, candidate_ports, reach
+
 PREFIX = "ORCH-PROBE "
 PIECE = 600  # characters of JSON per output line: far under slurmstepd's 1024-byte messages
-# The probe's MASTER_PORT: candidates derived from the job id, which every node knows, so no node
-# has to tell another anything first; the first node listens on the first free one and the others
-# try them in turn, each connection proving itself with the job id.
-PORT_BASE, PORT_SPAN, PORT_TRIES = 20000, 12000, 8
-CONNECT_S = 45.0  # how long other nodes keep trying (the first node may still be importing)
 
 
 def _check(name: str, status: str, detail: str, fix: str | None = None) -> dict[str, Any]:
     return {"name": name, "status": status, "detail": detail[:500], "fix": fix}
 
 
-def master_of(env: dict[str, str]) -> tuple[str, list[int]]:
-    """MASTER_ADDR (the first node, as the real run's) and the probe's candidate ports."""
+def master_of(env: dict[str, str]) -> str:
+    """MASTER_ADDR: the first node, as the real run's."""
     from orchestrator.backends.slurm.hostlist import expand_hostlist
 
-    hosts = expand_hostlist(env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or "localhost")
-    first = int(env.get("SLURM_JOB_ID", "0")) % PORT_SPAN
-    return hosts[0], [PORT_BASE + (first + i * 997) % PORT_SPAN for i in range(PORT_TRIES)]
+    return expand_hostlist(env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or "localhost")[0]
 
 
-def _listen(ports: list[int], expected: int, token: str, seen: list[str]) -> tuple[threading.Thread, int]:
-    server, busy = None, []
-    for port in ports:
-        server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            server.bind(("", port))
-            break
-        except OSError:
-            server.close()
-            busy.append(port)
-            server = None
-    if server is None:
-        raise OSError(f"ports {', '.join(map(str, busy))} are all in use")
-    server.listen(64)
-    server.settimeout(CONNECT_S + 15)
+def _listen(host: str, ports: list[int], token: str, expected: int) -> tuple[ProbeListener, threading.Thread]:
+    """The first node's listener, where MASTER_ADDR resolves here, serving in a thread."""
+    from orchestrator.backends.slurm.channel import listen_address
 
-    def accept() -> None:
-        try:
-            while len(seen) < expected:
-                conn, _ = server.accept()
-                with conn:
-                    conn.settimeout(5)
-                    hello = conn.recv(256).decode(errors="replace")
-                    if hello.startswith(token):
-                        seen.append(hello[len(token) :])
-                        conn.sendall(token.encode())
-        except OSError:
-            pass
-        finally:
-            server.close()
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    return thread, port
-
-
-def _reach(host: str, ports: list[int], token: str, me: str) -> tuple[int | None, str]:
-    """The candidate port of the first node that answered with the token, or why none did."""
-    deadline = time.monotonic() + CONNECT_S
-    last = "no answer"
-    while time.monotonic() < deadline:
-        for port in ports:
-            try:
-                with socket.create_connection((host, port), timeout=3) as conn:
-                    conn.settimeout(5)
-                    conn.sendall(f"{token}{me}".encode())
-                    if conn.recv(64).decode(errors="replace") == token:
-                        return port, ""
-            except OSError as exc:
-                last = f"{type(exc).__name__}: {exc}"
-        time.sleep(0.5)
-    return None, last
+    listener = ProbeListener(listen_address(host), ports, token, expected)
+    return listener, listener.start(CONNECT_S + 15)
 
 
 def probe(probe_dir: str, gpus_per_node: int, env: dict[str, str]) -> dict[str, Any]:
@@ -102,32 +52,45 @@ def probe(probe_dir: str, gpus_per_node: int, env: dict[str, str]) -> dict[str, 
     task = int(env.get("SLURM_PROCID", "0"))
     ntasks = int(env.get("SLURM_NTASKS", "1"))
     checks = [_check("python", "ok", f"{platform.python_version()} at {sys.executable}")]
-    host, ports = master_of(env)
-    token = f"orch-probe {env.get('SLURM_JOB_ID', '0')} "
-    listener, seen, bound = None, [], None
-    if task == 0:
+    host = master_of(env)
+    token = env.get(ENV_PROBE_TOKEN, "")
+    ports = candidate_ports(token)
+    listener, thread = None, None
+    if not token:
+        checks.append(
+            _check(
+                "MASTER_ADDR:MASTER_PORT",
+                "warn",
+                f"not tested: no {ENV_PROBE_TOKEN} in the environment (srun did not pass it on)",
+                "let srun pass the environment on (no --export=NONE in slurm.extra_flags)",
+            )
+        )
+    elif task == 0:
         try:
-            listener, bound = _listen(ports, ntasks - 1, token, seen)
+            listener, thread = _listen(host, ports, token, ntasks - 1)
         except OSError as exc:
             checks.append(
                 _check(
                     "MASTER_ADDR:MASTER_PORT",
                     "warn",
-                    f"cannot listen: {exc}",
-                    "free some ports in 20000-32000",
+                    f"cannot listen on {host}: {exc}",
+                    "free some ports in 20000-32000, and make MASTER_ADDR resolve to an address of this node",
                 )
             )
     checks.append(_runtime())
     checks.extend(_storage(probe_dir, node, task))
     checks.append(_torch(gpus_per_node, env))
-    if task == 0 and listener is not None:
-        listener.join(CONNECT_S + 15)
-        missing = ntasks - 1 - len(seen)
-        detail = f"{host}:{bound} listened; {len(seen)} of {ntasks - 1} other node(s) reached it"
-        status, fix = ("ok", None) if missing <= 0 else ("warn", "see the other nodes' lines")
+    if listener is not None and thread is not None:
+        thread.join(CONNECT_S + 15)
+        reached = sorted(listener.reached)
+        detail = (
+            f"{host}:{listener.port} listened; {len(reached)} of {ntasks - 1} other node(s) reached it"
+            + (f" ({', '.join(reached)})" if reached else "")
+        )
+        status, fix = ("ok", None) if len(reached) >= ntasks - 1 else ("warn", "see the other nodes' lines")
         checks.append(_check("MASTER_ADDR:MASTER_PORT", status, detail, fix))
-    elif task != 0:
-        port, why = _reach(host, ports, token, node)
+    elif token and task != 0:
+        port, why = reach(host, ports, token, node)
         checks.append(
             _check("MASTER_ADDR:MASTER_PORT", "ok", f"reached {host}:{port}")
             if port is not None
@@ -234,7 +197,9 @@ def pieces(report: dict[str, Any]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    report = probe(args[0], int(args[1]), dict(os.environ))
+    env = dict(os.environ)
+    os.environ.pop(ENV_PROBE_TOKEN, None)  # the probe's, not for what it imports or starts
+    report = probe(args[0], int(args[1]), env)
     for line in pieces(report):
         print(line, flush=True)
     return 0

@@ -4,6 +4,11 @@ scalars, the frozen config), so the fold tests in milliseconds.
 
 A resumed attempt logs again the steps after its checkpoint: each attempt keeps a series of its
 own, so the replayed steps show as a second curve over the same steps instead of a zig-zag.
+
+A run directory may be written by others, and a job puts what it likes in its error file: every
+value is read back as the type orch writes it, or not at all (`whole`, `real`, `moment`), so a
+crafted record is never a traceback and a number is never text. Text stays text here; the page
+and the figures escape it where they show it.
 """
 
 from __future__ import annotations
@@ -201,61 +206,104 @@ def collect_run(
     `kept_steps`: the checkpoints still committed."""
     now = time.time() if now is None else now
     fields = summarize(list(events), now=now)
-    state = state or fields["state"]
+    state = str(state or fields["state"])
     if goodput is None:
         goodput = ledger(events, now=now if state == "running" else None)
     series = build_series(scalars or {}, events)
     kept = None if kept_steps is None else set(kept_steps)
     checkpoints = tuple(
         Checkpoint(
-            step=int(e["step"]),
-            time=float(e["time"]),
-            attempt=e.get("attempt"),
-            write_s=e.get("write_s"),
-            block_s=e.get("block_s"),
-            kept=None if kept is None else int(e["step"]) in kept,
+            step=step,
+            time=t,
+            attempt=whole(e.get("attempt")),
+            write_s=real(e.get("write_s")),
+            block_s=real(e.get("block_s")),
+            kept=None if kept is None else step in kept,
         )
         for e in events
-        if e.get("event") == Event.CHECKPOINT_COMMITTED and e.get("step") is not None
+        if e.get("event") == Event.CHECKPOINT_COMMITTED
+        and (step := whole(e.get("step"))) is not None
+        and (t := moment(e)) is not None
     )
     attempts = build_attempts(events, series, checkpoints, state, now)
-    nodes, ranks = world_of(events, config or {})
+    nodes, ranks = world_of(events, mapping(config))
     rc = fields["root_cause"] if state not in ("stopped", "cancelled") else None
     return RunReport(
         run_id=run_id,
         run_dir=run_dir,
         state=state,
-        backend=fields["backend"] or (config or {}).get("backend"),
+        backend=as_text(fields["backend"] or mapping(config).get("backend")),
         nodes=nodes,
         ranks_per_node=ranks,
         started=fields["started"],
         wall_s=fields["wall_s"],
-        total_steps=_last_value(events, Event.TOTAL_STEPS, "total_steps"),
+        total_steps=whole(_last_value(events, Event.TOTAL_STEPS, "total_steps")),
         attempts=attempts,
         checkpoints=checkpoints,
         markers=build_markers(events, attempts),
         series=series,
         goodput=goodput,
         root_cause=cause_line(rc) if rc else None,
-        last_scalars=dict(last_scalars or {}),
+        last_scalars=scalars_of(last_scalars),
         point=point,
-        values=dict(values or {}),
+        values=dict(mapping(values)),
     )
 
 
 def world_of(events: Sequence[Mapping[str, Any]], config: Mapping[str, Any]) -> tuple[int | None, int | None]:
     """(nodes, ranks per node): the latest start's (a resume may change them), else run.yaml's."""
-    resources = (config.get("config") or {}).get("resources") or {}
-    nodes, ranks = resources.get("nodes"), resources.get("ranks_per_node")
+    resources = mapping(mapping(config.get("config")).get("resources"))
+    nodes, ranks = whole(resources.get("nodes")), whole(resources.get("ranks_per_node"))
     for e in events:
-        if e.get("event") in (Event.RUN_STARTED, Event.SUBMITTED) and e.get("ranks_per_node"):
-            nodes, ranks = e.get("nnodes", e.get("nodes", nodes)), e["ranks_per_node"]
+        if e.get("event") in (Event.RUN_STARTED, Event.SUBMITTED) and whole(e.get("ranks_per_node")):
+            nodes, ranks = whole(e.get("nnodes", e.get("nodes", nodes))), whole(e["ranks_per_node"])
     return nodes, ranks
 
 
 def _last_value(events: Sequence[Mapping[str, Any]], kind: Event, key: str) -> Any:
     found = [e.get(key) for e in events if e.get("event") == kind and e.get(key) is not None]
     return found[-1] if found else None
+
+
+# ---------------------------------------------------------------------------- reading values
+
+
+def whole(value: Any) -> int | None:
+    """An integer as orch records one (a step, an attempt, a rank, a count), else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return None
+
+
+def real(value: Any) -> float | None:
+    """A number as orch records one (seconds, a scalar: NaN included), else None."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)
+
+
+def moment(e: Mapping[str, Any]) -> float | None:
+    """An event's time, a finite number of seconds (one a clock can show), else None."""
+    t = real(e.get("time"))
+    return t if t is not None and math.isfinite(t) else None
+
+
+def mapping(value: Any) -> Mapping[str, Any]:
+    """A record's part that should be a mapping (run.yaml's, metrics.json's), else empty."""
+    return value if isinstance(value, Mapping) else {}
+
+
+def as_text(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def scalars_of(values: Any) -> dict[str, float]:
+    """metrics.json's last scalars: names to numbers, anything else left out."""
+    return {str(k): v for k, v in ((k, real(v)) for k, v in mapping(values).items()) if v is not None}
 
 
 # ---------------------------------------------------------------------------- series
@@ -267,12 +315,13 @@ def attempt_starts(events: Sequence[Mapping[str, Any]]) -> list[tuple[float, int
     starts: dict[int, float] = {}
     trained: dict[int, float] = {}
     for e in events:
-        if e.get("attempt") is None:
+        attempt, t = whole(e.get("attempt")), moment(e)
+        if attempt is None or t is None:
             continue
         if e.get("event") == Event.ATTEMPT_STARTED:
-            starts.setdefault(int(e["attempt"]), float(e["time"]))
+            starts.setdefault(attempt, t)
         elif e.get("event") == Event.TRAINING_STARTED:
-            trained.setdefault(int(e["attempt"]), float(e["time"]))
+            trained.setdefault(attempt, t)
     merged = {**starts, **trained}
     return sorted((t, a) for a, t in merged.items())
 
@@ -388,32 +437,33 @@ def build_attempts(
     now: float,
 ) -> tuple[Attempt, ...]:
     started: dict[int, float] = {}
-    ended: dict[int, Mapping[str, Any]] = {}
+    ended: dict[int, tuple[float, Mapping[str, Any]]] = {}
     restored: dict[int, int | None] = {}
     closed_at: dict[int, float] = {}  # an attempt without an end: where the next start closes it
     open_attempt: int | None = None
     for e in events:
-        kind, attempt = e.get("event"), e.get("attempt")
+        kind, attempt, t = e.get("event"), whole(e.get("attempt")), moment(e)
+        if t is None:
+            continue  # no time: nowhere on the timeline
         if kind == Event.ATTEMPT_STARTED and attempt is not None:
             if open_attempt is not None:
-                closed_at.setdefault(open_attempt, float(e["time"]))
-            started.setdefault(int(attempt), float(e["time"]))
-            open_attempt = int(attempt)
+                closed_at.setdefault(open_attempt, t)
+            started.setdefault(attempt, t)
+            open_attempt = attempt
         elif kind == Event.ATTEMPT_ENDED and attempt is not None:
-            ended[int(attempt)] = e
+            ended[attempt] = (t, e)
             open_attempt = None
         elif kind == Event.RESTORED and attempt is not None:
-            restored[int(attempt)] = e.get("step")
+            restored[attempt] = whole(e.get("step"))
         elif kind == Event.RESUMED and open_attempt is not None:
-            closed_at.setdefault(open_attempt, float(e["time"]))
+            closed_at.setdefault(open_attempt, t)
             open_attempt = None
-    last_time = max((float(e.get("time", 0.0)) for e in events), default=now)
+    last_time = max((t for e in events if (t := moment(e)) is not None), default=now)
     out = []
     for number in sorted(started):
-        end_event = ended.get(number)
-        if end_event is not None:
-            end, outcome = float(end_event["time"]), str(end_event.get("status", "failed"))
-            rc = end_event.get("root_cause")
+        if number in ended:
+            end, end_event = ended[number]
+            outcome, rc = str(end_event.get("status") or "failed"), end_event.get("root_cause")
         elif number == open_attempt and state == "running":
             end, outcome, rc = now, "running", None
         else:  # its supervisor died: the attempt ended at the last sign of life
@@ -441,8 +491,10 @@ def build_attempts(
     return tuple(out)
 
 
-def cause_line(rc: Mapping[str, Any]) -> str:
+def cause_line(rc: Any) -> str:
     """A root cause in one line, as `orch status` words it: `rank 1 (node 0): exit 86: ...`."""
+    if not isinstance(rc, Mapping):  # not what orch records: shown as the text it is
+        rc = {"rank": None, "message": str(rc)}
     who = "the step" if rc.get("rank") is None else f"rank {rc.get('rank')}"
     if rc.get("node_rank") is not None:
         who += f" (node {rc['node_rank']})"
@@ -464,9 +516,9 @@ def build_markers(events: Sequence[Mapping[str, Any]], attempts: Sequence[Attemp
     starts = sorted((a.start, a.number) for a in attempts)
     placed = []
     for e in events:
-        attempt = e.get("attempt")
-        t = float(e.get("time", 0.0))
-        placed.append((e, t, int(attempt) if attempt is not None else attempt_at(starts, t)))
+        attempt, t = whole(e.get("attempt")), moment(e)
+        if t is not None:
+            placed.append((e, t, attempt if attempt is not None else attempt_at(starts, t)))
     # Slurm tells a preemption twice (the attempt's end, then the job's `preempted`): once is enough.
     ended_preempted = {
         row

@@ -2,8 +2,10 @@
 where the wall time went. Plotly is the optional `report` extra: require_plotly() says how to
 get it, in one line.
 
-Text that comes from the run (root causes, warnings, a point's values) is escaped before it
-goes into a figure: plotly renders a subset of HTML in labels and hover text.
+Every text that comes from the run (outcomes, root causes, warnings, tags, a point's values,
+ids) goes into a figure through `escaped`: plotly renders a subset of HTML in titles, legends,
+axis labels and hover text, links included. Numbers are numbers (collect.py). The figure's JSON
+in its <script> is plotly's own to write safely (it writes <, > and / as JSON escapes).
 """
 
 from __future__ import annotations
@@ -87,6 +89,13 @@ def to_fragment(fig: Any, div_id: str, with_library: bool) -> str:
     )
 
 
+def escaped(value: Any) -> str:
+    """Run-provided text as plotly must get it: shown as written, never read as markup. With no
+    `<` left no tag can open, so quotes are inert; and plotly.js shows `&quot;` as it is (it
+    decodes only a few named entities), so they stay quotes."""
+    return html.escape(str(value), quote=False)
+
+
 def attempt_colour(number: int | None) -> str:
     return PALETTE[(number or 0) % len(PALETTE)]
 
@@ -143,23 +152,23 @@ def curves_figure(
                     mode="lines+markers" if len(s.steps) <= 60 else "lines",
                     marker={"size": 4},
                     line={"color": curve.colour, "width": 2},
-                    name=html.escape(curve.name),
-                    legendgroup=html.escape(curve.name),
+                    name=escaped(curve.name),
+                    legendgroup=escaped(curve.name),
                     showlegend=row == 1,
                     # The names go in as data (meta, the trace's name), never into the template
                     # itself: a `%{...}` in a run's text stays text.
-                    meta=html.escape(tag),
+                    meta=escaped(tag),
                     hovertemplate="%{fullData.name}<br>step %{x}<br>%{meta} %{y:.4g}<extra></extra>",
                 ),
                 row=row,
                 col=1,
             )
-        fig.update_yaxes(title_text=html.escape(tag), row=row, col=1)
+        fig.update_yaxes(title_text=escaped(tag), row=row, col=1)
     for step, colour in restarts:
         fig.add_vline(x=step, line={"color": colour, "dash": "dot", "width": 1})
     fig.update_xaxes(title_text="step", row=len(tags), col=1)
     fig.update_layout(
-        **LAYOUT, title=html.escape(title), height=140 + 260 * len(tags), hovermode="closest",
+        **LAYOUT, title=escaped(title), height=140 + 260 * len(tags), hovermode="closest",
         legend={"orientation": "h", "y": -0.12},
     )  # fmt: skip
     return fig
@@ -208,13 +217,16 @@ class Row:
 
 
 def _bar_hover(a: Attempt) -> str:
-    steps = "" if a.first_step is None else f"<br>steps {a.first_step}-{a.last_step}"
-    restored = "" if a.restored_step is None else f"<br>restored step {a.restored_step}"
-    cause = "" if not a.root_cause else f"<br>{html.escape(a.root_cause)}"
-    return (
-        f"attempt {a.number}: {a.outcome}<br>{_clock(a.start)} UTC, {a.duration_s:.1f}s"
-        f"{restored}{steps}<br>{a.checkpoints} checkpoint(s){cause}"
-    )
+    """An attempt's hover text: lines (<br>) of escaped parts."""
+    lines = [f"attempt {a.number}: {escaped(a.outcome)}", f"{_clock(a.start)} UTC, {a.duration_s:.1f}s"]
+    if a.restored_step is not None:
+        lines.append(f"restored step {escaped(a.restored_step)}")
+    if a.first_step is not None:
+        lines.append(f"steps {escaped(a.first_step)}-{escaped(a.last_step)}")
+    lines.append(f"{a.checkpoints} checkpoint(s)")
+    if a.root_cause:
+        lines.append(escaped(a.root_cause))
+    return "<br>".join(lines)
 
 
 def timeline_figure(rows: Sequence[Row], title: str, colour_by_outcome: bool) -> Any | None:
@@ -222,12 +234,12 @@ def timeline_figure(rows: Sequence[Row], title: str, colour_by_outcome: bool) ->
     go = require_plotly()
     if not any(r.attempts or r.markers for r in rows):
         return None
-    labels = [html.escape(r.label) for r in rows]
+    labels = [escaped(r.label) for r in rows]
     fig = go.Figure()
     legend_seen: set[str] = set()
     for row, label in zip(rows, labels, strict=True):
         for a in row.attempts:
-            key = a.outcome if colour_by_outcome else f"attempt {a.number}"
+            key = escaped(a.outcome) if colour_by_outcome else f"attempt {a.number}"
             colour = (
                 OUTCOME_COLOURS.get(a.outcome, "#7f7f7f") if colour_by_outcome else attempt_colour(a.number)
             )
@@ -241,7 +253,7 @@ def timeline_figure(rows: Sequence[Row], title: str, colour_by_outcome: bool) ->
                         "color": colour,
                         "line": {"color": OUTCOME_COLOURS.get(a.outcome, "#333"), "width": 2},
                     },
-                    name=key if colour_by_outcome else f"{key} ({a.outcome})",
+                    name=key if colour_by_outcome else f"{key} ({escaped(a.outcome)})",
                     legendgroup=key,
                     showlegend=key not in legend_seen,
                     hovertext=[_bar_hover(a)],
@@ -255,7 +267,7 @@ def timeline_figure(rows: Sequence[Row], title: str, colour_by_outcome: bool) ->
     fig.update_xaxes(type="date", title_text="time (UTC)")
     fig.update_yaxes(type="category", categoryorder="array", categoryarray=labels, autorange="reversed")
     fig.update_layout(
-        **LAYOUT, title=html.escape(title), barmode="overlay", height=190 + 45 * len(rows),
+        **LAYOUT, title=escaped(title), barmode="overlay", height=190 + 45 * len(rows),
         legend={"orientation": "h", "yanchor": "top", "y": -0.3}, hovermode="closest",
     )  # fmt: skip
     return fig
@@ -269,7 +281,7 @@ def _add_checkpoints(fig: Any, go: Any, rows: Sequence[Row], labels: Sequence[st
             y.append(label)
             stall = "" if c.block_s is None else f", training blocked {c.block_s:.3f}s"
             kept = "" if c.kept is None else (", kept" if c.kept else ", since removed by retention")
-            text.append(f"checkpoint step {c.step} (attempt {c.attempt}){stall}{kept}")
+            text.append(escaped(f"checkpoint step {c.step} (attempt {c.attempt}){stall}{kept}"))
     if x:
         symbol, colour = CHECKPOINT_STYLE
         fig.add_trace(
@@ -287,7 +299,7 @@ def _add_markers(fig: Any, go: Any, rows: Sequence[Row], labels: Sequence[str]) 
             x, y, text = by_kind.setdefault(m.kind, ([], [], []))
             x.append(_clock(m.time))
             y.append(label)
-            text.append(f"{m.kind.value}: {html.escape(m.text)}")
+            text.append(f"{m.kind.value}: {escaped(m.text)}")
     for kind, (x, y, text) in by_kind.items():
         symbol, colour = MARK_STYLE[kind]
         fig.add_trace(
@@ -349,7 +361,7 @@ def goodput_figure(rows: Sequence[tuple[str, Mapping[str, float]]], title: str) 
     rows = [(label, parts) for label, parts in rows if any(v > 0 for v in parts.values())]
     if not rows:
         return None
-    labels = [html.escape(label) for label, _ in rows]
+    labels = [escaped(label) for label, _ in rows]
     fig = go.Figure()
     for key, name, colour in GOODPUT_PARTS:
         seconds = [float(parts.get(key, 0.0)) for _, parts in rows]
@@ -366,7 +378,7 @@ def goodput_figure(rows: Sequence[tuple[str, Mapping[str, float]]], title: str) 
     fig.update_xaxes(title_text="seconds")
     fig.update_yaxes(type="category", categoryorder="array", categoryarray=labels, autorange="reversed")
     fig.update_layout(
-        **LAYOUT, title=html.escape(title), barmode="stack", height=190 + 40 * len(rows),
+        **LAYOUT, title=escaped(title), barmode="stack", height=190 + 40 * len(rows),
         legend={"orientation": "h", "yanchor": "top", "y": -0.3, "traceorder": "normal"},
     )  # fmt: skip
     return fig

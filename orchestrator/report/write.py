@@ -12,7 +12,7 @@ from orchestrator.errors import OrchError
 from orchestrator.storage.rundir import is_local_url, url_to_fs
 
 from . import figures, page
-from .collect import Mark, RunReport, SweepReport, collect_run
+from .collect import Mark, RunReport, SweepReport, as_text, collect_run, mapping
 from .scalars import read_event_files
 
 REPORT_FILE = "report.html"
@@ -139,14 +139,16 @@ def gather_sweep(sweep: Any) -> SweepReport:
 
     record = sweep.record()
     points = tuple(
-        gather_run(Run(run_dir), point=int(p["index"]), values=dict(p.get("values") or {}))
+        gather_run(Run(run_dir), point=int(p["index"]), values=dict(mapping(p.get("values"))))
         for p, run_dir in sweep.dir.points(record)
     )
+    names = record.get("names")
     return SweepReport(
         sweep_id=sweep.sweep_id,
         sweep_dir=sweep.url,
-        backend=record.get("backend"),
-        names=tuple(record.get("names") or ()),
+        backend=as_text(record.get("backend")),
+        # sweep.yaml's axes, as text (a list of names; anything else names nothing)
+        names=tuple(str(n) for n in names) if isinstance(names, list) else (),
         points=points,
     )
 

@@ -10,13 +10,20 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-from orchestrator.backends.slurm.node_agent import FAILURE_STOP_GRACE_S, exit_status, rank_env
+from orchestrator.backends.slurm.node_agent import (
+    FAILURE_STOP_GRACE_S,
+    HubUnreachable,
+    exit_status,
+    join_hub,
+    rank_env,
+)
 from orchestrator.backends.slurm.render import NODE_SCRIPT, step_env
 from orchestrator.backends.slurm.supervisor import step_failures
 from orchestrator.contract import PREEMPTED_EXIT_CODE
@@ -212,14 +219,19 @@ def test_agents_fork_their_nodes_ranks_with_the_env_contract(tmp_path: Path) -> 
         ), text
 
 
-def test_an_agent_cut_off_before_its_first_start_exits_non_zero(tmp_path: Path) -> None:
-    # A stand-in supervisor lets both agents connect and say HELLO, then closes node 0's
-    # channel without a word (as the hub did to agents past its 64th pending connection) and
-    # dismisses node 1 with EXIT. Node 0 must not leave as if it was done: srun's
-    # --kill-on-bad-exit and the supervisor see the step break only by its exit status.
+def stand_in_hub(timeout_s: float) -> tuple[socket.socket, dict[str, str]]:
+    """A listener in place of the supervisor's hub, and the agents' environment naming it (token t)."""
     listener = socket.create_server(("127.0.0.1", 0))
-    listener.settimeout(120)
-    agent_env = {"ORCH_AGENT_ADDR": f"127.0.0.1:{listener.getsockname()[1]}", "ORCH_AGENT_TOKEN": "t"}
+    listener.settimeout(timeout_s)
+    return listener, {"ORCH_AGENT_ADDR": f"127.0.0.1:{listener.getsockname()[1]}", "ORCH_AGENT_TOKEN": "t"}
+
+
+def test_an_agent_cut_off_before_its_first_start_exits_non_zero(tmp_path: Path) -> None:
+    # A stand-in supervisor lets both agents in (HELLO, WELCOME), then closes node 0's channel
+    # without a word (its supervisor gone) and dismisses node 1 with EXIT. Node 0 must not
+    # leave as if it was done: srun's --kill-on-bad-exit and the supervisor see the step break
+    # only by its exit status.
+    listener, agent_env = stand_in_hub(timeout_s=120)
     try:
         run_dir, agents = start_agents(tmp_path, TEST_JOBS / "brief.py", [], nodes=2, agent_env=agent_env)
         channels = {}
@@ -228,6 +240,7 @@ def test_an_agent_cut_off_before_its_first_start_exits_non_zero(tmp_path: Path) 
             with sock.makefile("rb") as lines:
                 hello = json.loads(lines.readline())
             assert hello["op"] == "hello" and hello["token"] == "t"
+            sock.sendall(b'{"op": "welcome"}\n')
             channels[hello["node"]] = sock
         channels[1].sendall(b'{"op": "exit"}\n')
         for sock in channels.values():
@@ -239,6 +252,62 @@ def test_an_agent_cut_off_before_its_first_start_exits_non_zero(tmp_path: Path) 
     log = (run_dir / "logs" / "attempt-0" / "node-0.log").read_text()
     assert "closed before any START" in log, log
     assert "forked ranks" not in log  # the fault fired before any attempt
+
+
+def _hello(sock: socket.socket) -> dict:
+    with sock.makefile("rb") as lines:
+        return json.loads(lines.readline())
+
+
+def test_an_agent_closed_before_its_welcome_connects_again(tmp_path: Path) -> None:
+    # A stand-in hub closes the agent's first connection right after its HELLO, unanswered, as
+    # the real one closes an address's oldest unintroduced connection under a stranger's flood
+    # (agent_step.PENDING_PER_PEER). The agent must come back and be let in, not leave with its
+    # node missing from the step.
+    listener, agent_env = stand_in_hub(timeout_s=30)
+    try:
+        run_dir, agents = start_agents(tmp_path, TEST_JOBS / "brief.py", [], nodes=1, agent_env=agent_env)
+        first, _ = listener.accept()
+        hellos = [_hello(first)]
+        first.close()  # before any WELCOME: the fault
+        second, _ = listener.accept()
+        hellos.append(_hello(second))
+        second.sendall(b'{"op": "welcome"}\n{"op": "exit"}\n')
+        codes = _wait_all(agents)
+        second.close()
+    finally:
+        listener.close()
+    assert [(h["op"], h["node"], h["token"]) for h in hellos] == [("hello", 0, "t")] * 2
+    assert codes == [0], (run_dir / "logs" / "attempt-0" / "node-0.log").read_text()
+
+
+def test_an_agent_that_is_never_let_in_gives_up_in_its_time() -> None:
+    # A listener that closes every connection at once: join_hub tries again and again, and
+    # gives up (one line, no traceback) when its time is over.
+    listener = socket.create_server(("127.0.0.1", 0))
+    tries = []
+
+    def refuse_all() -> None:
+        while True:
+            try:
+                sock, _ = listener.accept()
+            except OSError:
+                return
+            tries.append(_hello(sock))
+            sock.close()
+
+    threading.Thread(target=refuse_all, daemon=True).start()
+    began = time.monotonic()
+    try:
+        with pytest.raises(HubUnreachable) as refused:
+            join_hub(f"127.0.0.1:{listener.getsockname()[1]}", "t", 3, within=1.5)
+    finally:
+        listener.close()
+    took = time.monotonic() - began
+    assert 1.0 < took < 3.0, took
+    assert len(tries) >= 3 and all(h["node"] == 3 for h in tries), tries
+    message = str(refused.value)
+    assert "\n" not in message and "could not join the supervisor's hub at 127.0.0.1:" in message, message
 
 
 def test_first_failure_decides_the_exit_status_and_stops_the_rest(tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ from orchestrator.storage.rundir import RunDir, is_local_url, this_host, url_to_
 from orchestrator.storage.sweepdir import SweepDir
 from orchestrator.supervision.status import LiveState
 
-from .liveness import supervisor_alive
+from .liveness import NotTheSupervisor, SupervisorGone, supervisor_alive, supervisor_to_signal
 
 
 def _supervisor_start(events: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
@@ -242,14 +242,20 @@ class LocalBackend:
         start = _live_sweep_runner(sweep.events())
         if start is None:
             raise OrchError(f"sweep {sweep.sweep_id} is not running here")
-        # Recorded first: the runner records a cancel in each running point before its SIGTERM.
-        sweep.append_event(Event.CANCEL_REQUESTED, pid=start["pid"])
         try:
-            os.kill(int(start["pid"]), signal.SIGTERM)
+            pid = supervisor_to_signal(start, sweep)
+        except SupervisorGone:
+            raise OrchError(f"sweep {sweep.sweep_id} is not running here") from None
+        except NotTheSupervisor as exc:
+            raise OrchError(f"sweep {sweep.sweep_id}: {exc}") from None
+        # Recorded first: the runner records a cancel in each running point before its SIGTERM.
+        sweep.append_event(Event.CANCEL_REQUESTED, pid=pid)
+        try:
+            os.kill(pid, signal.SIGTERM)
         except ProcessLookupError:
             raise OrchError(f"sweep {sweep.sweep_id} is not running here (it just ended)") from None
         return (
-            f"asked sweep {sweep.sweep_id} (pid {start['pid']}) to stop: each running point"
+            f"asked sweep {sweep.sweep_id} (pid {pid}) to stop: each running point"
             " checkpoints and stops; `orch resume` continues it"
         )
 
@@ -269,14 +275,18 @@ class LocalBackend:
             f"run {run.run_id} is not running: its supervisor (pid {start['pid']}) is gone;"
             f" `orch resume {run.run_id}` continues it"
         )
-        if not supervisor_alive(start):
-            raise OrchError(gone)  # never signal a pid that may now be someone else's process
+        try:  # never signal a pid that may now be, or may be named to be, another process
+            pid = supervisor_to_signal(start, run)
+        except SupervisorGone:
+            raise OrchError(gone) from None
+        except NotTheSupervisor as exc:
+            raise OrchError(f"run {run.run_id}: {exc}") from None
         try:
-            os.kill(int(start["pid"]), signal.SIGTERM)
+            os.kill(pid, signal.SIGTERM)
         except ProcessLookupError:
             raise OrchError(gone) from None
-        run.append_event(Event.CANCEL_REQUESTED, pid=start["pid"])
-        return f"asked the supervisor of run {run.run_id} (pid {start['pid']}) to stop"
+        run.append_event(Event.CANCEL_REQUESTED, pid=pid)
+        return f"asked the supervisor of run {run.run_id} (pid {pid}) to stop"
 
 
 BACKEND = LocalBackend()

@@ -8,9 +8,11 @@ from collections.abc import Sequence
 from typing import Any, ClassVar
 
 from orchestrator.backends.api import RunOptions, Submission
+from orchestrator.backends.slurm.batch_guard import guarded_python
 from orchestrator.contract import Event
 from orchestrator.errors import OrchError, UsageError
 from orchestrator.spec.config import ClusterConfig
+from orchestrator.storage.root_safety import check_storage_root
 from orchestrator.storage.rundir import RunDir
 from orchestrator.storage.runid import point_index_of_path
 from orchestrator.storage.sweepdir import SweepDir
@@ -76,9 +78,12 @@ class SlurmBackend:
         return render_slurm(config, run_id=run_id, run_dir=run_dir, folder=f"{run_dir}/slurm", python=python)
 
     def check_storage(self, storage_root: str) -> None:
+        """A shared filesystem path (submitit's files live there) under which no other user can
+        swap a run directory: its batch step unpickles what it finds in the run's `slurm/`."""
         from orchestrator.backends.slurm.scheduler import submitit_folder
 
         submitit_folder(storage_root)  # refuses object-store roots before anything is created
+        check_storage_root(storage_root)
 
     def check_host(self, config: ClusterConfig) -> None:
         """Nothing to check here: the GPUs are the compute nodes', and Slurm itself refuses a
@@ -90,8 +95,10 @@ class SlurmBackend:
     def submit(self, config: ClusterConfig, run: RunDir, python: str) -> Submission:
         from orchestrator.backends.slurm import scheduler
 
+        folder = scheduler.submitit_folder(run.url)
+        # The batch step checks the pickle before submitit loads it (batch_guard.py).
         job_id = scheduler.submit(
-            config, run_url=run.url, folder=scheduler.submitit_folder(run.url), python=python
+            config, run_url=run.url, folder=folder, python=guarded_python(python, folder)
         )
         return Submission(job_id=job_id)
 
@@ -117,11 +124,12 @@ class SlurmBackend:
         check_one_allocation(configs)  # again: a point resumed alone may have changed its resources
         config = configs[0][1]
         parallelism = record.get("max_parallel") or len(points)
+        folder = scheduler.submitit_folder(sweep.url)
         job_ids = scheduler.submit_array(
             config,
             run_urls=[p.url for p in points],
-            folder=scheduler.submitit_folder(sweep.url),
-            python=config.job.python or sys.executable,
+            folder=folder,
+            python=guarded_python(config.job.python or sys.executable, folder),
             parallelism=parallelism,
         )
         array_id = job_ids[0].partition("_")[0]
@@ -152,15 +160,19 @@ class SlurmBackend:
 
         if not any(e.get("event") == Event.SUBMITTED for e in sweep.events()):
             raise OrchError(f"sweep {sweep.sweep_id} was never submitted to Slurm")
-        job_ids = []
+        to_cancel = []
         for point in points:
             events = point.events()
             job_id = _job_id(events)
             if job_id is not None and summarize(events)["state"] not in ("succeeded", "failed", "cancelled"):
-                point.dir.append_event(Event.CANCEL_REQUESTED, job_id=job_id)
-                job_ids.append(job_id)
-        if not job_ids:
+                # Every point's job id checked before any cancel is recorded: a crafted one
+                # refuses the whole cancel, and leaves no point half-cancelled.
+                to_cancel.append((point, _recorded_job_id(job_id, point.run_id)))
+        if not to_cancel:
             raise OrchError(f"sweep {sweep.sweep_id} has no point left to cancel")
+        for point, job_id in to_cancel:
+            point.dir.append_event(Event.CANCEL_REQUESTED, job_id=job_id)
+        job_ids = [job_id for _, job_id in to_cancel]
         cancel_jobs(job_ids)
         return f"cancelled {len(job_ids)} Slurm job(s) of sweep {sweep.sweep_id}: {' '.join(job_ids)}"
 
@@ -182,11 +194,23 @@ class SlurmBackend:
         job_id = _job_id(events)
         if job_id is None:
             raise OrchError(f"run {run.run_id} was never submitted to Slurm")
+        job_id = _recorded_job_id(job_id, run.run_id)
         # Recorded first: the supervisor reads it when the SIGTERM arrives, to tell a cancel
         # from a preemption (which it would requeue).
         run.append_event(Event.CANCEL_REQUESTED, job_id=job_id)
         cancel(job_id)
         return f"cancelled Slurm job {job_id} of run {run.run_id}"
+
+
+def _recorded_job_id(job_id: str, run_id: str) -> str:
+    """A job id from a run's events, checked before anything acts on it (scheduler.py); the
+    one-line refusal names the run."""
+    from orchestrator.backends.slurm.scheduler import checked_job_id
+
+    try:
+        return checked_job_id(job_id)
+    except OrchError as exc:
+        raise OrchError(f"run {run_id}: {exc}") from None
 
 
 BACKEND = SlurmBackend()

@@ -16,16 +16,30 @@ import selectors
 import socket
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from enum import StrEnum
 from typing import Any
 
-from orchestrator.backends.slurm.channel import HELLO_TIMEOUT_S, Channel, ChannelClosed, Op
+from orchestrator.backends.slurm.channel import (
+    HELLO_TIMEOUT_S,
+    Channel,
+    ChannelClosed,
+    Op,
+    listen_address,
+)
 from orchestrator.contract import ENV_AGENT_ADDR, ENV_AGENT_TOKEN
 from orchestrator.errors import OrchError
 
 # A HELLO is a node number, a token, a pid and a host name: far under this. A connection's
-# first line is read with one recv of at most this, so a stranger costs one small read a pump.
+# first line is read with one recv of at most this, so a stranger costs one small read a pump,
+# and at most this in all before it is closed.
 MAX_HELLO_LINE = 4096
+# Connections not yet introduced that one peer address may hold; past it, that address's oldest
+# is closed. An agent sends its HELLO with its connection and is let in at its first read, so
+# its address has none pending for long; a stranger's crowd of silent connections (from its
+# node, or from the agent's) makes room among its own, and never among other nodes' agents.
+PENDING_PER_PEER = 16
 # Connections accepted per pump; the rest wait in the kernel's queue (the listening socket stays
 # readable) for the next one, so that one pump stays short however many connect at once.
 ACCEPT_PER_PUMP = 256
@@ -39,6 +53,15 @@ STRANGER_ROOM = 64
 # listening socket is not watched for this long (it stays readable: watching it would make
 # every pump return at once); it is watched again sooner when the hub closes a connection.
 ACCEPT_RETRY_S = 0.1
+
+
+class Refusal(StrEnum):
+    """Why the hub closed a connection that never became an agent's (AgentHub.refused)."""
+
+    NOT_A_HELLO = "not a hello"  # junk, another message, a wrong token or node, a second agent
+    SILENT = "silent"  # no whole first line within HELLO_TIMEOUT_S
+    CROWDED = "crowded"  # closed to make room: its address's or the hub's oldest pending
+    GONE = "gone"  # the peer closed it first
 
 
 class DescriptorLimitError(OrchError):
@@ -83,21 +106,80 @@ def is_agent_hello(message: Mapping[str, Any], token: str, nodes: int) -> bool:
     )
 
 
+class PendingConnections:
+    """The connections accepted and not yet introduced, oldest first, each with the time by
+    which it must have said HELLO and the address it came from."""
+
+    def __init__(self, per_peer: int) -> None:
+        self.per_peer = per_peer
+        self._deadlines: dict[Channel, float] = {}  # in the order accepted: the deadlines' order
+        self._peers: dict[Channel, str] = {}
+        self._by_peer: dict[str, dict[Channel, None]] = {}  # each address's, oldest first
+
+    def __len__(self) -> int:
+        return len(self._deadlines)
+
+    def __iter__(self) -> Iterator[Channel]:
+        return iter(list(self._deadlines))
+
+    def __contains__(self, channel: object) -> bool:
+        return channel in self._deadlines
+
+    def add(self, channel: Channel, peer: str, deadline: float) -> None:
+        self._deadlines[channel] = deadline
+        self._peers[channel] = peer
+        self._by_peer.setdefault(peer, {})[channel] = None
+
+    def crowding(self, peer: str) -> Channel | None:
+        """The oldest of `peer`'s connections when it holds more than `per_peer` (to close)."""
+        same = self._by_peer.get(peer, {})
+        return next(iter(same)) if len(same) > self.per_peer else None
+
+    def remove(self, channel: Channel) -> None:
+        if self._deadlines.pop(channel, None) is None:
+            return
+        peer = self._peers.pop(channel)
+        same = self._by_peer[peer]
+        del same[channel]
+        if not same:
+            del self._by_peer[peer]
+
+    def clear(self) -> None:
+        self._deadlines.clear()
+        self._peers.clear()
+        self._by_peer.clear()
+
+    def oldest(self) -> Channel | None:
+        return next(iter(self._deadlines), None)
+
+    def expired(self, now: float) -> list[Channel]:
+        """The connections whose time to say HELLO is over."""
+        late = []
+        for channel, deadline in self._deadlines.items():
+            if deadline >= now:
+                break
+            late.append(channel)
+        return late
+
+
 class AgentHub:
     """The listening end: accepts agents, checks each one's token, and routes messages by node.
 
-    No connection is closed unread, and none for how many others connected at the same
-    moment: each one accepted is read at once (an agent's HELLO is usually there already) and
-    then whenever it has more to say, until its first line is whole. That line must be an
-    agent's HELLO, else the connection is closed there and then; one that says nothing is
-    closed after HELLO_TIMEOUT_S, or when its descriptor is needed for a newer connection (the
-    one silent longest goes first).
+    It listens on the address `host` (MASTER_ADDR; loopback unless told) resolves to, where the
+    agents are told to connect. No connection is closed unread: each one accepted is read at once (an agent's
+    HELLO is usually there already) and then whenever it has more to say, one read of at most
+    MAX_HELLO_LINE a pump, until its first line is whole. That line must be an agent's HELLO,
+    which the hub acknowledges (WELCOME); anything else closes the connection there and then.
+    One that says nothing is closed after HELLO_TIMEOUT_S, or to make room: when its address
+    holds more than PENDING_PER_PEER, or the hub's descriptors are needed for a newer
+    connection (the one silent longest goes first). An agent closed before its WELCOME
+    connects again (node_agent.join_hub).
 
     Its process's soft descriptor limit is raised to what `nodes` agents need (or the hub
     refuses to exist: DescriptorLimitError): at the common 1024, a 1,100-node step's accepts
     would fail with EMFILE and its agents never all be let in."""
 
-    def __init__(self, nodes: int) -> None:
+    def __init__(self, nodes: int, host: str = "127.0.0.1") -> None:
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         wanted = soft_limit_for(nodes, soft, hard)  # before anything is opened: may refuse
         if wanted != soft:
@@ -105,11 +187,12 @@ class AgentHub:
         # Connections (introduced or not) the hub may hold: its share of the limit.
         self.max_connections = (1 << 20 if wanted == resource.RLIM_INFINITY else wanted) - FD_RESERVE
         self.nodes = nodes
-        # Every interface, a port the kernel picks and we hold for the step's life: no lease
-        # race (docs/design.md, MASTER_PORT) because the socket is never let go. The queue is
-        # as long as the kernel allows: every agent of a big step connects at once.
+        # The interface the agents are told to reach (MASTER_ADDR) and no other, a port the
+        # kernel picks and we hold for the step's life: no lease race (docs/design.md,
+        # MASTER_PORT) because the socket is never let go. The queue is as long as the kernel
+        # allows: every agent of a big step connects at once.
         self.server = socket.create_server(
-            ("", 0), family=socket.AF_INET, backlog=max(nodes, socket.SOMAXCONN)
+            (listen_address(host), 0), family=socket.AF_INET, backlog=max(nodes, socket.SOMAXCONN)
         )
         self.server.setblocking(False)
         self.port = self.server.getsockname()[1]
@@ -122,8 +205,8 @@ class AgentHub:
         # (ACCEPT_RETRY_S); None while it is watched.
         self.accept_paused_until: float | None = None
         self.token = secrets.token_hex(16)
-        # not yet introduced -> deadline; in the order accepted, which is the deadlines' order
-        self.pending: dict[Channel, float] = {}
+        self.pending = PendingConnections(PENDING_PER_PEER)
+        self.refused: Counter[Refusal] = Counter()  # connections closed before they were agents'
         self.agents: dict[int, Channel] = {}
         self.hellos: dict[int, dict[str, Any]] = {}
         self.closed: set[int] = set()  # nodes whose agent's connection closed
@@ -143,8 +226,9 @@ class AgentHub:
 
     def pump(self, timeout: float) -> list[tuple[int, dict[str, Any]]]:
         """Accept, introduce and read for up to `timeout`: the agents' messages, by node. A
-        node whose connection closes is added to `closed`. Bounded: one small read per
-        connection that has not introduced itself, at most ACCEPT_PER_PUMP new ones."""
+        node whose connection closes is added to `closed`. Bounded: one read of at most
+        MAX_HELLO_LINE per connection that has not introduced itself, at most ACCEPT_PER_PUMP
+        new ones, so strangers cost a pump little however many there are or what they send."""
         messages: list[tuple[int, dict[str, Any]]] = []
         accept = False
         paused = self.accept_paused_until
@@ -165,18 +249,14 @@ class AgentHub:
                     self._drop(item)
         if accept:
             self._accept()
-        now = time.monotonic()
-        while self.pending:
-            channel, deadline = next(iter(self.pending.items()))
-            if now <= deadline:
-                break
-            self._forget(channel)  # a silent stranger
+        for channel in self.pending.expired(time.monotonic()):
+            self._forget(channel, Refusal.SILENT)
         return messages
 
     def _accept(self) -> None:
         for _ in range(ACCEPT_PER_PUMP):
             try:
-                sock, _ = self.server.accept()
+                sock, (peer, _) = self.server.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
@@ -188,14 +268,17 @@ class AgentHub:
                     # return at once to fail the same accept (a busy loop).
                     self._pause_accepting()
                     return
-                self._forget(next(iter(self.pending)))  # room for one not yet read
+                self._forget(self.pending.oldest(), Refusal.CROWDED)  # room for one not yet read
                 continue
-            if len(self.agents) + len(self.pending) >= self.max_connections and self.pending:
-                self._forget(next(iter(self.pending)))  # the one silent longest
+            oldest = self.pending.oldest()
+            if len(self.agents) + len(self.pending) >= self.max_connections and oldest is not None:
+                self._forget(oldest, Refusal.CROWDED)  # the one silent longest
             channel = Channel(sock)
-            self.pending[channel] = time.monotonic() + HELLO_TIMEOUT_S
+            self.pending.add(channel, peer, time.monotonic() + HELLO_TIMEOUT_S)
             self.selector.register(channel, selectors.EVENT_READ, channel)
             self._introduce(channel)  # an agent's HELLO is usually there already
+            # Still silent: it counts against its address, whose silent longest makes room.
+            self._forget(self.pending.crowding(peer), Refusal.CROWDED)
 
     def _pause_accepting(self) -> None:
         if self.accept_paused_until is None:
@@ -208,8 +291,11 @@ class AgentHub:
             self.accept_paused_until = None
             self.selector.register(self.server, selectors.EVENT_READ, None)
 
-    def _forget(self, channel: Channel) -> None:
-        self.pending.pop(channel, None)
+    def _forget(self, channel: Channel | None, why: Refusal) -> None:
+        if channel is None:
+            return
+        self.refused[why] += 1
+        self.pending.remove(channel)
         try:
             self.selector.unregister(channel)
         except (KeyError, ValueError):
@@ -219,19 +305,24 @@ class AgentHub:
 
     def _introduce(self, channel: Channel) -> None:
         """Read what a connection not yet introduced has sent: nothing whole yet, an agent's
-        HELLO (it becomes its node's channel), or anything else (closed)."""
+        HELLO (it is acknowledged and becomes its node's channel), or anything else (closed)."""
         try:
             hello = channel.first_message(MAX_HELLO_LINE)
-        except ChannelClosed:
-            self._forget(channel)
+        except ChannelClosed as exc:
+            self._forget(channel, Refusal.GONE if exc.by_peer else Refusal.NOT_A_HELLO)
             return
         if hello is None:
             return  # half a hello so far
         node = hello.get("node")
         if not is_agent_hello(hello, self.token, self.nodes) or node in self.agents:
-            self._forget(channel)  # not one of ours, or a second agent for one node
+            self._forget(channel, Refusal.NOT_A_HELLO)  # not one of ours, or a second agent for a node
             return
-        del self.pending[channel]
+        try:
+            channel.send(Op.WELCOME)
+        except ChannelClosed:
+            self._forget(channel, Refusal.GONE)
+            return
+        self.pending.remove(channel)
         self.selector.modify(channel, selectors.EVENT_READ, node)
         self.agents[node] = channel
         self.hellos[node] = {k: v for k, v in hello.items() if k != "token"}
@@ -271,7 +362,7 @@ class AgentStep:
     """The agents' srun step and its hub, alive across attempts until it breaks or is closed."""
 
     def __init__(self, argv: Sequence[str], env: Mapping[str, str], nodes: int, host: str) -> None:
-        self.hub = AgentHub(nodes)
+        self.hub = AgentHub(nodes, host)
         self.proc = subprocess.Popen(list(argv), env={**env, **self.hub.env(host)}, stdin=subprocess.DEVNULL)
         self.began = time.monotonic()  # the agents' time to introduce themselves counts from here
         self.broken: str | None = None  # why this step must not run another attempt

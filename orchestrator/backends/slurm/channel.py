@@ -8,9 +8,10 @@ connection closes at once, where a stale file takes AGENT_SILENCE_S to notice.
 
 The supervisor listens (AgentHub in agent_step.py); each agent connects, proves it was started
 by that supervisor with the step's token (ENV_AGENT_TOKEN, given through srun's environment,
-never logged), then waits for orders:
+never logged), is acknowledged, then waits for orders:
 
-    supervisor -> agent   START {attempt, env}   fork this attempt's ranks with `env` on top
+    supervisor -> agent   WELCOME                the HELLO was the step's: the agent is in
+                          START {attempt, env}   fork this attempt's ranks with `env` on top
                           SIGNAL {signum}        pass a signal on to the ranks (stack dumps)
                           STOP {grace_s}         SIGTERM the ranks, SIGKILL after grace_s
                           EXIT                   stop any ranks and leave (the step ends)
@@ -24,7 +25,9 @@ its supervisor gone) leaves with a failure, so that the step is seen to break.
 
 The hub reads a connection's first line with one bounded read (Channel.first_message) as soon
 as it is accepted and whenever more arrives: a HELLO with the step's token lets an agent in,
-anything else closes the connection at that line.
+anything else closes the connection at that line. A stranger's flood can make the hub close a
+connection it has not read yet (the oldest of its address), so an agent whose connection is
+refused, reset or closed before its WELCOME connects again, for JOIN_RETRY_S at most.
 """
 
 from __future__ import annotations
@@ -37,10 +40,14 @@ from typing import Any
 MAX_LINE = 1 << 20  # a START carries the attempt's environment: kilobytes, never a megabyte
 HELLO_TIMEOUT_S = 10.0  # an unauthenticated connection gets this long to say who it is
 MAX_READS = 64  # recv calls per receive(): 4 MiB at most, then the caller's loop goes on
+# How long an agent keeps trying to join its hub: the supervisor's own patience with a step
+# whose agents have not all introduced themselves (supervisor.AGENTS_JOIN_S).
+JOIN_RETRY_S = 300.0
 
 
 class Op(StrEnum):
     HELLO = "hello"
+    WELCOME = "welcome"
     START = "start"
     STARTED = "started"
     SIGNAL = "signal"
@@ -50,7 +57,11 @@ class Op(StrEnum):
 
 
 class ChannelClosed(Exception):
-    """The other side closed the connection, or it broke."""
+    """The other side closed the connection, or it broke (`by_peer`), or it broke the protocol."""
+
+    def __init__(self, reason: str, *, by_peer: bool = False) -> None:
+        super().__init__(reason)
+        self.by_peer = by_peer
 
 
 class Channel:
@@ -82,7 +93,7 @@ class Channel:
         """Every whole message that has arrived (maybe none); ChannelClosed at EOF, once the
         messages that came before it have been returned (an agent's last ENDED counts)."""
         if self._closed is not None and b"\n" not in self._buffer:
-            raise ChannelClosed(self._closed)
+            raise ChannelClosed(self._closed, by_peer=True)
         for _ in range(MAX_READS):  # bounded: a peer that never stops sending cannot hold us
             try:
                 chunk = self.sock.recv(65536)
@@ -110,7 +121,7 @@ class Channel:
             if isinstance(message, dict) and "op" in message:
                 messages.append(message)
         if not messages and self._closed is not None:
-            raise ChannelClosed(self._closed)
+            raise ChannelClosed(self._closed, by_peer=True)
         return messages
 
     def first_message(self, limit: int) -> dict[str, Any] | None:
@@ -124,9 +135,9 @@ class Channel:
             except (BlockingIOError, InterruptedError):
                 chunk = None
             except OSError as exc:
-                raise ChannelClosed(str(exc)) from None
+                raise ChannelClosed(str(exc), by_peer=True) from None
             if chunk == b"":
-                raise ChannelClosed("closed by the other side")
+                raise ChannelClosed("closed by the other side", by_peer=True)
             self._buffer += chunk or b""
         line, newline, rest = self._buffer.partition(b"\n")
         if not newline:
@@ -147,6 +158,21 @@ class Channel:
             self.sock.close()
         except OSError:
             pass
+
+
+class UnresolvableHost(OSError):
+    """The name the nodes are told to connect to does not resolve here."""
+
+
+def listen_address(host: str) -> str:
+    """The IPv4 address to listen on for connections the nodes make to `host` (MASTER_ADDR): the
+    one it resolves to here, not every interface, so that a listener is reachable where the
+    nodes are told it is and nowhere else. UnresolvableHost (one line) when it does not resolve."""
+    try:
+        found = socket.getaddrinfo(host, None, socket.AF_INET, socket.SOCK_STREAM)
+    except OSError as exc:
+        raise UnresolvableHost(f"MASTER_ADDR {host!r} does not resolve on this node: {exc}") from None
+    return str(found[0][4][0])
 
 
 def parse_address(value: str) -> tuple[str, int]:

@@ -23,20 +23,21 @@ itself never dies of those signals: it waits for its ranks to checkpoint and lea
 Exit status: 0 when every rank exited 0; 75 (preempted) when the failures were all stops on
 request; otherwise the first failing rank's status (128+N for a signal N), after stopping the
 node's other ranks. srun's --kill-on-bad-exit then ends the other nodes' agents. A persistent
-agent leaves with 0 when told EXIT, and with CUT_OFF_EXIT_CODE when its channel closes before
-its first START without one.
+agent leaves with 0 when told EXIT, and with CUT_OFF_EXIT_CODE when it could not join its hub
+(join_hub: JOIN_RETRY_S of tries) or its channel closes before its first START without an EXIT.
 """
 
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import sys
 import time
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
-from orchestrator.backends.slurm.channel import Channel, ChannelClosed, Op, parse_address
+from orchestrator.backends.slurm.channel import JOIN_RETRY_S, Channel, ChannelClosed, Op, parse_address
 from orchestrator.contract import (
     AGENT_BEAT_S,
     ENV_AGENT_ADDR,
@@ -74,11 +75,18 @@ POLL_S = 0.05
 FAILURE_STOP_GRACE_S = 2.0
 # The node's exit status when its fork server failed (the agent's record says how): not a rank's.
 LAUNCHER_FAILED_EXIT_CODE = 70
-# A persistent agent's exit status when its channel closed before any START and without an EXIT:
-# the supervisor's hub refused it, or the supervisor went away before the first attempt. Never
-# 0: the step is broken (the other nodes cannot rendezvous without this one), and only a failed
-# exit makes srun's --kill-on-bad-exit end it and the supervisor see it end.
+# A persistent agent's exit status when it never joined its supervisor's hub (refused or cut off
+# at every try), or its channel closed before any START and without an EXIT (the supervisor
+# went away before the first attempt). Never 0: the step is broken (the other nodes cannot
+# rendezvous without this one), and only a failed exit makes srun's --kill-on-bad-exit end it
+# and the supervisor see it end.
 CUT_OFF_EXIT_CODE = 71
+# One try to connect to the hub: a connection that is not accepted within this (its SYN dropped
+# by a full queue, say) is given up and tried again.
+CONNECT_TRY_S = 5.0
+# Pauses between tries to join the hub: doubling from the first to the last, each a random part
+# of it, so that the agents of a big step refused at once do not all come back at once.
+RETRY_PAUSE_S = (0.05, 1.0)
 
 
 def tasks_per_node(ranks_per_node: int, nodes: int) -> str:
@@ -387,6 +395,13 @@ class NodeAgent:
         self._say("leaving (the supervisor is done with this step)")
         return 0
 
+    def give_up(self, reason: str) -> int:
+        """A persistent agent that never joined its hub: said, recorded, and a failed exit (as
+        one cut off before its first START) so that the step is seen to break."""
+        self._say(f"{reason}; leaving with exit status {CUT_OFF_EXIT_CODE}")
+        self._record(AgentState.FAILED, reason=reason)
+        return CUT_OFF_EXIT_CODE
+
     def _follow_log(self, log_dir: str) -> None:
         """Move to the attempt's log folder: the agent's own lines go to its node log there,
         as they would from a step started for the attempt."""
@@ -405,11 +420,55 @@ class NodeAgent:
         os.close(fd)
 
 
-def connect(address: str, token: str, node: int) -> Channel:
-    """The persistent agent's channel to its supervisor, introduced with the step's token."""
-    channel = Channel(socket.create_connection(parse_address(address), timeout=30))
-    channel.send(Op.HELLO, node=node, token=token, pid=os.getpid(), host=socket.gethostname())
-    return channel
+class HubUnreachable(Exception):
+    """The agent could not join its supervisor's hub in the time it had (one line: the last reason)."""
+
+
+def join_hub(
+    address: str, token: str, node: int, within: float = JOIN_RETRY_S
+) -> tuple[Channel, list[dict[str, Any]]]:
+    """The persistent agent's channel to its supervisor, introduced with the step's token and
+    acknowledged (WELCOME), and the orders that came with the acknowledgement. A connection
+    refused, reset or closed before its WELCOME is made again: a stranger's flood can make the
+    hub close one it has not read yet (agent_step.PENDING_PER_PEER). After `within` seconds,
+    HubUnreachable."""
+    deadline = time.monotonic() + within
+    pause = RETRY_PAUSE_S[0]
+    tries = 0
+    while True:
+        tries += 1
+        try:
+            return _introduce(address, token, node, deadline)
+        except (OSError, ChannelClosed) as exc:
+            why = str(exc) or type(exc).__name__
+        if time.monotonic() + pause >= deadline:
+            raise HubUnreachable(
+                f"could not join the supervisor's hub at {address} in {within:.0f}s ({tries} tries): {why}"
+            )
+        time.sleep(random.uniform(pause / 2, pause))
+        pause = min(pause * 2, RETRY_PAUSE_S[1])
+
+
+def _introduce(address: str, token: str, node: int, deadline: float) -> tuple[Channel, list[dict[str, Any]]]:
+    """One try: connect, say HELLO, and wait until the hub answers WELCOME (ChannelClosed if it
+    closes the connection first, or the deadline passes)."""
+    timeout = max(0.1, min(CONNECT_TRY_S, deadline - time.monotonic()))
+    channel = Channel(socket.create_connection(parse_address(address), timeout=timeout))
+    try:
+        channel.send(Op.HELLO, node=node, token=token, pid=os.getpid(), host=socket.gethostname())
+        messages: list[dict[str, Any]] = []
+        while not messages:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ChannelClosed("the hub did not acknowledge the HELLO")
+            wait_ready([channel], timeout=min(left, 1.0))
+            messages = channel.receive()
+        if messages[0].get("op") != Op.WELCOME:
+            raise ChannelClosed(f"the hub answered the HELLO with {messages[0].get('op')!r}")
+        return channel, messages[1:]
+    except BaseException:
+        channel.close()
+        raise
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -427,7 +486,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     # they inherit (and of the fork server's).
     address, token = os.environ.pop(ENV_AGENT_ADDR, None), os.environ.pop(ENV_AGENT_TOKEN, "")
     agent = NodeAgent(config, args, os.environ)
-    channel = connect(address, token, agent.node_rank) if address else None
+    channel = None
+    if address:
+        try:
+            channel, agent.orders = join_hub(address, token, agent.node_rank)
+        except HubUnreachable as exc:
+            return agent.give_up(str(exc))
     try:
         return agent.run(channel)
     finally:

@@ -66,8 +66,11 @@ def submitit_parameters(config: ClusterConfig) -> dict[str, Any]:
 
 
 def submitit_command(python: str, folder: str) -> str:
-    """The batch step's command, as submitit's SlurmExecutor writes it."""
-    return " ".join([shlex.quote(python), "-u -m submitit.core._submit", shlex.quote(folder)])
+    """The batch step's command, as submitit's SlurmExecutor writes it from the `python` orch
+    gives it (batch_guard.guarded_python: the pickle is checked before submitit loads it)."""
+    from orchestrator.backends.slurm.batch_guard import guarded_python
+
+    return " ".join([guarded_python(python, folder), "-u -m submitit.core._submit", shlex.quote(folder)])
 
 
 def batch_script(config: ClusterConfig, folder: str, python: str) -> str:

@@ -1,15 +1,40 @@
 """The slurm backend's scheduler calls: submit (sbatch through submitit), state (sacct, squeue,
-scontrol), cancel (scancel). What is submitted is rendered by render.py."""
+scontrol), cancel (scancel). What is submitted is rendered by render.py.
+
+A job id read back from a run directory (its `submitted` events) is checked before it reaches a
+command (`checked_job_id`): a run directory may be written by others, and `--user=root` given
+to scancel would cancel every job of that user. It then goes after `--`, or attached to its
+option (`--jobs=ID`), so that not even a checked value could be read as an option."""
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from typing import Mapping
 
 from orchestrator.backends.slurm.render import submitit_parameters
 from orchestrator.errors import OrchError
 from orchestrator.spec.config import ClusterConfig
+
+# ---------------------------------------------------------------------------- job ids
+
+# What orch records: submitit's job id, a job's (`4242`) or a job array task's (`4242_3`). ASCII
+# digits only: Python's \d and str.isdecimal() also take other scripts' digits.
+JOB_ID = re.compile(r"[0-9]+(?:_[0-9]+)?")
+
+
+def checked_job_id(value: object) -> str:
+    """`value`, a job id read from a run's events, as a string: OrchError (one line, naming the
+    field) unless it has the form orch records job ids in."""
+    text = str(value) if type(value) is int else value
+    if not isinstance(text, str) or not JOB_ID.fullmatch(text):
+        raise OrchError(
+            f"events.jsonl: job_id {value!r} is not a Slurm job id (digits, or ARRAY_TASK as 4242_3);"
+            " not passing it to Slurm"
+        )
+    return text
+
 
 # ---------------------------------------------------------------------------- scheduler calls
 
@@ -90,6 +115,7 @@ def scheduler_state(job_id: str) -> str | None:
     """The job's Slurm state (sacct when accounting works, else squeue -t all, else scontrol);
     None when the scheduler does not know it, or does not answer (`orch status` then says so
     and shows what the run's events know)."""
+    job_id = checked_job_id(job_id)
     if _unreachable:
         return None
     try:
@@ -102,13 +128,13 @@ def scheduler_state(job_id: str) -> str | None:
 
 
 def _scheduler_state(job_id: str) -> str | None:
-    proc = _run(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State"], STATE_QUERY_S)
+    proc = _run(["sacct", "-n", "-X", "-P", f"--jobs={job_id}", "-o", "State"], STATE_QUERY_S)
     if proc.returncode == 0 and proc.stdout.strip():
         return proc.stdout.strip().splitlines()[-1].split()[0]
-    proc = _run(["squeue", "-h", "-t", "all", "-j", job_id, "-o", "%T"], STATE_QUERY_S)
+    proc = _run(["squeue", "-h", "-t", "all", f"--jobs={job_id}", "-o", "%T"], STATE_QUERY_S)
     if proc.returncode == 0 and proc.stdout.strip():
         return proc.stdout.strip().splitlines()[0]
-    proc = _run(["scontrol", "show", "job", job_id], STATE_QUERY_S)
+    proc = _run(["scontrol", "show", "job", "--", job_id], STATE_QUERY_S)
     if proc.returncode == 0:
         for token in proc.stdout.split():
             if token.startswith("JobState="):
@@ -117,7 +143,7 @@ def _scheduler_state(job_id: str) -> str | None:
     if sep and task.isdecimal():
         # A task cancelled (or ended) while still pending never got a record of its own: the
         # array's record of its unsplit tasks (`ARRAY`, or `ARRAY_[1-3%1]`) holds its state.
-        proc = _run(["sacct", "-n", "-X", "-P", "-j", array, "-o", "JobID,State"], STATE_QUERY_S)
+        proc = _run(["sacct", "-n", "-X", "-P", f"--jobs={array}", "-o", "JobID,State"], STATE_QUERY_S)
         if proc.returncode == 0:
             return array_record_state(proc.stdout, array, int(task))
     return None
@@ -155,7 +181,7 @@ def map_state(slurm_state: str | None) -> str | None:
 
 def cancel(job_id: str) -> None:
     """scancel a job, an array (its id cancels every task) or one task (`ARRAY_TASK`)."""
-    proc = _run(["scancel", job_id])
+    proc = _run(["scancel", "--", checked_job_id(job_id)])
     if proc.returncode != 0:
         raise OrchError(f"scancel {job_id}: {proc.stderr.strip() or 'failed'}")
 
@@ -166,7 +192,7 @@ _ALREADY_ENDED = ("Invalid job id", "already completing or completed", "Job/step
 
 def cancel_jobs(job_ids: list[str]) -> None:
     """scancel several jobs or array tasks at once; one that already ended is not an error."""
-    proc = _run(["scancel", *job_ids])
+    proc = _run(["scancel", "--", *(checked_job_id(j) for j in job_ids)])
     problems = [
         line
         for line in proc.stderr.strip().splitlines()

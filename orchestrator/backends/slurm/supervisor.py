@@ -28,7 +28,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from orchestrator.backends.slurm.agent_step import AgentStep, DescriptorLimitError, soft_limit_for
-from orchestrator.backends.slurm.channel import Op
+from orchestrator.backends.slurm.channel import JOIN_RETRY_S, Op, UnresolvableHost, listen_address
 from orchestrator.backends.slurm.hostlist import expand_hostlist
 from orchestrator.backends.slurm.node_agent import FAILURE_STOP_GRACE_S
 from orchestrator.backends.slurm.render import (
@@ -281,9 +281,7 @@ class SrunAttempts:
         # other tasks); without one, an agent that failed or was killed took its ranks down,
         # which then left no record, or a peer loss, or the stop record of a step being ended.
         own = [
-            f
-            for f in failed
-            if f.rank is not None and not f.is_stop_on_request and not is_peer_loss(f.head)
+            f for f in failed if f.rank is not None and not f.is_stop_on_request and not is_peer_loss(f.head)
         ]
         if self.lost_agent is not None:
             return [self.lost_agent, *own]
@@ -313,9 +311,10 @@ AGENTS_LEAVE_S = 10.0
 # wait for the previous step's nodes to be released, and each agent imports the orchestrator
 # from a shared filesystem that a big job's start makes slow. Past it the step is broken and the
 # nodes that never said hello are named: the others cannot rendezvous without them, and the
-# ENDED of a node that never joined would be waited for forever. (A candidate for a config
-# field, slurm.agents_join_s, for sites whose step launches are slower still.)
-AGENTS_JOIN_S = 300.0
+# ENDED of a node that never joined would be waited for forever. The agents try to join as long
+# (channel.JOIN_RETRY_S): both sides give up together. (A candidate for a config field,
+# slurm.agents_join_s, for sites whose step launches are slower still.)
+AGENTS_JOIN_S = JOIN_RETRY_S
 # How long a step whose agent's connection closed gets to end on its own (srun's
 # --kill-on-bad-exit ends the other agents) before the attempt is called over anyway.
 BROKEN_STEP_END_S = 10.0
@@ -698,7 +697,8 @@ def supervise(run_url: str) -> None:
         # Refused before any attempt, as the run's end: every attempt's hub would fail the same way.
         try:
             soft_limit_for(config.resources.nodes, *resource.getrlimit(resource.RLIMIT_NOFILE))
-        except DescriptorLimitError as exc:
+            listen_address(nodes[0])  # the hub listens where MASTER_ADDR resolves
+        except (DescriptorLimitError, UnresolvableHost) as exc:
             run.append_event(Event.RUN_FINISHED, status="failed", reason=str(exc), job_id=job_id, exit_code=1)
             raise RuntimeError(str(exc)) from None
     driver = (
