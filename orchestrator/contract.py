@@ -115,6 +115,20 @@ def passed_secrets(environ: Mapping[str, str]) -> tuple[str, ...]:
     return secret_values(filter(None, environ.get(ENV_PASS_ENV, "").split(",")), environ)
 
 
+class SeenSecrets:
+    """The job.pass_env values a rank has seen (passed_secrets), from its start on: a job may
+    remove a variable once it has read it (`os.environ.pop("HF_TOKEN")`), and the value must
+    still be redacted from what the rank records when it fails."""
+
+    def __init__(self) -> None:
+        self._values: set[str] = set()
+
+    def look(self, environ: Mapping[str, str]) -> tuple[str, ...]:
+        """Add the values `environ` has now; every value seen, longest first."""
+        self._values.update(passed_secrets(environ))
+        return tuple(sorted(self._values, key=len, reverse=True))
+
+
 def replace_secrets(text: AnyStr, secrets: Sequence[AnyStr], marker: AnyStr) -> AnyStr:
     """`text` with each whole occurrence of a secret replaced by `marker` (secrets longest first)."""
     for secret in secrets:
@@ -149,6 +163,19 @@ def redact_text(text: str, secrets: Sequence[str], limit: int | None = None) -> 
         text = text[:limit]
     cut = secret_start_at_end(text, secrets, MIN_SECRET_CHARS)
     return text[: len(text) - cut] + REDACTED if cut else text
+
+
+def redact_json(value: Any, secrets: Sequence[str]) -> Any:
+    """Parsed JSON with each whole secret replaced by REDACTED in every string, at any depth,
+    keys included; the rest (structure, numbers) as it was. For a record another writer made
+    (torch elastic's `@record`), whose texts are whole: no cut to count a secret's start at."""
+    if isinstance(value, str):
+        return replace_secrets(value, secrets, REDACTED)
+    if isinstance(value, list):
+        return [redact_json(item, secrets) for item in value]
+    if isinstance(value, dict):
+        return {redact_json(key, secrets): redact_json(item, secrets) for key, item in value.items()}
+    return value
 
 
 # ---------------------------------------------------------------------------- exit codes

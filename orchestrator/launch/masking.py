@@ -10,6 +10,12 @@ masker serves an attempt's ranks (processes.MaskedOutput starts it, only when th
 to mask); it leaves once every pipe has reached its end, which is when the rank and everything
 it started have exited, however they ended: a killed rank's last output is still written.
 
+Its stdin is a pipe from the launcher, which closes it once the attempt's ranks are reaped
+(or dies). What the ranks wrote is in the pipes by then: the masker reads until they are
+quiet, then leaves. A pipe still open is held by a process that escaped the attempt's group (a
+rank's child in a session of its own, as wandb's service is): a copy of the masker (a fork)
+stays on for it and writes its output as before until it ends, while the launcher goes on.
+
 Nothing waits for a line to end: what a rank wrote reaches its file as soon as it is read,
 except an end that may begin a secret (StreamMasker), held until the next write shows whether
 it is one. A secret written in two pieces is therefore still caught.
@@ -41,6 +47,12 @@ READ_BYTES = 1 << 20
 # line waits on its way to the file (a full pipe is read again at once).
 BUSY_READ_BYTES = 1 << 16
 GATHER_S = 0.002
+# Once the launcher has reaped the ranks (CONTROL_FD ends), the masker reads on until no pipe
+# has had data for DRAIN_QUIET_S, DRAIN_MAX_S at most (a straggler that writes without pause):
+# the ranks' own output is in the pipes already, so this is all an attempt's end waits for one.
+DRAIN_QUIET_S = 0.1
+DRAIN_MAX_S = 0.5
+CONTROL_FD = 0  # stdin: the launcher's end of it closes when the ranks are reaped
 
 
 class StreamMasker:
@@ -77,36 +89,75 @@ def write_all(fd: int, data: bytes) -> None:
             return
 
 
-def serve(streams: dict[int, tuple[int, StreamMasker]]) -> None:
-    """Copy each pipe (key) to its file through its masker until every pipe has ended."""
+Streams = dict[int, tuple[int, StreamMasker]]
+
+
+def copy_once(pipe: int, streams: Streams, selector: selectors.BaseSelector) -> bool:
+    """Copy what `pipe` holds to its file through its masker; at its end, write what the masker
+    held and forget the pipe. True when the read was a busy one (see BUSY_READ_BYTES)."""
+    out, masker = streams[pipe]
+    try:
+        data = os.read(pipe, READ_BYTES)
+    except InterruptedError:
+        return False
+    if data:
+        write_all(out, masker.feed(data))
+        return len(data) >= BUSY_READ_BYTES
+    write_all(out, masker.end())
+    selector.unregister(pipe)
+    os.close(pipe)
+    os.close(out)
+    del streams[pipe]
+    return False
+
+
+def serve(streams: Streams, control: int | None = None) -> None:
+    """Copy each pipe (key) to its file through its masker until every pipe has ended, or, once
+    `control` has ended, until the pipes are drained (see DRAIN_QUIET_S): `streams` then holds
+    the pipes that stragglers keep open."""
     with selectors.DefaultSelector() as selector:
         for pipe in streams:
             selector.register(pipe, selectors.EVENT_READ)
+        if control is not None:
+            selector.register(control, selectors.EVENT_READ)
+        drain_end: float | None = None
         while streams:
+            timeout = None if drain_end is None else min(DRAIN_QUIET_S, drain_end - time.monotonic())
+            if timeout is not None and timeout <= 0:
+                return
+            events = selector.select(timeout)
+            if not events and drain_end is not None:
+                return  # quiet: everything the ranks wrote is in their files
             busy = False
-            for key, _ in selector.select():
-                pipe = int(key.fd)
-                out, masker = streams[pipe]
-                try:
-                    data = os.read(pipe, READ_BYTES)
-                except InterruptedError:
+            for key, _ in events:
+                if key.fd == control:
+                    selector.unregister(control)
+                    drain_end = time.monotonic() + DRAIN_MAX_S
                     continue
-                if data:
-                    write_all(out, masker.feed(data))
-                    busy = busy or len(data) >= BUSY_READ_BYTES
-                    continue
-                write_all(out, masker.end())
-                selector.unregister(pipe)
-                os.close(pipe)
-                os.close(out)
-                del streams[pipe]
+                busy = copy_once(int(key.fd), streams, selector) or busy
             if not busy:
                 # What was read is written; the next lines gather in the pipe meanwhile. Read at
                 # once, a rank that prints line by line woke the masker for every line.
                 time.sleep(GATHER_S)
 
 
-def parse_streams(pairs: Sequence[str], secrets: Sequence[bytes]) -> dict[int, tuple[int, StreamMasker]]:
+def stay_for_stragglers(streams: Streams) -> None:
+    """Serve the pipes that processes outside the attempt hold, in a fork of this process, so
+    that this one can leave now (the launcher waits for it) and they are not cut off (their
+    next write would fail with EPIPE, which kills a Go program such as wandb's service). What
+    a stream holds back (a possible secret's start) stays held: the straggler's next write
+    tells whether it is one."""
+    if os.fork() != 0:
+        return
+    # Not the launcher's stderr: whoever reads that pipe (a caller of `orch run`) waits for
+    # its end, which must not depend on a straggler.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.close(devnull)
+    serve(streams)
+
+
+def parse_streams(pairs: Sequence[str], secrets: Sequence[bytes]) -> Streams:
     streams = {}
     for pair in pairs:
         pipe, _, out = pair.partition(":")
@@ -119,7 +170,10 @@ def main() -> None:
     # the masker outlives a stop, to write what the ranks print while they stop.
     names, *pairs = sys.argv[1:]
     secrets = [os.fsencode(v) for v in secret_values(names.split(","), os.environ)]
-    serve(parse_streams(pairs, secrets))
+    streams = parse_streams(pairs, secrets)
+    serve(streams, CONTROL_FD)
+    if streams:
+        stay_for_stragglers(streams)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Mapping, Protocol, Sequence
 
 from orchestrator.contract import ENV_PASS_ENV, secret_values
+from orchestrator.launch.masking import DRAIN_MAX_S
 from orchestrator.spec.plan import RankSpec
 
 _PR_SET_PDEATHSIG = 1
@@ -40,6 +41,8 @@ except OSError:  # pragma: no cover - non-glibc platforms
 _REAPER_SCRIPT = "while read -r _; do :; done; kill -KILL 0"
 # How long AttemptGroup.close waits, in all, for the reaper and then for the ranks' exit statuses.
 CLOSE_WAIT_S = 5.0
+# The least AttemptGroup.close waits for the masker to drain the ranks' pipes and leave.
+MASKER_WAIT_S = DRAIN_MAX_S + 0.5
 # A rank's pipe to the masker holds this much (Linux's default most for a user): a rank blocks
 # on a print only when the masker is this far behind.
 PIPE_BYTES = 1 << 20
@@ -99,10 +102,13 @@ class MaskedOutput:
     the write end of its own pipe (`rank_ends`); the masker holds the read ends and the logs,
     and leaves once every pipe has ended, so what a killed rank wrote last still reaches its
     file. It runs in a process group of its own, with the stop signals ignored: a stop of the
-    attempt's group, or Ctrl-C at the terminal, does not cut the ranks' last words off."""
+    attempt's group, or Ctrl-C at the terminal, does not cut the ranks' last words off.
+    `control` is the write end of its stdin: closed once the ranks are reaped (finish), or when
+    this process dies, it tells the masker to drain the pipes and leave."""
 
     process: subprocess.Popen
     rank_ends: list[int]
+    control: int
 
     @classmethod
     def start(cls, pass_env: Sequence[str], log_paths: Sequence[str]) -> MaskedOutput | None:
@@ -113,6 +119,7 @@ class MaskedOutput:
         ours: list[int] = []  # every descriptor opened here, closed once the masker has them
         rank_ends: list[int] = []
         pairs: list[str] = []
+        control_read, control = os.pipe()  # close-on-exec: no rank or other child inherits it
         try:
             for path in log_paths:
                 log = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
@@ -124,20 +131,20 @@ class MaskedOutput:
                 pairs.append(f"{read_end}:{log}")
             process = subprocess.Popen(
                 [sys.executable, "-m", "orchestrator.launch.masking", ",".join(pass_env), *pairs],
-                stdin=subprocess.DEVNULL,
+                stdin=control_read,
                 stdout=subprocess.DEVNULL,  # stderr stays: a masker that fails says why
                 pass_fds=ours,
                 process_group=0,
                 preexec_fn=_ignore_stop_signals,
             )
         except BaseException:
-            for fd in rank_ends:
+            for fd in (*rank_ends, control):
                 os.close(fd)
             raise
         finally:
-            for fd in ours:
+            for fd in (*ours, control_read):
                 os.close(fd)
-        return cls(process=process, rank_ends=rank_ends)
+        return cls(process=process, rank_ends=rank_ends, control=control)
 
     def hand_over(self) -> None:
         """Close this process's copies of the ranks' ends (each rank holds its own now): only
@@ -146,9 +153,14 @@ class MaskedOutput:
             os.close(self.rank_ends.pop())
 
     def finish(self, timeout: float) -> None:
-        """Wait until the masker has written everything the ranks wrote (they are gone); after
-        `timeout`, kill it (a process that escaped the attempt's group still holds a pipe)."""
+        """Once the ranks are gone: wait until the masker has written everything they wrote.
+        It leaves when every pipe has ended, or, with a pipe that a process outside the
+        attempt keeps open, after draining them (masking.DRAIN_MAX_S at most), leaving a copy
+        of itself for that process. After `timeout`, kill it (wedged on a log's disk)."""
         self.hand_over()
+        if self.control >= 0:
+            os.close(self.control)
+            self.control = -1
         try:
             self.process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -214,7 +226,7 @@ class AttemptGroup:
                 pass
             r.poll()
         if self.output is not None:  # the logs are whole before anyone reads their ends
-            self.output.finish(timeout=max(0.5, deadline - time.monotonic()))
+            self.output.finish(timeout=max(MASKER_WAIT_S, deadline - time.monotonic()))
             self.output = None
 
 

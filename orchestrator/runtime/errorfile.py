@@ -3,7 +3,12 @@ root cause (type, message, where, traceback, time) instead of guessing from exit
 
 The launchers record an uncaught exception too (orchestrator/launch/entry.py), from the job's
 first line on; this hook is for ranks started otherwise (torchrun, a job.python of its own),
-and its record, written first, is the one kept."""
+and its record, written first, is the one kept.
+
+The job.pass_env values it redacts are every one the rank has seen: at this module's import, at
+install_excepthook (runtime.init calls it first), at the failure. A job may remove a variable
+once it has read it.
+"""
 
 from __future__ import annotations
 
@@ -15,13 +20,17 @@ from types import TracebackType
 from orchestrator.contract import (
     ENV_ERROR_FILE,
     ERROR_FILE_RESERVED_BYTES,
+    SeenSecrets,
     error_record,
     exception_record,
-    passed_secrets,
     write_error_record,
 )
 
 _installed = False
+# Imported in a fork server (a preload), this sees the server's environment, not the rank's:
+# the rank's own values come at install_excepthook.
+_seen_secrets = SeenSecrets()
+_seen_secrets.look(os.environ)
 
 RESERVED_BYTES = ERROR_FILE_RESERVED_BYTES
 
@@ -35,9 +44,8 @@ def write_error_file(exc: BaseException, path: str | None = None) -> None:
     copies its message into events.jsonl; the file itself is in the run directory)."""
     path = path or os.environ.get(ENV_ERROR_FILE)
     if path:
-        record = exception_record(
-            exc, rank=_rank(), time=time.time(), pid=os.getpid(), secrets=passed_secrets(os.environ)
-        )
+        secrets = _seen_secrets.look(os.environ)
+        record = exception_record(exc, rank=_rank(), time=time.time(), pid=os.getpid(), secrets=secrets)
         write_error_record(path, record)
 
 
@@ -71,6 +79,7 @@ def write_record(kind: str, message: str, *, path: str | None = None, **extra: o
 def install_excepthook() -> None:
     """Record uncaught exceptions in the error file (ORCH_ERROR_FILE), then let Python print them as usual."""
     global _installed
+    _seen_secrets.look(os.environ)  # before the job can remove a variable it has read
     if _installed:
         return
     reserve()

@@ -157,6 +157,51 @@ def test_a_job_that_prints_its_secret_leaves_it_redacted_everywhere(tmp_path, mo
     assert f"[rank 0] rank 0 writes token={REDACTED} in two writes" in proc.stdout
     assert f"could not log in with token={REDACTED}" in proc.stderr
     assert any(name.endswith("report.html") for name in files)
-    assert_not_at_rest(files, proc.stdout, proc.stderr, report.stdout, report.stderr)
-    for name, data in files.items():  # nor the start of it, where a write or a record was cut
+    assert_no_trace_at_rest(files, proc.stdout, proc.stderr, report.stdout, report.stderr)
+
+
+def assert_no_trace_at_rest(files: dict[str, bytes], *outputs: str) -> None:
+    """Neither the secret nor its start (where a write or a record was cut) in any file."""
+    assert_not_at_rest(files, *outputs)
+    for name, data in files.items():
         assert SECRET[:6].encode() not in data, f"{name} holds the secret's start"
+
+
+@pytest.mark.parametrize(
+    "job, mode, hook",
+    [
+        ("record_secret.py", "auto", None),
+        ("popped_secret.py", "subprocess", None),
+        ("popped_secret.py", "auto", "--runtime-hook"),
+    ],
+)
+def test_an_error_record_holds_no_secret_however_the_job_recorded_or_hid_it(tmp_path, job, mode, hook):
+    # record_secret.py: torch's @record writes the rank's error file itself, message and
+    # traceback as they are, before orch's entry sees the exception. popped_secret.py removes
+    # the variable before it raises: a redaction that reads the environment then finds nothing.
+    cfg = write_config(
+        tmp_path,
+        TEST_JOBS / job,
+        args=[SECRET_NAME, *([hook] if hook else [])],
+        job={"pass_env": [SECRET_NAME]},
+        launch={"mode": mode},
+        resources={"ranks_per_node": 1},
+        restart={"max_restarts": 0},
+    )
+    env = {SECRET_NAME: SECRET}
+    proc = run_orch("run", str(cfg), "--run-id", "recorded", env=env)
+    assert proc.returncode == 1, proc.stderr
+    run_dir = tmp_path / "runs" / "recorded"
+    logs = run_dir / "logs" / "attempt-0"
+    message = f"could not log in with token={REDACTED}"
+    # The job did raise with the secret (masked in its log on the way)...
+    assert f"RuntimeError: {message}" in (logs / "rank-0.log").read_text()
+    record = json.loads((logs / "rank-0.error.json").read_text())
+    if job == "record_secret.py":  # ...and torch wrote the record, redacted in its own structure
+        assert record["message"]["message"] == f"RuntimeError: {message}"
+        assert REDACTED in record["message"]["extraInfo"]["py_callstack"]
+    else:
+        assert record["message"] == message and REDACTED in record["traceback"]
+    causes = [e["root_cause"] for e in read_events(run_dir) if e.get("root_cause")]
+    assert causes and all(c["message"] == f"RuntimeError: {message}" for c in causes)
+    assert_no_trace_at_rest(_local_files(run_dir), proc.stdout, proc.stderr)

@@ -22,8 +22,9 @@ from orchestrator.launch.fork_launcher import (
     job_imports,
     preload_list,
 )
-from orchestrator.launch.processes import MaskedOutput
+from orchestrator.launch.processes import MaskedOutput, SubprocessLauncher
 from orchestrator.spec.config import parse_config
+from orchestrator.spec.plan import RankSpec
 
 from ..conftest import wait_for
 
@@ -275,3 +276,83 @@ def test_forked_ranks_write_through_the_masker_and_lose_nothing_when_killed(tmp_
         assert oct(logs["split"].stat().st_mode & 0o777) == "0o600"
     finally:
         server.close()
+
+
+# A process the rank starts in a session of its own (wandb's service does) escapes the attempt's
+# group, and holds the rank's stdout: the pipe to the masker never ends while it lives.
+STRAGGLER = """
+import os, sys, time
+for i in range(120):
+    print(f"straggler {i} token={os.environ['ORCH_TEST_TOKEN']}", flush=True)
+    time.sleep(1)
+"""
+RANK_WITH_STRAGGLER = f"""
+import os, subprocess, sys
+child = subprocess.Popen([sys.executable, "-c", {STRAGGLER!r}], start_new_session=True)
+with open(sys.argv[1], "w") as fh:
+    fh.write(str(child.pid))
+v = os.environ["ORCH_TEST_TOKEN"]
+for i in range(3):
+    print(f"rank line {{i}} token={{v}}", flush=True)
+print(f"rank on stderr token={{v}}", file=sys.stderr, flush=True)
+"""
+
+
+def test_an_attempt_ends_at_once_when_a_detached_child_holds_the_ranks_output(tmp_path, monkeypatch) -> None:
+    secret = "sk-test-0123456789abcdef"
+    monkeypatch.setenv("ORCH_TEST_TOKEN", secret)
+    script, pid_file, log = tmp_path / "rank.py", tmp_path / "straggler.pid", tmp_path / "rank-0.log"
+    script.write_text(RANK_WITH_STRAGGLER)
+    spec = RankSpec(
+        rank=0,
+        local_rank=0,
+        node_rank=0,
+        argv=(sys.executable, str(script), str(pid_file)),
+        env={"PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    group = SubprocessLauncher(pass_env=["ORCH_TEST_TOKEN"]).start_attempt([spec], [str(log)], [{}])
+    straggler = None
+    try:
+        assert group.output is not None
+        masker = group.output.process
+        assert group.ranks[0].popen.wait(30) == 0
+        straggler = int(wait_for(lambda: pid_file.read_text(), 10, "the straggler's pid"))
+        wait_for(lambda: "straggler 0 " in log.read_text(), 10, "the straggler's first line")
+        started = time.monotonic()
+        group.close()
+        took = time.monotonic() - started
+        # The fault happened: the straggler outlived the attempt's group, still holding the pipe.
+        assert psutil.pid_exists(straggler) and os.getsid(straggler) == straggler
+        assert took < 1.0, f"the attempt's close took {took:.2f}s"
+        text = log.read_text()
+        rank_lines = {f"rank line {i} token=<redacted>" for i in range(3)}
+        rank_lines.add("rank on stderr token=<redacted>")
+        assert rank_lines <= set(text.splitlines()), text
+        assert secret not in text
+        # The straggler is not cut off (no EPIPE): its later lines still reach the log, masked.
+        last = max(int(line.split()[1]) for line in text.splitlines() if line.startswith("straggler "))
+        wait_for(lambda: f"straggler {last + 1} token=<redacted>" in log.read_text(), 10, "a later line")
+        assert psutil.pid_exists(straggler)
+        staying = _writers_of(log)
+        assert len(staying) == 1 and staying[0].pid != masker.pid  # a copy of the masker stays for it
+        os.kill(straggler, signal.SIGKILL)
+        wait_for(lambda: not _writers_of(log), 10, "the masker's copy to leave with the straggler")
+    finally:
+        if straggler is not None and psutil.pid_exists(straggler):
+            os.kill(straggler, signal.SIGKILL)
+        group.close()
+    assert secret not in log.read_text()
+
+
+def _writers_of(log: Path) -> list[psutil.Process]:
+    """The maskers that have `log` open."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if "orchestrator.launch.masking" in (proc.info["cmdline"] or []) and any(
+                f.path == str(log) for f in proc.open_files()
+            ):
+                found.append(proc)
+        except psutil.Error:
+            pass  # gone meanwhile
+    return found

@@ -4,16 +4,22 @@ the masker of ranks' output never lets one through, however the output was split
 from __future__ import annotations
 
 import json
+import os
 import random
+import subprocess
+import sys
 
 import pytest
 
 from orchestrator.contract import (
+    ENV_ERROR_FILE,
     ENV_PASS_ENV,
     MIN_SECRET_CHARS,
     REDACTED,
+    SeenSecrets,
     exception_record,
     passed_secrets,
+    redact_json,
     redact_text,
     secret_values,
 )
@@ -148,3 +154,68 @@ def test_non_ascii_and_odd_values_are_masked_as_bytes(value):
     secret = value.encode()
     text = f"a {value} b".encode()
     assert _masked([text[:4], text[4:]], [secret]) == f"a {REDACTED} b".encode()
+
+
+def test_a_record_of_another_writer_is_redacted_at_any_depth_in_its_own_structure():
+    torch_record = {
+        "message": {
+            "message": f"RuntimeError: token={SECRET}",
+            "extraInfo": {"py_callstack": f"Traceback...\n  raise Error('{SECRET}')\n", "n": 3},
+        },
+        "seen": [SECRET, {f"key-{SECRET}": 1.5}, None, True],
+    }
+    assert redact_json(torch_record, (SECRET,)) == {
+        "message": {
+            "message": f"RuntimeError: token={REDACTED}",
+            "extraInfo": {"py_callstack": f"Traceback...\n  raise Error('{REDACTED}')\n", "n": 3},
+        },
+        "seen": [REDACTED, {f"key-{REDACTED}": 1.5}, None, True],
+    }
+    # Texts of another writer are whole: a secret's start at an end is no cut to redact.
+    assert redact_json({"timestamp": SECRET[:6]}, (SECRET,)) == {"timestamp": SECRET[:6]}
+
+
+def test_seen_secrets_keep_a_value_the_environment_no_longer_has():
+    env = {ENV_PASS_ENV: f"{NAME},OTHER", NAME: SECRET}
+    seen = SeenSecrets()
+    assert seen.look(env) == (SECRET,)
+    del env[NAME]
+    env["OTHER"] = "later-value"
+    assert seen.look(env) == (SECRET, "later-value")
+
+
+# The runtime's own hook, in a rank started without orch's entry (torchrun, a job.python of its
+# own): the job reads its token, removes the variable, and fails with the token in the message.
+POPPED_AFTER_INIT = """
+import os
+from orchestrator.runtime import install_excepthook
+install_excepthook()
+value = os.environ.pop({name!r})
+raise RuntimeError("bad token " + value)
+"""
+POPPED_BEFORE_INIT = """
+import os
+from orchestrator.runtime import install_excepthook
+value = os.environ.pop({name!r})
+install_excepthook()
+raise RuntimeError("bad token " + value)
+"""
+
+
+@pytest.mark.parametrize("code", [POPPED_AFTER_INIT, POPPED_BEFORE_INIT], ids=["after-init", "after-import"])
+def test_the_runtime_redacts_a_value_the_job_removed_before_failing(tmp_path, code):
+    error_file = tmp_path / "rank-0.error.json"
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(sys.path),
+        ENV_ERROR_FILE: str(error_file),
+        ENV_PASS_ENV: NAME,
+        NAME: SECRET,
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", code.format(name=NAME)], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 1 and "RuntimeError: bad token" in proc.stderr  # it failed with the value
+    record = json.loads(error_file.read_text())
+    assert record["message"] == f"bad token {REDACTED}" and REDACTED in record["traceback"]
+    assert SECRET not in error_file.read_text()
