@@ -665,11 +665,18 @@ def leftovers(tag: str, run_dir: Path, work: Path, wait_s: float = 15) -> list[s
             found.append(f"port lease {lock.name} still held")
         finally:
             os.close(fd)
-    # torch's own cache folder (made when torch._dynamo is imported) is not the run's to remove.
+    # torch's own cache folder (made when torch._dynamo is imported) is not the run's to remove;
+    # this user's private folder (storage/private.py) stays by design, but holds no file of a run.
+    mine = f"orch-{os.getuid()}"
     found += [
         f"left in TMPDIR: {p.name}"
         for p in sorted((work / "tmp").iterdir())
-        if not p.name.startswith("torchinductor_")
+        if not p.name.startswith("torchinductor_") and p.name != mine
+    ]
+    found += [
+        f"left in TMPDIR: {p.relative_to(work / 'tmp')}"
+        for p in sorted((work / "tmp" / mine).rglob("*"))
+        if not p.is_dir()
     ]
     ckpt = run_dir / "ckpt"
     if ckpt.exists():

@@ -7,7 +7,9 @@ set -eu
 # Slurm's signals (a --signal warning, SIGTERM of a preemption, SIGUSR1 of the hang watchdog)
 # may land before the agent's handlers exist. Held blocked until then (a blocked signal survives
 # exec and stays pending; an ignored one would be lost), the agent receives them and passes
-# them on to its ranks. The shell ignores the first two for the few ms before that.
+# them on to its ranks. The shell ignores the first two for the few ms before that. A
+# persistent agent takes SIGTERM (and SIGINT) while it joins its supervisor's hub: before any
+# rank exists, a stop ends it there (node_agent.LeaveOnSignal).
 trap '' USR1 USR2
 exec "$1" -I -S -c 'import os, signal, sys
 held = {signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM}

@@ -4,10 +4,11 @@ both prove they hold the probe's token, a random secret the login node gives sru
 environment (ENV_PROBE_TOKEN, never on a command line nor in any field squeue shows): another
 user who knows the job id can neither pass as a node nor as the listener. Stdlib only.
 
-Where: the listener binds the address MASTER_ADDR resolves to on the first node, as the agents'
-hub does (backends/slurm/channel.listen_address), so a name that resolves to a loopback address
-there is caught here. Its port is one of PORT_TRIES candidates derived from the token, so the
-other nodes need not be told it, and nobody can hold it in advance.
+Where: the listener binds the address MASTER_ADDR resolves to on the first node, a network one
+before a loopback one, as the agents' hub does (backends/slurm/channel.listen_address), so a
+name that resolves only to a loopback address there is caught here. Its port is one of
+PORT_TRIES candidates derived from the token, so the other nodes need not be told it, and
+nobody can hold it in advance.
 
 The exchange, one line each way (hex; `mac` is HMAC-SHA256 keyed with the token):
 
@@ -21,8 +22,9 @@ taken once: a proof seen on the wire cannot be replayed.
 
 A connection that sends more than MAX_PROOF bytes, anything that is not a valid proof, or
 nothing within PROOF_S is closed, and one address holds at most PENDING_PER_PEER unproven
-connections (its oldest is closed): the listener serves every connection at once, so a
-stranger's crowd of silent connections or its junk delays no node.
+connections (its oldest is closed, unless its proof has come since it was last read): the
+listener serves every connection at once, so a stranger's crowd of silent connections or its
+junk delays no node.
 """
 
 from __future__ import annotations
@@ -127,15 +129,16 @@ class ProbeListener:
     def _accept(self) -> None:
         for _ in range(ACCEPT_PER_ROUND):
             try:
-                sock, (peer, _) = self.server.accept()
+                sock, where = self.server.accept()  # (address, port), and two more for IPv6
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
                 if exc.errno in (errno.EMFILE, errno.ENFILE) and self.unproven:
-                    self._close(next(iter(self.unproven.values())), Refusal.CROWDED)
+                    self._make_room(next(iter(self.unproven.values())))
                     continue
                 return  # the next round tries again
             sock.setblocking(False)
+            peer = str(where[0])
             pending = _Unproven(sock, peer, time.monotonic() + PROOF_S)
             self.unproven[sock] = pending
             self.selector.register(sock, selectors.EVENT_READ, pending)
@@ -143,7 +146,16 @@ class ProbeListener:
             if sock in self.unproven:  # still silent: it counts against its address
                 same = [p for p in self.unproven.values() if p.peer == peer]
                 if len(same) > PENDING_PER_PEER:
-                    self._close(same[0], Refusal.CROWDED)  # its address's silent longest
+                    self._make_room(same[0])  # its address's silent longest
+
+    def _make_room(self, victim: _Unproven) -> None:
+        """Close `victim`, an unproven connection, to make room, unless its proof has come since
+        it was last read: it may have come while this round accepted others (a stranger's crowd
+        from the node's own address), and the round's reads were chosen before. One read, as
+        every round's."""
+        self._read(victim)
+        if victim.sock in self.unproven:
+            self._close(victim, Refusal.CROWDED)
 
     def _read(self, pending: _Unproven) -> None:
         try:
@@ -208,8 +220,9 @@ class ProbeListener:
 def _bind(address: str, ports: list[int]) -> tuple[socket.socket, int]:
     """A socket bound to the first free one of `ports` on `address`."""
     busy = []
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
     for port in ports:
-        server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        server = socket.socket(family, socket.SOCK_STREAM)
         server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             server.bind((address, port))

@@ -62,7 +62,7 @@ elif mode == "join":
     nodes = int(sys.argv[2])
     born = soft()
     hub = AgentHub(nodes)
-    say(port=hub.port, token=hub.env("h")[ENV_AGENT_TOKEN], born=born, soft=soft())
+    say(port=hub.port, token=hub.env()[ENV_AGENT_TOKEN], born=born, soft=soft())
     sys.stdin.readline()  # every agent has connected and said HELLO
     slowest, pumps, bites = 0.0, 0, True
     deadline = time.monotonic() + 20
@@ -80,7 +80,7 @@ elif mode == "join":
     hub.close()
 elif mode == "exhausted":
     hub = AgentHub(4)
-    token = hub.env("h")[ENV_AGENT_TOKEN]
+    token = hub.env()[ENV_AGENT_TOKEN]
     agents = [Channel(socket.create_connection(("127.0.0.1", hub.port))) for _ in range(4)]
     for node, agent in enumerate(agents):
         agent.send(Op.HELLO, node=node, token=token, pid=node, host="a")
@@ -221,7 +221,7 @@ def test_an_accept_without_a_free_descriptor_does_not_spin() -> None:
 
 
 def _connect(hub: AgentHub) -> Channel:
-    return Channel(socket.create_connection(parse_address(hub.env("127.0.0.1")[ENV_AGENT_ADDR]), timeout=5))
+    return Channel(socket.create_connection(parse_address(hub.env()[ENV_AGENT_ADDR]), timeout=5))
 
 
 def _closed(channel: Channel, within: float) -> bool:
@@ -248,7 +248,7 @@ def test_an_agent_behind_many_silent_connections_from_its_address_is_introduced(
             silent.append(_connect(hub))
             hub.pump(0)  # accepted as they come
         agent = _connect(hub)
-        agent.send(Op.HELLO, node=0, token=hub.env("h")[ENV_AGENT_TOKEN], pid=1, host="a")
+        agent.send(Op.HELLO, node=0, token=hub.env()[ENV_AGENT_TOKEN], pid=1, host="a")
         deadline = time.monotonic() + 10
         while not hub.complete and time.monotonic() < deadline:
             hub.pump(0.05)

@@ -19,12 +19,13 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from orchestrator.backends.slurm.agent_step import PENDING_PER_PEER, AgentHub, Refusal
-from orchestrator.backends.slurm.channel import Op
+from orchestrator.backends.slurm.channel import Op, hub_address
 from orchestrator.backends.slurm.node_agent import join_hub
 from orchestrator.contract import ENV_AGENT_ADDR, ENV_AGENT_TOKEN
 from orchestrator.doctor import probe_link
@@ -200,14 +201,14 @@ class TimedHub:
 
 def test_a_flood_from_another_user_keeps_no_agent_out_and_no_pump_long() -> None:
     nodes = 8
-    hub = AgentHub(nodes, host="127.0.0.1")
+    hub = AgentHub(nodes, "127.0.0.1")
     timed = TimedHub(hub)
     flood = Flood(hub.port)
     joined: dict[int, float] = {}
     agents = []
     try:
         flood.wait_started(timed.pump)
-        address, token = hub.env("127.0.0.1")[ENV_AGENT_ADDR], hub.env("h")[ENV_AGENT_TOKEN]
+        address, token = hub.env()[ENV_AGENT_ADDR], hub.env()[ENV_AGENT_TOKEN]
 
         def join(node: int) -> None:
             began = time.monotonic()
@@ -230,7 +231,10 @@ def test_a_flood_from_another_user_keeps_no_agent_out_and_no_pump_long() -> None
         # The hub itself saw the attack: junk refused at its first line, silent ones crowded out.
         assert hub.refused[Refusal.NOT_A_HELLO] >= len(report["closed_on_us"]), hub.refused
         assert hub.refused[Refusal.CROWDED] >= 400 - PENDING_PER_PEER, hub.refused
-        print(f"slowest join {max(joined.values()):.3f}s; the flood: {report}")
+        slowest = max(joined.values())
+        print(f"slowest join {slowest:.3f}s; the flood: {report}")
+        # issue 28: a stranger flooding the hub delays no agent's join by more than a second
+        assert slowest < 1.0, f"an agent took {slowest:.2f}s to join under the flood: {joined}"
         # every agent is still in, and hears its orders
         assert all(hub.send(node, Op.EXIT) for node in range(nodes))
     finally:
@@ -243,13 +247,13 @@ def test_a_flood_from_another_user_keeps_no_agent_out_and_no_pump_long() -> None
 def test_node_agents_join_their_hub_through_a_flood(tmp_path: Path) -> None:
     # The real agents (templates/slurm_node.sh, as srun starts them) join a real hub while the
     # attacker floods it, and leave with 0 when told EXIT: none was cut off.
-    hub = AgentHub(2, host="127.0.0.1")
+    hub = AgentHub(2, "127.0.0.1")
     timed = TimedHub(hub)
     flood = Flood(hub.port)
     agents: list[subprocess.Popen] = []
     try:
         flood.wait_started(timed.pump)
-        agent_env = {**hub.env("127.0.0.1")}
+        agent_env = hub.env()
         _, agents = start_agents(tmp_path, TEST_JOBS / "brief.py", [], nodes=2, agent_env=agent_env)
         deadline = time.monotonic() + 60
         while not hub.complete and time.monotonic() < deadline and all(a.poll() is None for a in agents):
@@ -269,6 +273,128 @@ def test_node_agents_join_their_hub_through_a_flood(tmp_path: Path) -> None:
                 proc.kill()
                 proc.wait()
         hub.close()
+
+
+# A genuine connection whose introduction comes while the listener accepts a crowd from its own
+# address (a stranger on the agent's node): argv HOST PORT JUNK SILENT LATE EARLY. In the
+# listener's queue, in this order: `late` (an agent whose line is not sent yet), `early` (an
+# agent that sends its line EARLY with its connection), JUNK connections that send a line the
+# listener closes them for (they make its accepting long), and SILENT silent ones, the last of
+# which makes `late` its address's one too many. Once the listener has answered `early` (so it
+# has read `late` and found it silent), `late` sends its line LATE. It says "queued", then what
+# became of `late`: "answered" (read and let in), "reset" (closed with its line unread: the
+# kernel resets a connection closed with data in it) or "closed" (closed before its line came).
+LATE_INTRODUCTION = r"""
+import socket, sys, time
+host, port, junk, silent = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+late_line, early_line = sys.argv[5].encode() + b"\n", sys.argv[6].encode() + b"\n"
+def connect():
+    return socket.create_connection((host, port), timeout=10)
+late, early = connect(), connect()
+early.sendall(early_line)
+crowd = []
+for _ in range(junk):
+    crowd.append(connect())
+    crowd[-1].sendall(b"junk\n")
+crowd += [connect() for _ in range(silent)]
+print("queued", flush=True)
+early.setblocking(False)
+deadline = time.monotonic() + 60
+while time.monotonic() < deadline:  # busy: the line goes out the moment `early` is answered
+    try:
+        if early.recv(4096):
+            break
+    except BlockingIOError:
+        pass
+late.sendall(late_line)
+late.settimeout(30)
+try:
+    print("answered" if late.recv(4096) else "closed", flush=True)
+except ConnectionResetError:
+    print("reset", flush=True)
+"""
+# Connections that the listener accepts between `early` and the crowd's silent ones: its time to
+# accept and close them is the time `late`'s line has to come.
+LATE_JUNK = 200
+LATE_TRIES = 5
+
+
+def late_introduction(port: int, late: str, early: str, accept_round: Callable[[float], object]) -> str:
+    """What became of `late` (LATE_INTRODUCTION) when the listener on `port` runs one
+    `accept_round` (no waiting) on the queue."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", LATE_INTRODUCTION, "127.0.0.1", str(port), str(LATE_JUNK)]
+        + [str(PENDING_PER_PEER), late, early],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "queued\n", proc.stderr
+        accept_round(0.0)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    return out.strip()
+
+
+def _hello(token: str, node: int) -> str:
+    return json.dumps({"op": "hello", "node": node, "token": token, "pid": node, "host": "a"})
+
+
+def _proof(token: str, name: str) -> str:
+    nonce = new_token()
+    return f"{nonce} {probe_link.mac(token, 'node', nonce, name)} {name}"
+
+
+def test_an_agent_whose_hello_comes_while_a_crowd_is_accepted_is_read_before_it_is_closed() -> None:
+    # The hub has read the agent's connection once and found it silent (its HELLO on its way);
+    # in the same pump a crowd from the agent's address makes that connection its address's
+    # oldest one too many. Its HELLO has come meanwhile: it must be read and let in, not closed.
+    # A try whose HELLO came only after the pump closed the connection shows nothing (the hub
+    # cannot tell it from a stranger's): tried again.
+    outcomes = []
+    for _ in range(LATE_TRIES):
+        hub = AgentHub(2)
+        try:
+            token = hub.env()[ENV_AGENT_TOKEN]
+            outcomes.append(late_introduction(hub.port, _hello(token, 0), _hello(token, 1), hub.pump))
+            if outcomes[-1] == "closed":
+                continue
+            assert outcomes[-1] == "answered", f"the agent was closed with its HELLO unread: {outcomes}"
+            assert sorted(hub.agents) == [0, 1]
+            # the crowd was there: its junk refused, its silent ones all held at once
+            assert hub.refused[Refusal.NOT_A_HELLO] == LATE_JUNK and len(hub.pending) == PENDING_PER_PEER
+            print(f"tries: {outcomes}")
+            return
+        finally:
+            hub.close()
+    pytest.fail(f"the HELLO never came before the pump's end in {LATE_TRIES} tries: {outcomes}")
+
+
+def test_a_node_whose_proof_comes_while_a_crowd_is_accepted_is_read_before_it_is_closed() -> None:
+    # The same race at the probe's listener (doctor/probe_link.py).
+    outcomes = []
+    for _ in range(LATE_TRIES):
+        token = new_token()
+        listener = ProbeListener("127.0.0.1", candidate_ports(token), token, expected=2)
+        try:
+            late, early = _proof(token, "n2"), _proof(token, "n1")
+            outcomes.append(late_introduction(listener.port, late, early, listener.round))
+            if outcomes[-1] == "closed":
+                continue
+            assert outcomes[-1] == "answered", f"the node was closed with its proof unread: {outcomes}"
+            assert listener.reached == {"n1": "127.0.0.1", "n2": "127.0.0.1"}
+            assert listener.refused[probe_link.Refusal.NOT_A_PROOF] == LATE_JUNK
+            assert len(listener.unproven) == probe_link.PENDING_PER_PEER
+            print(f"tries: {outcomes}")
+            return
+        finally:
+            listener.close()
+    pytest.fail(f"the proof never came before the round's end in {LATE_TRIES} tries: {outcomes}")
 
 
 def _other_addresses() -> list[str]:
@@ -301,8 +427,8 @@ def test_the_hub_listens_only_where_master_addr_resolves() -> None:
         pytest.skip("this host has no address but loopback ones")
     # MASTER_ADDR is this host's name; here it resolves to a loopback address
     host = socket.gethostname()
-    where = socket.getaddrinfo(host, None, socket.AF_INET)[0][4][0]
-    hub = AgentHub(1, host=host)
+    where = hub_address([host], 1)
+    hub = AgentHub(1, where)
     try:
         attempt = attacker_python(CONNECT_EACH, str(hub.port), where, *others)
         out, err = attempt.communicate(timeout=60)
@@ -328,8 +454,8 @@ def test_a_flood_delays_no_node_of_the_probe() -> None:
         took = time.monotonic() - began
         assert flood.proc.poll() is None, "the flood was over before the node came"
         assert port == listener.port, why
-        # milliseconds on an idle machine; the bound leaves room for a loaded one's scheduler
-        assert took < 5.0, f"the node proved itself in {took:.2f}s under the flood"
+        # issue 28: a stranger flooding the listener delays no node by more than a second
+        assert took < 1.0, f"the node proved itself in {took:.2f}s under the flood"
         print(f"the node proved itself in {took:.3f}s under the flood")
         serving.join(10)
         assert listener.reached == {"n1": "127.0.0.1"}

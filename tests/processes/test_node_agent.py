@@ -310,6 +310,93 @@ def test_an_agent_that_is_never_let_in_gives_up_in_its_time() -> None:
     assert "\n" not in message and "could not join the supervisor's hub at 127.0.0.1:" in message, message
 
 
+def _refusing_address() -> str:
+    """host:port where nothing listens (connections are refused): a hub that is gone."""
+    return f"127.0.0.1:{_free_port()}"
+
+
+def test_an_agent_whose_hub_refuses_it_gives_up_at_once(tmp_path: Path) -> None:
+    # The hub listens before srun starts the agents (agent_step.AgentStep): a refused connection
+    # means it is gone (its supervisor ended the step). An agent left over from that step must
+    # not linger for JOIN_RETRY_S (300 s) holding the step's resources: it leaves at its first
+    # refusal, failed (71), and says why in one line.
+    agent_env = {"ORCH_AGENT_ADDR": _refusing_address(), "ORCH_AGENT_TOKEN": "t"}
+    began = time.monotonic()
+    run_dir, (agent,) = start_agents(tmp_path, TEST_JOBS / "brief.py", [], nodes=1, agent_env=agent_env)
+    code = agent.wait(timeout=60)
+    took = time.monotonic() - began
+    log = (run_dir / "logs" / "attempt-0" / "node-0.log").read_text()
+    print(f"the agent left {took:.2f}s after it was started")
+    assert code == 71, (code, log)
+    assert f"the supervisor's hub at {agent_env['ORCH_AGENT_ADDR']} refused the connection" in log, log
+    assert "tries" not in log and "Traceback" not in log, log  # at its first try, in one line
+    # its start (a Python importing the orchestrator on a loaded machine) and one refused try
+    assert took < 30, took
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_an_agent_still_joining_its_hub_leaves_at_once_on_a_stop_signal(tmp_path: Path, signum: int) -> None:
+    # A stand-in hub takes the agent's connection and HELLO and never answers (the fault): the
+    # agent waits for its WELCOME. Its step is being ended meanwhile (AgentStep.close's
+    # terminate, scancel): with no rank yet to keep the signal for, the agent must leave at once,
+    # not after JOIN_RETRY_S, and not as a failure of its own.
+    listener, agent_env = stand_in_hub(timeout_s=60)
+    try:
+        run_dir, (agent,) = start_agents(tmp_path, TEST_JOBS / "brief.py", [], nodes=1, agent_env=agent_env)
+        sock, _ = listener.accept()
+        assert _hello(sock)["node"] == 0  # it is joining, and will not be answered
+        began = time.monotonic()
+        agent.send_signal(signum)
+        try:
+            code = agent.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            code = None
+        took = time.monotonic() - began
+        sock.close()
+    finally:
+        listener.close()
+    log = (run_dir / "logs" / "attempt-0" / "node-0.log").read_text()
+    print(f"the agent left {took:.3f}s after {signal.Signals(signum).name}")
+    assert code == 128 + signum, (code, log)
+    assert f"{signal.Signals(signum).name} while joining the supervisor's hub" in log, log
+    assert "forked ranks" not in log and "Traceback" not in log, log
+    # milliseconds on an idle machine; the bound leaves room for a loaded one's scheduler
+    assert took < 5.0, took
+
+
+def test_a_stop_signal_after_the_agent_joined_is_kept_for_its_ranks(tmp_path: Path) -> None:
+    # Once welcomed, the agent holds SIGTERM for its ranks again, as templates/slurm_node.sh held
+    # it before: one that comes before the first START does not end the agent, and reaches the
+    # ranks that START forks (they die of it here: brief.py has no handler).
+    listener, agent_env = stand_in_hub(timeout_s=60)
+    try:
+        run_dir, (agent,) = start_agents(
+            tmp_path, TEST_JOBS / "brief.py", ["--live-s", "60"], nodes=1, agent_env=agent_env
+        )
+        sock, _ = listener.accept()
+        sock.settimeout(60)
+        lines = sock.makefile("rb")
+        assert json.loads(lines.readline())["op"] == "hello"
+        sock.sendall(b'{"op": "welcome"}\n')
+        log_dir = run_dir / "logs" / "attempt-0"
+        # past joining: the agent warms its fork server in NodeAgent.run, its ranks not forked
+        wait_for(lambda: "fork server ready" in (log_dir / "node-0.log").read_text(), 120, "the fork server")
+        agent.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        assert agent.poll() is None, (log_dir / "node-0.log").read_text()
+        start = {"op": "start", "attempt": 0, "env": {"ORCH_LOG_DIR": str(log_dir)}}
+        sock.sendall((json.dumps(start) + "\n").encode())
+        ended = next(m for m in map(json.loads, lines) if m["op"] == "ended")
+        sock.sendall(b'{"op": "exit"}\n')
+        code = agent.wait(timeout=60)
+        lines.close()
+        sock.close()
+    finally:
+        listener.close()
+    assert ended["rank_codes"] == [-signal.SIGTERM] * 2, ended  # not the 60 s they would live
+    assert code == 0, (log_dir / "node-0.log").read_text()
+
+
 def test_first_failure_decides_the_exit_status_and_stops_the_rest(tmp_path: Path) -> None:
     # Rank 0 sleeps outside any collective, so losing its peer cannot end it: only the agent
     # can. Rank 1 fails once rank 0 is asleep (its marker file exists).

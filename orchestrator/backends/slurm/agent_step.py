@@ -26,7 +26,7 @@ from orchestrator.backends.slurm.channel import (
     Channel,
     ChannelClosed,
     Op,
-    listen_address,
+    join_address,
 )
 from orchestrator.contract import ENV_AGENT_ADDR, ENV_AGENT_TOKEN
 from orchestrator.errors import OrchError
@@ -165,21 +165,22 @@ class PendingConnections:
 class AgentHub:
     """The listening end: accepts agents, checks each one's token, and routes messages by node.
 
-    It listens on the address `host` (MASTER_ADDR; loopback unless told) resolves to, where the
-    agents are told to connect. No connection is closed unread: each one accepted is read at once (an agent's
-    HELLO is usually there already) and then whenever it has more to say, one read of at most
-    MAX_HELLO_LINE a pump, until its first line is whole. That line must be an agent's HELLO,
-    which the hub acknowledges (WELCOME); anything else closes the connection there and then.
-    One that says nothing is closed after HELLO_TIMEOUT_S, or to make room: when its address
-    holds more than PENDING_PER_PEER, or the hub's descriptors are needed for a newer
-    connection (the one silent longest goes first). An agent closed before its WELCOME
-    connects again (node_agent.join_hub).
+    It listens on `address` (an IP: channel.hub_address, where MASTER_ADDR resolves; loopback
+    unless told), the address the agents are told to connect to. No connection is closed unread:
+    each one accepted is read at once (an agent's HELLO is usually there already), then whenever
+    it has more to say, one read of at most MAX_HELLO_LINE a pump, until its first line is
+    whole, and once more before it is closed to make room (its HELLO may have come since). That
+    line must be an agent's HELLO, which the hub acknowledges (WELCOME); anything else closes
+    the connection there and then. One that says nothing is closed after HELLO_TIMEOUT_S, or to
+    make room: when its address holds more than PENDING_PER_PEER, or the hub's descriptors are
+    needed for a newer connection (the one silent longest goes first). An agent closed before
+    its WELCOME connects again (node_agent.join_hub).
 
     Its process's soft descriptor limit is raised to what `nodes` agents need (or the hub
     refuses to exist: DescriptorLimitError): at the common 1024, a 1,100-node step's accepts
     would fail with EMFILE and its agents never all be let in."""
 
-    def __init__(self, nodes: int, host: str = "127.0.0.1") -> None:
+    def __init__(self, nodes: int, address: str = "127.0.0.1") -> None:
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         wanted = soft_limit_for(nodes, soft, hard)  # before anything is opened: may refuse
         if wanted != soft:
@@ -187,13 +188,13 @@ class AgentHub:
         # Connections (introduced or not) the hub may hold: its share of the limit.
         self.max_connections = (1 << 20 if wanted == resource.RLIM_INFINITY else wanted) - FD_RESERVE
         self.nodes = nodes
-        # The interface the agents are told to reach (MASTER_ADDR) and no other, a port the
-        # kernel picks and we hold for the step's life: no lease race (docs/design.md,
-        # MASTER_PORT) because the socket is never let go. The queue is as long as the kernel
-        # allows: every agent of a big step connects at once.
-        self.server = socket.create_server(
-            (listen_address(host), 0), family=socket.AF_INET, backlog=max(nodes, socket.SOMAXCONN)
-        )
+        # The address the agents are told to reach and no other, a port the kernel picks and we
+        # hold for the step's life: no lease race (docs/design.md, MASTER_PORT) because the
+        # socket is never let go. The queue is as long as the kernel allows: every agent of a
+        # big step connects at once.
+        self.address = address
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        self.server = socket.create_server((address, 0), family=family, backlog=max(nodes, socket.SOMAXCONN))
         self.server.setblocking(False)
         self.port = self.server.getsockname()[1]
         # epoll where there is one: select() cannot watch descriptors above 1024 (1000+ nodes).
@@ -220,9 +221,10 @@ class AgentHub:
         `closed`)."""
         return [n for n in range(self.nodes) if n not in self.agents and n not in self.closed]
 
-    def env(self, host: str) -> dict[str, str]:
-        """What the step's agents need to find and prove themselves to this hub."""
-        return {ENV_AGENT_ADDR: f"{host}:{self.port}", ENV_AGENT_TOKEN: self.token}
+    def env(self) -> dict[str, str]:
+        """What the step's agents need to find and prove themselves to this hub: the address it
+        listens on (not a name, which each node would resolve on its own) and the token."""
+        return {ENV_AGENT_ADDR: join_address(self.address, self.port), ENV_AGENT_TOKEN: self.token}
 
     def pump(self, timeout: float) -> list[tuple[int, dict[str, Any]]]:
         """Accept, introduce and read for up to `timeout`: the agents' messages, by node. A
@@ -256,7 +258,7 @@ class AgentHub:
     def _accept(self) -> None:
         for _ in range(ACCEPT_PER_PUMP):
             try:
-                sock, (peer, _) = self.server.accept()
+                sock, where = self.server.accept()  # (address, port), and two more for IPv6
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
@@ -268,17 +270,27 @@ class AgentHub:
                     # return at once to fail the same accept (a busy loop).
                     self._pause_accepting()
                     return
-                self._forget(self.pending.oldest(), Refusal.CROWDED)  # room for one not yet read
+                self._make_room(self.pending.oldest())  # for one not yet read
                 continue
-            oldest = self.pending.oldest()
-            if len(self.agents) + len(self.pending) >= self.max_connections and oldest is not None:
-                self._forget(oldest, Refusal.CROWDED)  # the one silent longest
-            channel = Channel(sock)
+            if len(self.agents) + len(self.pending) >= self.max_connections:
+                self._make_room(self.pending.oldest())  # the one silent longest
+            channel, peer = Channel(sock), str(where[0])
             self.pending.add(channel, peer, time.monotonic() + HELLO_TIMEOUT_S)
             self.selector.register(channel, selectors.EVENT_READ, channel)
             self._introduce(channel)  # an agent's HELLO is usually there already
             # Still silent: it counts against its address, whose silent longest makes room.
-            self._forget(self.pending.crowding(peer), Refusal.CROWDED)
+            self._make_room(self.pending.crowding(peer))
+
+    def _make_room(self, victim: Channel | None) -> None:
+        """Close `victim`, a connection not yet introduced, to make room, unless it has
+        introduced itself since it was last read: its HELLO may have come while this pump
+        accepted others (a stranger's crowd from the agent's own node), and the pump's reads
+        were chosen before. One read, as every pump's: a stranger gains nothing by it."""
+        if victim is None:
+            return
+        self._introduce(victim)
+        if victim in self.pending:
+            self._forget(victim, Refusal.CROWDED)
 
     def _pause_accepting(self) -> None:
         if self.accept_paused_until is None:
@@ -361,9 +373,11 @@ class AgentHub:
 class AgentStep:
     """The agents' srun step and its hub, alive across attempts until it breaks or is closed."""
 
-    def __init__(self, argv: Sequence[str], env: Mapping[str, str], nodes: int, host: str) -> None:
-        self.hub = AgentHub(nodes, host)
-        self.proc = subprocess.Popen(list(argv), env={**env, **self.hub.env(host)}, stdin=subprocess.DEVNULL)
+    def __init__(self, argv: Sequence[str], env: Mapping[str, str], nodes: int, address: str) -> None:
+        # The hub listens before srun starts: an agent whose connection is refused knows its
+        # hub is gone for good (node_agent.join_hub).
+        self.hub = AgentHub(nodes, address)
+        self.proc = subprocess.Popen(list(argv), env={**env, **self.hub.env()}, stdin=subprocess.DEVNULL)
         self.began = time.monotonic()  # the agents' time to introduce themselves counts from here
         self.broken: str | None = None  # why this step must not run another attempt
 

@@ -23,17 +23,23 @@ An agent whose connection closes stops its ranks and leaves: no rank outlives it
 One whose connection closes before its first START and without an EXIT (refused by the hub, or
 its supervisor gone) leaves with a failure, so that the step is seen to break.
 
-The hub reads a connection's first line with one bounded read (Channel.first_message) as soon
-as it is accepted and whenever more arrives: a HELLO with the step's token lets an agent in,
-anything else closes the connection at that line. A stranger's flood can make the hub close a
-connection it has not read yet (the oldest of its address), so an agent whose connection is
-refused, reset or closed before its WELCOME connects again, for JOIN_RETRY_S at most.
+The hub listens on an address, not every interface: where MASTER_ADDR resolves on the first
+node, a network address before a loopback one (hub_address), resolved once per incarnation;
+the agents are told that address itself. It reads a connection's first line with one bounded
+read (Channel.first_message) as soon as it is accepted, whenever more arrives, and once more
+before closing it to make room: a HELLO with the step's token lets an agent in, anything else
+closes the connection at that line. A stranger's flood can make the hub close a silent
+connection (the oldest of its address), so an agent whose connection is reset or closed before
+its WELCOME, or not accepted in time, connects again, for JOIN_RETRY_S at most. A refused one
+means the hub is gone (it listens before srun starts the agents): the agent leaves at once.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import socket
+from collections.abc import Callable, Sequence
 from enum import StrEnum
 from typing import Any
 
@@ -160,24 +166,86 @@ class Channel:
             pass
 
 
-class UnresolvableHost(OSError):
+class HubAddressError(OSError):
+    """No address to listen on that every node of the allocation can reach (one line)."""
+
+
+class UnresolvableHost(HubAddressError):
     """The name the nodes are told to connect to does not resolve here."""
 
 
-def listen_address(host: str) -> str:
-    """The IPv4 address to listen on for connections the nodes make to `host` (MASTER_ADDR): the
-    one it resolves to here, not every interface, so that a listener is reachable where the
-    nodes are told it is and nowhere else. UnresolvableHost (one line) when it does not resolve."""
+def resolve(host: str) -> list[str]:
+    """Every address `host` resolves to here, IPv4 and IPv6, in the resolver's order, each once.
+    UnresolvableHost (one line) when it resolves to none."""
     try:
-        found = socket.getaddrinfo(host, None, socket.AF_INET, socket.SOCK_STREAM)
+        found = socket.getaddrinfo(host, None, socket.AF_UNSPEC, socket.SOCK_STREAM)
     except OSError as exc:
         raise UnresolvableHost(f"MASTER_ADDR {host!r} does not resolve on this node: {exc}") from None
-    return str(found[0][4][0])
+    return list(dict.fromkeys(str(entry[4][0]) for entry in found))
+
+
+def is_loopback(address: str) -> bool:
+    return ipaddress.ip_address(address).is_loopback
+
+
+def preferred_address(found: Sequence[str]) -> str:
+    """The address of `found` (what a name resolves to, in the resolver's order) to listen on:
+    one the network reaches before a loopback one (Debian and Ubuntu put `127.0.1.1 HOSTNAME`
+    in /etc/hosts, before what DNS says), IPv4 before IPv6 (what a cluster's nodes route for
+    sure), else the resolver's order. Pure."""
+    ranked = sorted(enumerate(found), key=lambda item: (is_loopback(item[1]), ":" in item[1], item[0]))
+    return ranked[0][1]
+
+
+def listen_address(host: str) -> str:
+    """The address to listen on for connections the nodes make to `host` (MASTER_ADDR): one it
+    resolves to here (preferred_address), not every interface, so that a listener is reachable
+    where the nodes are told it is and nowhere else. UnresolvableHost (one line) when it does
+    not resolve."""
+    return preferred_address(resolve(host))
+
+
+def hub_address(names: Sequence[str], nodes: int, lookup: Callable[[str], Sequence[str]] = resolve) -> str:
+    """Where the agents' hub listens, for an allocation of the hosts `names` (the first is
+    MASTER_ADDR, this node) whose step runs on `nodes` of them: the address the first name
+    resolves to here (`lookup`), a network one when there is one (preferred_address). The agents
+    are told that address, not the name, so that they connect exactly where the hub listens.
+
+    A loopback address reaches no other host: it is kept only when no other host needs it, that
+    is when the step runs on one node, or when every name of the allocation resolves only to
+    loopback here too (they are all this host: simulated nodes on one machine). Otherwise
+    HubAddressError, one line naming the host and /etc/hosts; as UnresolvableHost when the
+    first name does not resolve."""
+    host = names[0]
+    found = lookup(host)
+    address = preferred_address(found)
+    if not is_loopback(address) or nodes <= 1:
+        return address
+    for other in names[1:]:
+        try:
+            elsewhere = [a for a in lookup(other) if not is_loopback(a)]
+        except UnresolvableHost:
+            elsewhere = ["no address"]
+        if elsewhere:
+            raise HubAddressError(
+                f"MASTER_ADDR {host!r} resolves only to loopback on this node ({', '.join(found)}),"
+                f" where node {other!r} ({', '.join(elsewhere)}) cannot reach the persistent node"
+                f" agents' hub: make {host!r} resolve to this node's network address (/etc/hosts:"
+                f" Debian and Ubuntu images write `127.0.1.1 {host}` there; or DNS)"
+            )
+    return address
+
+
+def join_address(address: str, port: int) -> str:
+    """`host:port` for ENV_AGENT_ADDR, an IPv6 address in brackets."""
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
 
 
 def parse_address(value: str) -> tuple[str, int]:
-    """`host:port` (ENV_AGENT_ADDR) -> (host, port)."""
+    """`host:port` or `[IPv6]:port` (ENV_AGENT_ADDR) -> (host, port)."""
     host, _, port = value.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
     if not host or not port.isdecimal():
         raise ValueError(f"not host:port: {value!r}")
     return host, int(port)

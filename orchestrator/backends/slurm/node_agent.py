@@ -24,17 +24,21 @@ Exit status: 0 when every rank exited 0; 75 (preempted) when the failures were a
 request; otherwise the first failing rank's status (128+N for a signal N), after stopping the
 node's other ranks. srun's --kill-on-bad-exit then ends the other nodes' agents. A persistent
 agent leaves with 0 when told EXIT, and with CUT_OFF_EXIT_CODE when it could not join its hub
-(join_hub: JOIN_RETRY_S of tries) or its channel closes before its first START without an EXIT.
+(join_hub: refused, or JOIN_RETRY_S of tries) or its channel closes before its first START
+without an EXIT. One stopped (SIGTERM, SIGINT) while it joins its hub has no rank to pass the
+signal on to: it leaves at once, with 128+N for the signal N (its step is being ended).
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import signal
 import socket
 import sys
 import time
+from types import TracebackType
 from typing import Any, Mapping, Sequence
 
 from orchestrator.backends.slurm.channel import JOIN_RETRY_S, Channel, ChannelClosed, Op, parse_address
@@ -85,8 +89,11 @@ CUT_OFF_EXIT_CODE = 71
 # by a full queue, say) is given up and tried again.
 CONNECT_TRY_S = 5.0
 # Pauses between tries to join the hub: doubling from the first to the last, each a random part
-# of it, so that the agents of a big step refused at once do not all come back at once.
+# of it, so that the agents of a big step cut off at once do not all come back at once.
 RETRY_PAUSE_S = (0.05, 1.0)
+# The signals that end a persistent agent still joining its hub (its step is being ended:
+# AgentStep.close's terminate, scancel): it has no rank yet to keep them for.
+LEAVE_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 def tasks_per_node(ranks_per_node: int, nodes: int) -> str:
@@ -402,6 +409,15 @@ class NodeAgent:
         self._record(AgentState.FAILED, reason=reason)
         return CUT_OFF_EXIT_CODE
 
+    def stopped_joining(self, signum: int) -> int:
+        """A persistent agent stopped while it joined its hub: its step is being ended, and it
+        has no rank to stop. Said, not recorded as a failure; the status of a process that the
+        signal ended (as exit_status gives a rank's)."""
+        code = 128 + signum
+        name = signal.Signals(signum).name
+        self._say(f"{name} while joining the supervisor's hub; leaving with exit status {code}")
+        return code
+
     def _follow_log(self, log_dir: str) -> None:
         """Move to the attempt's log folder: the agent's own lines go to its node log there,
         as they would from a step started for the attempt."""
@@ -421,39 +437,128 @@ class NodeAgent:
 
 
 class HubUnreachable(Exception):
-    """The agent could not join its supervisor's hub in the time it had (one line: the last reason)."""
+    """The agent could not join its supervisor's hub (one line: why)."""
+
+
+class JoinStopped(Exception):
+    """A stop signal (LEAVE_SIGNALS) came while the agent joined its hub."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class LeaveOnSignal:
+    """While a persistent agent joins its hub (a `with` block in main): SIGTERM and SIGINT are
+    noted (`signum`) and wake its waits (a pipe as the signal wakeup fd), so that it leaves at
+    once (`check`). templates/slurm_node.sh holds SIGTERM blocked for the ranks to come: what
+    came before is delivered now (before any rank, it ends the agent too). After the block both
+    are blocked again, as before, until NodeAgent.run passes them on to the ranks."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._read, self._write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._handlers: dict[int, Any] = {}
+        self._wakeup = -1
+
+    def fileno(self) -> int:
+        return self._read
+
+    def check(self) -> None:
+        if self.signum is not None:
+            raise JoinStopped(self.signum)
+
+    def _note(self, signum: int, _frame: object) -> None:
+        if self.signum is None:
+            self.signum = signum
+
+    def __enter__(self) -> LeaveOnSignal:
+        self._handlers = {sig: signal.signal(sig, self._note) for sig in LEAVE_SIGNALS}
+        self._wakeup = signal.set_wakeup_fd(self._write, warn_on_full_buffer=False)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, LEAVE_SIGNALS)
+        return self
+
+    def __exit__(
+        self, _type: type[BaseException] | None, _value: BaseException | None, _tb: TracebackType | None
+    ) -> None:
+        signal.pthread_sigmask(signal.SIG_BLOCK, LEAVE_SIGNALS)  # kept for the ranks from now on
+        signal.set_wakeup_fd(self._wakeup)
+        for sig, handler in self._handlers.items():
+            signal.signal(sig, handler)
+        os.close(self._read)
+        os.close(self._write)
 
 
 def join_hub(
-    address: str, token: str, node: int, within: float = JOIN_RETRY_S
+    address: str, token: str, node: int, within: float = JOIN_RETRY_S, leave: LeaveOnSignal | None = None
 ) -> tuple[Channel, list[dict[str, Any]]]:
     """The persistent agent's channel to its supervisor, introduced with the step's token and
     acknowledged (WELCOME), and the orders that came with the acknowledgement. A connection
-    refused, reset or closed before its WELCOME is made again: a stranger's flood can make the
-    hub close one it has not read yet (agent_step.PENDING_PER_PEER). After `within` seconds,
-    HubUnreachable."""
+    reset or closed before its WELCOME, or not accepted in time, is made again: a stranger's
+    flood can make the hub close one it has not read yet (agent_step.PENDING_PER_PEER). A
+    refused one is not: the hub listens before srun starts its agents, so it is gone for good
+    (the supervisor ended the step). HubUnreachable then, or after `within` seconds of tries;
+    JoinStopped as soon as `leave` notes a stop signal."""
     deadline = time.monotonic() + within
     pause = RETRY_PAUSE_S[0]
     tries = 0
     while True:
         tries += 1
         try:
-            return _introduce(address, token, node, deadline)
+            return _introduce(address, token, node, deadline, leave)
+        except ConnectionRefusedError as exc:
+            raise HubUnreachable(
+                f"the supervisor's hub at {address} refused the connection ({exc.strerror}): it is gone"
+            ) from None
         except (OSError, ChannelClosed) as exc:
             why = str(exc) or type(exc).__name__
         if time.monotonic() + pause >= deadline:
             raise HubUnreachable(
                 f"could not join the supervisor's hub at {address} in {within:.0f}s ({tries} tries): {why}"
             )
-        time.sleep(random.uniform(pause / 2, pause))
+        _wait_or_leave([], random.uniform(pause / 2, pause), leave)
         pause = min(pause * 2, RETRY_PAUSE_S[1])
 
 
-def _introduce(address: str, token: str, node: int, deadline: float) -> tuple[Channel, list[dict[str, Any]]]:
+def _wait_or_leave(channels: list[Channel], timeout: float, leave: LeaveOnSignal | None) -> None:
+    """Until one of `channels` is readable or `timeout` is over; JoinStopped at once on a stop
+    signal."""
+    wait_ready([*channels, leave] if leave is not None else channels, timeout=timeout)
+    if leave is not None:
+        leave.check()
+
+
+def _connect(address: str, timeout: float, leave: LeaveOnSignal | None) -> socket.socket:
+    """A connection to `address` (host:port), not accepted within `timeout`: TimeoutError.
+    Non-blocking, so that a stop signal ends the wait (a blocking connect resumes after one)."""
+    host, port = parse_address(address)
+    family, kind, proto, _, where = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setblocking(False)
+        code = sock.connect_ex(where)
+        if code in (errno.EINPROGRESS, errno.EINTR):  # EINTR: it goes on all the same
+            _, writable = wait_ready([leave] if leave is not None else [], [sock], timeout=timeout)
+            if leave is not None:
+                leave.check()
+            if not writable:
+                raise TimeoutError(f"not accepted within {timeout:.1f}s")
+            code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if code:
+            raise OSError(code, os.strerror(code))  # ConnectionRefusedError for ECONNREFUSED
+        return sock
+    except BaseException:
+        sock.close()
+        raise
+
+
+def _introduce(
+    address: str, token: str, node: int, deadline: float, leave: LeaveOnSignal | None
+) -> tuple[Channel, list[dict[str, Any]]]:
     """One try: connect, say HELLO, and wait until the hub answers WELCOME (ChannelClosed if it
     closes the connection first, or the deadline passes)."""
     timeout = max(0.1, min(CONNECT_TRY_S, deadline - time.monotonic()))
-    channel = Channel(socket.create_connection(parse_address(address), timeout=timeout))
+    channel = Channel(_connect(address, timeout, leave))
     try:
         channel.send(Op.HELLO, node=node, token=token, pid=os.getpid(), host=socket.gethostname())
         messages: list[dict[str, Any]] = []
@@ -461,7 +566,7 @@ def _introduce(address: str, token: str, node: int, deadline: float) -> tuple[Ch
             left = deadline - time.monotonic()
             if left <= 0:
                 raise ChannelClosed("the hub did not acknowledge the HELLO")
-            wait_ready([channel], timeout=min(left, 1.0))
+            _wait_or_leave([channel], min(left, 1.0), leave)
             messages = channel.receive()
         if messages[0].get("op") != Op.WELCOME:
             raise ChannelClosed(f"the hub answered the HELLO with {messages[0].get('op')!r}")
@@ -489,9 +594,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     channel = None
     if address:
         try:
-            channel, agent.orders = join_hub(address, token, agent.node_rank)
+            with LeaveOnSignal() as leave:
+                channel, agent.orders = join_hub(address, token, agent.node_rank, leave=leave)
+                leave.check()  # a stop that came with the WELCOME is still a stop while joining
         except HubUnreachable as exc:
             return agent.give_up(str(exc))
+        except JoinStopped as exc:
+            if channel is not None:
+                channel.close()
+            return agent.stopped_joining(exc.signum)
     try:
         return agent.run(channel)
     finally:

@@ -28,7 +28,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from orchestrator.backends.slurm.agent_step import AgentStep, DescriptorLimitError, soft_limit_for
-from orchestrator.backends.slurm.channel import JOIN_RETRY_S, Op, UnresolvableHost, listen_address
+from orchestrator.backends.slurm.channel import JOIN_RETRY_S, HubAddressError, Op, hub_address
 from orchestrator.backends.slurm.hostlist import expand_hostlist
 from orchestrator.backends.slurm.node_agent import FAILURE_STOP_GRACE_S
 from orchestrator.backends.slurm.render import (
@@ -345,8 +345,11 @@ class PersistentAgentAttempts(SrunAttempts):
     silent is ended, and the next attempt starts a new one (the same fallback as a step per
     attempt). Failures are read as SrunAttempts reads them: rank and agent records."""
 
-    def __init__(self, config: ClusterConfig, run: RunDir, job_id: str, master_addr: str) -> None:
+    def __init__(
+        self, config: ClusterConfig, run: RunDir, job_id: str, master_addr: str, hub_address: str
+    ) -> None:
         super().__init__(config, run, job_id, master_addr)
+        self.hub_address = hub_address  # an IP, resolved once for the incarnation (supervise)
         self.step: AgentStep | None = None
         self.attempt = -1
         self.start_env: dict[str, str] = {}
@@ -377,7 +380,7 @@ class PersistentAgentAttempts(SrunAttempts):
             argv = step_argv(
                 self.config, log_dir=log_dir, attempt=attempt, python=sys.executable, persistent=True
             )
-            self.step = AgentStep(argv, env, self.config.resources.nodes, self.master_addr)
+            self.step = AgentStep(argv, env, self.config.resources.nodes, self.hub_address)
         self._send_starts()
         # The other nodes start once node 0's ranks exist (a fork: milliseconds), so that rank
         # 0's TCPStore listens before they call on it: a client that finds the port closed
@@ -693,17 +696,20 @@ def supervise(run_url: str) -> None:
     )
     _log(f"job {job_id} (requeue {restart_count}) on {','.join(nodes)}; next attempt {attempt}")
     started = time.time()
+    address: str | None = None  # the persistent agents' hub's
     if uses_persistent_agents(config):
-        # Refused before any attempt, as the run's end: every attempt's hub would fail the same way.
+        # Refused before any attempt, as the run's end: every attempt's hub would fail the same
+        # way. The hub's address is resolved here, once: a resolver that fails at a later
+        # restart cannot end the run there, and every step's agents are told the same address.
         try:
             soft_limit_for(config.resources.nodes, *resource.getrlimit(resource.RLIMIT_NOFILE))
-            listen_address(nodes[0])  # the hub listens where MASTER_ADDR resolves
-        except (DescriptorLimitError, UnresolvableHost) as exc:
+            address = hub_address(nodes, config.resources.nodes)
+        except (DescriptorLimitError, HubAddressError) as exc:
             run.append_event(Event.RUN_FINISHED, status="failed", reason=str(exc), job_id=job_id, exit_code=1)
             raise RuntimeError(str(exc)) from None
     driver = (
-        PersistentAgentAttempts(config, run, job_id, nodes[0])
-        if uses_persistent_agents(config)
+        PersistentAgentAttempts(config, run, job_id, nodes[0], address)
+        if address is not None
         else SrunAttempts(config, run, job_id, nodes[0])
     )
     # The port is leased on this node, the first, where rank 0 binds it.
