@@ -6,9 +6,9 @@ A resumed attempt logs again the steps after its checkpoint: each attempt keeps 
 own, so the replayed steps show as a second curve over the same steps instead of a zig-zag.
 
 A run directory may be written by others, and a job puts what it likes in its error file: every
-value is read back as the type orch writes it, or not at all (`whole`, `real`, `moment`), so a
-crafted record is never a traceback and a number is never text. Text stays text here; the page
-and the figures escape it where they show it.
+value is read back as the type orch writes it, or not at all (storage/recorded.py: `whole`,
+`real`, `moment`), so a crafted record is never a traceback and a number is never text. Text
+stays text here; the page and the figures escape it where they show it.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from typing import Any
 
 from orchestrator.contract import Event
 from orchestrator.storage.goodput import ledger
+from orchestrator.storage.recorded import mapping, moment, real, whole
 from orchestrator.supervision.status import summarize
 
 from .scalars import Scalar
@@ -266,35 +267,6 @@ def _last_value(events: Sequence[Mapping[str, Any]], kind: Event, key: str) -> A
 
 
 # ---------------------------------------------------------------------------- reading values
-
-
-def whole(value: Any) -> int | None:
-    """An integer as orch records one (a step, an attempt, a rank, a count), else None."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    return None
-
-
-def real(value: Any) -> float | None:
-    """A number as orch records one (seconds, a scalar: NaN included), else None."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    return float(value)
-
-
-def moment(e: Mapping[str, Any]) -> float | None:
-    """An event's time, a finite number of seconds (one a clock can show), else None."""
-    t = real(e.get("time"))
-    return t if t is not None and math.isfinite(t) else None
-
-
-def mapping(value: Any) -> Mapping[str, Any]:
-    """A record's part that should be a mapping (run.yaml's, metrics.json's), else empty."""
-    return value if isinstance(value, Mapping) else {}
 
 
 def as_text(value: Any) -> str | None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
+import sys
 import tempfile
 import time
 from typing import Any
@@ -34,10 +35,11 @@ class Metrics:
                 # TensorBoard writes through local files; remote run dirs get a copy of them at
                 # close and at exit (a preemption stop exits from step_end), for `orch report`.
                 # Staged in a fresh folder of this attempt's own (mkdtemp: 0700, a name no one
-                # can have taken first), so no other user can read the scalars or plant a file.
+                # can have taken first), so no other user can read the scalars or plant a file;
+                # removed once copied, on either path (one per attempt would pile up in /tmp).
                 logdir = tempfile.mkdtemp(prefix=f"orch-tb-{ctx.run_id.replace('/', '-')}-")
                 self._publish_to = f"{run_dir.rstrip('/')}/tb"
-                atexit.register(self._publish)
+                atexit.register(self._end_at_exit)
             else:
                 # No run directory: where the user looks for them, checked private to this user.
                 logdir = user_temp_dir(ctx.run_id, "tb")
@@ -88,23 +90,36 @@ class Metrics:
     def close(self) -> None:
         if self._writer is not None:
             self._write_last()
+            self._end()
+
+    def _end(self) -> None:
+        """The writer closed; for a remote run directory, its files copied there and the staged
+        copy removed once they are (else kept: the exit tries again)."""
+        if self._writer is not None:
             self._writer.close()
             self._writer = None
-            if self._publish_to is not None and self._publish():
-                # Published whole: the staged copy goes (atexit then has nothing to do).
-                shutil.rmtree(self._logdir, ignore_errors=True)
-                self._publish_to = None
+        if self._publish_to is not None and self._publish(self._publish_to):
+            shutil.rmtree(self._logdir, ignore_errors=True)
+            self._publish_to = None  # nothing left for the exit to do
 
-    def _publish(self) -> bool:
-        """Copy this attempt's event file to a remote run directory (best effort, like
+    def _end_at_exit(self) -> None:
+        """At the exit of a rank that did not close(): as close() ends it; when the store did not
+        take the files, the staged copy is their only one, and the rank's log says where."""
+        self._end()
+        if self._publish_to is not None:
+            print(
+                f"orch: TensorBoard scalars of attempt {self._ctx.attempt} not copied to"
+                f" {self._publish_to}: kept in {self._logdir}",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def _publish(self, to: str) -> bool:
+        """Copy this attempt's event file to `to`, a remote run directory's tb/ (best effort, like
         metrics.json: a storage hiccup costs the report its curves, not the run). Only regular
         files of this user's are copied (upload_own_file); False if the storage failed."""
-        if self._publish_to is None:
-            return False
-        if self._writer is not None:
-            self._writer.flush()
         try:
-            fs, path = url_to_fs(self._publish_to)
+            fs, path = url_to_fs(to)
             for name in os.listdir(self._logdir):
                 upload_own_file(fs, os.path.join(self._logdir, name), f"{path}/{name}")
         except Exception:  # noqa: BLE001 - any storage's error

@@ -15,6 +15,10 @@ event to its `orch resume`.
 
 An attempt that never ended (its supervisor died: the run is lost) ends at the run's last event,
 as a failure: what it trained since its last commit is lost work.
+
+A run directory may be written by others: an event without a time a clock can show has no place
+on the timeline and is left out, and a duration or attempt not of the type orch writes is read as
+absent (storage/recorded.py).
 """
 
 from __future__ import annotations
@@ -22,12 +26,13 @@ from __future__ import annotations
 from typing import Any, Iterable
 
 from orchestrator.contract import Event
+from orchestrator.storage.recorded import moment, ordinal, seconds
 
 CAUSES = ("queue", "startup", "restore", "checkpoint", "lost_work", "backoff", "stopped", "other")
 
 
 def ledger(events: Iterable[dict[str, Any]], now: float | None = None) -> dict[str, Any]:
-    events = sorted(events, key=lambda e: e.get("time", 0.0))
+    timed = sorted(((t, e) for e in events if (t := moment(e)) is not None), key=lambda te: te[0])
     lost = dict.fromkeys(CAUSES, 0.0)
     productive = 0.0
     attempts: list[dict[str, Any]] = []
@@ -36,8 +41,8 @@ def ledger(events: Iterable[dict[str, Any]], now: float | None = None) -> dict[s
     backoff_since: float | None = None
     launching_since: float | None = None
     first = last = None
-    for ev in events:
-        kind, t = ev.get("event"), float(ev.get("time", 0.0))
+    for t, ev in timed:
+        kind = ev.get("event")
         first = t if first is None else first
         if kind == Event.RESUMED:
             stopped_at = last if last is not None else t  # the run's last sign of life
@@ -64,7 +69,7 @@ def ledger(events: Iterable[dict[str, Any]], now: float | None = None) -> dict[s
                 lost["backoff"] += t - backoff_since
                 backoff_since = None
             current = {
-                "attempt": ev.get("attempt"),
+                "attempt": ordinal(ev.get("attempt")),
                 "start": t,
                 "training_started": None,
                 "restore_s": 0.0,
@@ -72,11 +77,11 @@ def ledger(events: Iterable[dict[str, Any]], now: float | None = None) -> dict[s
                 "last_commit": None,
             }
         elif current is not None and kind == Event.RESTORED:
-            current["restore_s"] = float(ev.get("restore_s", 0.0))
+            current["restore_s"] = seconds(ev.get("restore_s")) or 0.0
         elif current is not None and kind == Event.TRAINING_STARTED:
             current["training_started"] = t
         elif current is not None and kind == Event.CHECKPOINT_COMMITTED:
-            current["stall_s"] += float(ev.get("block_s", 0.0))
+            current["stall_s"] += seconds(ev.get("block_s")) or 0.0
             current["last_commit"] = t
         elif current is not None and kind == Event.ATTEMPT_ENDED:
             attempts.append(_close(current, t, ev.get("status", "failed"), lost))

@@ -13,7 +13,8 @@ Every folder a lookup of the path reads is checked, up to `/`: renaming any of t
 parent, or one far above) swaps everything below at once, so no folder is a safe place to stop,
 not even one of root's that is closed to others, if its own parent is open. Links are followed
 the way the kernel does, and the folder holding each link is checked too. Folders not made yet
-are skipped (the run directory's creation makes them, with the umask's mode). What lies inside a
+are skipped (the run directory's creation makes them 0755 at most, whatever the umask:
+storage/rundir.py). What lies inside a
 folder of yours that no one else may enter (no search bit for group or others) is out of their
 reach whatever its mode; renaming takes write and search permission on the folder.
 

@@ -339,7 +339,7 @@ def create_directory(
     data = _yaml().safe_dump(record, sort_keys=False).encode()
     if is_local_url(url):
         root = os.path.abspath(url.removeprefix("file://"))
-        os.makedirs(os.path.dirname(root) or ".", exist_ok=True)
+        _make_closed_folders(os.path.dirname(root) or ".")
         os.makedirs(root, mode=0o700, exist_ok=False)
         try:
             os.chmod(root, 0o700)  # umask may have widened it
@@ -356,6 +356,23 @@ def create_directory(
             raise FileExistsError(f"directory already exists: {url}")
         fs.makedirs(path, exist_ok=True)
         fs.pipe_file(f"{path}/{record_name}", data)
+
+
+def _make_closed_folders(path: str) -> None:
+    """os.makedirs(path, exist_ok=True), each folder it makes 0755 at most, whatever the umask:
+    with umask 002 and a team's primary group, a storage root made as the umask says would be
+    one the team can write, where another user could swap run directories, and every later
+    run, resume or submit would refuse it (root_safety). Folders already there keep their mode."""
+    if os.path.isdir(path):
+        return
+    parent = os.path.dirname(path)
+    if parent and parent != path:
+        _make_closed_folders(parent)
+    try:
+        os.mkdir(path, 0o755)  # the umask only takes bits away: never a write bit for others
+    except FileExistsError:
+        if not os.path.isdir(path):  # made meanwhile by another run: fine, if a folder
+            raise
 
 
 def append_event(url: str, event: Event, **fields: Any) -> dict[str, Any]:
@@ -397,9 +414,11 @@ def read_events(url: str) -> list[dict[str, Any]]:
     out = []
     for line in lines:
         try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
+            record = json.loads(line)
+        except ValueError:  # cut by a crash mid-write, or a number past Python's digit limit
             continue  # the rest of the ledger still counts
+        if isinstance(record, dict):  # what orch writes; a crafted `[1]` is no event
+            out.append(record)
     return out
 
 

@@ -9,16 +9,22 @@
 The points' run directories are created with the sweep, so a sweep stopped before it started
 some of them still names them all: `orch status SWEEP` shows them `created`, and
 `orch resume SWEEP` starts them.
+
+A sweep's directory may be written by others: sweep.yaml is read back with only the points orch
+could have written (a whole index from 0 up, its values a mapping), so a crafted point is left out
+instead of failing every verb on the sweep, and never names a folder outside it.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from orchestrator.contract import Event
+from orchestrator.storage.recorded import mapping, ordinal
 from orchestrator.storage.rundir import (
     DirClaim,
     RunDir,
@@ -70,12 +76,13 @@ class SweepDir:
         else:
             fs, path = url_to_fs(self.url)
             data = fs.cat_file(f"{path}/{SWEEP_FILE}")
-        return load_yaml(data) or {}  # libyaml's: a 1000-point record in ms (orch ls)
+        record = load_yaml(data) or {}  # libyaml's: a 1000-point record in ms (orch ls)
+        return {**record, "points": readable_points(record)} if isinstance(record, dict) else {}
 
-    def points(self, record: dict[str, Any] | None = None) -> list[tuple[dict[str, Any], RunDir]]:
-        """(the point's record: index and values, its run directory), in index order."""
+    def points(self, record: Mapping[str, Any] | None = None) -> list[tuple[dict[str, Any], RunDir]]:
+        """(the point's record: index and values, its run directory), in the record's order."""
         record = self.record() if record is None else record
-        return [(p, self.point(int(p["index"]))) for p in record.get("points", [])]
+        return [(p, self.point(p["index"])) for p in readable_points(record)]
 
     def append_event(self, event: Event, **fields: Any) -> dict[str, Any]:
         return append_event(self.url, event, **fields)
@@ -87,6 +94,20 @@ class SweepDir:
         """The sweep's exclusive claim (claim_directory): held by whoever runs or submits its
         points, for the local runner its whole life."""
         return claim_directory(self.url)
+
+
+def readable_points(record: Any) -> list[dict[str, Any]]:
+    """A sweep record's points as orch writes them, {index, values}: a point whose index is not a
+    whole number from 0 up is left out, values that are not a mapping are read as none."""
+    points = mapping(record).get("points")
+    if not isinstance(points, list):
+        return []
+    readable = []
+    for point in points:
+        index = ordinal(mapping(point).get("index"))
+        if index is not None:
+            readable.append({**point, "index": index, "values": dict(mapping(point.get("values")))})
+    return readable
 
 
 def remove_tree(url: str) -> None:

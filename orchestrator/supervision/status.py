@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import os
 import time
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -16,6 +18,7 @@ from orchestrator.contract import (
 )
 from orchestrator.storage.ckpt_store import newest_committed
 from orchestrator.storage.goodput import format_goodput, ledger
+from orchestrator.storage.recorded import label, moment, ordinal, whole
 from orchestrator.storage.rundir import RunDir, safe_listdir
 
 FINAL_STATES = ("succeeded", "failed", "stopped", "cancelled")
@@ -62,7 +65,8 @@ class LiveState:
 def summarize(
     events: list[dict[str, Any]], *, supervisor_alive: bool | None = None, now: float | None = None
 ) -> dict[str, Any]:
-    """Fold the event ledger into state fields. Pure: liveness is passed in."""
+    """Fold the event ledger into state fields. Pure: liveness is passed in. A value not of the
+    type orch writes (a run directory others can write) is read as absent (storage/recorded.py)."""
     state = "created"
     attempts = 0
     current = None
@@ -80,8 +84,8 @@ def summarize(
     submitted = job_started = False
     last_event_time = None
     for ev in events:
-        kind = ev.get("event")
-        last_event_time = ev.get("time", last_event_time)
+        kind, t = ev.get("event"), moment(ev)
+        last_event_time = t if t is not None else last_event_time
         if kind == Event.RESUMED:  # the run goes on: its earlier end no longer stands
             finished, root, cancel_requested = None, None, False
             submitted = job_started = False
@@ -89,49 +93,54 @@ def summarize(
         elif kind == Event.SUBMITTED:
             job_started = job_started and not submitted  # a later submission starts afresh
             submitted = True
-            backend, job_id = ev.get("backend"), ev.get("job_id")
-            started = started if started is not None else ev.get("time")
+            backend, job_id = label(ev.get("backend")), ev.get("job_id")
+            started = started if started is not None else t
             if not job_started:
                 state = "pending"
         elif kind == Event.CANCEL_REQUESTED:
             cancel_requested = True
         elif kind == Event.JOB_STARTED:
             state, job_started = "running", True
-            backend = ev.get("backend", backend)
+            backend = label(ev.get("backend")) or backend
         elif kind in (Event.PREEMPTED, Event.REQUEUED):  # until the next attempt starts
             state = "preempted-requeued"
         elif kind == Event.WARNING:
             warnings.append(str(ev.get("message")))
         elif kind == Event.DIVERGED:
-            divergences.append({k: ev.get(k) for k in ("attempt", "first_step", "last_step")})
+            divergences.append(
+                {
+                    "attempt": ordinal(ev.get("attempt")),
+                    "first_step": whole(ev.get("first_step")),
+                    "last_step": whole(ev.get("last_step")),
+                }
+            )
         elif kind == Event.ROLLED_BACK and divergences:
             divergences[-1] = {
                 **divergences[-1],
-                "rolled_back_to": ev.get("step"),
-                "skipped_samples": ev.get("skipped"),
-                "rollback_attempt": ev.get("attempt"),
+                "rolled_back_to": whole(ev.get("step")),
+                "skipped_samples": ordinal(ev.get("skipped")),
+                "rollback_attempt": ordinal(ev.get("attempt")),
             }
         elif kind == Event.RUN_STARTED:
-            state, backend = "running", ev.get("backend")
-            started = started if started is not None else ev.get("time")
+            state, backend = "running", label(ev.get("backend"))
+            started = started if started is not None else t
         elif kind == Event.ATTEMPT_STARTED:
-            attempts = max(attempts, int(ev.get("attempt", 0)) + 1)
-            current = int(ev.get("attempt", 0))
+            current = attempt_number(ev)
+            attempts = max(attempts, current + 1)
             if state != "pending":
                 state = "running"
         elif kind == Event.ATTEMPT_ENDED:
-            if ev.get("root_cause"):
-                root = ev["root_cause"]
+            root = root_cause_of(ev) or root
         elif kind == Event.RUN_FINISHED:
-            state = ev.get("status", "failed")
+            state = outcome_of(ev)
             if state == "stopped" and cancel_requested:
                 state = "cancelled"
-            finished = ev.get("time")
-            root = ev.get("root_cause") or (root if state == "failed" else None)
+            finished = t
+            root = root_cause_of(ev) or (root if state == "failed" else None)
             current = None
     if state in ("running", "preempted-requeued") and supervisor_alive is False:
         state = "lost"  # the supervisor died without writing run_finished
-    if state == "lost":
+    if state == "lost" or (state in FINAL_STATES and finished is None):
         end = last_event_time  # nothing runs: the clock stops at the last sign of life
     else:
         end = finished if finished is not None else (now if now is not None else time.time())
@@ -141,13 +150,38 @@ def summarize(
         "current_attempt": current,
         "started": started,
         "finished": finished,
-        "wall_s": round(end - started, 3) if started is not None else None,
+        "wall_s": wall_time(started, end),
         "root_cause": root,
         "backend": backend,
         "job_id": job_id,
         "warnings": tuple(dict.fromkeys(warnings)),
         "divergences": tuple(divergences),
     }
+
+
+def attempt_number(ev: Mapping[str, Any]) -> int:
+    """An `attempt_started`'s attempt; 0 when it names none orch could have written."""
+    number = ordinal(ev.get("attempt"))
+    return 0 if number is None else number
+
+
+def outcome_of(ev: Mapping[str, Any]) -> str:
+    """A `run_finished`'s status (one of FINAL_STATES, as orch writes it); failed when it has none
+    that is text (a crafted list would be a state no table could hold)."""
+    return label(ev.get("status")) or "failed"
+
+
+def root_cause_of(ev: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The event's root cause, when it is a record (what `orch status` prints its fields of)."""
+    cause = ev.get("root_cause")
+    return dict(cause) if isinstance(cause, Mapping) and cause else None
+
+
+def wall_time(started: float | None, end: float | None) -> float | None:
+    if started is None or end is None:
+        return None
+    wall = end - started
+    return round(wall, 3) if math.isfinite(wall) else None
 
 
 def merge_scheduler_state(fields: dict[str, Any], mapped: str | None, raw: str | None) -> dict[str, Any]:
@@ -195,7 +229,11 @@ def live_progress(
 
 def declared_total_steps(events: list[dict[str, Any]]) -> int | None:
     """What the job last declared with runtime.declare_total_steps, if anything."""
-    totals = [e.get("total_steps") for e in events if e.get("event") == Event.TOTAL_STEPS]
+    totals = [
+        total
+        for e in events
+        if e.get("event") == Event.TOTAL_STEPS and (total := whole(e.get("total_steps")) or 0) > 0
+    ]
     return totals[-1] if totals else None
 
 
@@ -213,10 +251,16 @@ def attempt_beats(run: RunDir, attempt: int) -> dict[int, tuple[int, float, str,
     return beats
 
 
-def flight_recorder_dumps(run: RunDir, attempts: int) -> tuple[str, ...]:
-    """Every attempt's flight recorder dumps that this machine can read, oldest attempt first."""
+def started_attempts(events: Iterable[Mapping[str, Any]]) -> list[int]:
+    """The numbers of the attempts the events say were started, in order. Not range(attempts):
+    one crafted number (2**62) would have status look through that many attempts' folders."""
+    return sorted({attempt_number(e) for e in events if e.get("event") == Event.ATTEMPT_STARTED})
+
+
+def flight_recorder_dumps(run: RunDir, attempts: Iterable[int]) -> tuple[str, ...]:
+    """The flight recorder dumps of `attempts` that this machine can read, in that order."""
     found = []
-    for attempt in range(attempts):
+    for attempt in attempts:
         folder = run.logs_path(attempt)
         for name in sorted(safe_listdir(folder)):
             if name.startswith(FLIGHT_RECORDER_PREFIX) and name[len(FLIGHT_RECORDER_PREFIX) :].isdecimal():
@@ -245,7 +289,7 @@ def run_status(run: RunDir, events: list[dict[str, Any]], live: LiveState) -> Ru
         newest_checkpoint_digest=newest.model_digest if newest else None,
         slurm_state=live.scheduler_raw,
         progress=progress,
-        flight_recorder_dumps=flight_recorder_dumps(run, fields["attempts"]),
+        flight_recorder_dumps=flight_recorder_dumps(run, started_attempts(events)),
         **fields,
     )
 

@@ -26,6 +26,8 @@ import psutil
 import pytest
 import yaml
 
+from orchestrator import api
+
 from ..attacker import attacker_python, attacker_uid, needs_root
 from ..conftest import run_orch
 
@@ -208,8 +210,8 @@ def test_a_crafted_job_id_never_reaches_scancel_nor_a_state_query(shared, slurm_
     forge(shared, slurm_run(job_id))
     line = one_line_refusal(run_orch("cancel", str(shared / "runs" / "j"), env=env))
     assert "job_id" in line and repr(job_id) in line, line
-    line = one_line_refusal(run_orch("status", str(shared / "runs" / "j"), env=env))
-    assert "job_id" in line, line
+    shown = run_orch("status", str(shared / "runs" / "j"), env=env)  # its state: unknown
+    assert shown.returncode == 0 and "(unknown to the scheduler)" in shown.stdout, shown.stderr
     assert calls(log) == [], "a Slurm command was run with the crafted job id"
     # The stand-ins are in place: a genuine job id reaches them (after `--`).
     forge(shared, slurm_run("4242_3"))
@@ -236,3 +238,52 @@ def test_a_crafted_job_id_in_a_sweeps_point_never_reaches_scancel(shared, slurm_
     assert calls(log) == [], "scancel ran although a point's job id was crafted"
     events = [json.loads(x) for x in (shared / "runs" / "s" / "0" / "events.jsonl").read_text().splitlines()]
     assert [e["event"] for e in events] == ["submitted"], "no cancel recorded before the refusal"
+
+
+def sacct_knows(bin_dir: Path, log: Path, states: dict[str, str]) -> None:
+    """The stand-in sacct, recording its argv as the others do, answers `states` (job id ->
+    Slurm state) for `--jobs=ID`, and knows no other job."""
+    (bin_dir / "sacct").write_text(
+        f"#!{sys.executable}\nimport json, os, sys\n"
+        f"with open({str(log)!r}, 'a') as fh:\n"
+        "    fh.write(json.dumps([os.path.basename(sys.argv[0]), *sys.argv[1:]]) + '\\n')\n"
+        f"states = {states!r}\n"
+        "job = next((a.split('=', 1)[1] for a in sys.argv if a.startswith('--jobs=')), None)\n"
+        "print(states[job]) if job in states else sys.exit(1)\n"
+    )
+
+
+def test_a_crafted_job_id_in_one_point_leaves_the_sweeps_status_to_the_others(
+    shared, slurm_calls, monkeypatch
+):
+    # Before: live_state passed the job id to scheduler_state, whose refusal failed `orch status
+    # SWEEP` and Sweep.wait() as a whole: one crafted point hid every other point's state.
+    env, log = slurm_calls
+    sacct_knows(log.parent / "bin", log, {"4242_0": "COMPLETED"})
+    crafted = slurm_run("--user=root")["runs/j/events.jsonl"]
+    crafted.append({"time": time.time() - 20, "event": "run_finished", "status": "failed"})
+    files = {
+        "runs/s/sweep.yaml": yaml.safe_dump(
+            {"sweep_id": "s", "backend": "slurm", "points": [{"index": i, "values": {}} for i in (0, 1)]}
+        ),
+        "runs/s/events.jsonl": [{"time": time.time() - 30, "event": "submitted", "backend": "slurm",
+                                 "array_job_id": "4242", "points": ["s/0", "s/1"]}],
+        "runs/s/0/run.yaml": "run_id: s/0\nbackend: slurm\n",
+        "runs/s/0/events.jsonl": slurm_run("4242_0")["runs/j/events.jsonl"],
+        "runs/s/1/run.yaml": "run_id: s/1\nbackend: slurm\n",
+        "runs/s/1/events.jsonl": crafted,
+    }  # fmt: skip
+    forge(shared, files)
+    sweep = str(shared / "runs" / "s")
+    shown = run_orch("status", sweep, "--json", env=env)
+    assert shown.returncode == 0, shown.stderr
+    rows = {r["point"]: (r["state"], r["job_id"]) for r in json.loads(shown.stdout)["rows"]}
+    assert rows == {0: ("succeeded", "4242_0"), 1: ("failed", "--user=root")}, rows
+    table = run_orch("status", sweep, env=env)
+    assert table.returncode == 0 and "2 points, 1 failed, 1 succeeded" in table.stdout, table.stderr
+    monkeypatch.setenv("PATH", env["PATH"])
+    settled = api.get_run(sweep).wait(timeout=60, poll_s=0.1)
+    assert [r["state"] for r in settled.rows] == ["succeeded", "failed"]
+    queried = calls(log)
+    assert ["sacct", "-n", "-X", "-P", "--jobs=4242_0", "-o", "State"] in queried, "the stand-ins answer"
+    assert not any("--user=root" in arg for call in queried for arg in call), queried

@@ -21,7 +21,7 @@ from submitit.core.utils import DelayedSubmission
 from orchestrator import api
 
 from ..attacker import ATTACKER, as_attacker, attacker_uid, needs_root
-from ..conftest import JOBS, run_orch, write_config
+from ..conftest import JOBS, orch_cmd, run_orch, write_config
 
 pytestmark = needs_root
 
@@ -141,6 +141,37 @@ def test_a_folder_above_the_root_others_can_write_is_refused(tmp_path, shared):
     assert f"fix: chmod o-w {above}, or chmod +t {above}" in line
     as_attacker(f"mv '{root}' '{above}/moved'")  # what it prevents: the root itself renamed
     assert (above / "moved").stat().st_uid == 0
+
+
+def run_orch_in_group(gid: int, *args: str) -> subprocess.CompletedProcess:
+    """`orch ARGS` as a user of a shared primary group (a team's, not a user-private one) whose
+    umask lets the group write: folders made as the umask says are then the team's to write."""
+    return subprocess.run(
+        orch_cmd(*args), capture_output=True, text=True, timeout=240, group=gid, umask=0o002
+    )
+
+
+def test_a_root_the_first_run_makes_under_umask_002_is_closed_and_the_next_run_goes_on(tmp_path, shared):
+    # Before: the root and the folder above it were made as the umask says (0775) with the
+    # team's group: the first run went on (nothing there to check yet), every later one refused.
+    group = attacker_group()
+    above, root = shared / "team", shared / "team" / "runs"
+    cfg = config(tmp_path, root)
+    first = run_orch_in_group(group, "run", str(cfg), "--run-id", "first")
+    assert first.returncode == 0, first.stderr
+    second = run_orch_in_group(group, "run", str(cfg), "--run-id", "second")
+    assert second.returncode == 0, second.stderr
+    for folder in (above, root):
+        info = folder.stat()
+        assert info.st_gid == group, "made with the team's group, which the attacker is in"
+        assert not info.st_mode & 0o022, f"{folder} has mode {info.st_mode & 0o7777:04o}"
+    # What the closed modes are for: the attacker, in the team's group, cannot rename a run.
+    refused = subprocess.run(
+        ["runuser", "-u", ATTACKER, "--", "mv", str(root / "first"), str(root / "aside")],
+        capture_output=True,
+        text=True,
+    )
+    assert refused.returncode != 0 and "Permission denied" in refused.stderr, refused.stderr
 
 
 def test_a_sticky_root_goes_on_and_others_cannot_rename_in_it(tmp_path, shared):

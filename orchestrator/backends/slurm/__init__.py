@@ -177,10 +177,13 @@ class SlurmBackend:
         return f"cancelled {len(job_ids)} Slurm job(s) of sweep {sweep.sweep_id}: {' '.join(job_ids)}"
 
     def live_state(self, run: RunDir, events: Sequence[dict[str, Any]]) -> LiveState:
-        from orchestrator.backends.slurm.scheduler import map_state, scheduler_state
+        """What Slurm says of the run's latest job. A job id not in Slurm's form (a crafted
+        record) is never passed to a command: its state is unknown, and the other runs of a
+        sweep or a listing still get theirs (cancel still refuses it, in one line)."""
+        from orchestrator.backends.slurm.scheduler import is_job_id, map_state, scheduler_state
 
         job_id = _job_id(events)
-        if job_id is None:
+        if job_id is None or not is_job_id(job_id):
             return LiveState()
         raw = scheduler_state(job_id)
         if raw is None and _cancelled_before_it_ran(events, job_id):

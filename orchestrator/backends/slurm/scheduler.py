@@ -24,16 +24,21 @@ from orchestrator.spec.config import ClusterConfig
 JOB_ID = re.compile(r"[0-9]+(?:_[0-9]+)?")
 
 
+def is_job_id(value: object) -> bool:
+    """Whether `value`, read from a run's events, has the form orch records job ids in."""
+    text = str(value) if type(value) is int else value
+    return isinstance(text, str) and JOB_ID.fullmatch(text) is not None
+
+
 def checked_job_id(value: object) -> str:
     """`value`, a job id read from a run's events, as a string: OrchError (one line, naming the
     field) unless it has the form orch records job ids in."""
-    text = str(value) if type(value) is int else value
-    if not isinstance(text, str) or not JOB_ID.fullmatch(text):
+    if not is_job_id(value):
         raise OrchError(
             f"events.jsonl: job_id {value!r} is not a Slurm job id (digits, or ARRAY_TASK as 4242_3);"
             " not passing it to Slurm"
         )
-    return text
+    return str(value)
 
 
 # ---------------------------------------------------------------------------- scheduler calls
