@@ -28,12 +28,11 @@ if [ "${ORCH_SKIP_SLURM:-0}" != 1 ]; then
   fi
 fi
 scripts/lint.sh
-# One process by default. ORCH_TEST_WORKERS=2 runs two pytest-xdist workers, the Slurm group
-# beside everything else (tests/conftest.py makes the units): a clean clone of 6ffb2ee took
-# 25 min of tests that way against ~31 in one process, but the second worker's load can starve
-# what races real time (a sweep point cancelled while its fork server still imports torch ended
-# `lost` in one of two such runs), so CI runs one process.
-workers=${ORCH_TEST_WORKERS:-0}
+# Two pytest-xdist workers by default: the Slurm group (which mostly waits on Slurm's requeue
+# delay and its once-a-minute time-limit checks) on one, everything else on the other
+# (tests/conftest.py makes the units). A clean clone of 2026-12-08 took 23.2 min of tests that way
+# (1,194 tests), where one process takes ~40. ORCH_TEST_WORKERS=0 runs one process.
+workers=${ORCH_TEST_WORKERS:-2}
 if [ "$fast" = 1 ]; then
   exec .venv/bin/python -m pytest -q -m "not slow" "$@"
 fi

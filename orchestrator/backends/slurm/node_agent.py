@@ -512,11 +512,14 @@ def join_hub(
             ) from None
         except (OSError, ChannelClosed) as exc:
             why = str(exc) or type(exc).__name__
-        if time.monotonic() + pause >= deadline:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
             raise HubUnreachable(
                 f"could not join the supervisor's hub at {address} in {within:.0f}s ({tries} tries): {why}"
             )
-        _wait_or_leave([], random.uniform(pause / 2, pause), leave)
+        # The last pause is cut to the deadline, and one more try made there: the agent tries for
+        # its whole time, not until a pause would pass it.
+        _wait_or_leave([], min(random.uniform(pause / 2, pause), remaining), leave)
         pause = min(pause * 2, RETRY_PAUSE_S[1])
 
 
