@@ -30,8 +30,8 @@ fi
 scripts/lint.sh
 # Two pytest-xdist workers by default: the Slurm group (which mostly waits on Slurm's requeue
 # delay and its once-a-minute time-limit checks) on one, everything else on the other
-# (tests/conftest.py makes the units). A clean clone of 2026-12-08 took 23.2 min of tests that way
-# (1,194 tests), where one process takes ~40. ORCH_TEST_WORKERS=0 runs one process.
+# (tests/conftest.py makes the units). A clean clone of 2026-12-08 took 22.1 min of tests that way
+# (1,196 tests), where one process takes ~40. ORCH_TEST_WORKERS=0 runs one process.
 workers=${ORCH_TEST_WORKERS:-2}
 if [ "$fast" = 1 ]; then
   exec .venv/bin/python -m pytest -q -m "not slow" "$@"
