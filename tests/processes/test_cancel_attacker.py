@@ -219,9 +219,10 @@ def test_a_crafted_job_id_never_reaches_scancel_nor_a_state_query(shared, slurm_
     assert calls(log)[-1] == ["scancel", "--", "4242_3"]
 
 
-def test_a_crafted_job_id_in_a_sweeps_point_never_reaches_scancel(shared, slurm_calls):
-    env, log = slurm_calls
-    files = {
+def slurm_sweep(second_point_events: list[dict]) -> dict[str, object]:
+    """A Slurm sweep `s` of two points, as orch records it: point 0 an honest array task
+    (4242_0), point 1 with the given events (the attacker's)."""
+    return {
         "runs/s/sweep.yaml": yaml.safe_dump(
             {"sweep_id": "s", "backend": "slurm", "points": [{"index": i, "values": {}} for i in (0, 1)]}
         ),
@@ -230,9 +231,13 @@ def test_a_crafted_job_id_in_a_sweeps_point_never_reaches_scancel(shared, slurm_
         "runs/s/0/run.yaml": "run_id: s/0\nbackend: slurm\n",
         "runs/s/0/events.jsonl": slurm_run("4242_0")["runs/j/events.jsonl"],
         "runs/s/1/run.yaml": "run_id: s/1\nbackend: slurm\n",
-        "runs/s/1/events.jsonl": slurm_run("--user=root")["runs/j/events.jsonl"],
+        "runs/s/1/events.jsonl": second_point_events,
     }  # fmt: skip
-    forge(shared, files)
+
+
+def test_a_crafted_job_id_in_a_sweeps_point_never_reaches_scancel(shared, slurm_calls):
+    env, log = slurm_calls
+    forge(shared, slurm_sweep(slurm_run("--user=root")["runs/j/events.jsonl"]))
     line = one_line_refusal(run_orch("cancel", str(shared / "runs" / "s"), env=env))
     assert "job_id" in line and "--user=root" in line, line
     assert calls(log) == [], "scancel ran although a point's job id was crafted"
@@ -262,18 +267,7 @@ def test_a_crafted_job_id_in_one_point_leaves_the_sweeps_status_to_the_others(
     sacct_knows(log.parent / "bin", log, {"4242_0": "COMPLETED"})
     crafted = slurm_run("--user=root")["runs/j/events.jsonl"]
     crafted.append({"time": time.time() - 20, "event": "run_finished", "status": "failed"})
-    files = {
-        "runs/s/sweep.yaml": yaml.safe_dump(
-            {"sweep_id": "s", "backend": "slurm", "points": [{"index": i, "values": {}} for i in (0, 1)]}
-        ),
-        "runs/s/events.jsonl": [{"time": time.time() - 30, "event": "submitted", "backend": "slurm",
-                                 "array_job_id": "4242", "points": ["s/0", "s/1"]}],
-        "runs/s/0/run.yaml": "run_id: s/0\nbackend: slurm\n",
-        "runs/s/0/events.jsonl": slurm_run("4242_0")["runs/j/events.jsonl"],
-        "runs/s/1/run.yaml": "run_id: s/1\nbackend: slurm\n",
-        "runs/s/1/events.jsonl": crafted,
-    }  # fmt: skip
-    forge(shared, files)
+    forge(shared, slurm_sweep(crafted))
     sweep = str(shared / "runs" / "s")
     shown = run_orch("status", sweep, "--json", env=env)
     assert shown.returncode == 0, shown.stderr
